@@ -1,0 +1,113 @@
+"""Seeing an expert as a task vector against a base, tensor by tensor.
+
+An expert may be a full model (τ = θt − θ0), a stored task vector (τ as
+stored), or a PEFT LoRA adapter (τ = B·A·scaling on the modules it adapts,
+replacement − θ0 on its ``modules_to_save``, zero elsewhere). The checks here
+are the ones every method needs: names and shapes line up; non-float tensors
+present in one input only are carried from the base with a warning; a float
+tensor present in one input only is an error naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .errors import MismatchError
+from .peft_adapter import PeftAdapter
+from .safetensors_format import TensorInfo
+from .sources import TensorSource
+
+
+def _shape(info: TensorInfo) -> str:
+    return "[" + ", ".join(str(d) for d in info.shape) + "]"
+
+
+class TaskVectorView:
+    """The task vector of ``expert`` relative to ``base``; ``delta(name)`` is float32."""
+
+    def __init__(self, base: TensorSource, expert: TensorSource, warn: Callable[[str], None]):
+        self.base = base
+        self.expert = expert
+        self.warn = warn
+        if isinstance(expert, PeftAdapter):
+            self._check_adapter()
+        else:
+            self._check_tensors()
+
+    def _check_tensors(self) -> None:
+        base, expert = self.base.infos(), self.expert.infos()
+        bl, el = self.base.label, self.expert.label
+        for name, e in expert.items():
+            b = base.get(name)
+            if b is None:
+                if e.is_float:
+                    raise MismatchError(
+                        f"base and expert differ: {name} is in {el} but not in {bl}"
+                    )
+                self.warn(f"{name} (non-float) is only in {el}; it is left out")
+            elif b.is_float != e.is_float:
+                raise MismatchError(
+                    f"base and expert differ: {name} is {b.dtype} in {bl} and {e.dtype} in {el}"
+                )
+            elif b.shape != e.shape:
+                raise MismatchError(
+                    f"base and expert differ: {name} is {_shape(b)} in {bl} and {_shape(e)} in {el}"
+                )
+        for name, b in base.items():
+            if name not in expert:
+                if b.is_float:
+                    raise MismatchError(
+                        f"base and expert differ: {name} is in {bl} but not in {el}"
+                    )
+                self.warn(f"{name} (non-float) is only in {bl}; carried from the base")
+
+    def _check_adapter(self) -> None:
+        base = self.base.infos()
+        adapter: PeftAdapter = self.expert
+        for name, module in adapter.modules.items():
+            b = base.get(name)
+            if b is None:
+                raise MismatchError(
+                    f"adapter {adapter.label} adapts '{name}', which {self.base.label} does not have"
+                )
+            if b.shape != module.shape:
+                raise MismatchError(
+                    f"base and adapter differ: {name} is {_shape(b)} in {self.base.label} "
+                    f"and the adapter's update is [{', '.join(map(str, module.shape))}]"
+                )
+        for name, key in adapter.replaced.items():
+            b = base.get(name)
+            e = adapter.info(key)
+            if b is None or b.shape != e.shape:
+                raise MismatchError(
+                    f"adapter {adapter.label} replaces '{name}', which {self.base.label} "
+                    "does not have with that shape"
+                )
+
+    def delta(self, name: str, rows: slice | None = None) -> torch.Tensor | None:
+        """τ for one float tensor of the base (or some of its rows); None where τ is zero."""
+        expert = self.expert
+        if isinstance(expert, PeftAdapter):
+            if name in expert.modules:
+                return expert.delta(name, rows)
+            key = expert.replaced.get(name)
+            if key is None:
+                return None
+            return expert.get(key, rows).float() - self.base.get(name, rows).float()
+        if expert.content == "delta":
+            return expert.get(name, rows).float()
+        return expert.get(name, rows).float() - self.base.get(name, rows).float()
+
+    def carried(self, name: str) -> torch.Tensor:
+        """A non-float tensor: the expert's where it has one, else the base's."""
+        if name in self.expert.infos() and not isinstance(self.expert, PeftAdapter):
+            return self.expert.get(name)
+        return self.base.get(name)
+
+    def expert_dtype(self, name: str) -> torch.dtype | None:
+        """The expert's own dtype for a tensor (None for deltas and adapters)."""
+        if self.expert.content != "model" or isinstance(self.expert, PeftAdapter):
+            return None
+        return self.expert.info(name).dtype

@@ -1,0 +1,267 @@
+"""The Python API. The CLI calls these same functions.
+
+``apply``, ``merge``, ``extract`` and ``sample`` run a method and commit its
+artifact; ``export`` writes any artifact (or base + task vector) to a directory
+that transformers loads, or to a plain ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .alignment import TaskVectorView
+from .errors import CompressorError, UsageError
+from .method import Job
+from .plugin_manager import get_registry
+from .refs import resolve
+from .safetensors_format import dtype_from_name
+from .sources import TensorSource, row_blocks
+from .store import ArtifactRecord, Store, StoredFile, open_store
+from .writer import DEFAULT_MAX_SHARD_BYTES, ArtifactWriter
+
+Options = dict | Sequence[tuple[str, str]] | None
+
+
+def make_progress(quiet: bool):
+    """A ``progress(iterable, desc=, total=)`` that draws on stderr after one second."""
+
+    def progress(iterable, desc: str = "", total: int | None = None, unit: str = "tensor"):
+        if quiet:
+            return iterable
+        from tqdm import tqdm
+
+        return tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            unit=unit,
+            delay=1.0,
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    return progress
+
+
+def warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _store_of(store: Store | str | Path | None) -> Iterator[Store]:
+    if isinstance(store, Store):
+        yield store
+        return
+    opened = open_store(store)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _default_name(method_name: str, labels: list[str]) -> str:
+    stem = Path(labels[0].split("@")[0]).name if labels else "artifact"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "artifact"
+    return f"{stem}.{method_name}" if len(labels) == 1 else f"{method_name}-merge"
+
+
+def run_method(
+    kind: str,
+    plugin: str,
+    inputs: Sequence[str],
+    *,
+    base: str | None = None,
+    options: Options = None,
+    name: str | None = None,
+    store: Store | str | Path | None = None,
+    quiet: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+) -> ArtifactRecord:
+    """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact."""
+    method = get_registry().method(plugin, kind)
+    values = method.parse_options(options or {})
+    if method.needs_base and base is None:
+        raise UsageError(f"method '{plugin}' needs --base BASE")
+    if len(inputs) < method.min_inputs or (
+        method.max_inputs is not None and len(inputs) > method.max_inputs
+    ):
+        most = method.max_inputs if method.max_inputs is not None else "any number of"
+        raise UsageError(
+            f"method '{plugin}' takes {method.min_inputs} to {most} inputs; got {len(inputs)}"
+        )
+    with _store_of(store) as st, contextlib.ExitStack() as stack:
+        resolved_base = resolve(st, base) if base is not None else None
+        resolved = [resolve(st, ref) for ref in inputs]
+        for r in [resolved_base, *resolved]:
+            if r is not None:
+                stack.callback(r.source.close)
+        with st.tmp_dir() as tmp:
+            writer = ArtifactWriter(tmp / "out", max_shard_size=max_shard_size)
+            job = Job(
+                base=resolved_base.source if resolved_base else None,
+                inputs=[r.source for r in resolved],
+                options=values,
+                writer=writer,
+                progress=make_progress(quiet),
+                warn=warn,
+            )
+            manifest = method.run(job)
+            carry_from = job.base if kind == "merge" else job.inputs[0]
+            _carry_files(writer, carry_from, manifest.content)
+            files = writer.finish()
+            extra = dict(manifest.extra)
+            if resolved_base is not None:
+                extra.setdefault("base", resolved_base.artifact_id)
+            role = "expert" if kind == "merge" else "input"
+            parents = ([(resolved_base.artifact_id, "base")] if resolved_base else []) + [
+                (r.artifact_id, role) for r in resolved
+            ]
+            return st.commit(
+                [StoredFile(f.relpath, f.path, f.digest, f.bytes) for f in files],
+                kind=method.kind,
+                content=manifest.content,
+                name=name or _default_name(method.name, [r.label for r in resolved]),
+                plugin=method.name,
+                method_version=method.version,
+                params=values,
+                metrics=manifest.metrics,
+                manifest=extra,
+                parents=parents,
+                externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
+            )
+
+
+def _carry_files(writer: ArtifactWriter, source: TensorSource, content: str) -> None:
+    """Copy config and tokenizer files from the source unless the method wrote its own."""
+    if source.content == "adapter" and content != "adapter":
+        return
+    for rel, path in source.files.items():
+        if not (writer.dir / rel).exists():
+            writer.add_file(rel, path)
+
+
+def apply(plugin: str, input: str, *, base: str | None = None, **kw) -> ArtifactRecord:
+    """Run a compress method on one input (``compress apply``)."""
+    return run_method("compress", plugin, [input], base=base, **kw)
+
+
+def merge(plugin: str, experts: Sequence[str], *, base: str, **kw) -> ArtifactRecord:
+    """Merge experts into one model (``compress merge``)."""
+    return run_method("merge", plugin, list(experts), base=base, **kw)
+
+
+def extract(plugin: str, model: str, **kw) -> ArtifactRecord:
+    """Cut a submodel from a model (``compress extract``)."""
+    return run_method("extract", plugin, [model], **kw)
+
+
+def sample(plugin: str, artifact: str, **kw) -> ArtifactRecord:
+    """Sample weights from a learned artifact (``compress sample``)."""
+    return run_method("sample", plugin, [artifact], **kw)
+
+
+def export(
+    ref: str,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    store: Store | str | Path | None = None,
+    quiet: bool = True,
+) -> Path:
+    """Write an artifact (plus a base, for task vectors and adapters) to ``out``.
+
+    ``out`` ending in ``.safetensors`` gives one plain file; anything else a
+    directory with Hugging Face shard names, index and the carried files.
+    """
+    out = Path(out)
+    single_file = out.suffix == ".safetensors"
+    if out.exists() and not force and (single_file or not out.is_dir() or any(out.iterdir())):
+        raise CompressorError(f"{out} exists and is not empty (use --force to replace it)")
+    cast = dtype_from_name(dtype) if dtype else None
+    progress = make_progress(quiet)
+    with _store_of(store) as st, contextlib.ExitStack() as stack:
+        source = resolve(st, ref).source
+        stack.callback(source.close)
+        base_source = None
+        if base is not None:
+            if source.content == "model":
+                raise UsageError(
+                    f"{ref} is a full model; --base applies to task vectors, adapters "
+                    "and compressed experts"
+                )
+            base_source = resolve(st, base).source
+            stack.callback(base_source.close)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            prefix = "adapter_model" if source.content == "adapter" and base is None else "model"
+            writer = ArtifactWriter(
+                tmp,
+                prefix=prefix,
+                max_shard_size=(1 << 62) if single_file else max_shard_size,
+                dtype=cast,
+            )
+            if base_source is not None:
+                _write_sum(writer, base_source, source, progress)
+                _carry_files(writer, source, "model")
+                _carry_files(writer, base_source, "model")
+            else:
+                for name in progress(source.names(), desc="export"):
+                    _copy_tensor(writer, source, name)
+                if not single_file:
+                    _carry_files(writer, source, source.content)
+            written = writer.finish()
+            if single_file:
+                tensors = [f for f in written if f.relpath.endswith(".safetensors")]
+                if force and out.exists():
+                    out.unlink()
+                os.replace(tensors[0].path, out)
+                shutil.rmtree(tmp)
+            else:
+                if out.exists():
+                    shutil.rmtree(out) if out.is_dir() else out.unlink()
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _copy_tensor(writer: ArtifactWriter, source: TensorSource, name: str) -> None:
+    info = source.info(name)
+    writer.begin(name, info.shape, info.dtype)
+    for rows in row_blocks(info):
+        writer.write_rows(source.get(name, rows))
+    writer.end()
+
+
+def _write_sum(writer, base: TensorSource, delta: TensorSource, progress) -> None:
+    """θ0 + τ for every tensor of the base, in the fine-tune's dtype where recorded."""
+    view = TaskVectorView(base, delta, warn)
+    dtypes = delta.manifest.get("dtypes", {})
+    for name in progress(base.names(), desc="export"):
+        info = base.info(name)
+        if not info.is_float:
+            writer.write(name, view.carried(name))
+            continue
+        out_dtype = getattr(torch, dtypes[name]) if name in dtypes else info.dtype
+        writer.begin(name, info.shape, out_dtype)
+        for rows in row_blocks(info):
+            block = base.get(name, rows).float()
+            d = view.delta(name, rows)
+            if d is not None:
+                block += d
+            writer.write_rows(block.to(out_dtype))
+        writer.end()

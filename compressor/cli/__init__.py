@@ -1,0 +1,110 @@
+"""The ``compress`` command: a click group; commands live in one module per noun.
+
+Errors are turned into one ``Error: ...`` line here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from compressor.errors import CompressorError
+
+
+class CLIError(click.ClickException):
+    """One ``Error: ...`` line with the exit code of the domain error (1 or 2)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class State:
+    """Global options, and the store opened on first use."""
+
+    def __init__(self, store_dir: Path | None, quiet: bool):
+        self.store_dir = store_dir
+        self.quiet = quiet
+        self._store = None
+
+    @property
+    def store(self):
+        if self._store is None:
+            from compressor.store import open_store
+
+            self._store = open_store(self.store_dir)
+        return self._store
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
+
+
+class Group(click.Group):
+    """A click group that reports CompressorError (and any crash) as one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise
+        except CompressorError as e:
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                traceback.print_exc()
+            raise CLIError(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as e:  # a bug or an OS failure: still one line, traceback on demand
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                traceback.print_exc()
+            raise CLIError(
+                f"{type(e).__name__}: {e} (set COMPRESSOR_DEBUG=1 for a traceback)"
+            ) from None
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="compressor")
+@click.option(
+    "--store",
+    "store_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="COMPRESSOR_STORE",
+    help="Store directory (default: $COMPRESSOR_STORE, else the user data directory).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.pass_context
+def cli(ctx, store_dir, quiet):
+    """Compress, merge and reshape neural-network weights.
+
+    Every result is a versioned artifact in a store, with its parents,
+    parameters and metrics.
+    """
+    state = State(store_dir, quiet)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+def _add_commands() -> None:
+    from . import demo, export, plugins, run, store
+
+    for module in (run, export, plugins, store, demo):
+        module.register(cli)
+
+
+_add_commands()
+
+
+def main() -> None:
+    """Console-script entry point: load plugin commands, then run."""
+    try:
+        from compressor.plugin_manager import get_registry
+
+        get_registry().pm.hook.register_commands(cli=cli)
+    except CompressorError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
+    cli()

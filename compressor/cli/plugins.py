@@ -1,0 +1,75 @@
+"""``plugins``: list the installed methods and input formats, or show one method."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from compressor.plugin_manager import get_registry
+
+
+def register(cli):
+    @cli.group(invoke_without_command=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_context
+    def plugins(ctx, as_json):
+        """List installed methods and input formats."""
+        if ctx.invoked_subcommand is not None:
+            return
+        reg = get_registry()
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "methods": [
+                            {**m.describe(), "plugin": reg.method_plugins[n]}
+                            for n, m in sorted(reg.methods.items())
+                        ],
+                        "sources": [{"name": r.name, "summary": r.summary} for r in reg.readers],
+                    },
+                    indent=2,
+                    sort_keys=True,
+                )
+            )
+            return
+        width = max((len(n) for n in reg.methods), default=0)
+        for name, method in sorted(reg.methods.items()):
+            click.echo(f"{name:<{width}}  {method.kind:<8}  {method.summary}")
+        click.echo("\nInput formats: " + ", ".join(r.name for r in reg.readers))
+
+    @plugins.command()
+    @click.argument("name")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def show(name, as_json):
+        """Show one method: what it does, its reference and its options."""
+        reg = get_registry()
+        method = reg.method(name)
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {**method.describe(), "plugin": reg.method_plugins[name]},
+                    indent=2,
+                    sort_keys=True,
+                )
+            )
+            return
+        click.echo(
+            f"{method.name} ({method.kind}, version {method.version}, "
+            f"from plugin {reg.method_plugins[name]})"
+        )
+        click.echo(f"  {method.summary}")
+        if method.reference:
+            click.echo(f"  Reference: {method.reference}")
+        if method.needs_base:
+            click.echo("  Needs --base BASE.")
+        doc = (type(method).__doc__ or "").strip()
+        if doc:
+            click.echo("")
+            for line in doc.splitlines():
+                click.echo(f"  {line.strip()}")
+        click.echo("\nOptions:" if method.options else "\nOptions: none")
+        for o in method.options:
+            kind = "|".join(o.choices) if o.choices else o.type
+            click.echo(f"  -o {o.name} {kind}  (default {o.default})")
+            click.echo(f"      {o.help}")

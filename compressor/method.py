@@ -1,0 +1,158 @@
+"""The method interface every plugin implements.
+
+A :class:`Method` says what it is (name, kind, summary, reference, version)
+and which options it takes; the one :class:`Option` list is the source of
+truth for ``-o KEY VALUE`` checking, ``compress plugins show`` and the docs.
+``run`` reads its inputs, writes through the job's writer and returns a
+:class:`Manifest`; it never touches the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OptionError
+
+KINDS = ("compress", "merge", "extract", "sample")
+CONTENTS = ("model", "delta", "adapter", "tensors")
+
+
+def _float(text: str) -> float:
+    return float(text)
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "float": (_float, "a number"),
+    "int": (_int, "an integer"),
+    "bool": (_bool, "true or false"),
+    "str": (str, "a string"),
+    "floats": (_float_list, "comma-separated numbers"),
+    "choice": (str, "one of the choices"),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One typed ``-o KEY VALUE`` option with its default and help."""
+
+    name: str
+    type: str  # a key of PARSERS
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None  # returns a complaint or None
+
+    def parse(self, text: str) -> Any:
+        """Turn the command-line text into a checked value, or raise OptionError."""
+        if self.choices:
+            if text not in self.choices:
+                raise OptionError(
+                    f"option '{self.name}' must be one of {', '.join(self.choices)}; got '{text}'"
+                )
+            return text
+        parser, expected = PARSERS[self.type]
+        try:
+            value = parser(text)
+        except ValueError:
+            raise OptionError(f"option '{self.name}' expects {expected}; got '{text}'") from None
+        complaint = self.check(value) if self.check else None
+        if complaint:
+            raise OptionError(f"option '{self.name}' {complaint}; got '{text}'")
+        return value
+
+    def describe(self) -> dict:
+        """A JSON-able description for ``plugins --json`` and the docs."""
+        return {
+            "name": self.name,
+            "type": "choice" if self.choices else self.type,
+            "default": self.default,
+            "help": self.help,
+            **({"choices": list(self.choices)} if self.choices else {}),
+        }
+
+
+@dataclass
+class Manifest:
+    """What a run produced: how to read it back, its parameters' effect and metrics."""
+
+    content: str  # model | delta | adapter | tensors
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # method-specific, kept in the store
+
+
+@dataclass
+class Job:
+    """Everything a run gets: inputs, checked options, a writer, and reporting hooks."""
+
+    base: Any  # TensorSource or None
+    inputs: list  # TensorSource
+    options: dict
+    writer: Any  # ArtifactWriter
+    progress: Callable  # progress(iterable, desc=..., total=...) -> iterable
+    warn: Callable[[str], None]
+
+
+class Method:
+    """Base class for a method. Subclasses set the class attributes and ``run``."""
+
+    name: str = ""
+    kind: str = ""
+    summary: str = ""
+    reference: str = ""
+    version: str = "1"
+    options: Sequence[Option] = ()
+    needs_base: bool = False
+    min_inputs: int = 1
+    max_inputs: int | None = 1
+
+    def run(self, job: Job) -> Manifest:
+        """Read ``job.inputs``, write the result through ``job.writer``, return a Manifest."""
+        raise NotImplementedError
+
+    def parse_options(self, pairs: Sequence[tuple[str, str]] | dict) -> dict:
+        """Check ``-o`` pairs against the schema; fill in defaults."""
+        by_name = {o.name: o for o in self.options}
+        values = {o.name: o.default for o in self.options}
+        items = pairs.items() if isinstance(pairs, dict) else pairs
+        for key, raw in items:
+            option = by_name.get(key)
+            if option is None:
+                known = ", ".join(sorted(by_name)) or "none"
+                raise OptionError(
+                    f"unknown option '{key}' for method '{self.name}' (options: {known})"
+                )
+            if isinstance(raw, (list, tuple)):
+                raw = ",".join(str(x) for x in raw)
+            values[key] = option.parse(str(raw))
+        return values
+
+    def describe(self) -> dict:
+        """A JSON-able description for ``compress plugins``."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "summary": self.summary,
+            "reference": self.reference,
+            "version": self.version,
+            "needs_base": self.needs_base,
+            "options": [o.describe() for o in self.options],
+        }

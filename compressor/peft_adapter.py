@@ -1,0 +1,145 @@
+"""PEFT LoRA adapter directories as tensor sources.
+
+The raw A/B factors are the adapter's tensors; :meth:`PeftAdapter.delta`
+gives ΔW = B·A·scaling for one module under the base model's weight name
+(scaling = lora_alpha / r, or lora_alpha / √r with rsLoRA; ``rank_pattern``
+and ``alpha_pattern`` respected), without forming any other module's ΔW.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .safetensors_format import TensorInfo
+from .sources import SafetensorsShards, TensorSource, carried_files, directory_files
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted weight: its factor tensors, layout and scaling."""
+
+    weight: (
+        str  # the base model's tensor name, e.g. "bert.encoder.layer.0.attention.self.query.weight"
+    )
+    a: str
+    b: str
+    layout: str  # linear | conv | embedding
+    scaling: float
+    transpose: bool  # fan_in_fan_out (GPT-2 Conv1D stores the weight as in x out)
+    shape: tuple[int, ...]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return value
+    return default
+
+
+class PeftAdapter(TensorSource):
+    """A PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+
+    content = "adapter"
+
+    def __init__(self, path: Path, files: dict[str, Path] | None = None, label: str | None = None):
+        files = files if files is not None else directory_files(Path(path))
+        self.label = label or str(path)
+        self.manifest = {}
+        if CONFIG_FILE not in files:
+            raise InputError(f"{self.label} is not a PEFT adapter: no {CONFIG_FILE}")
+        if WEIGHTS_FILE not in files:
+            raise InputError(f"{self.label}: PEFT adapter without {WEIGHTS_FILE}")
+        try:
+            cfg = json.loads(Path(files[CONFIG_FILE]).read_text())
+        except ValueError as e:
+            raise InputError(f"{self.label}: {CONFIG_FILE} is not valid JSON ({e})") from None
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise InputError(
+                f"{self.label}: only LoRA adapters are supported, not {cfg['peft_type']}"
+            )
+        if cfg.get("use_dora"):
+            raise InputError(f"{self.label}: DoRA adapters are not supported")
+        self.config_data = cfg
+        self.r = int(cfg.get("r", 8))
+        self.lora_alpha = float(cfg.get("lora_alpha", 8))
+        self.use_rslora = bool(cfg.get("use_rslora", False))
+        self.target_modules = cfg.get("target_modules")
+        self.files = carried_files(files)
+        self._shards = SafetensorsShards(self.label, [files[WEIGHTS_FILE]], content="adapter")
+        self.modules, self.replaced = self._parse_modules(cfg)
+
+    def _parse_modules(self, cfg) -> tuple[dict[str, LoraModule], dict[str, str]]:
+        infos = self._shards.infos()
+        modules: dict[str, LoraModule] = {}
+        replaced: dict[str, str] = {}
+        for key in infos:
+            bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+            if "lora_magnitude_vector" in bare:
+                raise InputError(f"{self.label}: DoRA adapters are not supported")
+            m = re.fullmatch(r"(.+)\.lora_(A|embedding_A)(\.weight)?", bare)
+            if m is None:
+                if not re.search(r"\.lora_(B|embedding_B)(\.weight)?$", bare):
+                    replaced[bare] = key
+                continue
+            module, kind = m.group(1), m.group(2)
+            b_key = key.replace(f"lora_{kind}", f"lora_{kind.replace('A', 'B')}")
+            if b_key not in infos:
+                raise InputError(f"{self.label}: '{key}' has no matching B factor")
+            a, b = infos[key], infos[b_key]
+            r = a.shape[0] if kind == "A" else a.shape[0]
+            alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, self.lora_alpha))
+            scaling = alpha / (math.sqrt(r) if self.use_rslora else r)
+            if kind == "embedding_A":
+                layout, shape, transpose = "embedding", (a.shape[1], b.shape[0]), False
+            elif len(a.shape) == 4:
+                layout, shape, transpose = "conv", (b.shape[0], *a.shape[1:]), False
+            else:
+                transpose = bool(cfg.get("fan_in_fan_out", False))
+                layout = "linear"
+                shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+            modules[f"{module}.weight"] = LoraModule(
+                f"{module}.weight", key, b_key, layout, scaling, transpose, tuple(shape)
+            )
+        return modules, replaced
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._shards.infos()
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        return self._shards.get(name, rows)
+
+    def delta(self, weight: str, rows: slice | None = None) -> torch.Tensor:
+        """ΔW = B·A·scaling (float32) for the base weight ``weight``, optionally some rows."""
+        m = self.modules[weight]
+        a = self.get(m.a).float()
+        b = self.get(m.b).float()
+        if m.layout == "conv":
+            b2 = b.flatten(1)
+            if rows is not None:
+                b2 = b2[rows]
+            out = (b2 @ a.flatten(1)).reshape(b2.shape[0], *a.shape[1:])
+        elif m.layout == "embedding" or m.transpose:
+            # (B·A)ᵀ, rows taken from Aᵀ
+            a_t = a.t() if rows is None else a[:, rows].t()
+            out = a_t @ b.t()
+        else:
+            out = (b if rows is None else b[rows]) @ a
+        return out * m.scaling
+
+    def close(self) -> None:
+        self._shards.close()
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()

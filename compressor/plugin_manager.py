@@ -1,0 +1,108 @@
+"""Loading plugins and collecting what they register.
+
+Built-in plugins and third-party ones load through one door: the
+``compressor.plugins`` entry-point group. ``COMPRESSOR_PLUGINS`` (a
+comma-separated list of distribution names) restricts which external
+distributions load; the built-ins always do.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from importlib.metadata import entry_points
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownPluginError
+from .method import KINDS, Method
+
+GROUP = "compressor.plugins"
+OWN_DISTRIBUTION = "compressor"
+
+
+class Registry:
+    """The loaded plugin manager and what the plugins registered."""
+
+    def __init__(self):
+        self.pm = pluggy.PluginManager("compressor")
+        self.pm.add_hookspecs(hookspecs)
+        self._load()
+        self.pm.check_pending()
+        self.methods: dict[str, Method] = {}
+        self.method_plugins: dict[str, str] = {}
+        self.readers: list = []
+        self._collect()
+
+    def _load(self) -> None:
+        allowed = os.environ.get("COMPRESSOR_PLUGINS")
+        allowed_set = (
+            {a.strip() for a in allowed.split(",") if a.strip()} if allowed is not None else None
+        )
+        for ep in entry_points(group=GROUP):
+            dist = ep.dist.name if ep.dist is not None else None
+            if dist != OWN_DISTRIBUTION and allowed_set is not None and dist not in allowed_set:
+                continue
+            try:
+                module = ep.load()
+            except Exception as e:  # a broken third-party plugin must say who it is
+                raise PluginError(f"plugin '{ep.name}' ({ep.value}) failed to load: {e}") from e
+            if self.pm.is_registered(module):
+                continue
+            self.pm.register(
+                module, name=ep.name if dist == OWN_DISTRIBUTION else f"{dist}:{ep.name}"
+            )
+
+    def _collect(self) -> None:
+        for impl in self.pm.hook.register_methods.get_hookimpls():
+            plugin_name = impl.plugin_name
+
+            def register(method, _plugin=plugin_name):
+                self._add_method(method, _plugin)
+
+            impl.function(register=register)
+        for impl in self.pm.hook.register_sources.get_hookimpls():
+            impl.function(register=self.readers.append)
+
+    def _add_method(self, method: Method, plugin: str) -> None:
+        if not isinstance(method, Method) or not method.name:
+            raise PluginError(f"plugin '{plugin}' registered something that is not a named Method")
+        if method.kind not in KINDS:
+            raise PluginError(
+                f"method '{method.name}' from plugin '{plugin}' has kind '{method.kind}' "
+                f"(allowed: {', '.join(KINDS)})"
+            )
+        if method.name in self.methods:
+            raise PluginError(
+                f"two methods are named '{method.name}': one from plugin "
+                f"'{self.method_plugins[method.name]}', one from plugin '{plugin}'"
+            )
+        self.methods[method.name] = method
+        self.method_plugins[method.name] = plugin
+
+    def method(self, name: str, kind: str | None = None) -> Method:
+        """The method registered under ``name``; with ``kind``, it must be of that kind."""
+        method = self.methods.get(name)
+        if method is None:
+            names = ", ".join(sorted(m for m, v in self.methods.items() if kind in (None, v.kind)))
+            raise UnknownPluginError(f"unknown plugin '{name}' (available: {names or 'none'})")
+        if kind is not None and method.kind != kind:
+            verb = {"compress": "apply"}.get(method.kind, method.kind)
+            raise UnknownPluginError(
+                f"plugin '{name}' is a {method.kind} method; use `compress {verb} --plugin {name}`"
+            )
+        return method
+
+
+@functools.lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    """The process-wide registry, loaded on first use."""
+    return Registry()
+
+
+def reset_registry() -> None:
+    """Forget loaded plugins (tests that change COMPRESSOR_PLUGINS or sys.path)."""
+    get_registry.cache_clear()
+    importlib.invalidate_caches()

@@ -1,0 +1,188 @@
+"""Lazy tensor sources: names, shapes and dtypes up front, bytes on request.
+
+A :class:`TensorSource` is what every method reads. The built-in readers (a
+``.safetensors`` file, a Hugging Face model directory, single or sharded, and a
+store artifact) are all :class:`SafetensorsShards` over a mapping of relative
+paths to files; PEFT adapter directories are in :mod:`compressor.peft_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .safetensors_format import TensorInfo, read_header, read_tensor
+
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+DEFAULT_BLOCK_ELEMS = 1 << 23  # 8M elements: 32 MB in float32
+
+
+class TensorSource:
+    """Named tensors read lazily.
+
+    ``content`` says what the tensors are: ``model`` (full weights), ``delta``
+    (a task vector, relative to a base) or ``adapter`` (PEFT LoRA factors).
+    ``files`` are the non-tensor files that travel with the weights.
+    """
+
+    label: str = ""
+    content: str = "model"
+    files: dict[str, Path]
+    manifest: dict
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Every tensor's info, in storage order."""
+        raise NotImplementedError
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Read one tensor, or a range of its first dimension."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        return list(self.infos())
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos()[name]
+
+    def config(self) -> dict | None:
+        """The parsed ``config.json`` carried with the weights, if any."""
+        path = self.files.get("config.json")
+        return json.loads(Path(path).read_text()) if path else None
+
+    def close(self) -> None:
+        """Release open file handles."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def row_blocks(info: TensorInfo, max_elems: int = DEFAULT_BLOCK_ELEMS) -> Iterator[slice | None]:
+    """Split a tensor into blocks of whole rows of at most ``max_elems`` elements.
+
+    Small tensors and tensors without rows come as one block (``None``).
+    """
+    if len(info.shape) < 2 or info.numel <= max_elems:
+        yield None
+        return
+    rows = info.shape[0]
+    per_row = info.numel // rows
+    step = max(1, max_elems // per_row)
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+class SafetensorsShards(TensorSource):
+    """Tensors spread over one or more safetensors files (HF layout or a single file)."""
+
+    def __init__(
+        self,
+        label: str,
+        shards: list[Path],
+        files: dict[str, Path] | None = None,
+        content: str = "model",
+        manifest: dict | None = None,
+    ):
+        self.label = label
+        self.content = content
+        self.files = files or {}
+        self.manifest = manifest or {}
+        self._infos: dict[str, TensorInfo] = {}
+        self._where: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        for shard in shards:
+            infos, metadata = read_header(shard)
+            self.metadata.update(metadata)
+            for name, info in infos.items():
+                if name in self._infos:
+                    raise InputError(f"{label}: tensor '{name}' appears in two shards")
+                self._infos[name] = info
+                self._where[name] = shard
+        self._handles: dict[Path, object] = {}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        info = self._infos.get(name)
+        if info is None:
+            raise InputError(f"{self.label} has no tensor '{name}'")
+        path = self._where[name]
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = open(path, "rb")
+        return read_tensor(f, info, rows)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+def shards_from_files(label: str, files: dict[str, Path], prefix: str = "model") -> list[Path]:
+    """Find the weight shards among a directory's files, via the index when sharded."""
+    index = files.get(f"{prefix}.safetensors.index.json")
+    if index is not None:
+        try:
+            weight_map = json.loads(Path(index).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(
+                f"{label}: {prefix}.safetensors.index.json is not a valid index"
+            ) from None
+        shards = []
+        for rel in dict.fromkeys(weight_map.values()):
+            if rel not in files:
+                raise InputError(f"{label}: the index names a missing shard '{rel}'")
+            shards.append(files[rel])
+        return shards
+    if f"{prefix}.safetensors" in files:
+        return [files[f"{prefix}.safetensors"]]
+    found = [p for rel, p in files.items() if rel.endswith(".safetensors")]
+    if len(found) == 1:
+        return found
+    if not found:
+        raise InputError(f"{label} holds no .safetensors weights")
+    raise InputError(f"{label} holds several .safetensors files and no index")
+
+
+def directory_files(path: Path) -> dict[str, Path]:
+    """Top-level regular files of a model directory, by name."""
+    return {p.name: p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def carried_files(files: dict[str, Path]) -> dict[str, Path]:
+    """The non-weight files (config, tokenizer, ...) that travel with a model."""
+    return {
+        rel: p
+        for rel, p in files.items()
+        if not rel.endswith(WEIGHT_SUFFIXES) and not rel.endswith(".safetensors.index.json")
+    }
+
+
+def open_safetensors_file(path: Path) -> SafetensorsShards:
+    """A single ``.safetensors`` file as a source."""
+    return SafetensorsShards(str(path), [path])
+
+
+def open_model_dir(path: Path) -> SafetensorsShards:
+    """A Hugging Face model directory (single file or sharded with an index)."""
+    files = directory_files(path)
+    shards = shards_from_files(str(path), files)
+    return SafetensorsShards(str(path), shards, carried_files(files))
+
+
+class SourceReader:
+    """An input format: ``detect(path)`` says whether it applies, ``open(path)`` reads it."""
+
+    def __init__(self, name: str, summary: str, detect, open):
+        self.name = name
+        self.summary = summary
+        self.detect = detect
+        self.open = open

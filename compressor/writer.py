@@ -1,0 +1,237 @@
+"""Streaming writer of sharded safetensors, hashed as written.
+
+Tensors (or row blocks of one tensor) are appended to a shard's data file as
+they come; when a shard is full, its header and data are written into the
+final file while hashing. Memory stays at one block; shard names follow the
+Hugging Face convention once the shard count is known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .safetensors_format import TensorInfo, encode_header, tensor_bytes
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+COPY_CHUNK = 1 << 23
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A finished file: relative path in the artifact, location, SHA-256, size."""
+
+    relpath: str
+    path: Path
+    digest: str
+    bytes: int
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``5GB``, ``500MB``, ``2GiB`` or a byte count."""
+    if isinstance(text, int):
+        return text
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise UsageError(f"invalid size '{text}' (examples: 5GB, 500MB, 2GiB)")
+    return int(value * units[unit])
+
+
+@dataclass
+class _Shard:
+    data_path: Path
+    data: object  # open binary file
+    entries: list[TensorInfo] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class ArtifactWriter:
+    """Writes tensors into ``prefix.safetensors`` shards and other files in a directory.
+
+    ``dtype`` casts floating-point tensors on the way out; ``metadata`` is the
+    single safetensors metadata entry (``{"format": "pt"}`` keeps transformers happy).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        prefix: str = "model",
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+        dtype: torch.dtype | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
+        if metadata and len(metadata) > 1:
+            raise ValueError("safetensors metadata holds at most one key")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_shard_bytes = parse_size(max_shard_size)
+        self.dtype = dtype
+        self.metadata = metadata if metadata is not None else {"format": "pt"}
+        self._shard: _Shard | None = None
+        self._done_shards: list[tuple[Path, str, int, list[TensorInfo]]] = []
+        self._files: dict[str, WrittenFile] = {}
+        self._names: set[str] = set()
+        self._open_tensor: str | None = None
+
+    # -- tensors --------------------------------------------------------------------
+
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a tensor of ``dtype`` is written as."""
+        return self.dtype if self.dtype is not None and dtype.is_floating_point else dtype
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one whole tensor."""
+        self.begin(name, tuple(tensor.shape), tensor.dtype)
+        self.write_rows(tensor)
+        self.end()
+
+    def begin(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Start a tensor whose rows arrive in blocks through :meth:`write_rows`."""
+        if self._open_tensor is not None:
+            raise RuntimeError(f"tensor '{self._open_tensor}' is still open")
+        if name in self._names:
+            raise ValueError(f"tensor '{name}' written twice")
+        dtype = self.out_dtype(dtype)
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        shard = self._shard
+        if shard is not None and shard.entries and shard.nbytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._shard is None:
+            path = self.dir / f".shard-{len(self._done_shards)}.data"
+            self._shard = _Shard(path, open(path, "wb"))
+        self._names.add(name)
+        self._open_tensor = name
+        self._expect = TensorInfo(name, tuple(shape), dtype, 0, nbytes)
+        self._written = 0
+
+    def write_rows(self, block: torch.Tensor) -> None:
+        """Append a block of rows (or the whole tensor) to the open tensor."""
+        block = block.to(self._expect.dtype)
+        raw = tensor_bytes(block)
+        self._shard.data.write(raw)
+        self._written += raw.nbytes
+
+    def end(self) -> None:
+        """Finish the open tensor; its byte count must match its shape."""
+        info = self._expect
+        if self._written != info.nbytes:
+            raise RuntimeError(
+                f"tensor '{info.name}': wrote {self._written} bytes, shape needs {info.nbytes}"
+            )
+        self._shard.entries.append(info)
+        self._shard.nbytes += info.nbytes
+        self._open_tensor = None
+
+    def _close_shard(self) -> None:
+        shard = self._shard
+        shard.data.close()
+        index = len(self._done_shards)
+        final = self.dir / f".shard-{index}.safetensors"
+        digest, size = _hashed_copy(
+            [encode_header(shard.entries, self.metadata)], shard.data_path, final
+        )
+        os.unlink(shard.data_path)
+        self._done_shards.append((final, digest, size, shard.entries))
+        self._shard = None
+
+    # -- other files ----------------------------------------------------------------
+
+    def add_file(self, relpath: str, source: Path | bytes) -> None:
+        """Add a non-tensor file (config.json, tokenizer files, ...), copied and hashed."""
+        dest = self.dir / relpath
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            digest, size = _hashed_copy([source], None, dest)
+        else:
+            digest, size = _hashed_copy([], Path(source), dest)
+        self._files[relpath] = WrittenFile(relpath, dest, digest, size)
+
+    def add_json(self, relpath: str, obj) -> None:
+        """Add a JSON file written with sorted keys."""
+        self.add_file(relpath, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    # -- finishing ------------------------------------------------------------------
+
+    def finish(self) -> list[WrittenFile]:
+        """Close the last shard, name shards the Hugging Face way, write the index."""
+        if self._open_tensor is not None:
+            raise RuntimeError(f"tensor '{self._open_tensor}' is still open")
+        if self._shard is not None:
+            self._close_shard()
+        shards = self._done_shards
+        weight_map = {}
+        total = 0
+        for i, (tmp, digest, size, entries) in enumerate(shards):
+            if len(shards) == 1:
+                relpath = f"{self.prefix}.safetensors"
+            else:
+                relpath = f"{self.prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            dest = self.dir / relpath
+            os.replace(tmp, dest)
+            self._files[relpath] = WrittenFile(relpath, dest, digest, size)
+            for e in entries:
+                weight_map[e.name] = relpath
+                total += e.nbytes
+        if len(shards) > 1:
+            self.add_json(
+                f"{self.prefix}.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+            )
+        return [self._files[k] for k in sorted(self._files)]
+
+
+def _hashed_copy(prefix: list[bytes], src: Path | None, dest: Path) -> tuple[str, int]:
+    """Write ``prefix`` then the bytes of ``src`` to ``dest``; return SHA-256 and size."""
+    h = hashlib.sha256()
+    size = 0
+    with open(dest, "wb") as out:
+        for chunk in prefix:
+            h.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        if src is not None:
+            with open(src, "rb") as f:
+                while chunk := f.read(COPY_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return h.hexdigest(), size
+
+
+def copy_tree_files(files: dict[str, Path], dest: Path) -> None:
+    """Copy relpath -> path files into a directory (used by export)."""
+    for rel, src in files.items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)

@@ -1,0 +1,1 @@
+"""Built-in plugins; each module registers through the ``compressor.plugins`` entry points."""

@@ -1,0 +1,30 @@
+"""Built-in input formats: PEFT adapter directories, HF model directories, safetensors files."""
+
+from pathlib import Path
+
+from compressor.hookspecs import hookimpl
+from compressor.peft_adapter import PeftAdapter, is_adapter_dir
+from compressor.sources import SourceReader, open_model_dir, open_safetensors_file
+
+
+@hookimpl
+def register_sources(register):
+    register(
+        SourceReader(
+            "peft-adapter",
+            "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)",
+            is_adapter_dir,
+            PeftAdapter,
+        )
+    )
+    register(
+        SourceReader(
+            "hf-model-dir",
+            "Hugging Face model directory, single file or sharded with an index",
+            Path.is_dir,
+            open_model_dir,
+        )
+    )
+    register(
+        SourceReader("safetensors-file", "a .safetensors file", Path.is_file, open_safetensors_file)
+    )

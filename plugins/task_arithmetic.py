@@ -1,0 +1,62 @@
+"""task-arithmetic: θ = θ0 + λ Σ_t w_t τ_t (Ilharco et al. 2023; mergekit's task_arithmetic)."""
+
+from compressor.alignment import TaskVectorView
+from compressor.errors import OptionError
+from compressor.hookspecs import hookimpl
+from compressor.method import Manifest, Method, Option
+from compressor.sources import row_blocks
+
+
+class TaskArithmetic(Method):
+    """Adds the weighted, scaled sum of the experts' task vectors to the base."""
+
+    name = "task-arithmetic"
+    kind = "merge"
+    summary = "Add the scaled sum of the experts' task vectors to the base: θ0 + λ Σ w_t τ_t"
+    reference = "https://arxiv.org/abs/2212.04089"
+    version = "1"
+    needs_base = True
+    max_inputs = None
+    options = (
+        Option("scale", "float", 1.0, "λ, the factor on the summed task vectors"),
+        Option(
+            "weights",
+            "floats",
+            None,
+            "per-expert weights w_t, comma-separated, in the order the experts are given "
+            "(default: 1 each)",
+        ),
+    )
+
+    def run(self, job):
+        weights = job.options["weights"] or [1.0] * len(job.inputs)
+        if len(weights) != len(job.inputs):
+            raise OptionError(
+                f"option 'weights' has {len(weights)} values for {len(job.inputs)} experts"
+            )
+        scale = job.options["scale"]
+        views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
+        for name in job.progress(job.base.names(), desc="task-arithmetic"):
+            info = job.base.info(name)
+            if not info.is_float:
+                job.writer.write(name, job.base.get(name))
+                continue
+            job.writer.begin(name, info.shape, info.dtype)
+            for rows in row_blocks(info):
+                base = job.base.get(name, rows)
+                mixed = None
+                for w, view in zip(weights, views, strict=True):
+                    d = view.delta(name, rows)
+                    if d is not None:
+                        mixed = d * w if mixed is None else mixed.add_(d, alpha=w)
+                out = base.float()
+                if mixed is not None:
+                    out += mixed * scale
+                job.writer.write_rows(out.to(info.dtype))
+            job.writer.end()
+        return Manifest("model", metrics={"experts": len(job.inputs)})
+
+
+@hookimpl
+def register_methods(register):
+    register(TaskArithmetic())

@@ -1,0 +1,19 @@
+"""The artifact store: content-addressed blobs and a SQLite catalog of lineage."""
+
+from compressor.store.catalog import (
+    ArtifactRecord,
+    Store,
+    StoredFile,
+    default_store_dir,
+    open_store,
+    sha256_file,
+)
+
+__all__ = [
+    "ArtifactRecord",
+    "Store",
+    "StoredFile",
+    "default_store_dir",
+    "open_store",
+    "sha256_file",
+]

@@ -1,0 +1,422 @@
+"""The artifact catalog: SQLite rows over content-addressed blobs.
+
+Writers put files in a per-process temp directory, move finished blobs into
+place under a shared lock, then add all rows in one ``BEGIN IMMEDIATE``
+transaction. Readers never see half an artifact; ``gc`` takes the lock
+exclusively so it never deletes a blob that is about to be committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+from compressor.store.blobs import LocalBlobStore
+from compressor.store.migrations import migrations
+
+from compressor.errors import RefError, StoreError
+
+HEX_ID = re.compile(r"^[0-9a-f]{8,}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One finished file ready to commit: where it is now, its hash and size."""
+
+    relpath: str
+    path: Path
+    digest: str
+    bytes: int
+
+
+@dataclass
+class ArtifactRecord:
+    """One artifact row with its parents, as the CLI and API show it."""
+
+    id: str
+    name: str | None
+    version: int | None
+    kind: str
+    content: str
+    plugin: str | None
+    method_version: str | None
+    params: dict
+    metrics: dict
+    manifest: dict
+    bytes: int
+    created: str
+    path: str | None = None
+    parents: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """``name@version`` for stored artifacts, the path for external ones."""
+        if self.name:
+            return f"{self.name}@{self.version}"
+        return self.path or self.id[:12]
+
+    def to_json(self) -> dict:
+        """The object ``--json`` prints."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "content": self.content,
+            "plugin": self.plugin,
+            "method_version": self.method_version,
+            "bytes": self.bytes,
+            "params": self.params,
+            "metrics": self.metrics,
+            "created": self.created,
+            "path": self.path,
+            "parents": self.parents,
+        }
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Store:
+    """An on-disk artifact store: ``store.db``, ``blobs/`` and ``tmp/``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.blobs = LocalBlobStore(self.root / "blobs")
+        self.tmp_root = self.root / "tmp"
+        self.lock_path = self.root / "lock"
+        try:
+            self.tmp_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store at {self.root}: {e.strerror}") from None
+        self.conn = sqlite3.connect(self.root / "store.db", timeout=120, isolation_level=None)
+        self.conn.execute("PRAGMA busy_timeout = 120000")
+        self.db = sqlite_utils.Database(self.conn)
+        with self.lock(exclusive=True):
+            if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self.conn.execute("PRAGMA journal_mode = WAL")
+            migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- locking and temp space -------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        """Hold the store lock: shared while committing, exclusive for gc."""
+        with open(self.lock_path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def tmp_dir(self) -> Iterator[Path]:
+        """A private temp directory, removed on exit; a crash leaves it for gc.
+
+        The directory's ``.lock`` stays locked while its process lives, which is
+        how gc tells an abandoned directory from a busy one.
+        """
+        d = self.tmp_root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with self.lock(exclusive=False):  # gc must not see it before it is locked
+            d.mkdir(parents=True)
+            lock = open(d / ".lock", "w")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+            lock.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- writing ------------------------------------------------------------------
+
+    def commit(
+        self,
+        files: list[StoredFile],
+        *,
+        kind: str,
+        content: str,
+        name: str | None,
+        plugin: str | None = None,
+        method_version: str | None = None,
+        params: dict | None = None,
+        metrics: dict | None = None,
+        manifest: dict | None = None,
+        parents: list[tuple[str, str]] = (),
+        externals: list = (),
+    ) -> ArtifactRecord:
+        """Move the files into blobs and add the artifact in one transaction.
+
+        ``parents`` are (artifact id, role) pairs; ``externals`` are input paths
+        (objects with id, path, fingerprint, content, bytes) recorded alongside.
+        """
+        if name is not None and not NAME_RE.match(name):
+            raise StoreError(
+                f"invalid name '{name}': use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        artifact_id = uuid.uuid4().hex
+        with self.lock(exclusive=False):
+            for f in files:
+                self.blobs.put(f.path, f.digest)
+            with self._transaction():
+                for ext in externals:
+                    self._upsert_external(ext)
+                version = None
+                if name is not None:
+                    row = self.conn.execute(
+                        "SELECT MAX(version) FROM artifacts WHERE name = ?", [name]
+                    ).fetchone()
+                    version = (row[0] or 0) + 1
+                self.db["artifacts"].insert(
+                    {
+                        "id": artifact_id,
+                        "name": name,
+                        "version": version,
+                        "kind": kind,
+                        "content": content,
+                        "plugin": plugin,
+                        "method_version": method_version,
+                        "params": _dumps(params or {}),
+                        "metrics": _dumps(metrics or {}),
+                        "manifest": _dumps(manifest or {}),
+                        "bytes": sum(f.bytes for f in files),
+                        "created": _now(),
+                        "path": None,
+                    }
+                )
+                self.db["files"].insert_all(
+                    {"artifact": artifact_id, "path": f.relpath, "blob": f.digest, "bytes": f.bytes}
+                    for f in files
+                )
+                self.db["parents"].insert_all(
+                    {"child": artifact_id, "position": i, "parent": pid, "role": role}
+                    for i, (pid, role) in enumerate(parents)
+                )
+        return self.get(artifact_id)
+
+    def _upsert_external(self, ext) -> None:
+        """Record an input path by its fingerprint (not copied), inside a transaction."""
+        if self.db["artifacts"].count_where("id = ?", [ext.id]):
+            self.conn.execute("UPDATE artifacts SET path = ? WHERE id = ?", [str(ext.path), ext.id])
+            return
+        self.db["artifacts"].insert(
+            {
+                "id": ext.id,
+                "kind": "external",
+                "content": ext.content,
+                "params": "{}",
+                "metrics": "{}",
+                "manifest": _dumps({"fingerprint": ext.fingerprint}),
+                "bytes": ext.bytes,
+                "created": _now(),
+                "path": str(ext.path),
+            }
+        )
+
+    def set_metrics(self, artifact_id: str, metrics: dict) -> None:
+        """Merge metrics into an artifact's record (e.g. after ``eval``)."""
+        with self._transaction():
+            current = json.loads(self._row(artifact_id)["metrics"])
+            current.update(metrics)
+            self.conn.execute(
+                "UPDATE artifacts SET metrics = ? WHERE id = ?", [_dumps(current), artifact_id]
+            )
+
+    # -- reading ------------------------------------------------------------------
+
+    def _row(self, artifact_id: str) -> dict:
+        rows = list(self.db["artifacts"].rows_where("id = ?", [artifact_id]))
+        if not rows:
+            raise RefError(f"no artifact has id {artifact_id}")
+        return rows[0]
+
+    def get(self, artifact_id: str) -> ArtifactRecord:
+        """The full record of one artifact, parents included."""
+        row = self._row(artifact_id)
+        parents = []
+        for p in self.db.query(
+            "SELECT p.role, p.parent, a.name, a.version, a.path FROM parents p "
+            "LEFT JOIN artifacts a ON a.id = p.parent WHERE p.child = ? ORDER BY p.position",
+            [artifact_id],
+        ):
+            label = f"{p['name']}@{p['version']}" if p["name"] else p["path"] or "(removed)"
+            parents.append({"role": p["role"], "id": p["parent"], "label": label})
+        return ArtifactRecord(
+            id=row["id"],
+            name=row["name"],
+            version=row["version"],
+            kind=row["kind"],
+            content=row["content"],
+            plugin=row["plugin"],
+            method_version=row["method_version"],
+            params=json.loads(row["params"] or "{}"),
+            metrics=json.loads(row["metrics"] or "{}"),
+            manifest=json.loads(row["manifest"] or "{}"),
+            bytes=row["bytes"] or 0,
+            created=row["created"],
+            path=row["path"],
+            parents=parents,
+        )
+
+    def resolve(self, ref: str) -> ArtifactRecord:
+        """Find the artifact a REF names: ``NAME``, ``NAME@VERSION`` or an id prefix."""
+        name, _, version = ref.partition("@")
+        if version:
+            if not version.isdigit():
+                raise RefError(f"'{ref}': the version after '@' must be a number")
+            rows = list(
+                self.db["artifacts"].rows_where("name = ? AND version = ?", [name, int(version)])
+            )
+            if not rows:
+                raise RefError(f"no artifact matches '{ref}'")
+            return self.get(rows[0]["id"])
+        rows = list(
+            self.db["artifacts"].rows_where("name = ?", [ref], order_by="version DESC", limit=1)
+        )
+        if rows:
+            return self.get(rows[0]["id"])
+        if HEX_ID.match(ref.lower()):
+            rows = list(self.db["artifacts"].rows_where("id LIKE ?", [ref.lower() + "%"]))
+            if len(rows) == 1:
+                return self.get(rows[0]["id"])
+            if len(rows) > 1:
+                ids = ", ".join(r["id"][:12] for r in rows[:5])
+                raise RefError(
+                    f"'{ref}' matches {len(rows)} artifacts ({ids}); give more of the id"
+                )
+        raise RefError(f"no artifact or path matches '{ref}'")
+
+    def files(self, artifact_id: str) -> dict[str, Path]:
+        """Relative path -> blob path for every file of an artifact."""
+        return {
+            r["path"]: self.blobs.path(r["blob"])
+            for r in self.db["files"].rows_where("artifact = ?", [artifact_id], order_by="path")
+        }
+
+    def list(self, include_external: bool = False) -> list[ArtifactRecord]:
+        """All artifacts, oldest first; external inputs only when asked."""
+        where = None if include_external else "kind != 'external'"
+        return [
+            self.get(r["id"])
+            for r in self.db["artifacts"].rows_where(where, order_by="created, name, version")
+        ]
+
+    def children(self, artifact_id: str) -> list[str]:
+        return [r["child"] for r in self.db["parents"].rows_where("parent = ?", [artifact_id])]
+
+    # -- maintenance --------------------------------------------------------------
+
+    def remove(self, artifact_id: str, force: bool = False) -> None:
+        """Delete an artifact's rows; its blobs go at the next gc."""
+        children = self.children(artifact_id)
+        if children and not force:
+            labels = ", ".join(self.get(c).label for c in children[:5])
+            raise StoreError(
+                f"cannot remove {self.get(artifact_id).label}: {len(children)} artifact(s) "
+                f"were made from it ({labels}); use --force to remove it anyway"
+            )
+        with self._transaction():
+            self.conn.execute("DELETE FROM files WHERE artifact = ?", [artifact_id])
+            self.conn.execute("DELETE FROM parents WHERE child = ?", [artifact_id])
+            self.conn.execute("DELETE FROM artifacts WHERE id = ?", [artifact_id])
+
+    def gc(self) -> dict:
+        """Delete unreferenced blobs and temp directories of dead processes."""
+        freed = blobs = tmps = 0
+        with self.lock(exclusive=True):
+            for d in sorted(self.tmp_root.iterdir()):
+                if _abandoned(d):
+                    shutil.rmtree(d, ignore_errors=True)
+                    tmps += 1
+            used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
+            for digest in list(self.blobs.list()):
+                if digest not in used:
+                    freed += self.blobs.delete(digest)
+                    blobs += 1
+        return {"blobs_removed": blobs, "bytes_freed": freed, "tmp_dirs_removed": tmps}
+
+    def verify(self) -> list[str]:
+        """Re-hash every referenced blob; return a list of problems (empty if sound)."""
+        problems = []
+        check = self.conn.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            problems.append(f"store.db integrity check: {check}")
+        for r in self.db.query("SELECT DISTINCT blob, bytes FROM files ORDER BY blob"):
+            p = self.blobs.path(r["blob"])
+            if not p.is_file():
+                problems.append(f"missing blob {r['blob']}")
+            elif p.stat().st_size != r["bytes"]:
+                problems.append(
+                    f"blob {r['blob']} has {p.stat().st_size} bytes, expected {r['bytes']}"
+                )
+            elif sha256_file(p) != r["blob"]:
+                problems.append(f"blob {r['blob']} does not match its hash")
+        return problems
+
+
+def _abandoned(tmp: Path) -> bool:
+    """True when no live process holds the temp directory's lock."""
+    lock = tmp / ".lock"
+    if not lock.exists():
+        return True
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def open_store(root: Path | str | None = None) -> Store:
+    """Open (creating and migrating) the store at ROOT, $COMPRESSOR_STORE, or the user data dir."""
+    return Store(Path(root) if root else default_store_dir())
+
+
+def default_store_dir() -> Path:
+    env = os.environ.get("COMPRESSOR_STORE")
+    if env:
+        return Path(env)
+    import click
+
+    return Path(click.get_app_dir("compressor"))

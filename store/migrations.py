@@ -1,0 +1,39 @@
+"""The store's SQLite schema, as sqlite-utils migrations applied on open."""
+
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("compressor.store")
+
+
+@migrations()
+def m001_initial(db):
+    db["artifacts"].create(
+        {
+            "id": str,
+            "name": str,
+            "version": int,
+            "kind": str,  # compress | merge | extract | sample | import | external
+            "content": str,  # model | delta | adapter | tensors
+            "plugin": str,
+            "method_version": str,
+            "params": str,  # JSON
+            "metrics": str,  # JSON
+            "manifest": str,  # JSON: what decoding and export need
+            "bytes": int,
+            "created": str,
+            "path": str,  # external artifacts: where the input was found
+        },
+        pk="id",
+    )
+    db["artifacts"].create_index(["name", "version"], unique=True)
+    db["files"].create(
+        {"artifact": str, "path": str, "blob": str, "bytes": int},
+        pk=("artifact", "path"),
+        foreign_keys=[("artifact", "artifacts", "id")],
+    )
+    db["files"].create_index(["blob"])
+    db["parents"].create(
+        {"child": str, "position": int, "parent": str, "role": str},
+        pk=("child", "position"),
+    )
+    db["parents"].create_index(["parent"])
