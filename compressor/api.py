@@ -213,6 +213,9 @@ def export(
                 max_shard_size=(1 << 62) if single_file else max_shard_size,
                 dtype=cast,
             )
+            config_source = source if "config.json" in source.files else base_source
+            if cast is not None and config_source is not None and not single_file:
+                _write_config_dtype(writer, config_source, cast)
             if base_source is not None:
                 _write_sum(writer, base_source, source, progress)
                 _carry_files(writer, source, "model")
@@ -237,6 +240,18 @@ def export(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_config_dtype(writer: ArtifactWriter, source: TensorSource, dtype: torch.dtype) -> None:
+    """Record a cast in config.json so transformers loads the model in that dtype."""
+    config = source.config()
+    if config is None:
+        return
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for k in keys:
+        config[k] = name
+    writer.add_json("config.json", config)
 
 
 def _copy_tensor(writer: ArtifactWriter, source: TensorSource, name: str) -> None:

