@@ -30,7 +30,10 @@ class Registry:
         self.pm = pluggy.PluginManager("compressor")
         self.pm.add_hookspecs(hookspecs)
         self._load()
-        self.pm.check_pending()
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin '{self.pm.get_name(e.plugin)}' is broken: {e}") from None
         self.methods: dict[str, Method] = {}
         self.method_plugins: dict[str, str] = {}
         self.readers: list = []
@@ -41,7 +44,11 @@ class Registry:
         allowed_set = (
             {a.strip() for a in allowed.split(",") if a.strip()} if allowed is not None else None
         )
-        for ep in entry_points(group=GROUP):
+        eps = sorted(  # built-ins first, so a clash names the newcomer second
+            entry_points(group=GROUP),
+            key=lambda ep: (ep.dist is None or ep.dist.name != OWN_DISTRIBUTION, ep.name),
+        )
+        for ep in eps:
             dist = ep.dist.name if ep.dist is not None else None
             if dist != OWN_DISTRIBUTION and allowed_set is not None and dist not in allowed_set:
                 continue

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 @pytest.fixture
 def populated(run, models, private_store):
     """A store holding one task vector (so there is something to protect)."""
-    r = run("apply", "-p", "task-vector", "--base", models["base-fp32"], models["ft1-fp32"],
-            "-n", "tv")
+    r = run(
+        "apply", "-p", "task-vector", "--base", models["base-fp32"], models["ft1-fp32"], "-n", "tv"
+    )
     assert r.exit_code == 0, r.output
     return private_store
 
@@ -28,8 +29,13 @@ def _expect(run, store, args, code, message):
 
 def test_missing_path(run, models, populated, tmp_path):
     missing = tmp_path / "nope"
-    _expect(run, populated, ["apply", "-p", "task-vector", "--base", models["base-fp32"], missing],
-            1, f"no such file or directory: {missing}")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "task-vector", "--base", models["base-fp32"], missing],
+        1,
+        f"no such file or directory: {missing}",
+    )
 
 
 def test_not_safetensors(run, models, populated, tmp_path):
@@ -37,9 +43,14 @@ def test_not_safetensors(run, models, populated, tmp_path):
     data = b"this is not a tensor file at all, just some text\n" * 4
     bogus.write_bytes(data)
     claimed = int.from_bytes(data[:8], "little")
-    _expect(run, populated, ["apply", "-p", "task-vector", "--base", models["base-fp32"], bogus],
-            1, f"{bogus} is not a safetensors file or its header is truncated "
-               f"(header says {claimed} bytes, file has {len(data)})")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "task-vector", "--base", models["base-fp32"], bogus],
+        1,
+        f"{bogus} is not a safetensors file or its header is truncated "
+        f"(header says {claimed} bytes, file has {len(data)})",
+    )
 
 
 def test_truncated_header(run, models, populated, tmp_path):
@@ -47,9 +58,14 @@ def test_truncated_header(run, models, populated, tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(src.read_bytes()[:100])
     size = int.from_bytes(src.read_bytes()[:8], "little")
-    _expect(run, populated, ["apply", "-p", "task-vector", "--base", models["base-fp32"], cut],
-            1, f"{cut} is not a safetensors file or its header is truncated "
-               f"(header says {size} bytes, file has 100)")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "task-vector", "--base", models["base-fp32"], cut],
+        1,
+        f"{cut} is not a safetensors file or its header is truncated "
+        f"(header says {size} bytes, file has 100)",
+    )
 
 
 def test_truncated_data(run, models, populated, tmp_path):
@@ -87,16 +103,26 @@ def test_different_shapes(run, models, populated, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     ft = _variant(models, tmp_path, lambda t: t.__setitem__(name, t[name][:, :64].clone()))
     base = models["base-fp32"]
-    _expect(run, populated, ["apply", "-p", "task-vector", "--base", base, ft], 1,
-            f"base and expert differ: {name} is [64, 128] in {base} and [64, 64] in {ft}")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "task-vector", "--base", base, ft],
+        1,
+        f"base and expert differ: {name} is [64, 128] in {base} and [64, 64] in {ft}",
+    )
 
 
 def test_float_tensor_missing(run, models, populated, tmp_path):
     name = "model.norm.weight"
     ft = _variant(models, tmp_path, lambda t: t.pop(name))
     base = models["base-fp32"]
-    _expect(run, populated, ["apply", "-p", "task-vector", "--base", base, ft], 1,
-            f"base and expert differ: {name} is in {base} but not in {ft}")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "task-vector", "--base", base, ft],
+        1,
+        f"base and expert differ: {name} is in {base} but not in {ft}",
+    )
 
 
 def test_extra_float_tensor(run, models, populated, tmp_path):
@@ -104,41 +130,93 @@ def test_extra_float_tensor(run, models, populated, tmp_path):
 
     ft = _variant(models, tmp_path, lambda t: t.__setitem__("extra.weight", torch.ones(3)))
     base = models["base-fp32"]
-    _expect(run, populated, ["merge", "-p", "task-arithmetic", "--base", base, ft], 1,
-            f"base and expert differ: extra.weight is in {ft} but not in {base}")
+    _expect(
+        run,
+        populated,
+        ["merge", "-p", "task-arithmetic", "--base", base, ft],
+        1,
+        f"base and expert differ: extra.weight is in {ft} but not in {base}",
+    )
 
 
 def test_unknown_plugin(run, models, populated):
-    _expect(run, populated, ["apply", "-p", "zip", "--base", models["base-fp32"],
-                             models["ft1-fp32"]], 2,
-            "unknown plugin 'zip' (available: task-vector)")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "zip", "--base", models["base-fp32"], models["ft1-fp32"]],
+        2,
+        "unknown plugin 'zip' (available: task-vector)",
+    )
 
 
 def test_plugin_of_other_kind(run, models, populated):
-    _expect(run, populated, ["apply", "-p", "task-arithmetic", models["ft1-fp32"]], 2,
-            "plugin 'task-arithmetic' is a merge method; use `compress merge --plugin task-arithmetic`")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "task-arithmetic", models["ft1-fp32"]],
+        2,
+        "plugin 'task-arithmetic' is a merge method; use `compress merge --plugin task-arithmetic`",
+    )
 
 
 def test_unknown_option(run, models, populated):
-    _expect(run, populated, ["merge", "-p", "task-arithmetic", "--base", models["base-fp32"],
-                             models["ft1-fp32"], "-o", "lambda", "2"], 2,
-            "unknown option 'lambda' for method 'task-arithmetic' (options: scale, weights)")
+    _expect(
+        run,
+        populated,
+        [
+            "merge",
+            "-p",
+            "task-arithmetic",
+            "--base",
+            models["base-fp32"],
+            models["ft1-fp32"],
+            "-o",
+            "lambda",
+            "2",
+        ],
+        2,
+        "unknown option 'lambda' for method 'task-arithmetic' (options: scale, weights)",
+    )
 
 
 def test_ill_typed_option(run, models, populated):
-    _expect(run, populated, ["merge", "-p", "task-arithmetic", "--base", models["base-fp32"],
-                             models["ft1-fp32"], "-o", "scale", "big"], 2,
-            "option 'scale' expects a number; got 'big'")
+    _expect(
+        run,
+        populated,
+        [
+            "merge",
+            "-p",
+            "task-arithmetic",
+            "--base",
+            models["base-fp32"],
+            models["ft1-fp32"],
+            "-o",
+            "scale",
+            "big",
+        ],
+        2,
+        "option 'scale' expects a number; got 'big'",
+    )
 
 
 def test_missing_base(run, models, populated):
-    _expect(run, populated, ["apply", "-p", "task-vector", models["ft1-fp32"]], 2,
-            "method 'task-vector' needs --base BASE")
+    _expect(
+        run,
+        populated,
+        ["apply", "-p", "task-vector", models["ft1-fp32"]],
+        2,
+        "method 'task-vector' needs --base BASE",
+    )
 
 
 def test_ref_matches_nothing(run, populated, tmp_path):
-    _expect(run, populated, ["export", "nothing-here", tmp_path / "o"], 1,
-            "no artifact or path matches 'nothing-here'")
+    _expect(
+        run,
+        populated,
+        ["export", "nothing-here", tmp_path / "o"],
+        1,
+        "no artifact or path matches 'nothing-here'",
+    )
 
 
 def test_ref_version_missing(run, populated, tmp_path):
@@ -159,9 +237,14 @@ def test_ref_matches_several(run, populated, tmp_path):
     )
     conn.commit()
     conn.close()
-    _expect(run, populated, ["export", tv_id[:8], tmp_path / "o"], 1,
-            f"'{tv_id[:8]}' matches 2 artifacts ({', '.join(sorted([tv_id[:12], twin[:12]]))}); "
-            "give more of the id")
+    _expect(
+        run,
+        populated,
+        ["export", tv_id[:8], tmp_path / "o"],
+        1,
+        f"'{tv_id[:8]}' matches 2 artifacts ({', '.join(sorted([tv_id[:12], twin[:12]]))}); "
+        "give more of the id",
+    )
     assert run("export", tv_id[:9], tmp_path / "o").exit_code == 0
 
 
@@ -169,23 +252,46 @@ def test_export_into_non_empty_directory(run, populated, tmp_path):
     out = tmp_path / "full"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _expect(run, populated, ["export", "tv", out], 1,
-            f"{out} exists and is not empty (use --force to replace it)")
+    _expect(
+        run,
+        populated,
+        ["export", "tv", out],
+        1,
+        f"{out} exists and is not empty (use --force to replace it)",
+    )
     assert (out / "keep.txt").read_text() == "mine"
     assert run("export", "tv", out, "--force").exit_code == 0
     assert not (out / "keep.txt").exists()
 
 
 def test_bad_name(run, models, populated):
-    _expect(run, populated, ["apply", "-p", "task-vector", "--base", models["base-fp32"],
-                             models["ft1-fp32"], "-n", "bad name/x"], 1,
-            "invalid name 'bad name/x': use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit")
+    _expect(
+        run,
+        populated,
+        [
+            "apply",
+            "-p",
+            "task-vector",
+            "--base",
+            models["base-fp32"],
+            models["ft1-fp32"],
+            "-n",
+            "bad name/x",
+        ],
+        1,
+        "invalid name 'bad name/x': use letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit",
+    )
 
 
 def test_bad_dtype(run, populated, tmp_path):
-    _expect(run, populated, ["export", "tv", tmp_path / "x", "--dtype", "int3"], 1,
-            "unknown dtype 'int3' (choose from bf16, fp16, fp32, fp64)")
+    _expect(
+        run,
+        populated,
+        ["export", "tv", tmp_path / "x", "--dtype", "int3"],
+        1,
+        "unknown dtype 'int3' (choose from bf16, fp16, fp32, fp64)",
+    )
 
 
 def test_traceback_only_with_debug(run, models, populated, monkeypatch, tmp_path):

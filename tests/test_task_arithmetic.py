@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from compressor.store import open_store
 from safetensors.torch import load_file
 
 from compressor.refs import resolve
-from compressor.store import open_store
 
 
 def _load(directory):
@@ -43,8 +43,11 @@ def test_matches_mergekit(run, models, options, weights, lam):
         {"base": _load(base), "e1": _load(e1), "e2": _load(e2)},
         "task_arithmetic",
         base="base",
-        parameters={"weight": {"base": 0.0, "e1": weights[0], "e2": weights[1]},
-                    "lambda": lam, "normalize": False},
+        parameters={
+            "weight": {"base": 0.0, "e1": weights[0], "e2": weights[1]},
+            "lambda": lam,
+            "normalize": False,
+        },
     )
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -55,7 +58,9 @@ def test_matches_mergekit(run, models, options, weights, lam):
 def test_task_vectors_and_models_mix(run, models):
     base, e1, e2 = models["base-fp32"], models["ft1-fp32"], models["ft2-fp32"]
     assert run("apply", "-p", "task-vector", "--base", base, e1, "-n", "tv1").exit_code == 0
-    assert run("merge", "-p", "task-arithmetic", "--base", base, "tv1", e2, "-n", "a").exit_code == 0
+    assert (
+        run("merge", "-p", "task-arithmetic", "--base", base, "tv1", e2, "-n", "a").exit_code == 0
+    )
     assert run("merge", "-p", "task-arithmetic", "--base", base, e1, e2, "-n", "b").exit_code == 0
     a, b = _artifact("a"), _artifact("b")
     for name in a:
@@ -77,8 +82,9 @@ def lora(models, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora")
     model = AutoModelForCausalLM.from_pretrained(models["base-fp32"])
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                        use_rslora=True)
+    config = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True
+    )
     peft_model = get_peft_model(model, config)
     torch.manual_seed(5)
     with torch.no_grad():
@@ -121,8 +127,11 @@ def test_adapter_import_and_export_as_adapter(run, lora, tmp_path):
     out = tmp_path / "ad-out"
     assert run("export", "ad", out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        p.name for p in adapter.iterdir() if p.name in ("adapter_config.json", "adapter_model.safetensors", "README.md")
+        p.name
+        for p in adapter.iterdir()
+        if p.name in ("adapter_config.json", "adapter_model.safetensors", "README.md")
     )
-    assert load_file(out / "adapter_model.safetensors").keys() == load_file(
-        adapter / "adapter_model.safetensors"
-    ).keys()
+    assert (
+        load_file(out / "adapter_model.safetensors").keys()
+        == load_file(adapter / "adapter_model.safetensors").keys()
+    )

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from compressor.store import open_store
 from safetensors.torch import load_file
 from transformers import AutoModel
 
 from compressor.refs import resolve
-from compressor.store import open_store
 
 
 def _weights(directory):
@@ -73,7 +73,9 @@ def _weights_of_artifact(ref):
 
 
 def test_round_trip_real_minilm(run, minilm, tmp_path):
-    r = run("apply", "--plugin", "task-vector", "--base", minilm["base"], minilm["ft"], "-n", "mini")
+    r = run(
+        "apply", "--plugin", "task-vector", "--base", minilm["base"], minilm["ft"], "-n", "mini"
+    )
     assert r.exit_code == 0, r.output
     out = tmp_path / "mini"
     assert run("export", "mini", out, "--base", minilm["base"]).exit_code == 0
