@@ -1,0 +1,149 @@
+"""Crash safety (SIGKILL mid-write) and concurrent writers on one store."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from compressor.store import open_store
+
+from compressor.demo_models import save_finetune, save_tiny_llama
+from compressor.refs import open_artifact
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """A ~20M-parameter Llama and a fine-tune: big enough that writing takes a while."""
+    root = tmp_path_factory.mktemp("medium")
+    base = save_tiny_llama(root / "base", hidden=384, layers=6, vocab=8000, dtype=torch.float32)
+    return base, save_finetune(base, root / "ft", seed=1)
+
+
+def _compress(store, *args, **kw):
+    env = {**os.environ, "COMPRESSOR_STORE": str(store)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "compressor", "--quiet", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(medium, tmp_path):
+    base, ft = medium
+    store_dir = tmp_path / "store"
+    rng = random.Random(1234)
+    # how long a full run takes here, to spread the kills over its whole length
+    t0 = time.monotonic()
+    p = _compress(
+        store_dir,
+        "apply",
+        "-p",
+        "task-vector",
+        "--base",
+        base,
+        ft,
+        "-n",
+        "tv",
+        "--max-shard-size",
+        "10MB",
+    )
+    assert p.wait() == 0, p.stderr.read()
+    full = time.monotonic() - t0
+    expected_files = None
+    runs = 1
+    for _ in range(12):
+        p = _compress(
+            store_dir,
+            "apply",
+            "-p",
+            "task-vector",
+            "--base",
+            base,
+            ft,
+            "-n",
+            "tv",
+            "--max-shard-size",
+            "10MB",
+        )
+        time.sleep(rng.uniform(0.3, full))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        runs += 1
+        store = open_store(store_dir)
+        try:
+            assert store.verify() == []
+            listed = store.list()
+            # a run killed after its commit is listed; one killed before is not, and no
+            # partial artifact ever is: each listed one has every file and reads back whole
+            assert [r.version for r in listed] == list(range(1, len(listed) + 1))
+            for r in listed:
+                files = store.files(r.id)
+                expected_files = expected_files or set(files)
+                assert set(files) == expected_files
+                with open_artifact(store, r) as src:
+                    assert len(src.names()) == 2 + 6 * 9 + 1  # embed, head, 6 layers, norm
+        finally:
+            store.close()
+    assert len(listed) < runs, "no kill landed before a commit; the test proved nothing"
+    store = open_store(store_dir)
+    assert store.gc()["tmp_dirs_removed"] > 0  # some kills landed mid-write
+    referenced = {p.name for r in store.list() for p in store.files(r.id).values()}
+    assert set(store.blobs.list()) == referenced
+    assert list(store.tmp_root.iterdir()) == []
+    assert store.verify() == []
+    store.close()
+
+
+WRITER = """
+import sys, compressor
+store, base, ft = sys.argv[1:4]
+for _ in range(10):
+    compressor.apply("task-vector", ft, base=base, name="shared", store=store)
+"""
+
+
+@pytest.mark.slow
+def test_four_concurrent_writers(models, tmp_path):
+    store_dir = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITER,
+                str(store_dir),
+                str(models["base-fp32"]),
+                str(models[f"ft{1 + i % 2}-fp32"]),
+            ],
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()
+    store = open_store(store_dir)
+    try:
+        listed = store.list()
+        assert len(listed) == 40
+        assert sorted(r.version for r in listed) == list(range(1, 41))
+        assert store.verify() == []
+        externals = [r for r in store.list(include_external=True) if r.kind == "external"]
+        assert len(externals) == 3  # base and two fine-tunes, each recorded once
+    finally:
+        store.close()
+    r = subprocess.run(
+        [sys.executable, "-m", "compressor", "--store", str(store_dir), "store", "ls", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert len([json.loads(x) for x in r.stdout.splitlines()]) == 40
