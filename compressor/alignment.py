@@ -86,19 +86,29 @@ class TaskVectorView:
                     "does not have with that shape"
                 )
 
-    def delta(self, name: str, rows: slice | None = None) -> torch.Tensor | None:
-        """τ for one float tensor of the base (or some of its rows); None where τ is zero."""
+    def delta(
+        self, name: str, rows: slice | None = None, base_block: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """τ for one float tensor of the base (or some of its rows); None where τ is zero.
+
+        ``base_block`` is the same rows of the base in float32, when the caller
+        has read them already.
+        """
         expert = self.expert
+
+        def base_rows() -> torch.Tensor:
+            return base_block if base_block is not None else self.base.get(name, rows).float()
+
         if isinstance(expert, PeftAdapter):
             if name in expert.modules:
                 return expert.delta(name, rows)
             key = expert.replaced.get(name)
             if key is None:
                 return None
-            return expert.get(key, rows).float() - self.base.get(name, rows).float()
+            return expert.get(key, rows).float() - base_rows()
         if expert.content == "delta":
             return expert.get(name, rows).float()
-        return expert.get(name, rows).float() - self.base.get(name, rows).float()
+        return expert.get(name, rows).float().sub_(base_rows())
 
     def carried(self, name: str) -> torch.Tensor:
         """A non-float tensor: the expert's where it has one, else the base's."""

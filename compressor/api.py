@@ -26,7 +26,7 @@ from .refs import resolve
 from .safetensors_format import dtype_from_name
 from .sources import TensorSource, row_blocks
 from .store import ArtifactRecord, Store, StoredFile, open_store
-from .writer import DEFAULT_MAX_SHARD_BYTES, ArtifactWriter
+from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
 
 Options = dict | Sequence[tuple[str, str]] | None
 
@@ -85,7 +85,7 @@ def run_method(
     name: str | None = None,
     store: Store | str | Path | None = None,
     quiet: bool = True,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> ArtifactRecord:
     """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact."""
     method = get_registry().method(plugin, kind)
@@ -176,7 +176,7 @@ def export(
     *,
     base: str | None = None,
     dtype: str | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     store: Store | str | Path | None = None,
     quiet: bool = True,

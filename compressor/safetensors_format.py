@@ -152,11 +152,14 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def encode_header(entries: list[TensorInfo], metadata: dict[str, str] | None) -> bytes:
+def encode_header(
+    entries: list[TensorInfo], metadata: dict[str, str] | None, pad_to: int | None = None
+) -> bytes:
     """Build the length prefix and JSON header for tensors laid out in order.
 
-    Keys are sorted and the header is padded with spaces to 8 bytes so the
-    same tensors always give the same bytes.
+    Keys are sorted and the header is padded with spaces to a multiple of 8
+    bytes (or to exactly ``pad_to`` bytes) so the same tensors always give the
+    same bytes.
     """
     header: dict[str, object] = {}
     if metadata:
@@ -170,5 +173,5 @@ def encode_header(entries: list[TensorInfo], metadata: dict[str, str] | None) ->
         }
         pos += e.nbytes
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
+    raw += b" " * ((pad_to - len(raw)) if pad_to is not None else (-(len(raw) + 8) % 8))
     return struct.pack("<Q", len(raw)) + raw

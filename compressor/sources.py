@@ -19,7 +19,7 @@ from .safetensors_format import TensorInfo, read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
-DEFAULT_BLOCK_ELEMS = 1 << 23  # 8M elements: 32 MB in float32
+DEFAULT_BLOCK_ELEMS = 1 << 22  # 4M elements: 16 MB in float32
 
 
 class TensorSource:
@@ -77,6 +77,13 @@ def row_blocks(info: TensorInfo, max_elems: int = DEFAULT_BLOCK_ELEMS) -> Iterat
     step = max(1, max_elems // per_row)
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+def block_shape(info: TensorInfo, rows: slice | None) -> tuple[int, ...]:
+    """The shape of a row block of a tensor (the whole shape for ``None``)."""
+    if rows is None:
+        return info.shape
+    return (rows.stop - rows.start, *info.shape[1:])
 
 
 class SafetensorsShards(TensorSource):

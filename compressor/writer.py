@@ -1,9 +1,12 @@
 """Streaming writer of sharded safetensors, hashed as written.
 
-Tensors (or row blocks of one tensor) are appended to a shard's data file as
-they come; when a shard is full, its header and data are written into the
-final file while hashing. Memory stays at one block; shard names follow the
-Hugging Face convention once the shard count is known.
+Tensors (or row blocks of one tensor) are written into the shard file as they
+come, after a region reserved for the header; when the shard is full its
+header is written into that region, padded with spaces (which the format
+allows), and the file is hashed. Small shards, and the rare shard whose header
+outgrows the reservation, are rewritten compactly instead, so small artifacts
+carry no padding. Memory stays at one block; shard names follow the Hugging
+Face convention once the shard count is known.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +22,10 @@ import torch
 from .errors import UsageError
 from .safetensors_format import TensorInfo, encode_header, tensor_bytes
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 COPY_CHUNK = 1 << 23
+HEADER_RESERVE = 1 << 17  # room for ~1000 tensor entries
+COMPACT_BELOW = 1 << 26  # shards under 64 MB are rewritten without padding
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,8 @@ def parse_size(text: str | int) -> int:
 
 @dataclass
 class _Shard:
-    data_path: Path
-    data: object  # open binary file
+    path: Path
+    file: object  # open binary file, positioned after the reserved header region
     entries: list[TensorInfo] = field(default_factory=list)
     nbytes: int = 0
 
@@ -82,7 +86,7 @@ class ArtifactWriter:
         directory: Path,
         *,
         prefix: str = "model",
-        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         dtype: torch.dtype | None = None,
         metadata: dict[str, str] | None = None,
     ):
@@ -127,7 +131,9 @@ class ArtifactWriter:
             self._close_shard()
         if self._shard is None:
             path = self.dir / f".shard-{len(self._done_shards)}.data"
-            self._shard = _Shard(path, open(path, "wb"))
+            f = open(path, "w+b")
+            f.seek(8 + HEADER_RESERVE)
+            self._shard = _Shard(path, f)
         self._names.add(name)
         self._open_tensor = name
         self._expect = TensorInfo(name, tuple(shape), dtype, 0, nbytes)
@@ -137,7 +143,7 @@ class ArtifactWriter:
         """Append a block of rows (or the whole tensor) to the open tensor."""
         block = block.to(self._expect.dtype)
         raw = tensor_bytes(block)
-        self._shard.data.write(raw)
+        self._shard.file.write(raw)
         self._written += raw.nbytes
 
     def end(self) -> None:
@@ -153,13 +159,21 @@ class ArtifactWriter:
 
     def _close_shard(self) -> None:
         shard = self._shard
-        shard.data.close()
         index = len(self._done_shards)
         final = self.dir / f".shard-{index}.safetensors"
-        digest, size = _hashed_copy(
-            [encode_header(shard.entries, self.metadata)], shard.data_path, final
-        )
-        os.unlink(shard.data_path)
+        header = encode_header(shard.entries, self.metadata)
+        if shard.nbytes < COMPACT_BELOW or len(header) - 8 > HEADER_RESERVE:
+            shard.file.close()
+            digest, size = _hashed_copy([header], shard.path, final, skip=8 + HEADER_RESERVE)
+            os.unlink(shard.path)
+        else:
+            shard.file.seek(0)
+            shard.file.write(encode_header(shard.entries, self.metadata, pad_to=HEADER_RESERVE))
+            shard.file.flush()
+            os.fsync(shard.file.fileno())
+            shard.file.close()
+            os.replace(shard.path, final)
+            digest, size = _hash_file(final)
         self._done_shards.append((final, digest, size, shard.entries))
         self._shard = None
 
@@ -209,8 +223,20 @@ class ArtifactWriter:
         return [self._files[k] for k in sorted(self._files)]
 
 
-def _hashed_copy(prefix: list[bytes], src: Path | None, dest: Path) -> tuple[str, int]:
-    """Write ``prefix`` then the bytes of ``src`` to ``dest``; return SHA-256 and size."""
+def _hash_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _hashed_copy(
+    prefix: list[bytes], src: Path | None, dest: Path, skip: int = 0
+) -> tuple[str, int]:
+    """Write ``prefix`` then the bytes of ``src`` after ``skip`` to ``dest``; return SHA-256, size."""
     h = hashlib.sha256()
     size = 0
     with open(dest, "wb") as out:
@@ -220,6 +246,7 @@ def _hashed_copy(prefix: list[bytes], src: Path | None, dest: Path) -> tuple[str
             size += len(chunk)
         if src is not None:
             with open(src, "rb") as f:
+                f.seek(skip)
                 while chunk := f.read(COPY_CHUNK):
                     h.update(chunk)
                     out.write(chunk)
@@ -227,11 +254,3 @@ def _hashed_copy(prefix: list[bytes], src: Path | None, dest: Path) -> tuple[str
         out.flush()
         os.fsync(out.fileno())
     return h.hexdigest(), size
-
-
-def copy_tree_files(files: dict[str, Path], dest: Path) -> None:
-    """Copy relpath -> path files into a directory (used by export)."""
-    for rel, src in files.items():
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)

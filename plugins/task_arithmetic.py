@@ -43,16 +43,15 @@ class TaskArithmetic(Method):
                 continue
             job.writer.begin(name, info.shape, info.dtype)
             for rows in row_blocks(info):
-                base = job.base.get(name, rows)
+                base = job.base.get(name, rows).float()
                 mixed = None
                 for w, view in zip(weights, views, strict=True):
-                    d = view.delta(name, rows)
+                    d = view.delta(name, rows, base)
                     if d is not None:
-                        mixed = d * w if mixed is None else mixed.add_(d, alpha=w)
-                out = base.float()
+                        mixed = d.mul_(w) if mixed is None else mixed.add_(d, alpha=w)
                 if mixed is not None:
-                    out += mixed * scale
-                job.writer.write_rows(out.to(info.dtype))
+                    base += mixed.mul_(scale)
+                job.writer.write_rows(base.to(info.dtype))
             job.writer.end()
         return Manifest("model", metrics={"experts": len(job.inputs)})
 

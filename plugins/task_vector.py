@@ -5,7 +5,7 @@ import torch
 from compressor.alignment import TaskVectorView
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method
-from compressor.sources import row_blocks
+from compressor.sources import block_shape, row_blocks
 
 
 class TaskVector(Method):
@@ -35,8 +35,8 @@ class TaskVector(Method):
             for rows in row_blocks(info):
                 d = view.delta(name, rows)
                 if d is None:
-                    d = torch.zeros(job.base.get(name, rows).shape)
-                sq += float(d.double().square().sum())
+                    d = torch.zeros(block_shape(info, rows))
+                sq += float(torch.linalg.vector_norm(d)) ** 2
                 job.writer.write_rows(d)
             job.writer.end()
             numel += info.numel

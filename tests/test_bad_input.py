@@ -303,3 +303,23 @@ def test_traceback_only_with_debug(run, models, populated, monkeypatch, tmp_path
     r = CliRunner().invoke(cli, ["export", "nothing-here", str(tmp_path / "o")])
     assert r.exit_code == 1
     assert "Traceback" in r.output and "RefError" in r.output
+
+
+def test_verb_without_methods_of_its_kind(run, models, populated):
+    _expect(
+        run,
+        populated,
+        ["extract", "-p", "task-vector", models["ft1-fp32"]],
+        2,
+        "plugin 'task-vector' is a compress method; use `compress apply --plugin task-vector`",
+    )
+    _expect(
+        run, populated, ["sample", "-p", "nope", "tv"], 2, "unknown plugin 'nope' (available: none)"
+    )
+
+
+def test_too_many_inputs_for_apply_is_a_click_usage_error(run, models, populated):
+    before = store_snapshot(populated)
+    r = run("apply", "-p", "task-vector", "--base", models["base-fp32"], "a", "b")
+    assert r.exit_code == 2 and "Got unexpected extra argument (b)" in r.output
+    assert store_snapshot(populated) == before

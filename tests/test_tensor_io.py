@@ -212,3 +212,24 @@ def test_not_an_adapter(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="only LoRA adapters are supported, not IA3"):
         PeftAdapter(tmp_path)
+
+
+@pytest.mark.parametrize("reserve", [256, 1 << 14])
+def test_large_shards_keep_a_padded_header(tmp_path, monkeypatch, reserve):
+    """Big shards are written once, header padded in place; an overflowing header falls back."""
+    import compressor.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "COMPACT_BELOW", 0)
+    monkeypatch.setattr(writer_module, "HEADER_RESERVE", reserve)
+    tensors = {f"layer.{i}.weight": torch.randn(4, 3) for i in range(20)}
+    w = ArtifactWriter(tmp_path / "o")
+    for name, t in tensors.items():
+        w.write(name, t)
+    (f,) = w.finish()
+    data = f.path.read_bytes()
+    assert f.digest == hashlib.sha256(data).hexdigest() and f.bytes == len(data)
+    header_len = int.from_bytes(data[:8], "little")
+    assert header_len == (reserve if reserve > 1000 else header_len)
+    assert header_len % 8 == 0
+    got = load_file(f.path)
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compressor.api import export as export_artifact
-from compressor.writer import DEFAULT_MAX_SHARD_BYTES
+from compressor.writer import DEFAULT_MAX_SHARD_SIZE
 
 
 def register(cli):
@@ -18,7 +18,7 @@ def register(cli):
     @click.option("--dtype", help="Cast floating-point tensors (bf16, fp16, fp32).")
     @click.option(
         "--max-shard-size",
-        default=str(DEFAULT_MAX_SHARD_BYTES),
+        default=DEFAULT_MAX_SHARD_SIZE,
         show_default=True,
         help="Largest safetensors shard, e.g. 5GB or 500MB.",
     )

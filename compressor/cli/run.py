@@ -7,7 +7,7 @@ import json
 import click
 
 from compressor.api import run_method
-from compressor.writer import DEFAULT_MAX_SHARD_BYTES
+from compressor.writer import DEFAULT_MAX_SHARD_SIZE
 
 
 def print_record(record, as_json: bool) -> None:
@@ -52,7 +52,7 @@ _common = [
     click.option("--json", "as_json", is_flag=True, help="Print the artifact as one JSON object."),
     click.option(
         "--max-shard-size",
-        default=str(DEFAULT_MAX_SHARD_BYTES),
+        default=DEFAULT_MAX_SHARD_SIZE,
         show_default=True,
         help="Largest safetensors shard, e.g. 5GB or 500MB.",
     ),

@@ -1,0 +1,69 @@
+"""The README's commands, generated sections and CI script stay true."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", text)[:2]
+
+
+def test_readme_starts_with_demo_and_test_commands():
+    demo, tests = _readme_commands()
+    assert demo.endswith("compress demo") and "pip install" in demo
+    assert tests.endswith("python -m pytest") and "'.[test]'" in tests
+    assert "-c scripts/constraints.txt" in demo and "-c scripts/constraints.txt" in tests
+    head = (ROOT / "README.md").read_text().split("## ")[0]
+    assert head.count("```bash") == 2  # nothing else comes before them
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert _readme_commands()[1] in ci
+
+
+def test_generated_sections_are_fresh():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_readme.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_constraints_pin_cpu_torch():
+    lines = (ROOT / "scripts" / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in lines
+
+
+def test_demo_runs(run, tmp_path):
+    r = run("demo", "--model", "llama", "--dir", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    for step in (
+        "apply --plugin task-vector",
+        "merge --plugin task-arithmetic",
+        "store ls",
+        "store log merged",
+        "export expert-a",
+        "store verify",
+    ):
+        assert f"$ compress {step}" in r.output
+    assert "gives the same outputs as finetune-a: True" in r.output
+    assert (tmp_path / "demo" / "out" / "merged" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_on_real_minilm(run):
+    r = run("demo")
+    assert r.exit_code == 0, r.output
+    assert "Base: the pretrained MiniLM" in r.output
+    assert "gives the same outputs as finetune-a: True" in r.output
