@@ -25,7 +25,7 @@ from .plugin_manager import get_registry
 from .refs import resolve
 from .safetensors_format import dtype_from_name
 from .sources import TensorSource, row_blocks
-from .store import ArtifactRecord, Store, StoredFile, open_store
+from .store import ArtifactRecord, Store, check_name, open_store
 from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
 
 Options = dict | Sequence[tuple[str, str]] | None
@@ -99,6 +99,7 @@ def run_method(
         raise UsageError(
             f"method '{plugin}' takes {method.min_inputs} to {most} inputs; got {len(inputs)}"
         )
+    name = check_name(name or _default_name(method.name, list(inputs)))
     with _store_of(store) as st, contextlib.ExitStack() as stack:
         resolved_base = resolve(st, base) if base is not None else None
         resolved = [resolve(st, ref) for ref in inputs]
@@ -119,23 +120,20 @@ def run_method(
             carry_from = job.base if kind == "merge" else job.inputs[0]
             _carry_files(writer, carry_from, manifest.content)
             files = writer.finish()
-            extra = dict(manifest.extra)
-            if resolved_base is not None:
-                extra.setdefault("base", resolved_base.artifact_id)
             role = "expert" if kind == "merge" else "input"
             parents = ([(resolved_base.artifact_id, "base")] if resolved_base else []) + [
                 (r.artifact_id, role) for r in resolved
             ]
             return st.commit(
-                [StoredFile(f.relpath, f.path, f.digest, f.bytes) for f in files],
+                files,
                 kind=method.kind,
                 content=manifest.content,
-                name=name or _default_name(method.name, [r.label for r in resolved]),
+                name=name,
                 plugin=method.name,
                 method_version=method.version,
                 params=values,
                 metrics=manifest.metrics,
-                manifest=extra,
+                manifest=manifest.extra,
                 parents=parents,
                 externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
             )

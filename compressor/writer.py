@@ -21,21 +21,12 @@ import torch
 
 from .errors import UsageError
 from .safetensors_format import TensorInfo, encode_header, tensor_bytes
+from .store import StoredFile
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 COPY_CHUNK = 1 << 23
 HEADER_RESERVE = 1 << 17  # room for ~1000 tensor entries
 COMPACT_BELOW = 1 << 26  # shards under 64 MB are rewritten without padding
-
-
-@dataclass(frozen=True)
-class WrittenFile:
-    """A finished file: relative path in the artifact, location, SHA-256, size."""
-
-    relpath: str
-    path: Path
-    digest: str
-    bytes: int
 
 
 def parse_size(text: str | int) -> int:
@@ -100,7 +91,7 @@ class ArtifactWriter:
         self.metadata = metadata if metadata is not None else {"format": "pt"}
         self._shard: _Shard | None = None
         self._done_shards: list[tuple[Path, str, int, list[TensorInfo]]] = []
-        self._files: dict[str, WrittenFile] = {}
+        self._files: dict[str, StoredFile] = {}
         self._names: set[str] = set()
         self._open_tensor: str | None = None
 
@@ -187,7 +178,7 @@ class ArtifactWriter:
             digest, size = _hashed_copy([source], None, dest)
         else:
             digest, size = _hashed_copy([], Path(source), dest)
-        self._files[relpath] = WrittenFile(relpath, dest, digest, size)
+        self._files[relpath] = StoredFile(relpath, dest, digest, size)
 
     def add_json(self, relpath: str, obj) -> None:
         """Add a JSON file written with sorted keys."""
@@ -195,7 +186,7 @@ class ArtifactWriter:
 
     # -- finishing ------------------------------------------------------------------
 
-    def finish(self) -> list[WrittenFile]:
+    def finish(self) -> list[StoredFile]:
         """Close the last shard, name shards the Hugging Face way, write the index."""
         if self._open_tensor is not None:
             raise RuntimeError(f"tensor '{self._open_tensor}' is still open")
@@ -211,7 +202,7 @@ class ArtifactWriter:
                 relpath = f"{self.prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             dest = self.dir / relpath
             os.replace(tmp, dest)
-            self._files[relpath] = WrittenFile(relpath, dest, digest, size)
+            self._files[relpath] = StoredFile(relpath, dest, digest, size)
             for e in entries:
                 weight_map[e.name] = relpath
                 total += e.nbytes

@@ -4,12 +4,14 @@ from compressor.store.catalog import (
     ArtifactRecord,
     Store,
     StoredFile,
+    check_name,
     default_store_dir,
     open_store,
     sha256_file,
 )
 
 __all__ = [
+    "check_name",
     "ArtifactRecord",
     "Store",
     "StoredFile",

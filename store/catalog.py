@@ -87,6 +87,16 @@ class ArtifactRecord:
         }
 
 
+def check_name(name: str) -> str:
+    """Return the name if it is a valid artifact name, else raise StoreError."""
+    if not NAME_RE.match(name) or HEX_ID.match(name.lower()):
+        raise StoreError(
+            f"invalid name '{name}': use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, and not only hex digits (those are ids)"
+        )
+    return name
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -181,11 +191,8 @@ class Store:
         ``parents`` are (artifact id, role) pairs; ``externals`` are input paths
         (objects with id, path, fingerprint, content, bytes) recorded alongside.
         """
-        if name is not None and not NAME_RE.match(name):
-            raise StoreError(
-                f"invalid name '{name}': use letters, digits, '.', '_' and '-', "
-                "starting with a letter or digit"
-            )
+        if name is not None:
+            check_name(name)
         artifact_id = uuid.uuid4().hex
         with self.lock(exclusive=False):
             for f in files:

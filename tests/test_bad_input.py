@@ -280,7 +280,7 @@ def test_bad_name(run, models, populated):
         ],
         1,
         "invalid name 'bad name/x': use letters, digits, '.', '_' and '-', "
-        "starting with a letter or digit",
+        "starting with a letter or digit, and not only hex digits (those are ids)",
     )
 
 
