@@ -139,84 +139,48 @@ def test_extra_float_tensor(run, models, populated, tmp_path):
     )
 
 
-def test_unknown_plugin(run, models, populated):
-    _expect(
-        run,
-        populated,
-        ["apply", "-p", "zip", "--base", models["base-fp32"], models["ft1-fp32"]],
+BASE, FT = "{base}", "{ft}"
+MERGE = ["merge", "-p", "task-arithmetic", "--base", BASE, FT]
+
+USAGE_CASES = {
+    "unknown plugin": (
+        ["apply", "-p", "zip", "--base", BASE, FT],
         2,
         "unknown plugin 'zip' (available: task-vector)",
-    )
-
-
-def test_plugin_of_other_kind(run, models, populated):
-    _expect(
-        run,
-        populated,
-        ["apply", "-p", "task-arithmetic", models["ft1-fp32"]],
+    ),
+    "plugin of another kind": (
+        ["apply", "-p", "task-arithmetic", FT],
         2,
         "plugin 'task-arithmetic' is a merge method; use `compress merge --plugin task-arithmetic`",
-    )
-
-
-def test_unknown_option(run, models, populated):
-    _expect(
-        run,
-        populated,
-        [
-            "merge",
-            "-p",
-            "task-arithmetic",
-            "--base",
-            models["base-fp32"],
-            models["ft1-fp32"],
-            "-o",
-            "lambda",
-            "2",
-        ],
+    ),
+    "unknown option": (
+        [*MERGE, "-o", "lambda", "2"],
         2,
         "unknown option 'lambda' for method 'task-arithmetic' (options: scale, weights)",
-    )
-
-
-def test_ill_typed_option(run, models, populated):
-    _expect(
-        run,
-        populated,
-        [
-            "merge",
-            "-p",
-            "task-arithmetic",
-            "--base",
-            models["base-fp32"],
-            models["ft1-fp32"],
-            "-o",
-            "scale",
-            "big",
-        ],
+    ),
+    "ill-typed option": (
+        [*MERGE, "-o", "scale", "big"],
         2,
         "option 'scale' expects a number; got 'big'",
-    )
-
-
-def test_missing_base(run, models, populated):
-    _expect(
-        run,
-        populated,
-        ["apply", "-p", "task-vector", models["ft1-fp32"]],
+    ),
+    "missing base": (
+        ["apply", "-p", "task-vector", FT],
         2,
         "method 'task-vector' needs --base BASE",
-    )
-
-
-def test_ref_matches_nothing(run, populated, tmp_path):
-    _expect(
-        run,
-        populated,
-        ["export", "nothing-here", tmp_path / "o"],
+    ),
+    "ref matches nothing": (
+        ["export", "nothing-here", "{tmp}/o"],
         1,
         "no artifact or path matches 'nothing-here'",
-    )
+    ),
+}
+
+
+@pytest.mark.parametrize("case", USAGE_CASES)
+def test_usage_and_ref_errors(run, models, populated, tmp_path, case):
+    args, code, message = USAGE_CASES[case]
+    paths = {"base": models["base-fp32"], "ft": models["ft1-fp32"], "tmp": tmp_path}
+    _expect(run, populated, [a.format(**paths) for a in args], code, message)
 
 
 def test_ref_version_missing(run, populated, tmp_path):

@@ -44,8 +44,7 @@ def test_sigkill_at_random_moments(medium, tmp_path):
     rng = random.Random(1234)
     # how long a full run takes here, to spread the kills over its whole length
     t0 = time.monotonic()
-    p = _compress(
-        store_dir,
+    apply = [
         "apply",
         "-p",
         "task-vector",
@@ -56,25 +55,14 @@ def test_sigkill_at_random_moments(medium, tmp_path):
         "tv",
         "--max-shard-size",
         "10MB",
-    )
+    ]
+    p = _compress(store_dir, *apply)
     assert p.wait() == 0, p.stderr.read()
     full = time.monotonic() - t0
     expected_files = None
     runs = 1
     for _ in range(12):
-        p = _compress(
-            store_dir,
-            "apply",
-            "-p",
-            "task-vector",
-            "--base",
-            base,
-            ft,
-            "-n",
-            "tv",
-            "--max-shard-size",
-            "10MB",
-        )
+        p = _compress(store_dir, *apply)
         time.sleep(rng.uniform(0.3, full))
         p.send_signal(signal.SIGKILL)
         p.wait()

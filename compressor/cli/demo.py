@@ -10,9 +10,11 @@ from pathlib import Path
 import click
 
 
-def _step(store: Path, args: list[str]) -> None:
+def _step(store: Path, *args) -> None:
+    """Print one command line, then run it in this process."""
     from . import cli
 
+    args = [str(a) for a in args]
     click.secho("\n$ compress " + " ".join(shlex.quote(a) for a in args), bold=True)
     cli.main(
         args=["--store", str(store), "--quiet", *args], prog_name="compress", standalone_mode=False
@@ -72,56 +74,38 @@ def register(cli):
             ft_b = save_finetune(base, work / "finetune-b", seed=2)
             store = work / "store"
             click.echo(f"Store: {store}")
-            _step(
-                store,
-                [
+            for name, finetune in (("expert-a", ft_a), ("expert-b", ft_b)):
+                _step(
+                    store,
                     "apply",
                     "--plugin",
                     "task-vector",
                     "--base",
-                    str(base),
-                    str(ft_a),
+                    base,
+                    finetune,
                     "--name",
-                    "expert-a",
-                ],
-            )
+                    name,
+                )
             _step(
                 store,
-                [
-                    "apply",
-                    "--plugin",
-                    "task-vector",
-                    "--base",
-                    str(base),
-                    str(ft_b),
-                    "--name",
-                    "expert-b",
-                ],
+                "merge",
+                "--plugin",
+                "task-arithmetic",
+                "--base",
+                base,
+                "expert-a",
+                "expert-b",
+                "-o",
+                "scale",
+                "0.5",
+                "--name",
+                "merged",
             )
-            _step(
-                store,
-                [
-                    "merge",
-                    "--plugin",
-                    "task-arithmetic",
-                    "--base",
-                    str(base),
-                    "expert-a",
-                    "expert-b",
-                    "-o",
-                    "scale",
-                    "0.5",
-                    "--name",
-                    "merged",
-                ],
-            )
-            _step(store, ["store", "ls"])
-            _step(store, ["store", "log", "merged"])
-            _step(
-                store, ["export", "expert-a", str(work / "out" / "expert-a"), "--base", str(base)]
-            )
-            _step(store, ["export", "merged", str(work / "out" / "merged")])
-            _step(store, ["store", "verify"])
+            _step(store, "store", "ls")
+            _step(store, "store", "log", "merged")
+            _step(store, "export", "expert-a", work / "out" / "expert-a", "--base", base)
+            _step(store, "export", "merged", work / "out" / "merged")
+            _step(store, "store", "verify")
             same = _outputs_match(ft_a, work / "out" / "expert-a")
             click.echo(f"\nThe exported expert-a gives the same outputs as finetune-a: {same}")
             if not same:
