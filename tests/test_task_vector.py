@@ -125,3 +125,33 @@ def test_export_casts_dtype_and_shards(run, models, tmp_path):
         assert torch.equal(t, want[name].to(torch.bfloat16)), name
     model = AutoModel.from_pretrained(out)
     assert model.dtype == torch.bfloat16
+
+
+def test_buffer_saved_by_older_transformers_is_carried(minilm, tmp_path):
+    """The packaged MiniLM holds embeddings.position_ids; a transformers-5 save does not."""
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from compressor.cli import cli
+
+    ft = tmp_path / "ft-v5"
+    shutil.copytree(minilm["ft"], ft)
+    tensors = load_file(ft / "model.safetensors")
+    del tensors["embeddings.position_ids"]
+    save_file(tensors, ft / "model.safetensors", metadata={"format": "pt"})
+
+    r = CliRunner().invoke(cli, ["apply", "-p", "task-vector", "--base", str(minilm["base"]),
+                                 str(ft), "-n", "tv"])
+    assert r.exit_code == 0, r.output
+    assert (f"Warning: embeddings.position_ids (non-float) is only in {minilm['base']}; "
+            "carried from the base") in r.output
+    out = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["export", "tv", str(out), "--base",
+                                    str(minilm["base"])]).exit_code == 0
+    got = load_file(out / "model.safetensors")
+    base = load_file(minilm["base"] / "model.safetensors")
+    assert torch.equal(got["embeddings.position_ids"], base["embeddings.position_ids"])
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t), name
