@@ -58,7 +58,8 @@ def warn(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _store_of(store: Store | str | Path | None) -> Iterator[Store]:
+def opened_store(store: Store | str | Path | None) -> Iterator[Store]:
+    """The given store, or the store at a path (or the default), closed afterwards."""
     if isinstance(store, Store):
         yield store
         return
@@ -100,7 +101,7 @@ def run_method(
             f"method '{plugin}' takes {method.min_inputs} to {most} inputs; got {len(inputs)}"
         )
     name = check_name(name or _default_name(method.name, list(inputs)))
-    with _store_of(store) as st, contextlib.ExitStack() as stack:
+    with opened_store(store) as st, contextlib.ExitStack() as stack:
         resolved_base = resolve(st, base) if base is not None else None
         resolved = [resolve(st, ref) for ref in inputs]
         for r in [resolved_base, *resolved]:
@@ -190,7 +191,7 @@ def export(
         raise CompressorError(f"{out} exists and is not empty (use --force to replace it)")
     cast = dtype_from_name(dtype) if dtype else None
     progress = make_progress(quiet)
-    with _store_of(store) as st, contextlib.ExitStack() as stack:
+    with opened_store(store) as st, contextlib.ExitStack() as stack:
         source = resolve(st, ref).source
         stack.callback(source.close)
         base_source = None

@@ -90,6 +90,24 @@ class Option:
         }
 
 
+def parse_options(
+    options: Sequence[Option], pairs: Sequence[tuple[str, str]] | dict, owner: str
+) -> dict:
+    """Check KEY VALUE pairs against an option schema; return every option's value."""
+    by_name = {o.name: o for o in options}
+    values = {o.name: o.default for o in options}
+    items = pairs.items() if isinstance(pairs, dict) else pairs
+    for key, raw in items:
+        option = by_name.get(key)
+        if option is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise OptionError(f"unknown option '{key}' for {owner} (options: {known})")
+        if isinstance(raw, (list, tuple)):
+            raw = ",".join(str(x) for x in raw)
+        values[key] = option.parse(str(raw))
+    return values
+
+
 @dataclass
 class Manifest:
     """What a run produced: how to read it back, its parameters' effect and metrics."""
@@ -130,20 +148,7 @@ class Method:
 
     def parse_options(self, pairs: Sequence[tuple[str, str]] | dict) -> dict:
         """Check ``-o`` pairs against the schema; fill in defaults."""
-        by_name = {o.name: o for o in self.options}
-        values = {o.name: o.default for o in self.options}
-        items = pairs.items() if isinstance(pairs, dict) else pairs
-        for key, raw in items:
-            option = by_name.get(key)
-            if option is None:
-                known = ", ".join(sorted(by_name)) or "none"
-                raise OptionError(
-                    f"unknown option '{key}' for method '{self.name}' (options: {known})"
-                )
-            if isinstance(raw, (list, tuple)):
-                raw = ",".join(str(x) for x in raw)
-            values[key] = option.parse(str(raw))
-        return values
+        return parse_options(self.options, pairs, f"method '{self.name}'")
 
     def describe(self) -> dict:
         """A JSON-able description for ``compress plugins``."""

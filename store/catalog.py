@@ -252,9 +252,11 @@ class Store:
             }
         )
 
-    def set_metrics(self, artifact_id: str, metrics: dict) -> None:
+    def set_metrics(self, artifact_id: str, metrics: dict, externals: list = ()) -> None:
         """Merge metrics into an artifact's record (e.g. after ``eval``)."""
         with self._transaction():
+            for ext in externals:
+                self._upsert_external(ext)
             current = json.loads(self._row(artifact_id)["metrics"])
             current.update(metrics)
             self.conn.execute(

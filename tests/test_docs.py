@@ -20,8 +20,10 @@ def _readme_commands() -> list[str]:
 def test_readme_starts_with_demo_and_test_commands():
     demo, tests = _readme_commands()
     assert demo.endswith("compress demo") and "pip install" in demo
-    assert tests.endswith("python -m pytest") and "'.[test]'" in tests
-    assert "-c scripts/constraints.txt" in demo and "-c scripts/constraints.txt" in tests
+    assert tests == "bash scripts/install-dev.sh && .venv/bin/python -m pytest"
+    install = (ROOT / "scripts" / "install-dev.sh").read_text()
+    assert "-c scripts/constraints.txt -e '.[test]'" in install and "fortunes" in install
+    assert "-c scripts/constraints.txt" in demo
     head = (ROOT / "README.md").read_text().split("## ")[0]
     assert head.count("```bash") == 2  # nothing else comes before them
 

@@ -142,14 +142,19 @@ def test_buffer_saved_by_older_transformers_is_carried(minilm, tmp_path):
     del tensors["embeddings.position_ids"]
     save_file(tensors, ft / "model.safetensors", metadata={"format": "pt"})
 
-    r = CliRunner().invoke(cli, ["apply", "-p", "task-vector", "--base", str(minilm["base"]),
-                                 str(ft), "-n", "tv"])
+    r = CliRunner().invoke(
+        cli, ["apply", "-p", "task-vector", "--base", str(minilm["base"]), str(ft), "-n", "tv"]
+    )
     assert r.exit_code == 0, r.output
-    assert (f"Warning: embeddings.position_ids (non-float) is only in {minilm['base']}; "
-            "carried from the base") in r.output
+    assert (
+        f"Warning: embeddings.position_ids (non-float) is only in {minilm['base']}; "
+        "carried from the base"
+    ) in r.output
     out = tmp_path / "out"
-    assert CliRunner().invoke(cli, ["export", "tv", str(out), "--base",
-                                    str(minilm["base"])]).exit_code == 0
+    assert (
+        CliRunner().invoke(cli, ["export", "tv", str(out), "--base", str(minilm["base"])]).exit_code
+        == 0
+    )
     got = load_file(out / "model.safetensors")
     base = load_file(minilm["base"] / "model.safetensors")
     assert torch.equal(got["embeddings.position_ids"], base["embeddings.position_ids"])

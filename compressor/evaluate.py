@@ -1,0 +1,198 @@
+"""``compress eval``: score a model artifact on data, and store the scores as its metrics.
+
+Tasks: ``classify`` (accuracy and loss on labelled rows, text or pixels),
+``lm`` (perplexity of a causal LM on text lines), ``embed`` (mean cosine
+agreement of sentence embeddings with a reference model's). Metrics are stored
+on the artifact as ``NAME:DATA`` (``accuracy:test``), so ``store ls`` and
+``store show`` list them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .data import Example, batches, read_examples
+from .errors import InputError, OptionError
+from .method import Option, parse_options
+from .modeling import is_image_config, load_model, load_tokenizer, model_directory
+from .objectives import cross_entropy, embedding_agreement, language_model_nll, mean_pool
+
+EVAL_OPTIONS = (
+    Option(
+        "data", "str", None, "data file: JSONL rows with text (or pixels) and label, or text lines"
+    ),
+    Option(
+        "task",
+        "choice",
+        "auto",
+        "what to measure (auto: classify when rows have labels, "
+        "embed when a reference is given, else lm)",
+        choices=("auto", "classify", "lm", "embed"),
+    ),
+    Option("reference", "str", None, "REF of the model whose embeddings 'embed' compares against"),
+    Option(
+        "batch_size",
+        "int",
+        32,
+        "examples per forward pass",
+        check=lambda v: None if v > 0 else "must be positive",
+    ),
+    Option(
+        "max_length",
+        "int",
+        128,
+        "tokens per text; longer texts are truncated",
+        check=lambda v: None if v > 1 else "must be at least 2",
+    ),
+)
+
+
+def evaluate(
+    ref: str, options=None, *, base: str | None = None, store=None, quiet: bool = True
+) -> dict:
+    """Score REF on the data; store and return the metrics (names without the data suffix)."""
+    from .api import make_progress, opened_store
+
+    values = parse_options(EVAL_OPTIONS, options or {}, "eval")
+    if values["data"] is None:
+        raise OptionError("eval needs -o data PATH")
+    examples = read_examples(values["data"])
+    task = values["task"]
+    if task == "auto":
+        task = (
+            "classify"
+            if examples[0].label is not None
+            else ("embed" if values["reference"] else "lm")
+        )
+    if task == "classify" and examples[0].label is None:
+        raise InputError(f"{values['data']}: task 'classify' needs a 'label' on every row")
+    if task in ("lm", "embed") and any(e.text is None for e in examples):
+        raise InputError(f"{values['data']}: task '{task}' needs text rows")
+    if task == "embed" and not values["reference"]:
+        raise OptionError("task 'embed' needs -o reference REF")
+    progress = make_progress(quiet)
+    with opened_store(store) as st:
+        with model_directory(st, ref, base) as (path, resolved):
+            if task == "classify":
+                metrics = _classify(path, examples, values, progress, ref)
+            elif task == "lm":
+                metrics = _perplexity(path, examples, values, progress, ref)
+            else:
+                with model_directory(st, values["reference"]) as (ref_path, _):
+                    metrics = _agreement(path, ref_path, examples, values, progress, ref)
+        stem = Path(values["data"]).stem
+        st.set_metrics(
+            resolved.artifact_id,
+            {f"{k}:{stem}": v for k, v in metrics.items()},
+            externals=[resolved.external] if resolved.external else [],
+        )
+    return {"task": task, "data": str(values["data"]), **metrics}
+
+
+def _label_ids(examples: list[Example], config, data: str) -> torch.Tensor:
+    n = config.num_labels
+    label2id = {str(k): v for k, v in (getattr(config, "label2id", None) or {}).items()}
+    ids = []
+    for e in examples:
+        if isinstance(e.label, str):
+            if e.label not in label2id:
+                raise InputError(
+                    f"{data} line {e.line}: label '{e.label}' is not one of the model's labels "
+                    f"({', '.join(sorted(label2id))})"
+                )
+            ids.append(label2id[e.label])
+        elif not 0 <= e.label < n:
+            raise InputError(
+                f"{data} line {e.line}: label {e.label} is outside the model's {n} classes (0-{n - 1})"
+            )
+        else:
+            ids.append(e.label)
+    return torch.tensor(ids)
+
+
+def _classify(path, examples, values, progress, label) -> dict:
+    model = load_model(path, "classify", label)
+    labels = _label_ids(examples, model.config, values["data"])
+    image = is_image_config(model.config)
+    if not image and any(e.text is None for e in examples):
+        raise InputError(f"{values['data']}: a text model needs 'text' rows")
+    tokenizer = None if image else load_tokenizer(path, label)
+    size = values["batch_size"]
+    loss_sum, correct = 0.0, 0
+    with torch.inference_mode():
+        for i, batch in enumerate(
+            progress(list(batches(examples, size)), desc="eval", unit="batch")
+        ):
+            y = labels[i * size : i * size + len(batch)]
+            if image:
+                if any(e.pixels is None for e in batch):
+                    raise InputError(f"{values['data']}: an image model needs 'pixels' rows")
+                x = torch.tensor([e.pixels for e in batch], dtype=torch.float32)
+                logits = model(pixel_values=x.unsqueeze(1) if x.dim() == 3 else x).logits
+            else:
+                enc = tokenizer(
+                    [e.text for e in batch],
+                    padding=True,
+                    truncation=True,
+                    max_length=values["max_length"],
+                    return_tensors="pt",
+                )
+                logits = model(**enc).logits
+            loss, _ = cross_entropy(logits, y)
+            loss_sum += float(loss)
+            correct += int((logits.argmax(-1) == y).sum())
+    n = len(examples)
+    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": n}
+
+
+def _perplexity(path, examples, values, progress, label) -> dict:
+    model = load_model(path, "lm", label)
+    tokenizer = load_tokenizer(path, label)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    nll, tokens = 0.0, 0
+    with torch.inference_mode():
+        for batch in progress(
+            list(batches(examples, values["batch_size"])), desc="eval", unit="batch"
+        ):
+            enc = tokenizer(
+                [e.text for e in batch],
+                padding=True,
+                truncation=True,
+                max_length=values["max_length"],
+                return_tensors="pt",
+            )
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            s, k = language_model_nll(logits, enc["input_ids"], enc["attention_mask"])
+            nll += float(s)
+            tokens += k
+    if tokens == 0:
+        raise InputError(f"{values['data']}: no text line is longer than one token")
+    return {"perplexity": math.exp(nll / tokens), "loss": nll / tokens, "tokens": tokens}
+
+
+def _agreement(path, ref_path, examples, values, progress, label) -> dict:
+    models = [(load_model(p, "embed", label), load_tokenizer(p, label)) for p in (path, ref_path)]
+    total = 0.0
+    with torch.inference_mode():
+        for batch in progress(
+            list(batches(examples, values["batch_size"])), desc="eval", unit="batch"
+        ):
+            embs = []
+            for model, tokenizer in models:
+                enc = tokenizer(
+                    [e.text for e in batch],
+                    padding=True,
+                    truncation=True,
+                    max_length=values["max_length"],
+                    return_tensors="pt",
+                )
+                out = model(**enc).last_hidden_state
+                embs.append(mean_pool(out, enc["attention_mask"]))
+            s, _ = embedding_agreement(*embs)
+            total += float(s)
+    n = len(examples)
+    return {"cosine": total / n, "examples": n}
