@@ -92,6 +92,20 @@ def evaluate(
     return {"task": task, "data": str(values["data"]), **metrics}
 
 
+def _batches(examples: list[Example], values: dict, progress):
+    return progress(list(batches(examples, values["batch_size"])), desc="eval", unit="batch")
+
+
+def _tokenize(tokenizer, batch: list[Example], values: dict):
+    return tokenizer(
+        [e.text for e in batch],
+        padding=True,
+        truncation=True,
+        max_length=values["max_length"],
+        return_tensors="pt",
+    )
+
+
 def _label_ids(examples: list[Example], config, data: str) -> torch.Tensor:
     n = config.num_labels
     label2id = {str(k): v for k, v in (getattr(config, "label2id", None) or {}).items()}
@@ -123,9 +137,7 @@ def _classify(path, examples, values, progress, label) -> dict:
     size = values["batch_size"]
     loss_sum, correct = 0.0, 0
     with torch.inference_mode():
-        for i, batch in enumerate(
-            progress(list(batches(examples, size)), desc="eval", unit="batch")
-        ):
+        for i, batch in enumerate(_batches(examples, values, progress)):
             y = labels[i * size : i * size + len(batch)]
             if image:
                 if any(e.pixels is None for e in batch):
@@ -133,13 +145,7 @@ def _classify(path, examples, values, progress, label) -> dict:
                 x = torch.tensor([e.pixels for e in batch], dtype=torch.float32)
                 logits = model(pixel_values=x.unsqueeze(1) if x.dim() == 3 else x).logits
             else:
-                enc = tokenizer(
-                    [e.text for e in batch],
-                    padding=True,
-                    truncation=True,
-                    max_length=values["max_length"],
-                    return_tensors="pt",
-                )
+                enc = _tokenize(tokenizer, batch, values)
                 logits = model(**enc).logits
             loss, _ = cross_entropy(logits, y)
             loss_sum += float(loss)
@@ -155,16 +161,8 @@ def _perplexity(path, examples, values, progress, label) -> dict:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     nll, tokens = 0.0, 0
     with torch.inference_mode():
-        for batch in progress(
-            list(batches(examples, values["batch_size"])), desc="eval", unit="batch"
-        ):
-            enc = tokenizer(
-                [e.text for e in batch],
-                padding=True,
-                truncation=True,
-                max_length=values["max_length"],
-                return_tensors="pt",
-            )
+        for batch in _batches(examples, values, progress):
+            enc = _tokenize(tokenizer, batch, values)
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             s, k = language_model_nll(logits, enc["input_ids"], enc["attention_mask"])
             nll += float(s)
@@ -178,18 +176,10 @@ def _agreement(path, ref_path, examples, values, progress, label) -> dict:
     models = [(load_model(p, "embed", label), load_tokenizer(p, label)) for p in (path, ref_path)]
     total = 0.0
     with torch.inference_mode():
-        for batch in progress(
-            list(batches(examples, values["batch_size"])), desc="eval", unit="batch"
-        ):
+        for batch in _batches(examples, values, progress):
             embs = []
             for model, tokenizer in models:
-                enc = tokenizer(
-                    [e.text for e in batch],
-                    padding=True,
-                    truncation=True,
-                    max_length=values["max_length"],
-                    return_tensors="pt",
-                )
+                enc = _tokenize(tokenizer, batch, values)
                 out = model(**enc).last_hidden_state
                 embs.append(mean_pool(out, enc["attention_mask"]))
             s, _ = embedding_agreement(*embs)

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from compressor.cli.run import option_pairs
 from compressor.evaluate import EVAL_OPTIONS, evaluate
 
 
@@ -16,15 +17,7 @@ def _options_help() -> str:
 def register(cli):
     @cli.command("eval")
     @click.argument("ref", metavar="REF")
-    @click.option(
-        "-o",
-        "--option",
-        "options",
-        type=(str, str),
-        multiple=True,
-        metavar="KEY VALUE",
-        help="Options (repeatable): " + _options_help() + ".",
-    )
+    @option_pairs("Options (repeatable): " + _options_help() + ".")
     @click.option("--base", "-b", help="Evaluate REF (a task vector or adapter) added to BASE.")
     @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
     @click.pass_obj

@@ -35,19 +35,18 @@ def format_bytes(n: int) -> str:
     return f"{n:.1f} TB"
 
 
+def option_pairs(help: str):
+    """The repeatable ``-o KEY VALUE`` option."""
+    return click.option(
+        "-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE", help=help
+    )
+
+
 _common = [
     click.option(
         "--plugin", "-p", required=True, help="The method to run (see `compress plugins`)."
     ),
-    click.option(
-        "-o",
-        "--option",
-        "options",
-        type=(str, str),
-        multiple=True,
-        metavar="KEY VALUE",
-        help="A method option; repeatable. `compress plugins show NAME` lists them.",
-    ),
+    option_pairs("A method option; repeatable. `compress plugins show NAME` lists them."),
     click.option("--name", "-n", help="Artifact name (a new version if it exists)."),
     click.option("--json", "as_json", is_flag=True, help="Print the artifact as one JSON object."),
     click.option(
