@@ -23,6 +23,38 @@ def minilm_dir() -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
+def zen_lines() -> list[str]:
+    """The Zen of Python, one aphorism a line: real text that ships with Python."""
+    import codecs
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    return [line for line in codecs.decode(this.s, "rot13").splitlines()[2:] if line.strip()]
+
+
+def save_word_tokenizer(path: Path, lines: list[str], vocab: int) -> None:
+    """A lower-cased word-level tokenizer over the words of ``lines``, saved for transformers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w.lower() for line in lines for w, _ in split.pre_tokenize_str(line)})
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    table = {t: i for i, t in enumerate((specials + words)[:vocab])}
+    tok = Tokenizer(models.WordLevel(table, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = split
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+    ).save_pretrained(path)
+
+
 def save_tiny_llama(
     path: Path,
     seed: int = 0,
@@ -31,7 +63,7 @@ def save_tiny_llama(
     layers: int = 2,
     vocab: int = 512,
 ) -> Path:
-    """Save a randomly initialised tiny Llama (transformers config + safetensors)."""
+    """Save a randomly initialised tiny Llama (config, safetensors, word-level tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -47,6 +79,7 @@ def save_tiny_llama(
     )
     model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(path)
+    save_word_tokenizer(path, zen_lines(), vocab)
     return Path(path)
 
 

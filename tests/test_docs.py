@@ -53,13 +53,16 @@ def test_demo_runs(run, tmp_path):
     for step in (
         "apply --plugin task-vector",
         "merge --plugin task-arithmetic",
-        "store ls",
         "store log merged",
+        "eval expert-a --base",
+        "eval merged",
+        "store ls",
         "export expert-a",
         "store verify",
     ):
         assert f"$ compress {step}" in r.output
     assert "gives the same outputs as finetune-a: True" in r.output
+    assert "perplexity:zen=" in r.output  # eval's score, listed by store ls
     assert (tmp_path / "demo" / "out" / "merged" / "config.json").exists()
 
 
@@ -68,4 +71,6 @@ def test_demo_on_real_minilm(run):
     r = run("demo")
     assert r.exit_code == 0, r.output
     assert "Base: the pretrained MiniLM" in r.output
+    assert "cosine:zen=" in r.output
+    assert "cosine:zen=" in r.output
     assert "gives the same outputs as finetune-a: True" in r.output

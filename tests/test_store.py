@@ -82,7 +82,13 @@ def test_ls_show(run, two_versions):
         "parents",
     } <= rows[0].keys()
     shown = json.loads(run("store", "show", "merged", "--json").output)
-    assert shown["files"] == ["config.json", "generation_config.json", "model.safetensors"]
+    assert shown["files"] == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert shown["params"] == {"scale": 1.0, "weights": None}
     text = run("store", "show", "tv@1").output
     assert "plugin: task-vector" in text and "parent (base):" in text

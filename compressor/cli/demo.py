@@ -53,7 +53,7 @@ def register(cli):
     )
     def demo(model, workdir):
         """Make a base and two fine-tunes, then run every method and the store on them."""
-        from compressor.demo_models import minilm_dir, save_finetune, save_tiny_llama
+        from compressor.demo_models import minilm_dir, save_finetune, save_tiny_llama, zen_lines
 
         keep = workdir is not None
         work = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="compress-demo-"))
@@ -101,8 +101,13 @@ def register(cli):
                 "--name",
                 "merged",
             )
-            _step(store, "store", "ls")
             _step(store, "store", "log", "merged")
+            data = work / "zen.txt"
+            data.write_text("\n".join(zen_lines()) + "\n")
+            scoring = ["-o", "reference", base] if source is not None else []  # MiniLM: embeddings
+            _step(store, "eval", "expert-a", "--base", base, "-o", "data", data, *scoring)
+            _step(store, "eval", "merged", "-o", "data", data, *scoring)
+            _step(store, "store", "ls")
             _step(store, "export", "expert-a", work / "out" / "expert-a", "--base", base)
             _step(store, "export", "merged", work / "out" / "merged")
             _step(store, "store", "verify")

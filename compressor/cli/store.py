@@ -16,8 +16,12 @@ from .run import format_bytes, print_record
 
 
 def _metrics_brief(metrics: dict, limit: int = 3) -> str:
-    items = list(metrics.items())[:limit]
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+    """The metrics worth a glance: eval scores (NAME:DATA) first, losses last."""
+    keys = sorted(metrics, key=lambda k: (":" not in k, k.startswith("loss"), k))[:limit]
+    return ", ".join(
+        f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+        for k in keys
+    )
 
 
 def lineage(store, artifact_id: str, role: str | None = None, seen=None) -> dict:
