@@ -80,3 +80,27 @@ def store_snapshot(store: Path) -> dict:
             rows[table] = sorted(json.dumps(r) for r in conn.execute(f"SELECT * FROM [{table}]"))
         conn.close()
     return {"files": files, "rows": rows}
+
+
+def dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in a directory (tests only: whole model)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def artifact_tensors(ref: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a stored artifact, through the same source the methods read."""
+    from compressor.store import open_store
+
+    from compressor.refs import resolve
+
+    store = open_store()
+    try:
+        with resolve(store, ref).source as src:
+            return {n: src.get(n) for n in src.names()}
+    finally:
+        store.close()

@@ -6,26 +6,8 @@ import json
 
 import pytest
 import torch
-from compressor.store import open_store
+from conftest import artifact_tensors, dir_tensors
 from safetensors.torch import load_file
-
-from compressor.refs import resolve
-
-
-def _load(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _artifact(ref):
-    store = open_store()
-    try:
-        src = resolve(store, ref).source
-        return {n: src.get(n) for n in src.names()}
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize(
@@ -38,9 +20,9 @@ def test_matches_mergekit(run, models, options, weights, lam):
     base, e1, e2 = models["base-fp32"], models["ft1-fp32"], models["ft2-fp32"]
     r = run("merge", "-p", "task-arithmetic", "--base", base, e1, e2, *options, "-n", "m", "--json")
     assert r.exit_code == 0, r.output
-    ours = _artifact("m")
+    ours = artifact_tensors("m")
     theirs = merge_state_dicts(
-        {"base": _load(base), "e1": _load(e1), "e2": _load(e2)},
+        {"base": dir_tensors(base), "e1": dir_tensors(e1), "e2": dir_tensors(e2)},
         "task_arithmetic",
         base="base",
         parameters={
@@ -62,7 +44,7 @@ def test_task_vectors_and_models_mix(run, models):
         run("merge", "-p", "task-arithmetic", "--base", base, "tv1", e2, "-n", "a").exit_code == 0
     )
     assert run("merge", "-p", "task-arithmetic", "--base", base, e1, e2, "-n", "b").exit_code == 0
-    a, b = _artifact("a"), _artifact("b")
+    a, b = artifact_tensors("a"), artifact_tensors("b")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
 
@@ -102,7 +84,7 @@ def test_adapter_as_expert_matches_peft_merge(run, models, lora):
     base = models["base-fp32"]
     r = run("merge", "-p", "task-arithmetic", "--base", base, adapter, "-n", "m")
     assert r.exit_code == 0, r.output
-    ours = _artifact("m")
+    ours = artifact_tensors("m")
     for name, t in ours.items():
         torch.testing.assert_close(t, expected[name], rtol=0, atol=1e-6, msg=name)
 
@@ -116,7 +98,7 @@ def test_adapter_delta_and_export(run, models, lora, tmp_path):
     out = tmp_path / "merged"
     assert run("export", "lora-tv", out, "--base", base).exit_code == 0
     assert not (out / "adapter_config.json").exists()
-    got = _load(out)
+    got = dir_tensors(out)
     for name, t in got.items():
         torch.testing.assert_close(t, expected[name], rtol=0, atol=1e-6, msg=name)
 

@@ -6,18 +6,9 @@ import json
 
 import pytest
 import torch
-from compressor.store import open_store
+from conftest import artifact_tensors, dir_tensors
 from safetensors.torch import load_file
 from transformers import AutoModel
-
-from compressor.refs import resolve
-
-
-def _weights(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -44,13 +35,13 @@ def test_round_trip_tiny_llama(run, models, tmp_path, tag):
     assert record["content"] == "delta" and record["plugin"] == "task-vector"
     assert [p["role"] for p in record["parents"]] == ["base", "input"]
 
-    tv = _weights_of_artifact("tv")
+    tv = artifact_tensors("tv")
     assert all(t.dtype == torch.float32 for t in tv.values())
 
     out = tmp_path / "out"
     r = run("export", "tv", out, "--base", base)
     assert r.exit_code == 0, r.output
-    got, want = _weights(out), _weights(ft)
+    got, want = dir_tensors(out), dir_tensors(ft)
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].dtype == want[name].dtype, name
@@ -63,15 +54,6 @@ def test_round_trip_tiny_llama(run, models, tmp_path, tag):
         assert torch.equal(_outputs(out), _outputs(ft))
 
 
-def _weights_of_artifact(ref):
-    store = open_store()
-    try:
-        src = resolve(store, ref).source
-        return {n: src.get(n) for n in src.names()}
-    finally:
-        store.close()
-
-
 def test_round_trip_real_minilm(run, minilm, tmp_path):
     r = run(
         "apply", "--plugin", "task-vector", "--base", minilm["base"], minilm["ft"], "-n", "mini"
@@ -79,7 +61,7 @@ def test_round_trip_real_minilm(run, minilm, tmp_path):
     assert r.exit_code == 0, r.output
     out = tmp_path / "mini"
     assert run("export", "mini", out, "--base", minilm["base"]).exit_code == 0
-    got, want = _weights(out), _weights(minilm["ft"])
+    got, want = dir_tensors(out), dir_tensors(minilm["ft"])
     assert got.keys() == want.keys()
     for name in want:
         # within a factor of two of the base everywhere, so exact (DESIGN.md, precision)
@@ -93,8 +75,8 @@ def test_round_trip_real_minilm(run, minilm, tmp_path):
 def test_task_vector_values_are_the_difference(run, models):
     base, ft = models["base-fp32"], models["ft1-fp32"]
     assert run("apply", "-p", "task-vector", "--base", base, ft, "-n", "tv").exit_code == 0
-    tv = _weights_of_artifact("tv")
-    b, f = _weights(base), _weights(ft)
+    tv = artifact_tensors("tv")
+    b, f = dir_tensors(base), dir_tensors(ft)
     for name in b:
         assert torch.equal(tv[name], f[name] - b[name]), name
 
@@ -105,7 +87,7 @@ def test_export_delta_without_base_is_plain_tensors(run, models, tmp_path):
     target = tmp_path / "tv.safetensors"
     assert run("export", "tv", target).exit_code == 0
     tensors = load_file(target)
-    assert tensors.keys() == _weights(base).keys()
+    assert tensors.keys() == dir_tensors(base).keys()
     assert all(t.dtype == torch.float32 for t in tensors.values())
 
 
@@ -118,8 +100,8 @@ def test_export_casts_dtype_and_shards(run, models, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
-    got = _weights(out)
-    want = _weights(ft)
+    got = dir_tensors(out)
+    want = dir_tensors(ft)
     for name, t in got.items():
         assert t.dtype == torch.bfloat16
         assert torch.equal(t, want[name].to(torch.bfloat16)), name
