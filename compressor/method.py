@@ -16,7 +16,6 @@ from typing import Any
 from .errors import OptionError
 
 KINDS = ("compress", "merge", "extract", "sample")
-CONTENTS = ("model", "delta", "adapter", "tensors")
 
 
 def _float(text: str) -> float:

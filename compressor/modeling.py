@@ -14,8 +14,6 @@ from pathlib import Path
 from .errors import InputError
 from .refs import ResolvedInput, resolve
 
-HEADS = ("classify", "lm", "embed")
-
 
 @contextlib.contextmanager
 def model_directory(
