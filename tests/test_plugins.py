@@ -35,6 +35,7 @@ def test_builtins_load_through_entry_points():
     assert reg.method_plugins == {
         "task-vector": "task_vector",
         "task-arithmetic": "task_arithmetic",
+        "compeft": "compeft",
     }
 
 
@@ -91,7 +92,7 @@ def test_third_party_plugin_from_the_cli(tmp_path, models):
     r = compress("hello")
     assert r.returncode == 2 and "No such command 'hello'" in r.stderr
     env["COMPRESSOR_PLUGINS"] = "compressor-scale"
-    assert compress("plugins").stdout.startswith("scale ")
+    assert "scale" in [line.split()[0] for line in compress("plugins").stdout.splitlines() if line]
 
 
 def test_register_commands(tmp_path, monkeypatch):

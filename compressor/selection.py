@@ -1,0 +1,83 @@
+"""Exact top-k magnitude selection over many tensors, streaming, in bounded memory.
+
+For non-negative float32 values the IEEE bit pattern read as an integer is
+ordered like the values. So the k-th largest |x| over a whole model is found
+exactly from two histograms: one over the top 16 bits (sign, exponent and 7
+mantissa bits) of every entry, then, inside the one bucket that holds the k-th
+largest, one over the low 16 bits. Each pass streams blocks; memory is two
+count arrays, whatever the model size. Keeping ``|x| >= threshold`` keeps at
+least k entries (exactly k, plus exact ties).
+"""
+
+from __future__ import annotations
+
+import torch
+
+HIGH_BUCKETS = 1 << 15  # the sign bit of |x| is always 0
+LOW_BUCKETS = 1 << 16
+
+
+def magnitude_bits(block: torch.Tensor) -> torch.Tensor:
+    """|x| as float32, read as int32: ordered like the magnitudes."""
+    return block.detach().float().abs().contiguous().view(torch.int32)
+
+
+class TopKThreshold:
+    """Accumulates the histograms of a streaming two-pass k-th largest |x| search.
+
+    Pass 1: ``add_high(block)`` for every block. Then ``start_refine(k)``.
+    Pass 2: ``add_low(block)`` for every block. Then ``threshold()`` gives the
+    int32 bit pattern t: keep the entries whose ``magnitude_bits >= t``.
+    """
+
+    def __init__(self):
+        self.high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64)
+        self.low = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
+        self.bucket = -1
+        self.rank_in_bucket = 0
+
+    @property
+    def total(self) -> int:
+        return int(self.high.sum())
+
+    def add_high(self, block: torch.Tensor) -> None:
+        bits = magnitude_bits(block).reshape(-1)
+        self.high += torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
+
+    def start_refine(self, k: int) -> bool:
+        """Fix the bucket of the k-th largest; False when k is 0 (keep nothing)."""
+        if k <= 0:
+            self.bucket = HIGH_BUCKETS  # above every entry
+            return False
+        above = torch.flip(torch.cumsum(torch.flip(self.high, [0]), 0), [0])  # count >= bucket
+        k = min(k, self.total)
+        self.bucket = int((above >= k).nonzero().max())
+        self.rank_in_bucket = k - (
+            int(above[self.bucket + 1]) if self.bucket + 1 < HIGH_BUCKETS else 0
+        )
+        return True
+
+    def add_low(self, block: torch.Tensor) -> None:
+        bits = magnitude_bits(block).reshape(-1)
+        inside = bits[(bits >> 16) == self.bucket]
+        if inside.numel():
+            self.low += torch.bincount(inside & 0xFFFF, minlength=LOW_BUCKETS)
+
+    def threshold(self) -> int:
+        """The int32 bit pattern of the k-th largest magnitude."""
+        if self.bucket >= HIGH_BUCKETS:
+            return 0x7FFFFFFF
+        above = torch.flip(torch.cumsum(torch.flip(self.low, [0]), 0), [0])
+        low = int((above >= self.rank_in_bucket).nonzero().max())
+        return (self.bucket << 16) | low
+
+
+def topk_threshold_bits(blocks, k: int) -> int:
+    """The threshold for in-memory blocks (two passes over the same list)."""
+    finder = TopKThreshold()
+    for b in blocks:
+        finder.add_high(b)
+    if finder.start_refine(k):
+        for b in blocks:
+            finder.add_low(b)
+    return finder.threshold()

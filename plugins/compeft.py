@@ -1,0 +1,355 @@
+"""compeft: sparse ternary compression of task vectors (Yadav et al. 2023, arXiv 2311.13171).
+
+Keeps the fraction ``density`` of task-vector entries with the largest
+magnitude (one exact threshold and one σ over the whole model, or per tensor)
+and replaces each kept entry by α·σ·sign(τ). On disk, per tensor: the kept
+positions as gaps between them, entropy-coded with an ANS coder (constriction)
+under the geometric model of the tensor's own density, and the signs
+bit-packed, both as uint8 tensors in safetensors; the scale and the tensor
+order live in the manifest. That reaches the floor Σ n_t·H(k_t) + kept bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from compressor.alignment import TaskVectorView
+from compressor.errors import InputError, UsageError
+from compressor.hookspecs import hookimpl
+from compressor.method import Manifest, Method, Option
+from compressor.safetensors_format import TensorInfo
+from compressor.selection import TopKThreshold, magnitude_bits
+from compressor.sources import TensorSource, block_shape, row_blocks
+
+GAP_TAIL = 30.0  # the gap alphabet covers P(gap) down to about e^-30
+
+
+def _density_check(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _alpha_check(v: str) -> str | None:
+    if v in ("auto", "none"):
+        return None
+    try:
+        float(v)
+    except ValueError:
+        return "must be a number, auto or none"
+    return None
+
+
+# -- position coding ----------------------------------------------------------------
+
+
+def _gap_model(density: float):
+    """A categorical model of gaps between kept positions: geometric, with an escape symbol."""
+    import constriction
+
+    size = max(2, min(1 << 16, math.ceil(GAP_TAIL / max(density, 1e-9))))
+    g = np.arange(size, dtype=np.float64)
+    p = density * (1 - density) ** g
+    p[-1] = max(1.0 - p[:-1].sum(), 0.0)  # escape: the gap is stored raw
+    p = np.maximum(p, 1e-15)
+    return constriction.stream.model.Categorical(p / p.sum(), perfect=False), size
+
+
+def encode_positions(positions: np.ndarray, numel: int) -> tuple[np.ndarray, np.ndarray]:
+    """ANS-code sorted flat positions; return (coded bytes, raw escaped gaps)."""
+    import constriction
+
+    if positions.size == 0:
+        return np.zeros(0, np.uint8), np.zeros(0, np.uint32)
+    gaps = np.diff(positions, prepend=-1).astype(np.int64) - 1
+    model, size = _gap_model(positions.size / numel)
+    escaped = gaps >= size - 1
+    symbols = np.where(escaped, size - 1, gaps).astype(np.int32)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols, model)
+    words = coder.get_compressed()
+    return words.view(np.uint8), gaps[escaped].astype(np.uint32)
+
+
+def decode_positions(coded: np.ndarray, escapes: np.ndarray, kept: int, numel: int) -> np.ndarray:
+    """The sorted flat positions that :func:`encode_positions` coded."""
+    import constriction
+
+    if kept == 0:
+        return np.zeros(0, np.int64)
+    model, size = _gap_model(kept / numel)
+    coder = constriction.stream.stack.AnsCoder(coded.view(np.uint32).copy())
+    gaps = coder.decode(model, kept).astype(np.int64)
+    escaped = gaps == size - 1
+    gaps[escaped] = escapes.astype(np.int64)
+    return np.cumsum(gaps + 1) - 1
+
+
+# -- the method -----------------------------------------------------------------------
+
+
+class _TaskVector:
+    """The float tensors of τ to compress, read block by block, and the tensors kept as they are."""
+
+    def __init__(self, base: TensorSource | None, source: TensorSource, warn):
+        self.source = source
+        if source.content == "adapter":
+            raise InputError(f"{source.label}: compeft does not take PEFT adapters yet")
+        if source.content == "model":
+            if base is None:
+                raise UsageError(
+                    "compeft needs --base BASE when INPUT is a full model (or give a task vector)"
+                )
+            self.view = TaskVectorView(base, source, warn)
+            self.infos = base.infos()
+        else:
+            self.view = None
+            self.infos = source.infos()
+        self.base = base
+        self.names = [n for n, i in self.infos.items() if i.is_float]
+        self.dense = [n for n, i in self.infos.items() if not i.is_float]
+
+    def blocks(self, name: str):
+        info = self.infos[name]
+        for rows in row_blocks(info):
+            if self.view is None:
+                yield self.source.get(name, rows).float()
+            else:
+                d = self.view.delta(name, rows)
+                yield d if d is not None else torch.zeros(block_shape(info, rows))
+
+    def dense_tensor(self, name: str) -> torch.Tensor:
+        return self.view.carried(name) if self.view is not None else self.source.get(name)
+
+
+class ComPEFT(Method):
+    """Each kept entry of τ becomes α·σ·sign(τ); the rest become 0.
+
+    σ is the standard deviation of all entries of τ before pruning; the kept
+    entries are the ``density`` fraction with the largest |τ| (one exact
+    threshold over the whole model with ``scope global``, found in two
+    streaming histogram passes; per tensor with ``scope tensor``).
+    ``alpha auto`` uses the least-squares scale (mean |τ| of the kept entries);
+    ``alpha none`` prunes only and keeps the magnitudes (float32).
+    INPUT is a fine-tuned model with --base, or a stored task vector.
+    """
+
+    name = "compeft"
+    kind = "compress"
+    summary = "Sparse ternary task vectors: top-k entries as ±α·σ, entropy-coded positions"
+    reference = "https://arxiv.org/abs/2311.13171"
+    version = "1"
+    options = (
+        Option(
+            "density", "float", 0.1, "fraction of entries kept, in (0, 1]", check=_density_check
+        ),
+        Option(
+            "alpha",
+            "str",
+            "1.0",
+            "scale α on σ: a number, auto (least squares) or none (prune only)",
+            check=_alpha_check,
+        ),
+        Option(
+            "scope",
+            "choice",
+            "global",
+            "one threshold and σ for the whole model, or per tensor",
+            choices=("global", "tensor"),
+        ),
+    )
+
+    def run(self, job):
+        tv = _TaskVector(job.base, job.inputs[0], job.warn)
+        density, alpha, scope = job.options["density"], job.options["alpha"], job.options["scope"]
+        groups = [tv.names] if scope == "global" else [[n] for n in tv.names]
+        tensors: dict[str, dict] = {}
+        total = dict(n=0, kept=0, bits=0, err=0.0, norm=0.0)
+        scales = []
+        for group in groups:
+            stats = self._select(tv, group, density, job)
+            scale = self._encode(
+                tv, group, stats, self._scale(alpha, stats), alpha, job, tensors, total
+            )
+            if scale is not None:
+                scales.append(scale)
+        for name in tv.dense:
+            job.writer.write(name, tv.dense_tensor(name))
+        d = total["n"]
+        bits = total["bits"]
+        source_bits = (
+            16 if any(i.dtype in (torch.float16, torch.bfloat16) for i in tv.infos.values()) else 32
+        )
+        metrics = {
+            "density": total["kept"] / d if d else 0.0,
+            "alpha": alpha,
+            "scale": (scales[0] if len(scales) == 1 else float(np.mean(scales)))
+            if scales
+            else None,
+            "bits_per_param": bits / d if d else 0.0,
+            "ratio": source_bits * d / bits if bits else float("inf"),
+            "rel_error": math.sqrt(total["err"] / total["norm"]) if total["norm"] else 0.0,
+            "params": d,
+        }
+        return Manifest(
+            "delta",
+            metrics=metrics,
+            extra={
+                "encoding": "compeft",
+                "order": tv.names,
+                "tensors": tensors,
+                "carried": tv.dense,
+            },
+        )
+
+    # pass 1 and 2: σ and the exact threshold over the group
+    def _select(self, tv: _TaskVector, group: list[str], density: float, job) -> dict:
+        finder = TopKThreshold()
+        n, s, ss = 0, 0.0, 0.0
+        for name in job.progress(group, desc="compeft: statistics") if len(group) > 1 else group:
+            for block in tv.blocks(name):
+                finder.add_high(block)
+                n += block.numel()
+                s += float(block.double().sum())
+                ss += float(block.double().square().sum())
+        kth = math.ceil(density * n)
+        if finder.start_refine(kth):
+            for name in job.progress(group, desc="compeft: threshold") if len(group) > 1 else group:
+                for block in tv.blocks(name):
+                    finder.add_low(block)
+        var = (ss - s * s / n) / (n - 1) if n > 1 else 0.0
+        return {
+            "threshold": finder.threshold(),
+            "sigma": math.sqrt(max(var, 0.0)),
+            "n": n,
+            "sumsq": ss,
+        }
+
+    def _scale(self, alpha: str, stats: dict) -> float | None:
+        if alpha in ("auto", "none"):
+            return None  # known after the encoding pass
+        return float(alpha) * stats["sigma"]
+
+    # pass 3: positions, signs (and magnitudes for alpha none)
+    def _encode(self, tv, group, stats, scale, alpha, job, tensors, total) -> float | None:
+        """Write the group's tensors; return the scale used (None for alpha none)."""
+        t = stats["threshold"]
+        kept_abs_sum, kept_sq_sum, kept_count = 0.0, 0.0, 0
+        entries = []
+        for name in job.progress(group, desc="compeft: encode") if len(group) > 1 else group:
+            info = tv.infos[name]
+            positions, signs, values = [], [], []
+            offset = 0
+            for block in tv.blocks(name):
+                flat = block.reshape(-1)
+                mask = magnitude_bits(flat) >= t
+                idx = mask.nonzero().squeeze(1)
+                vals = flat[idx]
+                positions.append(idx.numpy().astype(np.int64) + offset)
+                signs.append((vals < 0).numpy())
+                if alpha == "none":
+                    values.append(vals)
+                kept_abs_sum += float(vals.abs().double().sum())
+                kept_sq_sum += float(vals.double().square().sum())
+                kept_count += vals.numel()
+                offset += flat.numel()
+            pos = np.concatenate(positions)
+            coded, escapes = encode_positions(pos, info.numel)
+            packed = np.packbits(np.concatenate(signs)) if pos.size else np.zeros(0, np.uint8)
+            job.writer.write(f"{name}.positions", torch.from_numpy(coded.copy()))
+            job.writer.write(f"{name}.signs", torch.from_numpy(packed))
+            bits = 8 * (coded.size + packed.size) + 32 * escapes.size
+            if escapes.size:
+                job.writer.write(f"{name}.escapes", torch.from_numpy(escapes.view(np.int32)))
+            if alpha == "none":
+                v = torch.cat(values) if values else torch.zeros(0)
+                job.writer.write(f"{name}.values", v)
+                bits += 32 * v.numel()
+            entries.append(name)
+            tensors[name] = {
+                "shape": list(info.shape),
+                "kept": int(pos.size),
+                "escapes": int(escapes.size),
+            }
+            total["bits"] += bits
+        if alpha == "auto":
+            scale = kept_abs_sum / kept_count if kept_count else 0.0
+        for name in entries:
+            tensors[name]["scale"] = scale
+        # ‖τ − τ̂‖²: dropped entries count whole; kept ones as (|τ| − s)², or 0 with alpha none
+        kept_err = (
+            0.0
+            if scale is None
+            else (kept_sq_sum - 2 * scale * kept_abs_sum + kept_count * scale * scale)
+        )
+        total["err"] += stats["sumsq"] - kept_sq_sum + kept_err
+        total["norm"] += stats["sumsq"]
+        total["n"] += stats["n"]
+        total["kept"] += kept_count
+        return scale
+
+    def decode(self, source: TensorSource) -> TensorSource:
+        return DecodedComPEFT(source)
+
+
+class DecodedComPEFT(TensorSource):
+    """A ComPEFT artifact read back as the dense τ̂, one tensor decoded at a time."""
+
+    content = "delta"
+
+    def __init__(self, raw: TensorSource):
+        self.raw = raw
+        self.label = raw.label
+        self.files = raw.files
+        self.manifest = raw.manifest
+        meta = raw.manifest["tensors"]
+        self._infos = {}
+        for name in raw.manifest["order"]:
+            shape = tuple(meta[name]["shape"])
+            numel = math.prod(shape)
+            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * numel)
+        for name in raw.manifest.get("carried", []):
+            self._infos[name] = raw.info(name)
+        self._cache: tuple[str, torch.Tensor] | None = None
+
+    def infos(self):
+        return self._infos
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        if name in self.manifest.get("carried", []):
+            return self.raw.get(name, rows)
+        if self._cache is None or self._cache[0] != name:
+            self._cache = (name, self._decode(name))
+        t = self._cache[1]
+        return t if rows is None else t[rows]
+
+    def _decode(self, name: str) -> torch.Tensor:
+        meta = self.manifest["tensors"][name]
+        info = self._infos[name]
+        kept = meta["kept"]
+        out = torch.zeros(info.numel)
+        if kept:
+            coded = self.raw.get(f"{name}.positions").numpy()
+            escapes = (
+                self.raw.get(f"{name}.escapes").numpy().view(np.uint32)
+                if meta.get("escapes")
+                else np.zeros(0, np.uint32)
+            )
+            pos = torch.from_numpy(decode_positions(coded, escapes, kept, info.numel))
+            negative = np.unpackbits(self.raw.get(f"{name}.signs").numpy())[:kept].astype(bool)
+            if meta["scale"] is None:
+                values = self.raw.get(f"{name}.values")
+            else:
+                values = torch.full((kept,), float(meta["scale"]))
+                values[torch.from_numpy(negative)] *= -1
+            out[pos] = values
+        return out.reshape(info.shape)
+
+    def close(self):
+        self.raw.close()
+
+
+@hookimpl
+def register_methods(register):
+    register(ComPEFT())
