@@ -52,13 +52,21 @@ class PeftAdapter(TensorSource):
 
     content = "adapter"
 
-    def __init__(self, path: Path, files: dict[str, Path] | None = None, label: str | None = None):
+    def __init__(
+        self,
+        path: Path,
+        files: dict[str, Path] | None = None,
+        label: str | None = None,
+        tensors: TensorSource | None = None,
+    ):
+        """Read the adapter at ``path`` (or from ``files``); ``tensors`` replaces the
+        weights file when the factors come from elsewhere (a decoded artifact)."""
         files = files if files is not None else directory_files(Path(path))
         self.label = label or str(path)
         self.manifest = {}
         if CONFIG_FILE not in files:
             raise InputError(f"{self.label} is not a PEFT adapter: no {CONFIG_FILE}")
-        if WEIGHTS_FILE not in files:
+        if WEIGHTS_FILE not in files and tensors is None:
             raise InputError(f"{self.label}: PEFT adapter without {WEIGHTS_FILE}")
         try:
             cfg = json.loads(Path(files[CONFIG_FILE]).read_text())
@@ -76,7 +84,9 @@ class PeftAdapter(TensorSource):
         self.use_rslora = bool(cfg.get("use_rslora", False))
         self.target_modules = cfg.get("target_modules")
         self.files = carried_files(files)
-        self._shards = SafetensorsShards(self.label, [files[WEIGHTS_FILE]], content="adapter")
+        self._shards = tensors or SafetensorsShards(
+            self.label, [files[WEIGHTS_FILE]], content="adapter"
+        )
         self.modules, self.replaced = self._parse_modules(cfg)
 
     def _parse_modules(self, cfg) -> tuple[dict[str, LoraModule], dict[str, str]]:

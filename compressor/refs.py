@@ -113,18 +113,24 @@ def open_artifact(store, record) -> TensorSource:
             raise InputError(f"{record.label}: the external input is no longer at {path}")
         return _resolve_path(path).source
     files = store.files(record.id)
-    if record.content == "adapter":
-        return PeftAdapter(Path(record.label), files=files, label=record.label)
-    shards = shards_from_files(record.label, files)
-    source = SafetensorsShards(
-        record.label, shards, carried_files(files), record.content, record.manifest
-    )
     encoding = record.manifest.get("encoding")
+    if record.content == "adapter" and not encoding:
+        return PeftAdapter(Path(record.label), files=files, label=record.label)
+    prefix = "adapter_model" if record.content == "adapter" else "model"
+    source = SafetensorsShards(
+        record.label,
+        shards_from_files(record.label, files, prefix),
+        carried_files(files),
+        record.content,
+        record.manifest,
+    )
     if encoding:
         method = get_registry().methods.get(encoding)
         if method is None or not hasattr(method, "decode"):
             raise RefError(
                 f"{record.label} is encoded by '{encoding}', and no installed plugin decodes it"
             )
-        return method.decode(source)
+        source = method.decode(source)
+        if record.content == "adapter":
+            return PeftAdapter(Path(record.label), files=files, label=record.label, tensors=source)
     return source

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from compressor.alignment import TaskVectorView
-from compressor.errors import InputError, UsageError
+from compressor.errors import UsageError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option
 from compressor.safetensors_format import TensorInfo
@@ -90,23 +90,40 @@ def decode_positions(coded: np.ndarray, escapes: np.ndarray, kept: int, numel: i
 
 
 class _TaskVector:
-    """The float tensors of τ to compress, read block by block, and the tensors kept as they are."""
+    """The float tensors of τ to compress, read block by block, and the tensors kept as they are.
 
-    def __init__(self, base: TensorSource | None, source: TensorSource, warn):
+    A model with a base gives θt − θ0; a stored task vector gives itself; a PEFT
+    adapter gives its A and B factors (reference 0, as in the paper), or with
+    ``target delta`` and a base, ΔW = B·A·scaling on the base's tensor names.
+    """
+
+    def __init__(self, base: TensorSource | None, source: TensorSource, target: str, warn):
         self.source = source
-        if source.content == "adapter":
-            raise InputError(f"{source.label}: compeft does not take PEFT adapters yet")
-        if source.content == "model":
+        self.view = None
+        self.content = "delta"
+        if source.content == "adapter" and target == "factors":
+            self.infos = source.infos()
+            self.content = "adapter"
+            replaced = set(source.replaced.values())
+            self.names = [n for n, i in self.infos.items() if i.is_float and n not in replaced]
+            self.dense = [n for n in self.infos if n not in self.names]
+            if replaced:
+                warn(
+                    f"kept dense (whole modules the adapter replaces): {', '.join(sorted(replaced))}"
+                )
+            return
+        if source.content in ("model", "adapter"):
             if base is None:
+                what = (
+                    "a full model" if source.content == "model" else "an adapter with target delta"
+                )
                 raise UsageError(
-                    "compeft needs --base BASE when INPUT is a full model (or give a task vector)"
+                    f"compeft needs --base BASE when INPUT is {what} (or give a task vector)"
                 )
             self.view = TaskVectorView(base, source, warn)
             self.infos = base.infos()
         else:
-            self.view = None
             self.infos = source.infos()
-        self.base = base
         self.names = [n for n, i in self.infos.items() if i.is_float]
         self.dense = [n for n, i in self.infos.items() if not i.is_float]
 
@@ -132,7 +149,9 @@ class ComPEFT(Method):
     streaming histogram passes; per tensor with ``scope tensor``).
     ``alpha auto`` uses the least-squares scale (mean |τ| of the kept entries);
     ``alpha none`` prunes only and keeps the magnitudes (float32).
-    INPUT is a fine-tuned model with --base, or a stored task vector.
+    INPUT is a fine-tuned model with --base, a stored task vector, or a PEFT
+    LoRA adapter (its A and B factors; ``target delta`` with --base compresses
+    ΔW instead). Modules an adapter replaces whole are kept dense.
     """
 
     name = "compeft"
@@ -158,10 +177,20 @@ class ComPEFT(Method):
             "one threshold and σ for the whole model, or per tensor",
             choices=("global", "tensor"),
         ),
+        Option(
+            "target",
+            "choice",
+            "factors",
+            "for a PEFT LoRA adapter: compress its A and B factors (the paper), "
+            "or ΔW = B·A·scaling (needs --base)",
+            choices=("factors", "delta"),
+        ),
     )
 
     def run(self, job):
-        tv = _TaskVector(job.base, job.inputs[0], job.warn)
+        tv = _TaskVector(job.base, job.inputs[0], job.options["target"], job.warn)
+        if tv.content == "adapter":
+            job.writer.prefix = "adapter_model"
         density, alpha, scope = job.options["density"], job.options["alpha"], job.options["scope"]
         groups = [tv.names] if scope == "global" else [[n] for n in tv.names]
         tensors: dict[str, dict] = {}
@@ -193,7 +222,7 @@ class ComPEFT(Method):
             "params": d,
         }
         return Manifest(
-            "delta",
+            tv.content,
             metrics=metrics,
             extra={
                 "encoding": "compeft",
@@ -243,7 +272,8 @@ class ComPEFT(Method):
             offset = 0
             for block in tv.blocks(name):
                 flat = block.reshape(-1)
-                mask = magnitude_bits(flat) >= t
+                bits = magnitude_bits(flat)
+                mask = (bits >= t) & (bits != 0)  # sign(0) = 0: a zero entry stays zero
                 idx = mask.nonzero().squeeze(1)
                 vals = flat[idx]
                 positions.append(idx.numpy().astype(np.int64) + offset)

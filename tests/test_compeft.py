@@ -33,7 +33,12 @@ def _apply(run, minilm, *options, name="c"):
         "--json",
     )
     assert r.exit_code == 0, r.output
-    return json.loads(r.output.splitlines()[-1])
+    return _json_line(r.output)
+
+
+def _json_line(output: str) -> dict:
+    """The --json object among the lines the CLI printed (warnings go to stderr)."""
+    return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
 
 
 def _expected(tau, density, scope, alpha):
@@ -50,7 +55,7 @@ def _expected(tau, density, scope, alpha):
         else:
             scale = float(alpha) * sigma
         for n in group:
-            keep = tau[n].abs() >= thr
+            keep = (tau[n].abs() >= thr) & (tau[n] != 0)
             out[n] = torch.where(keep, scale * tau[n].sign(), torch.zeros(()))
     return out
 
@@ -103,7 +108,7 @@ def test_size_is_at_the_entropy_floor(run, minilm, tau):
 
 def test_task_vector_artifact_as_input_and_relative_error(run, minilm, tau):
     run("apply", "-p", "task-vector", "--base", minilm["base"], minilm["ft"], "-n", "tv")
-    rec = json.loads(run("apply", "-p", "compeft", "tv", "-n", "c2", "--json").output)
+    rec = _json_line(run("--quiet", "apply", "-p", "compeft", "tv", "-n", "c2", "--json").output)
     direct = _apply(run, minilm)
     a, b = artifact_tensors("c2"), artifact_tensors("c")
     assert all(torch.equal(a[n], b[n]) for n in tau)
@@ -175,3 +180,95 @@ def test_full_model_needs_base(run, minilm, private_store):
         "Error: compeft needs --base BASE when INPUT is a full model (or give a task vector)\n"
     )
     assert store_snapshot(private_store) == before
+
+
+@pytest.fixture(scope="module")
+def lora_suite():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts" / "suite"))
+    import build as suite_build
+
+    suite = suite_build.build(suite_build.SMOKE, quiet=True)
+    return suite / "text" / "base", suite / "lora" / "tech", suite / "text" / "data"
+
+
+def test_adapter_factors(run, lora_suite, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base, adapter, data = lora_suite
+    r = run(
+        "--quiet", "apply", "-p", "compeft", adapter, "-o", "density", "0.2", "-n", "ca", "--json"
+    )
+    assert r.exit_code == 0, r.output
+    rec = _json_line(r.output)
+    assert rec["content"] == "adapter"
+    assert "Warning: kept dense (whole modules the adapter replaces): " in r.output
+    raw = dir_tensors(adapter)
+    factors = {n: t.float() for n, t in raw.items() if ".lora_" in n}
+    want = _expected(factors, 0.2, "global", "1.0")
+    got = artifact_tensors("ca")
+    for n, w in want.items():
+        assert torch.equal(got[n] != 0, w != 0), n
+        torch.testing.assert_close(got[n], w, rtol=1e-5, atol=0)
+    for n in raw.keys() - factors.keys():  # modules_to_save: kept exactly
+        assert torch.equal(got[n], raw[n]), n
+    out = tmp_path / "adapter-out"
+    assert run("export", "ca", out).exit_code == 0
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), out)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_A" in k}
+    assert loaded  # PEFT loads the decoded adapter
+    scores = json.loads(
+        run(
+            "eval", "ca", "--base", base, "-o", "data", data / "tech-test.jsonl", "--json"
+        ).output.splitlines()[-1]
+    )
+    assert 0 <= scores["accuracy"] <= 1
+
+
+def test_adapter_target_delta(run, lora_suite):
+    from compressor.peft_adapter import PeftAdapter
+
+    base, adapter, _ = lora_suite
+    r = run("--quiet", "apply", "-p", "compeft", adapter, "-o", "target", "delta")
+    assert r.exit_code == 2
+    assert r.output == (
+        "Error: compeft needs --base BASE when INPUT is an adapter with target "
+        "delta (or give a task vector)\n"
+    )
+    r = run(
+        "--quiet",
+        "apply",
+        "-p",
+        "compeft",
+        "--base",
+        base,
+        adapter,
+        "-o",
+        "target",
+        "delta",
+        "-n",
+        "cd",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    assert _json_line(r.output)["content"] == "delta"
+    b = dir_tensors(base)
+    src = PeftAdapter(adapter)
+    tau = {}
+    for n, t in b.items():
+        if not t.is_floating_point():
+            continue
+        if n in src.modules:
+            tau[n] = src.delta(n)
+        elif n in src.replaced:
+            tau[n] = src.get(src.replaced[n]).float() - t.float()
+        else:
+            tau[n] = torch.zeros(t.shape)
+    want = _expected(tau, 0.1, "global", "1.0")
+    got = artifact_tensors("cd")
+    for n, w in want.items():
+        assert torch.equal(got[n] != 0, w != 0), n
+        torch.testing.assert_close(got[n], w, rtol=1e-5, atol=0)

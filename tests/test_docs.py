@@ -56,6 +56,8 @@ def test_demo_runs(run, tmp_path):
         "store log merged",
         "eval expert-a --base",
         "eval merged",
+        "apply --plugin compeft expert-a",
+        "eval expert-a-small --base",
         "store ls",
         "export expert-a",
         "store verify",

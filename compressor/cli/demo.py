@@ -107,6 +107,22 @@ def register(cli):
             scoring = ["-o", "reference", base] if source is not None else []  # MiniLM: embeddings
             _step(store, "eval", "expert-a", "--base", base, "-o", "data", data, *scoring)
             _step(store, "eval", "merged", "-o", "data", data, *scoring)
+            _step(
+                store,
+                "apply",
+                "--plugin",
+                "compeft",
+                "expert-a",
+                "-o",
+                "density",
+                "0.1",
+                "-o",
+                "alpha",
+                "auto",
+                "--name",
+                "expert-a-small",
+            )
+            _step(store, "eval", "expert-a-small", "--base", base, "-o", "data", data, *scoring)
             _step(store, "store", "ls")
             _step(store, "export", "expert-a", work / "out" / "expert-a", "--base", base)
             _step(store, "export", "merged", work / "out" / "merged")
