@@ -217,7 +217,7 @@ class ComPEFT(Method):
             if scales
             else None,
             "bits_per_param": bits / d if d else 0.0,
-            "ratio": source_bits * d / bits if bits else float("inf"),
+            "ratio": source_bits * d / bits if bits else None,
             "rel_error": math.sqrt(total["err"] / total["norm"]) if total["norm"] else 0.0,
             "params": d,
         }

@@ -57,15 +57,23 @@ def main() -> None:
             def acc(ref, data):
                 return evaluate(ref, {"data": data}, base=base, store=store)["accuracy"]
 
-            row = {"task": task, "base": evaluate(base, {"data": test}, store=store)["accuracy"],
-                   "expert": acc(tv.id, test)}
+            row = {
+                "task": task,
+                "base": evaluate(base, {"data": test}, store=store)["accuracy"],
+                "expert": acc(tv.id, test),
+            }
             for k in DENSITIES:
                 results = {}
                 for alpha in ("1", "auto", *ALPHA_GRID):
                     if alpha in results:
                         continue
-                    c = compressor.apply("compeft", tv.id, name=f"{task}-{k}-{alpha}",
-                                         options={"density": k, "alpha": alpha}, store=store)
+                    c = compressor.apply(
+                        "compeft",
+                        tv.id,
+                        name=f"{task}-{k}-{alpha}",
+                        options={"density": k, "alpha": alpha},
+                        store=store,
+                    )
                     results[alpha] = (c, acc(c.id, val))
                 best = max(ALPHA_GRID, key=lambda a: results[a][1])
                 row[k] = {
