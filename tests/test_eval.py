@@ -154,49 +154,33 @@ def _fails(run, store, args, message):
     assert store_snapshot(store) == before
 
 
-def test_malformed_jsonl_names_the_line(run, suite, guarded, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"text": "fine", "label": 0}\n{"text": "broken", "label": \n')
-    _fails(
-        run,
-        guarded,
-        [suite / "text" / "base", "-o", "data", data],
-        f"{data} line 2: not valid JSON (Expecting value)",
-    )
-
-
-def test_row_without_text(run, suite, guarded, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"text": "fine", "label": 0}\n\n{"label": 1}\n')
-    _fails(
-        run,
-        guarded,
-        [suite / "text" / "base", "-o", "data", data],
-        f"{data} line 3: no 'text' (or 'pixels') field",
-    )
-
-
-def test_label_outside_classes(run, suite, guarded, tmp_path):
-    data = tmp_path / "labels.jsonl"
-    data.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 8}\n')
-    _fails(
-        run,
-        guarded,
-        [suite / "text" / "base", "-o", "data", data],
-        f"{data} line 2: label 8 is outside the model's 8 classes (0-7)",
-    )
-
-
-def test_unknown_string_label(run, suite, guarded, tmp_path):
-    data = tmp_path / "labels.jsonl"
-    data.write_text('{"text": "a", "label": "cooking"}\n')
-    _fails(
-        run,
-        guarded,
-        [suite / "text" / "base", "-o", "data", data],
-        f"{data} line 1: label 'cooking' is not one of the model's labels (art, computers, "
+DATA_ERRORS = {
+    "malformed JSON": (
+        '{"text": "fine", "label": 0}\n{"text": "broken", "label": \n',
+        "{data} line 2: not valid JSON (Expecting value)",
+    ),
+    "row without text": (
+        '{"text": "fine", "label": 0}\n\n{"label": 1}\n',
+        "{data} line 3: no 'text' (or 'pixels') field",
+    ),
+    "label outside classes": (
+        '{"text": "a", "label": 0}\n{"text": "b", "label": 8}\n',
+        "{data} line 2: label 8 is outside the model's 8 classes (0-7)",
+    ),
+    "unknown label name": (
+        '{"text": "a", "label": "cooking"}\n',
+        "{data} line 1: label 'cooking' is not one of the model's labels (art, computers, "
         "men-women, people, politics, science, songs-poems, work)",
-    )
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_bad_data_names_the_line(run, suite, guarded, tmp_path, case):
+    content, message = DATA_ERRORS[case]
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    _fails(run, guarded, [suite / "text" / "base", "-o", "data", data], message.format(data=data))
 
 
 def test_not_a_loadable_model(run, guarded, tmp_path, models):
