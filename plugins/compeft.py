@@ -240,8 +240,9 @@ class ComPEFT(Method):
             for block in tv.blocks(name):
                 finder.add_high(block)
                 n += block.numel()
-                s += float(block.double().sum())
-                ss += float(block.double().square().sum())
+                # float64 accumulation without a float64 copy of the block
+                s += float(torch.sum(block, dtype=torch.float64))
+                ss += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
         kth = math.ceil(density * n)
         if finder.start_refine(kth):
             for name in job.progress(group, desc="compeft: threshold") if len(group) > 1 else group:
@@ -280,8 +281,8 @@ class ComPEFT(Method):
                 signs.append((vals < 0).numpy())
                 if alpha == "none":
                     values.append(vals)
-                kept_abs_sum += float(vals.abs().double().sum())
-                kept_sq_sum += float(vals.double().square().sum())
+                kept_abs_sum += float(torch.linalg.vector_norm(vals, ord=1, dtype=torch.float64))
+                kept_sq_sum += float(torch.linalg.vector_norm(vals, dtype=torch.float64)) ** 2
                 kept_count += vals.numel()
                 offset += flat.numel()
             pos = np.concatenate(positions)
