@@ -140,6 +140,11 @@ class _TaskVector:
         return self.view.carried(name) if self.view is not None else self.source.get(name)
 
 
+def _each(job, group: list[str], step: str):
+    """The group's tensor names, with a progress bar when there is more than one."""
+    return job.progress(group, desc=f"compeft: {step}") if len(group) > 1 else group
+
+
 class ComPEFT(Method):
     """Each kept entry of τ becomes α·σ·sign(τ); the rest become 0.
 
@@ -236,7 +241,7 @@ class ComPEFT(Method):
     def _select(self, tv: _TaskVector, group: list[str], density: float, job) -> dict:
         finder = TopKThreshold()
         n, s, ss = 0, 0.0, 0.0
-        for name in job.progress(group, desc="compeft: statistics") if len(group) > 1 else group:
+        for name in _each(job, group, "statistics"):
             for block in tv.blocks(name):
                 finder.add_high(block)
                 n += block.numel()
@@ -245,7 +250,7 @@ class ComPEFT(Method):
                 ss += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
         kth = math.ceil(density * n)
         if finder.start_refine(kth):
-            for name in job.progress(group, desc="compeft: threshold") if len(group) > 1 else group:
+            for name in _each(job, group, "threshold"):
                 for block in tv.blocks(name):
                     finder.add_low(block)
         var = (ss - s * s / n) / (n - 1) if n > 1 else 0.0
@@ -267,7 +272,7 @@ class ComPEFT(Method):
         t = stats["threshold"]
         kept_abs_sum, kept_sq_sum, kept_count = 0.0, 0.0, 0
         entries = []
-        for name in job.progress(group, desc="compeft: encode") if len(group) > 1 else group:
+        for name in _each(job, group, "encode"):
             info = tv.infos[name]
             positions, signs, values = [], [], []
             offset = 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compressor.errors import StoreError
+from compressor.errors import RefError, StoreError
 from compressor.refs import resolve
 from compressor.store import StoredFile
 from compressor.writer import ArtifactWriter
@@ -35,7 +35,7 @@ def lineage(store, artifact_id: str, role: str | None = None, seen=None) -> dict
     for p in record.parents:
         try:
             node["parents"].append(lineage(store, p["id"], p["role"], seen))
-        except Exception:  # removed with --force: keep the gap visible
+        except RefError:  # removed with --force: keep the gap visible
             node["parents"].append(
                 {"role": p["role"], "id": p["id"], "label": "(removed)", "parents": []}
             )
