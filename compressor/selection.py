@@ -11,6 +11,7 @@ least k entries (exactly k, plus exact ties).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 HIGH_BUCKETS = 1 << 15  # the sign bit of |x| is always 0
@@ -35,14 +36,19 @@ class TopKThreshold:
         self.low = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
         self.bucket = -1
         self.rank_in_bucket = 0
+        self.above = 0  # after threshold(): entries strictly above it
 
     @property
     def total(self) -> int:
         return int(self.high.sum())
 
-    def add_high(self, block: torch.Tensor) -> None:
+    def add_high(self, block: torch.Tensor) -> tuple[int, int]:
+        """Count the block; return its lowest and highest bucket (-1, -1 when empty)."""
         bits = magnitude_bits(block).reshape(-1)
-        self.high += torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
+        counts = torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
+        self.high += counts
+        used = counts.nonzero()
+        return (int(used[0]), int(used[-1])) if used.numel() else (-1, -1)
 
     def start_refine(self, k: int) -> bool:
         """Fix the bucket of the k-th largest; False when k is 0 (keep nothing)."""
@@ -58,17 +64,21 @@ class TopKThreshold:
         return True
 
     def add_low(self, block: torch.Tensor) -> None:
-        bits = magnitude_bits(block).reshape(-1)
-        inside = bits[(bits >> 16) == self.bucket]
-        if inside.numel():
-            self.low += torch.bincount(inside & 0xFFFF, minlength=LOW_BUCKETS)
+        bits = magnitude_bits(block).reshape(-1).numpy()  # numpy's masking is 2x faster here
+        lo = self.bucket << 16
+        inside = bits[(bits >= lo) & (bits < lo + LOW_BUCKETS)]
+        if inside.size:
+            self.low += torch.from_numpy(np.bincount(inside - lo, minlength=LOW_BUCKETS))
 
     def threshold(self) -> int:
         """The int32 bit pattern of the k-th largest magnitude."""
         if self.bucket >= HIGH_BUCKETS:
+            self.above = 0
             return 0x7FFFFFFF
         above = torch.flip(torch.cumsum(torch.flip(self.low, [0]), 0), [0])
         low = int((above >= self.rank_in_bucket).nonzero().max())
+        higher = int(self.high[self.bucket + 1 :].sum())
+        self.above = higher + (int(above[low + 1]) if low + 1 < LOW_BUCKETS else 0)
         return (self.bucket << 16) | low
 
 

@@ -21,7 +21,7 @@ from compressor.errors import UsageError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option
 from compressor.safetensors_format import TensorInfo
-from compressor.selection import TopKThreshold, magnitude_bits
+from compressor.selection import HIGH_BUCKETS, TopKThreshold, magnitude_bits
 from compressor.sources import TensorSource, block_shape, row_blocks
 
 GAP_TAIL = 30.0  # the gap alphabet covers P(gap) down to about e^-30
@@ -62,10 +62,13 @@ def encode_positions(positions: np.ndarray, numel: int) -> tuple[np.ndarray, np.
 
     if positions.size == 0:
         return np.zeros(0, np.uint8), np.zeros(0, np.uint32)
-    gaps = np.diff(positions, prepend=-1).astype(np.int64) - 1
+    gaps = np.empty(positions.size, np.int64)
+    gaps[0] = positions[0]
+    np.subtract(positions[1:], positions[:-1], out=gaps[1:])
+    gaps[1:] -= 1
     model, size = _gap_model(positions.size / numel)
     escaped = gaps >= size - 1
-    symbols = np.where(escaped, size - 1, gaps).astype(np.int32)
+    symbols = np.minimum(gaps, size - 1).astype(np.int32)
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(symbols, model)
     words = coder.get_compressed()
@@ -138,6 +141,11 @@ class _TaskVector:
 
     def dense_tensor(self, name: str) -> torch.Tensor:
         return self.view.carried(name) if self.view is not None else self.source.get(name)
+
+
+def _sum_squares(x: torch.Tensor) -> float:
+    """Σx² in float32 with torch's cascade summation: about 1e-8 relative, 20x faster than float64."""
+    return float(x.square().sum())
 
 
 def _each(job, group: list[str], step: str):
@@ -241,16 +249,21 @@ class ComPEFT(Method):
     def _select(self, tv: _TaskVector, group: list[str], density: float, job) -> dict:
         finder = TopKThreshold()
         n, s, ss = 0, 0.0, 0.0
+        top: dict[str, int] = {}  # each tensor's highest bucket: passes 2 and 3 skip the rest
+        low: dict[str, int] = {}
         for name in _each(job, group, "statistics"):
+            top[name], low[name] = -1, HIGH_BUCKETS
             for block in tv.blocks(name):
-                finder.add_high(block)
+                lo, hi = finder.add_high(block)
+                if hi >= 0:
+                    top[name], low[name] = max(top[name], hi), min(low[name], lo)
                 n += block.numel()
-                # float64 accumulation without a float64 copy of the block
-                s += float(torch.sum(block, dtype=torch.float64))
-                ss += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+                s, ss = s + float(block.sum()), ss + _sum_squares(block)
         kth = math.ceil(density * n)
         if finder.start_refine(kth):
-            for name in _each(job, group, "threshold"):
+            # only tensors with entries in the threshold's bucket are read again
+            inside = [m for m in group if low[m] <= finder.bucket <= top[m]]
+            for name in _each(job, inside, "threshold"):
                 for block in tv.blocks(name):
                     finder.add_low(block)
         var = (ss - s * s / n) / (n - 1) if n > 1 else 0.0
@@ -259,6 +272,7 @@ class ComPEFT(Method):
             "sigma": math.sqrt(max(var, 0.0)),
             "n": n,
             "sumsq": ss,
+            "top": top,
         }
 
     def _scale(self, alpha: str, stats: dict) -> float | None:
@@ -269,25 +283,26 @@ class ComPEFT(Method):
     # pass 3: positions, signs (and magnitudes for alpha none)
     def _encode(self, tv, group, stats, scale, alpha, job, tensors, total) -> float | None:
         """Write the group's tensors; return the scale used (None for alpha none)."""
-        t = stats["threshold"]
+        t = max(stats["threshold"], 1)  # bits 0 is |τ| = 0: a zero entry stays zero (sign 0)
         kept_abs_sum, kept_sq_sum, kept_count = 0.0, 0.0, 0
         entries = []
         for name in _each(job, group, "encode"):
             info = tv.infos[name]
-            positions, signs, values = [], [], []
+            positions, signs, values = [np.zeros(0, np.int64)], [np.zeros(0, bool)], []
             offset = 0
-            for block in tv.blocks(name):
+            # a tensor whose largest entry is under the threshold keeps nothing: not read again
+            reached = stats["top"][name] >= t >> 16
+            for block in tv.blocks(name) if reached else ():
                 flat = block.reshape(-1)
-                bits = magnitude_bits(flat)
-                mask = (bits >= t) & (bits != 0)  # sign(0) = 0: a zero entry stays zero
-                idx = mask.nonzero().squeeze(1)
-                vals = flat[idx]
-                positions.append(idx.numpy().astype(np.int64) + offset)
+                mask = magnitude_bits(flat) >= t
+                idx = np.flatnonzero(mask.numpy())  # numpy's is 2x faster than torch's nonzero
+                vals = flat[torch.from_numpy(idx)]
+                positions.append(idx + offset)
                 signs.append((vals < 0).numpy())
                 if alpha == "none":
                     values.append(vals)
-                kept_abs_sum += float(torch.linalg.vector_norm(vals, ord=1, dtype=torch.float64))
-                kept_sq_sum += float(torch.linalg.vector_norm(vals, dtype=torch.float64)) ** 2
+                kept_abs_sum += float(vals.abs().sum())
+                kept_sq_sum += _sum_squares(vals)
                 kept_count += vals.numel()
                 offset += flat.numel()
             pos = np.concatenate(positions)
@@ -319,7 +334,9 @@ class ComPEFT(Method):
             if scale is None
             else (kept_sq_sum - 2 * scale * kept_abs_sum + kept_count * scale * scale)
         )
-        total["err"] += stats["sumsq"] - kept_sq_sum + kept_err
+        # t = 1 keeps every nonzero entry: nothing dropped, exactly (zeros change the sum order)
+        dropped = 0.0 if t == 1 else max(stats["sumsq"] - kept_sq_sum, 0.0)
+        total["err"] += dropped + max(kept_err, 0.0)
         total["norm"] += stats["sumsq"]
         total["n"] += stats["n"]
         total["kept"] += kept_count

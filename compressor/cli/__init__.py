@@ -100,6 +100,9 @@ _add_commands()
 
 def main() -> None:
     """Console-script entry point: load plugin commands, then run."""
+    from compressor.allocator import reuse_freed_blocks
+
+    reuse_freed_blocks()
     try:
         from compressor.plugin_manager import get_registry
 
