@@ -39,6 +39,7 @@ class TaskVectorView:
     def _check_tensors(self) -> None:
         base, expert = self.base.infos(), self.expert.infos()
         bl, el = self.base.label, self.expert.label
+        notes = []  # warnings, given only when nothing is wrong
         for name, e in expert.items():
             b = base.get(name)
             if b is None:
@@ -46,7 +47,7 @@ class TaskVectorView:
                     raise MismatchError(
                         f"base and expert differ: {name} is in {el} but not in {bl}"
                     )
-                self.warn(f"{name} (non-float) is only in {el}; it is left out")
+                notes.append(f"{name} (non-float) is only in {el}; it is left out")
             elif b.is_float != e.is_float:
                 raise MismatchError(
                     f"base and expert differ: {name} is {b.dtype} in {bl} and {e.dtype} in {el}"
@@ -61,7 +62,9 @@ class TaskVectorView:
                     raise MismatchError(
                         f"base and expert differ: {name} is in {bl} but not in {el}"
                     )
-                self.warn(f"{name} (non-float) is only in {bl}; carried from the base")
+                notes.append(f"{name} (non-float) is only in {bl}; carried from the base")
+        for note in notes:
+            self.warn(note)
 
     def _check_adapter(self) -> None:
         base = self.base.infos()

@@ -181,6 +181,11 @@ def open_safetensors_file(path: Path) -> SafetensorsShards:
 def open_model_dir(path: Path) -> SafetensorsShards:
     """A Hugging Face model directory (single file or sharded with an index)."""
     files = directory_files(path)
+    if "adapter_model.safetensors" in files and "adapter_config.json" not in files:
+        raise InputError(
+            f"{path} holds adapter_model.safetensors but no adapter_config.json; "
+            "a PEFT adapter needs its config (PEFT's save_pretrained writes both)"
+        )
     shards = shards_from_files(str(path), files)
     return SafetensorsShards(str(path), shards, carried_files(files))
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from compressor.alignment import TaskVectorView
-from compressor.errors import UsageError
+from compressor.errors import InputError, UsageError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option
 from compressor.safetensors_format import TensorInfo
@@ -216,6 +216,11 @@ class ComPEFT(Method):
             )
             if scale is not None:
                 scales.append(scale)
+        if total["norm"] == 0:
+            raise InputError(
+                f"the task vector of {tv.source.label} is all zeros (σ = 0): nothing to compress "
+                "(is the expert the base itself?)"
+            )
         for name in tv.dense:
             job.writer.write(name, tv.dense_tensor(name))
         d = total["n"]

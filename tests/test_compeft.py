@@ -272,3 +272,48 @@ def test_adapter_target_delta(run, lora_suite):
     for n, w in want.items():
         assert torch.equal(got[n] != 0, w != 0), n
         torch.testing.assert_close(got[n], w, rtol=1e-5, atol=0)
+
+
+def _refused(run, private_store, args, message, code=1):
+    run("store", "ls")
+    before = store_snapshot(private_store)
+    r = run(*args)
+    assert (r.exit_code, r.output) == (code, f"Error: {message}\n")
+    assert store_snapshot(private_store) == before
+
+
+def test_all_zero_task_vector_is_refused(run, minilm, private_store):
+    base = str(minilm["base"])
+    _refused(
+        run,
+        private_store,
+        ("apply", "-p", "compeft", "--base", base, base),
+        f"the task vector of {base} is all zeros (σ = 0): nothing to compress "
+        "(is the expert the base itself?)",
+    )
+
+
+def test_base_and_expert_that_do_not_match(run, minilm, models, private_store):
+    base = models["base-fp32"]
+    _refused(
+        run,
+        private_store,
+        ("apply", "-p", "compeft", "--base", str(base), str(minilm["ft"])),
+        f"base and expert differ: embeddings.LayerNorm.bias is in {minilm['ft']} but not in {base}",
+    )
+
+
+def test_adapter_directory_without_config(run, lora_suite, private_store, tmp_path):
+    _, adapter, _ = lora_suite
+    broken = tmp_path / "broken-adapter"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes(
+        (adapter / "adapter_model.safetensors").read_bytes()
+    )
+    _refused(
+        run,
+        private_store,
+        ("apply", "-p", "compeft", str(broken)),
+        f"{broken} holds adapter_model.safetensors but no adapter_config.json; "
+        "a PEFT adapter needs its config (PEFT's save_pretrained writes both)",
+    )
