@@ -76,6 +76,10 @@ def _default_name(method_name: str, labels: list[str]) -> str:
     return f"{stem}.{method_name}" if len(labels) == 1 else f"{method_name}-merge"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def run_method(
     kind: str,
     plugin: str,
@@ -93,12 +97,15 @@ def run_method(
     values = method.parse_options(options or {})
     if method.needs_base and base is None:
         raise UsageError(f"method '{plugin}' needs --base BASE")
-    if len(inputs) < method.min_inputs or (
-        method.max_inputs is not None and len(inputs) > method.max_inputs
-    ):
-        most = method.max_inputs if method.max_inputs is not None else "any number of"
+    noun = "expert" if method.kind == "merge" else "input"
+    if len(inputs) < method.min_inputs:
         raise UsageError(
-            f"method '{plugin}' takes {method.min_inputs} to {most} inputs; got {len(inputs)}"
+            f"method '{plugin}' needs at least {_count(method.min_inputs, noun)}; "
+            f"got {len(inputs) or 'none'}"
+        )
+    if method.max_inputs is not None and len(inputs) > method.max_inputs:
+        raise UsageError(
+            f"method '{plugin}' takes at most {_count(method.max_inputs, noun)}; got {len(inputs)}"
         )
     name = check_name(name or _default_name(method.name, list(inputs)))
     with opened_store(store) as st, contextlib.ExitStack() as stack:

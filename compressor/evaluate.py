@@ -17,7 +17,14 @@ import torch
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
 from .method import Option, parse_options
-from .modeling import is_image_config, load_model, load_tokenizer, model_directory
+from .modeling import (
+    is_image_config,
+    label_ids,
+    load_model,
+    load_tokenizer,
+    model_directory,
+    model_inputs,
+)
 from .objectives import cross_entropy, embedding_agreement, language_model_nll, mean_pool
 
 EVAL_OPTIONS = (
@@ -96,40 +103,9 @@ def _batches(examples: list[Example], values: dict, progress):
     return progress(list(batches(examples, values["batch_size"])), desc="eval", unit="batch")
 
 
-def _tokenize(tokenizer, batch: list[Example], values: dict):
-    return tokenizer(
-        [e.text for e in batch],
-        padding=True,
-        truncation=True,
-        max_length=values["max_length"],
-        return_tensors="pt",
-    )
-
-
-def _label_ids(examples: list[Example], config, data: str) -> torch.Tensor:
-    n = config.num_labels
-    label2id = {str(k): v for k, v in (getattr(config, "label2id", None) or {}).items()}
-    ids = []
-    for e in examples:
-        if isinstance(e.label, str):
-            if e.label not in label2id:
-                raise InputError(
-                    f"{data} line {e.line}: label '{e.label}' is not one of the model's labels "
-                    f"({', '.join(sorted(label2id))})"
-                )
-            ids.append(label2id[e.label])
-        elif not 0 <= e.label < n:
-            raise InputError(
-                f"{data} line {e.line}: label {e.label} is outside the model's {n} classes (0-{n - 1})"
-            )
-        else:
-            ids.append(e.label)
-    return torch.tensor(ids)
-
-
 def _classify(path, examples, values, progress, label) -> dict:
     model = load_model(path, "classify", label)
-    labels = _label_ids(examples, model.config, values["data"])
+    labels = label_ids(examples, model.config, values["data"])
     image = is_image_config(model.config)
     if not image and any(e.text is None for e in examples):
         raise InputError(f"{values['data']}: a text model needs 'text' rows")
@@ -139,14 +115,8 @@ def _classify(path, examples, values, progress, label) -> dict:
     with torch.inference_mode():
         for i, batch in enumerate(_batches(examples, values, progress)):
             y = labels[i * size : i * size + len(batch)]
-            if image:
-                if any(e.pixels is None for e in batch):
-                    raise InputError(f"{values['data']}: an image model needs 'pixels' rows")
-                x = torch.tensor([e.pixels for e in batch], dtype=torch.float32)
-                logits = model(pixel_values=x.unsqueeze(1) if x.dim() == 3 else x).logits
-            else:
-                enc = _tokenize(tokenizer, batch, values)
-                logits = model(**enc).logits
+            x = model_inputs(batch, tokenizer, values["data"], values["max_length"])
+            logits = model(**x).logits
             loss, _ = cross_entropy(logits, y)
             loss_sum += float(loss)
             correct += int((logits.argmax(-1) == y).sum())
@@ -162,7 +132,7 @@ def _perplexity(path, examples, values, progress, label) -> dict:
     nll, tokens = 0.0, 0
     with torch.inference_mode():
         for batch in _batches(examples, values, progress):
-            enc = _tokenize(tokenizer, batch, values)
+            enc = model_inputs(batch, tokenizer, values["data"], values["max_length"])
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             s, k = language_model_nll(logits, enc["input_ids"], enc["attention_mask"])
             nll += float(s)
@@ -179,7 +149,7 @@ def _agreement(path, ref_path, examples, values, progress, label) -> dict:
         for batch in _batches(examples, values, progress):
             embs = []
             for model, tokenizer in models:
-                enc = _tokenize(tokenizer, batch, values)
+                enc = model_inputs(batch, tokenizer, values["data"], values["max_length"])
                 out = model(**enc).last_hidden_state
                 embs.append(mean_pool(out, enc["attention_mask"]))
             s, _ = embedding_agreement(*embs)

@@ -11,6 +11,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from .errors import InputError
 from .refs import ResolvedInput, resolve
 
@@ -44,33 +46,129 @@ def is_image_config(config) -> bool:
     return getattr(config, "num_channels", None) is not None and not hasattr(config, "vocab_size")
 
 
-def load_model(path: Path, head: str, label: str | None = None):
-    """Load a transformers model with the head a task needs, in eval mode."""
+def _auto_class(config, head: str):
     import transformers
+
+    if head == "classify":
+        return (
+            transformers.AutoModelForImageClassification
+            if is_image_config(config)
+            else transformers.AutoModelForSequenceClassification
+        )
+    if head == "lm":
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_model(path: Path, head: str, label: str | None = None):
+    """Load a transformers model with the head a task needs, in eval mode."""
+    import transformers
+
+    _quiet_transformers()
     label = label or str(path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
-        if head == "classify":
-            auto = (
-                transformers.AutoModelForImageClassification
-                if is_image_config(config)
-                else transformers.AutoModelForSequenceClassification
-            )
-        elif head == "lm":
-            auto = transformers.AutoModelForCausalLM
-        else:
-            auto = transformers.AutoModel
-        model = auto.from_pretrained(path)
+        model = _auto_class(config, head).from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
-            f"{label} is not a model transformers can load for '{head}': {first}"
+            f"{label} is not a model transformers can load for '{head}': {_first_line(e)}"
         ) from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def source_model(source, head: str) -> Iterator[tuple]:
+    """(model, tokenizer or None) built from a TensorSource's config with its own weights.
+
+    For methods that get their base as a TensorSource (a directory, a file set
+    in the store): the config and tokenizer files are linked into a temporary
+    directory; the weights are read tensor by tensor into the model.
+    """
+    import tempfile
+
+    import transformers
+
+    _quiet_transformers()
+    if "config.json" not in source.files:
+        raise InputError(f"{source.label} has no config.json; a model to run needs one")
+    with tempfile.TemporaryDirectory(prefix="compressor-model-") as tmp:
+        for rel, path in source.files.items():
+            if "/" not in rel:
+                (Path(tmp) / rel).symlink_to(Path(path).resolve())
+        try:
+            config = transformers.AutoConfig.from_pretrained(tmp)
+            model = _auto_class(config, head).from_config(config)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(
+                f"{source.label} is not a model transformers can build for '{head}': "
+                f"{_first_line(e)}"
+            ) from None
+        own = model.state_dict()
+        for name in source.names():
+            if name in own:
+                own[name].copy_(source.get(name))
+        # named_parameters lists a tied weight once, under the name the checkpoint keeps
+        missing = [n for n, _ in model.named_parameters() if n not in source.infos()]
+        if missing:
+            raise InputError(
+                f"{source.label} has no weights for {', '.join(missing[:3])}"
+                f"{' ...' if len(missing) > 3 else ''} (a '{head}' model needs them)"
+            )
+        tokenizer = None if is_image_config(config) else load_tokenizer(Path(tmp), source.label)
+        yield model.eval(), tokenizer
+
+
+def label_ids(examples, config, data: str) -> torch.Tensor:
+    """The examples' labels as class ids of the model; an error names the first bad line."""
+    n = config.num_labels
+    label2id = {str(k): v for k, v in (getattr(config, "label2id", None) or {}).items()}
+    ids = []
+    for e in examples:
+        if isinstance(e.label, str):
+            if e.label not in label2id:
+                raise InputError(
+                    f"{data} line {e.line}: label '{e.label}' is not one of the model's labels "
+                    f"({', '.join(sorted(label2id))})"
+                )
+            ids.append(label2id[e.label])
+        elif not 0 <= e.label < n:
+            raise InputError(
+                f"{data} line {e.line}: label {e.label} is outside the model's {n} classes "
+                f"(0-{n - 1})"
+            )
+        else:
+            ids.append(e.label)
+    return torch.tensor(ids)
+
+
+def model_inputs(batch, tokenizer, data: str, max_length: int) -> dict:
+    """Keyword arguments of a forward pass: pixel_values for an image model, else tokens."""
+    if tokenizer is None:
+        if any(e.pixels is None for e in batch):
+            raise InputError(f"{data}: an image model needs 'pixels' rows")
+        x = torch.tensor([e.pixels for e in batch], dtype=torch.float32)
+        return {"pixel_values": x.unsqueeze(1) if x.dim() == 3 else x}
+    if any(e.text is None for e in batch):
+        raise InputError(f"{data}: a text model needs 'text' rows")
+    enc = tokenizer(
+        [e.text for e in batch],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return dict(enc)
 
 
 def load_tokenizer(path: Path, label: str | None = None):

@@ -1,9 +1,9 @@
 """task-arithmetic: θ = θ0 + λ Σ_t w_t τ_t (Ilharco et al. 2023; mergekit's task_arithmetic)."""
 
 from compressor.alignment import TaskVectorView
-from compressor.errors import OptionError
 from compressor.hookspecs import hookimpl
-from compressor.method import Manifest, Method, Option
+from compressor.merging import SCALE_OPTION, WEIGHTS_OPTION, expert_weights
+from compressor.method import Manifest, Method
 from compressor.sources import row_blocks
 
 
@@ -17,23 +17,10 @@ class TaskArithmetic(Method):
     version = "1"
     needs_base = True
     max_inputs = None
-    options = (
-        Option("scale", "float", 1.0, "λ, the factor on the summed task vectors"),
-        Option(
-            "weights",
-            "floats",
-            None,
-            "per-expert weights w_t, comma-separated, in the order the experts are given "
-            "(default: 1 each)",
-        ),
-    )
+    options = (SCALE_OPTION, WEIGHTS_OPTION)
 
     def run(self, job):
-        weights = job.options["weights"] or [1.0] * len(job.inputs)
-        if len(weights) != len(job.inputs):
-            raise OptionError(
-                f"option 'weights' has {len(weights)} values for {len(job.inputs)} experts"
-            )
+        weights = expert_weights(job)
         scale = job.options["scale"]
         views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
         for name in job.progress(job.base.names(), desc="task-arithmetic"):

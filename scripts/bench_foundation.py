@@ -29,9 +29,17 @@ MARK = "foundation"
 
 
 def build_model(
-    path: Path, layers: int, hidden: int, ffn: int, vocab: int, seed: int, base: Path | None = None
+    path: Path,
+    layers: int,
+    hidden: int,
+    ffn: int,
+    vocab: int,
+    seed: int,
+    base: Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    shard: str = "2GB",
 ) -> int:
-    """Write a Llama-shaped bf16 checkpoint (2 GB shards), or a perturbed copy of ``base``."""
+    """Write a Llama-shaped checkpoint (bf16, 2 GB shards), or a perturbed copy of ``base``."""
     from compressor.sources import open_model_dir
     from compressor.writer import ArtifactWriter
 
@@ -48,7 +56,7 @@ def build_model(
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
-        "dtype": "bfloat16",
+        "dtype": str(dtype).removeprefix("torch."),
     }
     kv = kv_heads * 64
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -70,7 +78,7 @@ def build_model(
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (vocab, hidden)
     gen = torch.Generator().manual_seed(seed)
-    writer = ArtifactWriter(path, max_shard_size="2GB")
+    writer = ArtifactWriter(path, max_shard_size=shard)
     source = open_model_dir(base) if base else None
     total = 0
     for name, shape in shapes.items():
@@ -81,7 +89,7 @@ def build_model(
             t = torch.ones(shape)
         else:
             t = torch.randn(shape, generator=gen) * 0.02
-        writer.write(name, t.to(torch.bfloat16))
+        writer.write(name, t.to(dtype))
         total += t.numel()
         del t
     writer.add_json("config.json", config)

@@ -125,7 +125,8 @@ def test_float_tensor_missing(run, models, populated, tmp_path):
     )
 
 
-def test_extra_float_tensor(run, models, populated, tmp_path):
+@pytest.mark.parametrize("plugin", ["task-arithmetic", "ties", "dare-linear", "dare-ties"])
+def test_extra_float_tensor(run, models, populated, tmp_path, plugin):
     import torch
 
     ft = _variant(models, tmp_path, lambda t: t.__setitem__("extra.weight", torch.ones(3)))
@@ -133,7 +134,7 @@ def test_extra_float_tensor(run, models, populated, tmp_path):
     _expect(
         run,
         populated,
-        ["merge", "-p", "task-arithmetic", "--base", base, ft],
+        ["merge", "-p", plugin, "--base", base, models["ft2-fp32"], ft],
         1,
         f"base and expert differ: extra.weight is in {ft} but not in {base}",
     )
@@ -167,6 +168,26 @@ USAGE_CASES = {
         ["apply", "-p", "task-vector", FT],
         2,
         "method 'task-vector' needs --base BASE",
+    ),
+    "no experts": (
+        ["merge", "-p", "ties", "--base", BASE],
+        2,
+        "method 'ties' needs at least 1 expert; got none",
+    ),
+    "weights count not equal to experts": (
+        ["merge", "-p", "ties", "--base", BASE, FT, FT, "-o", "weights", "1,2,3"],
+        2,
+        "option 'weights' has 3 values for 2 experts",
+    ),
+    "dare density out of range": (
+        ["merge", "-p", "dare-ties", "--base", BASE, FT, "-o", "density", "0"],
+        2,
+        "option 'density' must be in (0, 1]; got '0'",
+    ),
+    "ties scope unknown": (
+        ["merge", "-p", "ties", "--base", BASE, FT, "-o", "scope", "layer"],
+        2,
+        "option 'scope' must be one of tensor, global; got 'layer'",
     ),
     "ref matches nothing": (
         ["export", "nothing-here", "{tmp}/o"],

@@ -56,29 +56,6 @@ def test_weights_count_must_match(run, models):
     assert r.output.strip() == "Error: option 'weights' has 3 values for 2 experts"
 
 
-@pytest.fixture(scope="session")
-def lora(models, tmp_path_factory):
-    """A real PEFT LoRA adapter on the tiny Llama, with non-zero B, and PEFT's own merge."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("lora")
-    model = AutoModelForCausalLM.from_pretrained(models["base-fp32"])
-    config = LoraConfig(
-        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True
-    )
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
-    peft_model.save_pretrained(root / "adapter")
-    merged = peft_model.merge_and_unload()
-    expected = {k: v.detach().clone() for k, v in merged.state_dict().items()}
-    return root / "adapter", expected
-
-
 def test_adapter_as_expert_matches_peft_merge(run, models, lora):
     adapter, expected = lora
     base = models["base-fp32"]

@@ -93,7 +93,7 @@ def register(cli):
     @cli.command()
     @_with_common
     @click.option("--base", "-b", required=True, help="The base model REF the experts share.")
-    @click.argument("experts", nargs=-1, required=True, metavar="EXPERT...")
+    @click.argument("experts", nargs=-1, metavar="EXPERT...")
     @click.pass_context
     def merge(ctx, plugin, options, name, as_json, max_shard_size, base, experts):
         """Merge EXPERTs (models, task vectors, adapters) into one model."""

@@ -107,6 +107,8 @@ def register(cli):
                 click.echo(f"  {title}:")
                 for k, v in d.items():
                     click.echo(f"    {k}: {v}")
+        for line in r.manifest.get("summary", []):
+            click.echo(f"  {line}")
         if files:
             click.echo("  files: " + ", ".join(files))
         for p in r.parents:

@@ -1,0 +1,349 @@
+"""atlas: learn a coefficient per task vector and parameter block (Zhang et al. NeurIPS 2024).
+
+θ_b = θ0_b + Σ_t Λ_tb·τ_tb, with Λ ∈ R^{T×B} learned from a little data while
+every weight stays frozen: the real model, built with transformers from the
+base's config, runs through ``torch.func.functional_call`` on the composed
+parameters, so gradients reach only Λ. ``groups K`` splits each tensor's
+entries into K fixed random groups with a coefficient each (aTLAS×K).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import torch
+
+from compressor.alignment import TaskVectorView
+from compressor.data import batches, read_examples
+from compressor.errors import InputError, OptionError
+from compressor.hookspecs import hookimpl
+from compressor.method import Manifest, Method, Option
+from compressor.modeling import label_ids, model_inputs, source_model
+from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
+
+COEFFICIENTS_FILE = "atlas_coefficients.safetensors"
+
+
+def _positive(v) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def _regex_check(v: str) -> str | None:
+    try:
+        re.compile(v)
+    except re.error as e:
+        return f"is not a valid regular expression ({e})"
+    return None
+
+
+class Atlas(Method):
+    """Learn Λ (experts × parameter blocks) on a few examples; write θ0 + Σ Λ·τ.
+
+    Objectives: ``ce`` (cross-entropy on labelled rows), ``entropy`` (prediction
+    entropy on unlabelled rows: test-time adaptation), ``lm`` (next-token loss
+    on text, causal LMs). Λ starts at 0 (the base); AdamW with weight decay 0.1
+    and gradient clipping at 1.0; the Λ with the best validation score is kept
+    (accuracy on labelled ``val`` rows, else minus the objective on ``val``, or
+    on the training data when no ``val`` is given).
+
+    Memory: every expert's task vector of the learned blocks stays in memory in
+    float32 while learning (experts × parameters × 4 bytes, beside the model
+    and its gradients); ``blocks REGEX`` learns only the matching tensors (the
+    rest keep the base's weights) and loads only their task vectors.
+    """
+
+    name = "atlas"
+    kind = "merge"
+    summary = "aTLAS: learn per-block coefficients of each task vector from a few examples"
+    reference = "https://arxiv.org/abs/2407.02880"
+    version = "1"
+    needs_base = True
+    max_inputs = None
+    options = (
+        Option(
+            "data",
+            "str",
+            None,
+            "training data: JSONL rows with text (or pixels) and label, or text lines (lm)",
+        ),
+        Option(
+            "objective",
+            "choice",
+            "ce",
+            "cross-entropy on labels, prediction entropy (no labels needed), or LM loss",
+            choices=("ce", "entropy", "lm"),
+        ),
+        Option("val", "str", None, "validation data that picks the best Λ (default: data)"),
+        Option(
+            "shots",
+            "int",
+            0,
+            "examples per class taken from data (labelled rows) or in all (otherwise); 0: all",
+            check=lambda v: None if v >= 0 else "must be 0 or more",
+        ),
+        Option("epochs", "int", 10, "passes over the training examples", check=_positive),
+        Option("lr", "float", 0.05, "AdamW learning rate of Λ", check=_positive),
+        Option(
+            "groups",
+            "int",
+            1,
+            "random groups per tensor, one coefficient each (aTLAS×K)",
+            check=_positive,
+        ),
+        Option(
+            "blocks",
+            "str",
+            None,
+            "regular expression: learn only the tensors whose name it finds; "
+            "the rest keep the base's weights (default: every float tensor)",
+            check=_regex_check,
+        ),
+        Option("batch_size", "int", 32, "examples per step", check=_positive),
+        Option(
+            "max_length",
+            "int",
+            128,
+            "tokens per text",
+            check=lambda v: None if v > 1 else "must be at least 2",
+        ),
+        Option("seed", "int", 0, "seed of shot sampling, shuffling and groups"),
+    )
+
+    def run(self, job):
+        opts = job.options
+        if not opts["data"]:
+            raise OptionError("atlas needs -o data PATH")
+        objective = opts["objective"]
+        train = read_examples(opts["data"])
+        val = read_examples(opts["val"]) if opts["val"] else None
+        if objective == "ce" and train[0].label is None:
+            raise InputError(f"{opts['data']}: objective 'ce' needs a 'label' on every row")
+        if objective == "lm" and any(e.text is None for e in train):
+            raise InputError(f"{opts['data']}: objective 'lm' needs text rows")
+        views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
+        head = "lm" if objective == "lm" else "classify"
+        with source_model(job.base, head) as (model, tokenizer):
+            task = _Task(model, tokenizer, objective, opts)
+            train_set = task.examples(train, opts["data"], shots=opts["shots"])
+            val_set = task.examples(val, opts["val"]) if val else train_set
+            coefs = _Coefficients(model, job.base, views, opts)
+            best, history = _learn(task, coefs, train_set, val_set, opts, job)
+            self._write(job, coefs, best)
+        return self._manifest(job, coefs, best, history, len(train_set.rows), val_set)
+
+    def _write(self, job, coefs: _Coefficients, best: torch.Tensor) -> None:
+        from safetensors.torch import save
+
+        with torch.no_grad():
+            merged = coefs.compose(best)
+        for name in job.progress(job.base.names(), desc="atlas: write"):
+            info = job.base.info(name)
+            t = merged.pop(name, None)
+            job.writer.write(name, t.to(info.dtype) if t is not None else job.base.get(name))
+        tensors = {name: best[:, b].contiguous() for b, name in enumerate(coefs.blocks)}
+        meta = {"experts": json.dumps([e.label for e in job.inputs]), "groups": str(coefs.k)}
+        job.writer.add_file(COEFFICIENTS_FILE, save(tensors, metadata=meta))
+
+    def _manifest(self, job, coefs, best, history, examples: int, val_set) -> Manifest:
+        labels = [e.label for e in job.inputs]
+        per_block = best.mean(dim=2)  # T × B
+        summary = []
+        for t, label in enumerate(labels):
+            row = per_block[t]
+            order = row.abs().argsort(descending=True)[:3].tolist()
+            largest = ", ".join(f"{coefs.blocks[b]} {float(row[b]):+.3f}" for b in order)
+            summary.append(
+                f"Λ {label}: mean {float(best[t].mean()):+.3f}, min {float(best[t].min()):+.3f}, "
+                f"max {float(best[t].max()):+.3f}; largest: {largest}"
+            )
+        first, top = history[0], max(history, key=lambda h: h["score"])
+        return Manifest(
+            "model",
+            metrics={
+                "experts": len(labels),
+                "blocks": len(coefs.blocks),
+                "coefficients": best.numel(),
+                f"val_{val_set.score_name}": top["score"],
+                f"base_val_{val_set.score_name}": first["score"],
+                "best_epoch": top["epoch"],
+                "train_examples": examples,
+            },
+            extra={"summary": summary, "history": history, "coefficients": COEFFICIENTS_FILE},
+        )
+
+
+class _Examples:
+    """Prepared examples of one split: batches of model inputs and targets."""
+
+    def __init__(self, rows, batch_list, score_name: str):
+        self.rows = rows
+        self.batches = batch_list
+        self.score_name = score_name
+
+
+class _Task:
+    """The model, its tokenizer and the objective: loss and validation score of a batch."""
+
+    def __init__(self, model, tokenizer, objective: str, opts: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.opts = opts
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    def examples(self, rows, data: str, shots: int = 0) -> _Examples:
+        labelled = rows[0].label is not None and self.objective != "lm"
+        labels = label_ids(rows, self.model.config, data) if labelled else None
+        if shots:
+            rows, labels = _take_shots(rows, labels, shots, self.opts["seed"])
+        size = self.opts["batch_size"]
+        out = []
+        for i, batch in enumerate(batches(rows, size)):
+            x = model_inputs(batch, self.tokenizer, data, self.opts["max_length"])
+            y = labels[i * size : i * size + len(batch)] if labels is not None else None
+            out.append((x, y))
+        name = (
+            "accuracy" if labelled else {"lm": "neg_loss", "entropy": "neg_entropy"}[self.objective]
+        )
+        if self.objective == "ce" and not labelled:
+            raise InputError(f"{data}: objective 'ce' needs a 'label' on every row")
+        return _Examples(rows, out, name)
+
+    def loss(self, params: dict, x: dict, y) -> tuple[torch.Tensor, int]:
+        """The summed objective of a batch under the composed parameters, and its count."""
+        logits = torch.func.functional_call(self.model, params, args=(), kwargs=x).logits
+        if self.objective == "lm":
+            return language_model_nll(logits, x["input_ids"], x["attention_mask"])
+        if self.objective == "ce":
+            return cross_entropy(logits, y)
+        return prediction_entropy(logits)
+
+    @torch.no_grad()
+    def score(self, params: dict, split: _Examples) -> float:
+        """Higher is better: accuracy on labelled rows, else minus the mean objective."""
+        total, count, correct = 0.0, 0, 0
+        for x, y in split.batches:
+            logits = torch.func.functional_call(self.model, params, args=(), kwargs=x).logits
+            if split.score_name == "accuracy":
+                correct += int((logits.argmax(-1) == y).sum())
+                count += y.numel()
+                continue
+            if self.objective == "lm":
+                s, n = language_model_nll(logits, x["input_ids"], x["attention_mask"])
+            else:
+                s, n = prediction_entropy(logits)
+            total, count = total + float(s), count + n
+        if split.score_name == "accuracy":
+            return correct / count
+        return -total / max(count, 1)
+
+
+def _take_shots(rows, labels, shots: int, seed: int):
+    """``shots`` rows per class (or in all without labels), drawn with a seeded shuffle."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    if labels is None:
+        keep = sorted(order[:shots])
+        return [rows[i] for i in keep], None
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        c = int(labels[i])
+        if taken.get(c, 0) < shots:
+            taken[c] = taken.get(c, 0) + 1
+            keep.append(i)
+    keep.sort()
+    return [rows[i] for i in keep], labels[keep]
+
+
+class _Coefficients:
+    """The learned blocks: base weights, the experts' τ, group ids; composes parameters."""
+
+    def __init__(self, model, base, views, opts: dict):
+        pattern = re.compile(opts["blocks"]) if opts["blocks"] else None
+        infos = base.infos()
+        self.k = opts["groups"]
+        self.experts = len(views)
+        self.blocks: list[str] = []
+        self.base: dict[str, torch.Tensor] = {}
+        self.taus: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self.groups: dict[str, torch.Tensor] = {}
+        gen = torch.Generator().manual_seed(opts["seed"])
+        for name, param in model.named_parameters():
+            info = infos.get(name)
+            if info is None or not info.is_float or (pattern and not pattern.search(name)):
+                continue
+            taus = []
+            for t, view in enumerate(views):
+                d = view.delta(name)
+                if d is not None and bool(d.any()):
+                    taus.append((t, d))
+            if not taus:
+                continue
+            self.blocks.append(name)
+            self.base[name] = param.detach()
+            self.taus[name] = taus
+            if self.k > 1:
+                self.groups[name] = torch.randint(self.k, param.shape, generator=gen)
+        if not self.blocks:
+            what = f"matching '{opts['blocks']}' " if pattern else ""
+            raise InputError(f"no parameter tensor {what}differs between the base and the experts")
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.experts, len(self.blocks), self.k)
+
+    def compose(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ0 + Σ_t Λ_t·τ_t for every learned block (differentiable in Λ)."""
+        params = {}
+        for b, name in enumerate(self.blocks):
+            theta = self.base[name]
+            for t, tau in self.taus[name]:
+                c = coefs[t, b]
+                scale = c[self.groups[name]] if self.k > 1 else c[0]
+                theta = theta + scale * tau
+            params[name] = theta
+        return params
+
+
+def _learn(task: _Task, coefs: _Coefficients, train: _Examples, val: _Examples, opts, job):
+    """AdamW on Λ; returns the best Λ by validation score and the per-epoch history."""
+    gen = torch.Generator().manual_seed(opts["seed"])
+    lam = coefs.zeros().requires_grad_(True)
+    optimizer = torch.optim.AdamW([lam], lr=opts["lr"], weight_decay=0.1)
+    best = lam.detach().clone()
+    history = [{"epoch": 0, "score": task.score(coefs.compose(best), val), "loss": None}]
+    steps = opts["epochs"] * len(train.batches)
+    bar = job.progress(range(steps), desc="atlas", unit="step", total=steps)
+    ticks = iter(bar)
+    for epoch in range(1, opts["epochs"] + 1):
+        loss_sum, count = 0.0, 0
+        for i in torch.randperm(len(train.batches), generator=gen).tolist():
+            x, y = train.batches[i]
+            s, n = task.loss(coefs.compose(lam), x, y)
+            loss = s / max(n, 1)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([lam], 1.0)
+            optimizer.step()
+            loss_sum, count = loss_sum + float(s.detach()), count + n
+            next(ticks, None)
+        score = task.score(coefs.compose(lam.detach()), val)
+        mean = loss_sum / max(count, 1)
+        history.append({"epoch": epoch, "score": score, "loss": mean})
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{mean:.4f}", val=f"{score:.4f}")
+        if score > max(h["score"] for h in history[:-1]):
+            best = lam.detach().clone()
+    if hasattr(bar, "close"):
+        bar.close()
+    if not math.isfinite(history[-1]["loss"] or 0.0):
+        job.warn("atlas: the training loss is not finite; try a smaller lr")
+    return best, history
+
+
+@hookimpl
+def register_methods(register):
+    register(Atlas())

@@ -1,0 +1,303 @@
+"""aTLAS on the smoke suite's MiniLM experts and the tiny Llama: composition, learning, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import artifact_tensors, dir_tensors, store_snapshot
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts" / "suite"))
+import build as suite_build  # noqa: E402
+
+QUICK = ("-o", "epochs", "2", "-o", "max_length", "32", "-o", "batch_size", "16")
+
+
+@pytest.fixture(scope="module")
+def text():
+    suite = suite_build.build(suite_build.SMOKE, quiet=True) / "text"
+    return {
+        "base": suite / "base",
+        "experts": [suite / "experts" / t for t in ("tech", "arts")],
+        "train": suite / "data" / "all-train.jsonl",
+        "val": suite / "data" / "all-val.jsonl",
+    }
+
+
+def _atlas(run, base, experts, *options, name="at"):
+    args = ["merge", "-p", "atlas", "--base", base, *experts, *options, "-n", name, "--json"]
+    r = run("--quiet", *args)
+    assert r.exit_code == 0, r.output
+    return json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
+
+
+def _coefficients(name: str) -> tuple[dict, dict]:
+    from compressor.store import open_store
+
+    st = open_store()
+    rec = st.resolve(name)
+    path = st.files(rec.id)["atlas_coefficients.safetensors"]
+    with safe_open(path, "pt") as f:
+        out = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    st.close()
+    return out
+
+
+def test_merged_model_is_base_plus_learned_combination(run, text):
+    rec = _atlas(
+        run,
+        text["base"],
+        text["experts"],
+        "-o",
+        "data",
+        text["train"],
+        "-o",
+        "shots",
+        "2",
+        "-o",
+        "lr",
+        "0.2",
+        *QUICK,
+    )
+    lam, meta = _coefficients("at")
+    assert json.loads(meta["experts"]) == [str(e) for e in text["experts"]]
+    base = dir_tensors(text["base"])
+    experts = [dir_tensors(e) for e in text["experts"]]
+    got = artifact_tensors("at")
+    moved = 0
+    for name, theta0 in base.items():
+        if name not in lam:
+            assert torch.equal(got[name], theta0), name
+            continue
+        coef = lam[name]
+        assert coef.shape == (2, 1)
+        want = theta0 + sum(float(coef[t, 0]) * (e[name] - theta0) for t, e in enumerate(experts))
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+        moved += int(coef.abs().max() > 0)
+    assert rec["metrics"]["blocks"] == len(lam) > 90
+    # Λ starts at 0 and the best epoch is kept: the base's score unless training helped
+    if rec["metrics"]["best_epoch"] > 0:
+        assert moved > 0
+        assert rec["metrics"]["val_accuracy"] > rec["metrics"]["base_val_accuracy"]
+    else:
+        assert moved == 0
+
+
+def test_stored_score_is_the_written_models_score(run, text):
+    rec = _atlas(
+        run,
+        text["base"],
+        text["experts"],
+        "-o",
+        "data",
+        text["train"],
+        "-o",
+        "val",
+        text["val"],
+        "-o",
+        "shots",
+        "4",
+        "-o",
+        "lr",
+        "0.3",
+        *QUICK,
+    )
+    r = run("--quiet", "eval", "at", "-o", "data", text["val"], "-o", "max_length", "32", "--json")
+    assert r.exit_code == 0, r.output
+    scored = json.loads(r.output.splitlines()[-1])
+    assert scored["accuracy"] == pytest.approx(rec["metrics"]["val_accuracy"])
+    assert rec["metrics"]["val_accuracy"] >= rec["metrics"]["base_val_accuracy"]
+    assert rec["metrics"]["train_examples"] == 4 * 8
+
+
+def test_groups_give_each_tensor_that_many_coefficients(run, text):
+    expert = text["experts"][0]
+    _atlas(
+        run,
+        text["base"],
+        [expert],
+        "-o",
+        "data",
+        text["train"],
+        "-o",
+        "shots",
+        "2",
+        "-o",
+        "groups",
+        "3",
+        "-o",
+        "lr",
+        "0.3",
+        *QUICK,
+    )
+    lam, meta = _coefficients("at")
+    assert meta["groups"] == "3"
+    base, tuned, got = dir_tensors(text["base"]), dir_tensors(expert), artifact_tensors("at")
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    tau = tuned[name] - base[name]
+    ratio = ((got[name] - base[name])[tau.abs() > 1e-4] / tau[tau.abs() > 1e-4]).reshape(-1)
+    values = lam[name][0]
+    # every entry's coefficient is one of the tensor's three
+    nearest = (ratio[:, None] - values[None, :]).abs().min(dim=1).values
+    assert float(nearest.max()) < 1e-2 * max(1.0, float(values.abs().max()))
+    assert lam[name].shape == (1, 3)
+
+
+def test_blocks_limits_what_is_learned(run, text):
+    _atlas(
+        run,
+        text["base"],
+        text["experts"],
+        "-o",
+        "data",
+        text["train"],
+        "-o",
+        "shots",
+        "2",
+        "-o",
+        "blocks",
+        r"layer\.5\.|classifier",
+        *QUICK,
+    )
+    lam, _ = _coefficients("at")
+    assert lam and all("layer.5." in n or "classifier" in n for n in lam)
+    base, got = dir_tensors(text["base"]), artifact_tensors("at")
+    for name, t in base.items():
+        if name not in lam:
+            assert torch.equal(got[name], t), name
+
+
+def test_show_summarises_lambda(run, text):
+    _atlas(
+        run,
+        text["base"],
+        text["experts"],
+        "-o",
+        "data",
+        text["train"],
+        "-o",
+        "shots",
+        "2",
+        "-o",
+        "lr",
+        "0.3",
+        *QUICK,
+    )
+    out = run("store", "show", "at").output
+    for e in text["experts"]:
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"Λ {e}:"))
+        assert "mean" in line and "min" in line and "max" in line and "largest:" in line
+
+
+def test_entropy_objective_on_unlabelled_rows(run, text, tmp_path):
+    rows = [json.loads(x) for x in text["train"].read_text().splitlines()][:24]
+    data = tmp_path / "unlabelled.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    rec = _atlas(
+        run,
+        text["base"],
+        text["experts"],
+        "-o",
+        "data",
+        data,
+        "-o",
+        "objective",
+        "entropy",
+        *QUICK,
+    )
+    assert "val_neg_entropy" in rec["metrics"]
+    assert rec["metrics"]["val_neg_entropy"] >= rec["metrics"]["base_val_neg_entropy"]
+
+
+def test_language_model_objective_on_the_tiny_llama(run, models, tmp_path):
+    from compressor.demo_models import zen_lines
+
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(zen_lines()[:16]) + "\n")
+    rec = _atlas(
+        run,
+        models["base-fp32"],
+        [models["ft1-fp32"], models["ft2-fp32"]],
+        "-o",
+        "data",
+        data,
+        "-o",
+        "objective",
+        "lm",
+        "-o",
+        "lr",
+        "0.2",
+        *QUICK,
+    )
+    assert rec["metrics"]["val_neg_loss"] >= rec["metrics"]["base_val_neg_loss"]
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert run("export", "at", out).exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+
+
+def _refused(run, store, args, message, code=1):
+    run("store", "ls")
+    before = store_snapshot(store)
+    r = run(*args)
+    assert (r.exit_code, r.output) == (code, f"Error: {message}\n")
+    assert store_snapshot(store) == before
+
+
+def test_malformed_data_line_is_named(run, text, private_store, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = text["train"].read_text().splitlines()
+    bad.write_text("\n".join([good[0], good[1], '{"text": "unfinished', good[2]]) + "\n")
+    args = ["merge", "-p", "atlas", "--base", text["base"], *text["experts"], "-o", "data", bad]
+    _refused(
+        run, private_store, args, f"{bad} line 3: not valid JSON (Unterminated string starting at)"
+    )
+
+
+def test_label_outside_the_models_classes(run, text, private_store, tmp_path):
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 9}\n')
+    args = ["merge", "-p", "atlas", "--base", text["base"], *text["experts"], "-o", "data", bad]
+    _refused(
+        run, private_store, args, f"{bad} line 2: label 9 is outside the model's 8 classes (0-7)"
+    )
+
+
+def test_other_bad_inputs(run, text, models, private_store, tmp_path):
+    base, experts, train = text["base"], text["experts"], text["train"]
+    merge = ["merge", "-p", "atlas", "--base", base]
+    _refused(run, private_store, [*merge, *experts], "atlas needs -o data PATH", code=2)
+    unlabelled = tmp_path / "u.jsonl"
+    unlabelled.write_text('{"text": "a"}\n')
+    _refused(
+        run,
+        private_store,
+        [*merge, *experts, "-o", "data", unlabelled],
+        f"{unlabelled}: objective 'ce' needs a 'label' on every row",
+    )
+    _refused(
+        run,
+        private_store,
+        [*merge, *experts, "-o", "data", train, "-o", "blocks", "nothing"],
+        "no parameter tensor matching 'nothing' differs between the base and the experts",
+    )
+    _refused(
+        run,
+        private_store,
+        [*merge, *experts, "-o", "data", train, "-o", "blocks", "(("],
+        "option 'blocks' is not a valid regular expression (missing ), unterminated "
+        "subpattern at position 1); got '(('",
+        code=2,
+    )
+    _refused(
+        run,
+        private_store,
+        [*merge, models["ft1-fp32"], "-o", "data", train],
+        f"base and expert differ: lm_head.weight is in {models['ft1-fp32']} but not in {base}",
+    )
