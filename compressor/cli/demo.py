@@ -123,6 +123,68 @@ def register(cli):
                 "expert-a-small",
             )
             _step(store, "eval", "expert-a-small", "--base", base, "-o", "data", data, *scoring)
+            # TIES and DARE take any kind of expert: here a ComPEFT artifact beside a task vector
+            _step(
+                store,
+                "merge",
+                "--plugin",
+                "ties",
+                "--base",
+                base,
+                "expert-a-small",
+                "expert-b",
+                "-o",
+                "density",
+                "0.2",
+                "--name",
+                "merged-ties",
+            )
+            _step(
+                store,
+                "merge",
+                "--plugin",
+                "dare-ties",
+                "--base",
+                base,
+                "expert-a",
+                "expert-b",
+                "-o",
+                "density",
+                "0.5",
+                "-o",
+                "seed",
+                "1",
+                "--name",
+                "merged-dare",
+            )
+            if source is None:  # aTLAS learns through the model: the causal LM's own loss
+                _step(
+                    store,
+                    "merge",
+                    "--plugin",
+                    "atlas",
+                    "--base",
+                    base,
+                    "expert-a",
+                    "expert-b",
+                    "-o",
+                    "data",
+                    data,
+                    "-o",
+                    "objective",
+                    "lm",
+                    "-o",
+                    "epochs",
+                    "2",
+                    "--name",
+                    "merged-atlas",
+                )
+                _step(store, "store", "show", "merged-atlas")
+            else:
+                click.echo(
+                    "\n(aTLAS needs a task head: try `compress demo --model llama`, "
+                    "which learns Λ with the language-model loss.)"
+                )
             _step(store, "store", "ls")
             _step(store, "export", "expert-a", work / "out" / "expert-a", "--base", base)
             _step(store, "export", "merged", work / "out" / "merged")
