@@ -25,7 +25,7 @@ def _rows(path):
 
 
 def _eval_json(run, *args):
-    r = run("eval", *args, "--json")
+    r = run("--quiet", "eval", *args, "--json")
     assert r.exit_code == 0, r.output
     return json.loads(r.output.splitlines()[-1])
 

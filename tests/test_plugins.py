@@ -36,6 +36,10 @@ def test_builtins_load_through_entry_points():
         "task-vector": "task_vector",
         "task-arithmetic": "task_arithmetic",
         "compeft": "compeft",
+        "ties": "ties_dare",
+        "dare-linear": "ties_dare",
+        "dare-ties": "ties_dare",
+        "atlas": "atlas",
     }
 
 
@@ -49,7 +53,7 @@ def test_register_methods(run):
         "name": "scale",
         "type": "float",
         "default": 1.0,
-        "help": "λ, the factor on the summed task vectors",
+        "help": "λ, the factor on the merged task vector",
     }
     shown = run("plugins", "show", "task-arithmetic").output
     assert "Reference: https://arxiv.org/abs/2212.04089" in shown
