@@ -222,7 +222,15 @@ def test_adapter_factors(run, lora_suite, tmp_path):
     assert loaded  # PEFT loads the decoded adapter
     scores = json.loads(
         run(
-            "eval", "ca", "--base", base, "-o", "data", data / "tech-test.jsonl", "--json"
+            "--quiet",
+            "eval",
+            "ca",
+            "--base",
+            base,
+            "-o",
+            "data",
+            data / "tech-test.jsonl",
+            "--json",
         ).output.splitlines()[-1]
     )
     assert 0 <= scores["accuracy"] <= 1
