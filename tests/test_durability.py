@@ -42,8 +42,10 @@ def test_sigkill_at_random_moments(medium, tmp_path):
     base, ft = medium
     store_dir = tmp_path / "store"
     rng = random.Random(1234)
-    # how long a full run takes here, to spread the kills over its whole length
+    # how long start-up and a full (warm) run take, to spread the kills over the work
     t0 = time.monotonic()
+    assert _compress(store_dir, "--version").wait() == 0
+    startup = time.monotonic() - t0
     apply = [
         "apply",
         "-p",
@@ -56,14 +58,16 @@ def test_sigkill_at_random_moments(medium, tmp_path):
         "--max-shard-size",
         "10MB",
     ]
-    p = _compress(store_dir, *apply)
-    assert p.wait() == 0, p.stderr.read()
+    for _ in range(2):
+        t0 = time.monotonic()
+        p = _compress(store_dir, *apply)
+        assert p.wait() == 0, p.stderr.read()
     full = time.monotonic() - t0
     expected_files = None
-    runs = 1
-    for _ in range(12):
+    runs = 2
+    for _ in range(14):
         p = _compress(store_dir, *apply)
-        time.sleep(rng.uniform(0.3, full))
+        time.sleep(rng.uniform(0.8 * startup, full))
         p.send_signal(signal.SIGKILL)
         p.wait()
         runs += 1
