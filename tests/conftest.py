@@ -127,3 +127,12 @@ def artifact_tensors(ref: str) -> dict[str, torch.Tensor]:
             return {n: src.get(n) for n in src.names()}
     finally:
         store.close()
+
+
+def assert_refused(run, store: Path, args, message: str, code: int = 1) -> None:
+    """The command fails with exactly ``Error: message`` and leaves the store as it was."""
+    run("store", "ls")  # create the store, so the snapshot has something to compare
+    before = store_snapshot(store)
+    r = run(*args)
+    assert (r.exit_code, r.output) == (code, f"Error: {message}\n")
+    assert store_snapshot(store) == before

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import artifact_tensors, dir_tensors, store_snapshot
+from conftest import artifact_tensors, assert_refused, dir_tensors
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts" / "suite"))
@@ -242,20 +242,12 @@ def test_language_model_objective_on_the_tiny_llama(run, models, tmp_path):
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
 
 
-def _refused(run, store, args, message, code=1):
-    run("store", "ls")
-    before = store_snapshot(store)
-    r = run(*args)
-    assert (r.exit_code, r.output) == (code, f"Error: {message}\n")
-    assert store_snapshot(store) == before
-
-
 def test_malformed_data_line_is_named(run, text, private_store, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = text["train"].read_text().splitlines()
     bad.write_text("\n".join([good[0], good[1], '{"text": "unfinished', good[2]]) + "\n")
     args = ["merge", "-p", "atlas", "--base", text["base"], *text["experts"], "-o", "data", bad]
-    _refused(
+    assert_refused(
         run, private_store, args, f"{bad} line 3: not valid JSON (Unterminated string starting at)"
     )
 
@@ -264,7 +256,7 @@ def test_label_outside_the_models_classes(run, text, private_store, tmp_path):
     bad = tmp_path / "labels.jsonl"
     bad.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 9}\n')
     args = ["merge", "-p", "atlas", "--base", text["base"], *text["experts"], "-o", "data", bad]
-    _refused(
+    assert_refused(
         run, private_store, args, f"{bad} line 2: label 9 is outside the model's 8 classes (0-7)"
     )
 
@@ -272,22 +264,22 @@ def test_label_outside_the_models_classes(run, text, private_store, tmp_path):
 def test_other_bad_inputs(run, text, models, private_store, tmp_path):
     base, experts, train = text["base"], text["experts"], text["train"]
     merge = ["merge", "-p", "atlas", "--base", base]
-    _refused(run, private_store, [*merge, *experts], "atlas needs -o data PATH", code=2)
+    assert_refused(run, private_store, [*merge, *experts], "atlas needs -o data PATH", code=2)
     unlabelled = tmp_path / "u.jsonl"
     unlabelled.write_text('{"text": "a"}\n')
-    _refused(
+    assert_refused(
         run,
         private_store,
         [*merge, *experts, "-o", "data", unlabelled],
         f"{unlabelled}: objective 'ce' needs a 'label' on every row",
     )
-    _refused(
+    assert_refused(
         run,
         private_store,
         [*merge, *experts, "-o", "data", train, "-o", "blocks", "nothing"],
         "no parameter tensor matching 'nothing' differs between the base and the experts",
     )
-    _refused(
+    assert_refused(
         run,
         private_store,
         [*merge, *experts, "-o", "data", train, "-o", "blocks", "(("],
@@ -295,7 +287,7 @@ def test_other_bad_inputs(run, text, models, private_store, tmp_path):
         "subpattern at position 1); got '(('",
         code=2,
     )
-    _refused(
+    assert_refused(
         run,
         private_store,
         [*merge, models["ft1-fp32"], "-o", "data", train],

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import artifact_tensors, dir_tensors, store_snapshot
+from conftest import artifact_tensors, assert_refused, dir_tensors, store_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -282,17 +282,9 @@ def test_adapter_target_delta(run, lora_suite):
         torch.testing.assert_close(got[n], w, rtol=1e-5, atol=0)
 
 
-def _refused(run, private_store, args, message, code=1):
-    run("store", "ls")
-    before = store_snapshot(private_store)
-    r = run(*args)
-    assert (r.exit_code, r.output) == (code, f"Error: {message}\n")
-    assert store_snapshot(private_store) == before
-
-
-def test_all_zero_task_vector_is_refused(run, minilm, private_store):
+def test_all_zero_task_vector_isassert_refused(run, minilm, private_store):
     base = str(minilm["base"])
-    _refused(
+    assert_refused(
         run,
         private_store,
         ("apply", "-p", "compeft", "--base", base, base),
@@ -303,7 +295,7 @@ def test_all_zero_task_vector_is_refused(run, minilm, private_store):
 
 def test_base_and_expert_that_do_not_match(run, minilm, models, private_store):
     base = models["base-fp32"]
-    _refused(
+    assert_refused(
         run,
         private_store,
         ("apply", "-p", "compeft", "--base", str(base), str(minilm["ft"])),
@@ -318,7 +310,7 @@ def test_adapter_directory_without_config(run, lora_suite, private_store, tmp_pa
     (broken / "adapter_model.safetensors").write_bytes(
         (adapter / "adapter_model.safetensors").read_bytes()
     )
-    _refused(
+    assert_refused(
         run,
         private_store,
         ("apply", "-p", "compeft", str(broken)),
