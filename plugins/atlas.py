@@ -196,6 +196,8 @@ class _Task:
 
     def examples(self, rows, data: str, shots: int = 0) -> _Examples:
         labelled = rows[0].label is not None and self.objective != "lm"
+        if self.objective == "ce" and not labelled:
+            raise InputError(f"{data}: objective 'ce' needs a 'label' on every row")
         labels = label_ids(rows, self.model.config, data) if labelled else None
         if shots:
             rows, labels = _take_shots(rows, labels, shots, self.opts["seed"])
@@ -208,8 +210,6 @@ class _Task:
         name = (
             "accuracy" if labelled else {"lm": "neg_loss", "entropy": "neg_entropy"}[self.objective]
         )
-        if self.objective == "ce" and not labelled:
-            raise InputError(f"{data}: objective 'ce' needs a 'label' on every row")
         return _Examples(rows, out, name)
 
     def loss(self, params: dict, x: dict, y) -> tuple[torch.Tensor, int]:
@@ -314,7 +314,8 @@ def _learn(task: _Task, coefs: _Coefficients, train: _Examples, val: _Examples, 
     lam = coefs.zeros().requires_grad_(True)
     optimizer = torch.optim.AdamW([lam], lr=opts["lr"], weight_decay=0.1)
     best = lam.detach().clone()
-    history = [{"epoch": 0, "score": task.score(coefs.compose(best), val), "loss": None}]
+    best_score = task.score(coefs.compose(best), val)
+    history = [{"epoch": 0, "score": best_score, "loss": None}]
     steps = opts["epochs"] * len(train.batches)
     bar = job.progress(range(steps), desc="atlas", unit="step", total=steps)
     ticks = iter(bar)
@@ -335,8 +336,8 @@ def _learn(task: _Task, coefs: _Coefficients, train: _Examples, val: _Examples, 
         history.append({"epoch": epoch, "score": score, "loss": mean})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{mean:.4f}", val=f"{score:.4f}")
-        if score > max(h["score"] for h in history[:-1]):
-            best = lam.detach().clone()
+        if score > best_score:
+            best, best_score = lam.detach().clone(), score
     if hasattr(bar, "close"):
         bar.close()
     if not math.isfinite(history[-1]["loss"] or 0.0):
