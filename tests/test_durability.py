@@ -65,9 +65,9 @@ def test_sigkill_at_random_moments(medium, tmp_path):
     startup = time.monotonic() - t0
     expected_files = None
     runs = 2
-    for _ in range(14):
+    for _ in range(22):
         p = _compress(store_dir, *apply)
-        time.sleep(rng.uniform(0.8 * startup, full))
+        time.sleep(rng.uniform(startup, full))
         p.send_signal(signal.SIGKILL)
         p.wait()
         runs += 1
