@@ -37,12 +37,27 @@ def _compress(store, *args, **kw):
     )
 
 
+def _write_started(store_dir, p, timeout=120.0):
+    """Wait until run ``p`` has created its temp directory in the store: the write began.
+
+    Returns the moment it appeared, or None when the process ended first.
+    """
+    tmp_root = store_dir / "tmp"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tmp_root.is_dir() and any(d.name.startswith(f"{p.pid}-") for d in tmp_root.iterdir()):
+            return time.monotonic()
+        if p.poll() is not None:
+            return None
+        time.sleep(0.002)
+    raise AssertionError("the run never started writing")
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments(medium, tmp_path):
     base, ft = medium
     store_dir = tmp_path / "store"
     rng = random.Random(1234)
-    # how long a warm start-up and a warm full run take, to spread the kills over the work
     apply = [
         "apply",
         "-p",
@@ -55,19 +70,23 @@ def test_sigkill_at_random_moments(medium, tmp_path):
         "--max-shard-size",
         "10MB",
     ]
+    # how long the write takes (its temp directory appearing to the process ending), warm;
+    # kill times are drawn relative to what each run is seen doing, not to wall-clock guesses
     for _ in range(2):
-        t0 = time.monotonic()
         p = _compress(store_dir, *apply)
+        began = _write_started(store_dir, p)
         assert p.wait() == 0, p.stderr.read()
-    full = time.monotonic() - t0
-    t0 = time.monotonic()
-    assert _compress(store_dir, "--version").wait() == 0  # after the runs: warm, like them
-    startup = time.monotonic() - t0
+        assert began is not None
+        window = time.monotonic() - began
     expected_files = None
     runs = 2
-    for _ in range(22):
+    for i in range(22):
         p = _compress(store_dir, *apply)
-        time.sleep(rng.uniform(startup, full))
+        if i % 4 == 0:  # anywhere from start-up on, including before the write
+            time.sleep(rng.uniform(0, 0.3))
+        else:  # after the write began: mostly mid-write, sometimes after the commit
+            assert _write_started(store_dir, p) is not None, p.stderr.read()
+            time.sleep(rng.uniform(0, 1.2 * window))
         p.send_signal(signal.SIGKILL)
         p.wait()
         runs += 1
