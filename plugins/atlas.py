@@ -24,6 +24,15 @@ from compressor.modeling import label_ids, model_inputs, source_model
 from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
 
 COEFFICIENTS_FILE = "atlas_coefficients.safetensors"
+CHUNK = 32  # most examples through the model at once; a step sums the gradients of its chunks
+
+
+def _chunking(batch_size: int) -> tuple[int, int]:
+    """(examples per chunk, chunks per step) for a step of ``batch_size`` examples (0: all)."""
+    if not batch_size:
+        return CHUNK, 0
+    per_step = -(-batch_size // CHUNK)
+    return -(-batch_size // per_step), per_step
 
 
 def _positive(v) -> str | None:
@@ -83,8 +92,8 @@ class Atlas(Method):
             "examples per class taken from data (labelled rows) or in all (otherwise); 0: all",
             check=lambda v: None if v >= 0 else "must be 0 or more",
         ),
-        Option("epochs", "int", 10, "passes over the training examples", check=_positive),
-        Option("lr", "float", 0.05, "AdamW learning rate of Λ", check=_positive),
+        Option("epochs", "int", 20, "passes over the training examples", check=_positive),
+        Option("lr", "float", 0.1, "AdamW learning rate of Λ", check=_positive),
         Option(
             "groups",
             "int",
@@ -100,7 +109,14 @@ class Atlas(Method):
             "the rest keep the base's weights (default: every float tensor)",
             check=_regex_check,
         ),
-        Option("batch_size", "int", 32, "examples per step", check=_positive),
+        Option(
+            "batch_size",
+            "int",
+            0,
+            "examples per AdamW step; 0: all training examples (full-batch steps, "
+            f"gradients summed over chunks of {CHUNK} examples to bound memory)",
+            check=lambda v: None if v >= 0 else "must be 0 or more",
+        ),
         Option(
             "max_length",
             "int",
@@ -201,7 +217,7 @@ class _Task:
         labels = label_ids(rows, self.model.config, data) if labelled else None
         if shots:
             rows, labels = _take_shots(rows, labels, shots, self.opts["seed"])
-        size = self.opts["batch_size"]
+        size = _chunking(self.opts["batch_size"])[0]
         out = []
         for i, batch in enumerate(batches(rows, size)):
             x = model_inputs(batch, self.tokenizer, data, self.opts["max_length"])
@@ -316,20 +332,27 @@ def _learn(task: _Task, coefs: _Coefficients, train: _Examples, val: _Examples, 
     best = lam.detach().clone()
     best_score = task.score(coefs.compose(best), val)
     history = [{"epoch": 0, "score": best_score, "loss": None}]
-    steps = opts["epochs"] * len(train.batches)
+    chunks = len(train.batches)
+    per_step = _chunking(opts["batch_size"])[1] or chunks
+    steps_per_epoch = -(-chunks // per_step)
+    steps = opts["epochs"] * steps_per_epoch
     bar = job.progress(range(steps), desc="atlas", unit="step", total=steps)
     ticks = iter(bar)
     for epoch in range(1, opts["epochs"] + 1):
         loss_sum, count = 0.0, 0
-        for i in torch.randperm(len(train.batches), generator=gen).tolist():
-            x, y = train.batches[i]
-            s, n = task.loss(coefs.compose(lam), x, y)
-            loss = s / max(n, 1)
+        order = torch.randperm(chunks, generator=gen).tolist()
+        for first in range(0, chunks, per_step):
             optimizer.zero_grad()
-            loss.backward()
+            step_count = 0
+            for i in order[first : first + per_step]:
+                x, y = train.batches[i]
+                s, n = task.loss(coefs.compose(lam), x, y)
+                s.backward()  # summed; divided by the step's count below
+                loss_sum, step_count = loss_sum + float(s.detach()), step_count + n
+            lam.grad /= max(step_count, 1)
+            count += step_count
             torch.nn.utils.clip_grad_norm_([lam], 1.0)
             optimizer.step()
-            loss_sum, count = loss_sum + float(s.detach()), count + n
             next(ticks, None)
         score = task.score(coefs.compose(lam.detach()), val)
         mean = loss_sum / max(count, 1)

@@ -213,6 +213,67 @@ def test_entropy_objective_on_unlabelled_rows(run, text, tmp_path):
     assert rec["metrics"]["val_neg_entropy"] >= rec["metrics"]["base_val_neg_entropy"]
 
 
+def test_default_step_is_one_full_batch_gradient(run, text, tmp_path):
+    """40 rows (two chunks through the model) make one AdamW step per epoch; Adam's first
+    step moves each coefficient by lr against the sign of the full-batch gradient."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [json.loads(x) for x in text["train"].read_text().splitlines()][::4][:40]
+    assert len(rows) == 40
+    data = tmp_path / "unlabelled.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    lr = 0.002
+    args = ("-o", "data", data, "-o", "objective", "entropy", "-o", "max_length", "32")
+    rec = _atlas(run, text["base"], text["experts"], *args, "-o", "epochs", "1", "-o", "lr", lr)
+    assert rec["metrics"]["best_epoch"] == 1  # a small step down the gradient lowers the loss
+    lam, _ = _coefficients("at")
+
+    # independent: d(mean entropy)/dΛ_tb at Λ = 0 is <dL/dθ_b, τ_tb>
+    tok = AutoTokenizer.from_pretrained(text["base"])
+    model = AutoModelForSequenceClassification.from_pretrained(text["base"]).eval()
+    x = tok(
+        [r["text"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )
+    logp = model(**x).logits.log_softmax(-1)
+    (-(logp.exp() * logp).sum(-1).mean()).backward()
+    base = dir_tensors(text["base"])
+    experts = [dir_tensors(e) for e in text["experts"]]
+    grads = dict(model.named_parameters())
+    g = {
+        (name, t): float((grads[name].grad * (e[name] - base[name])).sum())
+        for name in lam
+        for t, e in enumerate(experts)
+    }
+    clip = min(1.0, 1.0 / (sum(v * v for v in g.values()) ** 0.5 + 1e-6))  # clip_grad_norm_
+    checked = 0
+    for (name, t), gt in g.items():
+        gc = gt * clip
+        want = -lr * gc / (abs(gc) + 1e-8)  # Adam's bias-corrected first step
+        assert float(lam[name][t, 0]) == pytest.approx(want, rel=1e-3, abs=1e-9), name
+        checked += abs(want) > lr / 2
+    assert checked > 100
+
+    # mini-batches of 16 make three steps in that epoch instead: coefficients move further
+    _atlas(
+        run,
+        text["base"],
+        text["experts"],
+        *args,
+        "-o",
+        "epochs",
+        "1",
+        "-o",
+        "lr",
+        lr,
+        "-o",
+        "batch_size",
+        "16",
+        name="mini",
+    )
+    lam_mini, _ = _coefficients("mini")
+    assert max(float(c.abs().max()) for c in lam_mini.values()) > 2.5 * lr
+
+
 def test_language_model_objective_on_the_tiny_llama(run, models, tmp_path):
     from compressor.demo_models import zen_lines
 
