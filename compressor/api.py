@@ -24,7 +24,7 @@ from .method import Job
 from .plugin_manager import get_registry
 from .refs import resolve
 from .safetensors_format import dtype_from_name
-from .sources import TensorSource, row_blocks
+from .sources import TensorSource, copy_tensor, row_blocks
 from .store import ArtifactRecord, Store, check_name, open_store
 from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
 
@@ -228,7 +228,7 @@ def export(
                 _carry_files(writer, base_source, "model")
             else:
                 for name in progress(source.names(), desc="export"):
-                    _copy_tensor(writer, source, name)
+                    copy_tensor(writer, source, name)
                 if not single_file:
                     _carry_files(writer, source, source.content)
             written = writer.finish()
@@ -258,14 +258,6 @@ def _write_config_dtype(writer: ArtifactWriter, source: TensorSource, dtype: tor
     for k in keys:
         config[k] = name
     writer.add_json("config.json", config)
-
-
-def _copy_tensor(writer: ArtifactWriter, source: TensorSource, name: str) -> None:
-    info = source.info(name)
-    writer.begin(name, info.shape, info.dtype)
-    for rows in row_blocks(info):
-        writer.write_rows(source.get(name, rows))
-    writer.end()
 
 
 def _write_sum(writer, base: TensorSource, delta: TensorSource, progress) -> None:

@@ -26,6 +26,10 @@ def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def _int(text: str) -> int:
     return int(text)
 
@@ -45,6 +49,7 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "bool": (_bool, "true or false"),
     "str": (str, "a string"),
     "floats": (_float_list, "comma-separated numbers"),
+    "ints": (_int_list, "comma-separated integers"),
     "choice": (str, "one of the choices"),
 }
 

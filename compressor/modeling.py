@@ -57,6 +57,10 @@ def _auto_class(config, head: str):
         )
     if head == "lm":
         return transformers.AutoModelForCausalLM
+    if head == "saved":  # the class the checkpoint was saved from, so every tensor has a home
+        for name in getattr(config, "architectures", None) or []:
+            if hasattr(transformers, name):
+                return getattr(transformers, name)
     return transformers.AutoModel
 
 
@@ -108,7 +112,8 @@ def source_model(source, head: str) -> Iterator[tuple]:
                 (Path(tmp) / rel).symlink_to(Path(path).resolve())
         try:
             config = transformers.AutoConfig.from_pretrained(tmp)
-            model = _auto_class(config, head).from_config(config)
+            cls = _auto_class(config, head)
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
         except (OSError, ValueError, KeyError) as e:
             raise InputError(
                 f"{source.label} is not a model transformers can build for '{head}': "

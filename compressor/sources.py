@@ -79,6 +79,15 @@ def row_blocks(info: TensorInfo, max_elems: int = DEFAULT_BLOCK_ELEMS) -> Iterat
         yield slice(start, min(rows, start + step))
 
 
+def copy_tensor(writer, source: TensorSource, name: str, out_name: str | None = None) -> None:
+    """Stream one tensor from ``source`` into ``writer`` block by block (renamed if asked)."""
+    info = source.info(name)
+    writer.begin(out_name or name, info.shape, info.dtype)
+    for rows in row_blocks(info):
+        writer.write_rows(source.get(name, rows))
+    writer.end()
+
+
 def block_shape(info: TensorInfo, rows: slice | None) -> tuple[int, ...]:
     """The shape of a row block of a tensor (the whole shape for ``None``)."""
     if rows is None:

@@ -40,6 +40,7 @@ def test_builtins_load_through_entry_points():
         "dare-linear": "ties_dare",
         "dare-ties": "ties_dare",
         "atlas": "atlas",
+        "matformer": "matformer",
     }
 
 

@@ -1,0 +1,533 @@
+"""MatFormer: cut nested-FFN submodels out of a model (Devvrit et al. 2023, arXiv 2310.07707).
+
+A width m of an FFN keeps its first m hidden neurons: the rows of the up (and
+gate) projection and its bias, the columns of the down projection; fused
+gate-up weights are cut per half. Layers can be dropped and the rest
+renumbered. ``order weight|activation`` first permutes each FFN's neurons by
+importance, which leaves the model's function unchanged, so that the prefix
+holds the neurons that matter most in a model that was not trained nested.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+
+from compressor.errors import InputError, OptionError
+from compressor.hookspecs import hookimpl
+from compressor.method import Manifest, Method, Option
+from compressor.sources import copy_tensor, row_blocks
+
+GRANULARITIES = (0.125, 0.25, 0.5, 1.0)
+# config entries that hold one value per layer: filtered when layers are skipped
+PER_LAYER_KEYS = ("intermediate_size", "layer_types", "activation_sparsity_pattern")
+# Gemma 3n's per-layer input tensors hold one chunk per layer along one dimension
+PER_LAYER_TENSORS = {"embed_tokens_per_layer.weight": 1, "per_layer_model_projection.weight": 0}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One FFN tensor: which dimension indexes the hidden neurons and what it does."""
+
+    rest: str  # the name after "<layers>.<i>."
+    dim: int
+    role: str  # "in" feeds the neurons, "out" reads them, "bias" is the in-projection's bias
+    fused: bool = False  # [gate; up] stacked along dim, d_ff each
+
+
+_LLAMA_MLP = (
+    Member("mlp.gate_proj.weight", 0, "in"),
+    Member("mlp.up_proj.weight", 0, "in"),
+    Member("mlp.gate_up_proj.weight", 0, "in", fused=True),
+    Member("mlp.gate_proj.bias", 0, "bias"),
+    Member("mlp.up_proj.bias", 0, "bias"),
+    Member("mlp.down_proj.weight", 1, "out"),
+)
+
+
+@dataclass(frozen=True)
+class FfnLayout:
+    """Where an architecture family keeps its layers and FFN tensors, and its config keys."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str  # the name of the layer list: tensors are "<prefix>.<layers>.<i>.<rest>"
+    members: tuple[Member, ...]
+    width_key: str = "intermediate_size"
+    layers_key: str = "num_hidden_layers"
+    per_layer_widths: bool = False  # the config takes a list of widths
+
+
+LAYOUTS = (
+    FfnLayout(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
+        "layers",
+        _LLAMA_MLP,
+    ),
+    FfnLayout("gemma3n", ("gemma3n", "gemma3n_text"), "layers", _LLAMA_MLP, per_layer_widths=True),
+    FfnLayout(
+        "bert",
+        ("bert", "roberta", "vit"),
+        "layer",
+        (
+            Member("intermediate.dense.weight", 0, "in"),
+            Member("intermediate.dense.bias", 0, "bias"),
+            Member("output.dense.weight", 1, "out"),
+        ),
+    ),
+    FfnLayout(
+        "gpt2",
+        ("gpt2",),
+        "h",
+        (  # Conv1D stores weights as (in, out)
+            Member("mlp.c_fc.weight", 1, "in"),
+            Member("mlp.c_fc.bias", 0, "bias"),
+            Member("mlp.c_proj.weight", 0, "out"),
+        ),
+        width_key="n_inner",
+        layers_key="n_layer",
+    ),
+)
+SUPPORTED = sorted(t for layout in LAYOUTS for t in layout.model_types)
+
+
+def _is_fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+class Model:
+    """A source model's layout: its config, layers, FFN tensors and their widths."""
+
+    def __init__(self, source):
+        config = source.config()
+        if config is None:
+            raise InputError(f"{source.label} has no config.json; matformer needs one")
+        self.source = source
+        self.config = config
+        self.text = config.get("text_config") or config  # Gemma 3n keeps its text model here
+        model_type = self.text.get("model_type") or config.get("model_type")
+        layout = next((lay for lay in LAYOUTS if model_type in lay.model_types), None)
+        if layout is None:
+            raise InputError(
+                f"matformer does not know the architecture '{model_type}' of {source.label}; "
+                f"supported: {', '.join(SUPPORTED)}"
+            )
+        self.layout = layout
+        self.model_type = model_type
+        pattern = re.compile(rf"^(|.*\.){re.escape(layout.layers)}\.(\d+)\.(.+)$")
+        rests = {m.rest: m for m in layout.members}
+        self.ffn: dict[int, dict[str, Member]] = {}  # layer -> tensor name -> member
+        self.prefix = None
+        for name in source.names():
+            m = pattern.match(name)
+            if m and m.group(3) in rests:
+                if self.prefix not in (None, m.group(1)):
+                    raise InputError(f"{source.label}: FFN tensors under two layer lists")
+                self.prefix = m.group(1)
+                self.ffn.setdefault(int(m.group(2)), {})[name] = rests[m.group(3)]
+        if not self.ffn:
+            raise InputError(f"{source.label} has no {layout.family}-style FFN tensors")
+        self.layer_re = re.compile(rf"^{re.escape(self.prefix + layout.layers)}\.(\d+)\.(.+)$")
+        self.num_layers = self.text.get(layout.layers_key) or len(self.ffn)
+        if sorted(self.ffn) != list(range(self.num_layers)):
+            raise InputError(
+                f"{source.label}: FFN tensors found for {len(self.ffn)} layers, "
+                f"the config says {self.num_layers}"
+            )
+        self.d_ff = [self._width(layer) for layer in range(self.num_layers)]
+
+    def _width(self, layer: int) -> int:
+        name, member = next((n, m) for n, m in self.ffn[layer].items() if m.role != "bias")
+        size = self.source.info(name).shape[member.dim]
+        return size // 2 if member.fused else size
+
+    def neuron_cost(self, layer: int) -> int:
+        """Parameters that one hidden neuron of this layer's FFN costs."""
+        infos = self.source.infos()
+        return sum(infos[name].numel for name in self.ffn[layer]) // self.d_ff[layer]
+
+    def kv_sharing(self) -> list[str | None]:
+        """Gemma 3n: per layer None, 'store' (later layers read its KV) or 'reuse'."""
+        if self.layout.family != "gemma3n":
+            return [None] * self.num_layers
+        from transformers import Gemma3nTextConfig
+
+        return list(Gemma3nTextConfig.from_dict(self.text).kv_sharing_modes)
+
+
+class MatformerExtract(Method):
+    """Cut a submodel: every FFN to a width (or one per layer), optionally dropping layers.
+
+    Architectures: the Llama family (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3's
+    fused gate-up), Gemma 3n (text), BERT/RoBERTa/ViT and GPT-2, found from
+    ``config.json`` and the tensor names. The output is a Hugging Face
+    directory with ``intermediate_size`` (GPT-2: ``n_inner``) updated: a list
+    for Gemma 3n, which takes one width per layer; the others take one integer,
+    so their widths must be equal. Tensors stream one at a time.
+    """
+
+    name = "matformer"
+    kind = "extract"
+    summary = "MatFormer: cut a submodel with narrower FFNs (Mix'n'Match widths, skipped layers)"
+    reference = "https://arxiv.org/abs/2310.07707"
+    version = "1"
+    options = (
+        Option("ffn_ratio", "float", None, "keep this fraction of every FFN", check=_is_fraction),
+        Option("widths", "ints", None, "one FFN width per kept layer (Mix'n'Match)"),
+        Option(
+            "target_params",
+            "int",
+            None,
+            "pick per-layer widths from d_ff·{1/8, 1/4, 1/2, 1}, not shrinking with depth, "
+            "to land at or under this many parameters",
+            check=lambda v: None if v > 0 else "must be positive",
+        ),
+        Option("skip_layers", "ints", None, "drop these layers (0-based) and renumber the rest"),
+        Option(
+            "order",
+            "choice",
+            "none",
+            "permute each FFN's neurons by importance first (function-preserving): "
+            "weight norms, or activations on -o data",
+            choices=("none", "weight", "activation"),
+        ),
+        Option("data", "str", None, "calibration rows for order activation (JSONL or text)"),
+        Option("max_length", "int", 128, "tokens per calibration text"),
+        Option("batch_size", "int", 16, "calibration rows per forward pass"),
+    )
+
+    def run(self, job):
+        opts = job.options
+        model = Model(job.inputs[0])
+        kept = _kept_layers(model, opts["skip_layers"])
+        widths = _widths(model, kept, opts)
+        if opts["order"] == "activation" and not opts["data"]:
+            raise OptionError("order activation needs -o data PATH (calibration rows)")
+        if opts["order"] == "none":
+            perms = {}
+        elif opts["order"] == "weight":
+            perms = {i: _order(weight_importance(model, i)) for i in kept}
+        else:
+            scores = activation_importance(model, opts, job)
+            perms = {i: _order(scores[i]) for i in kept}
+        params_in = _float_params(job.inputs[0])
+        _write(job, model, kept, widths, perms)
+        config = _config(model, kept, widths)
+        job.writer.add_json("config.json", config)
+        params_out = _planned_params(model, kept, widths)
+        return Manifest(
+            "model",
+            metrics={
+                "params": params_out,
+                "source_params": params_in,
+                "ratio": params_out / params_in,
+                "layers": len(kept),
+                "mean_ffn_fraction": sum(
+                    w / model.d_ff[i] for i, w in zip(kept, widths, strict=True)
+                )
+                / len(kept),
+            },
+            extra={
+                "summary": [
+                    f"layers kept: {_ranges(kept)} of 0-{model.num_layers - 1}",
+                    "FFN widths: " + _runs(widths) + f" (d_ff {_runs(model.d_ff)})",
+                    f"neuron order: {opts['order']}",
+                ],
+                "kept_layers": kept,
+                "widths": widths,
+                "d_ff": model.d_ff,
+                "order": opts["order"],
+                "permutation": {str(i): p.tolist() for i, p in perms.items()},
+            },
+        )
+
+
+def _kept_layers(model: Model, skip: list[int] | None) -> list[int]:
+    skip = sorted(set(skip or []))
+    n = model.num_layers
+    bad = [i for i in skip if not 0 <= i < n]
+    if bad:
+        raise OptionError(f"skip_layers names layer {bad[0]}; the model has layers 0-{n - 1}")
+    if len(skip) == n:
+        raise OptionError(f"skip_layers drops all {n} layers; keep at least one")
+    modes = model.kv_sharing()
+    shared = [i for i in skip if modes[i] is not None]
+    if shared:
+        fixed = [i for i, m in enumerate(modes) if m is not None]
+        raise OptionError(
+            f"layer {shared[0]} takes part in Gemma 3n's KV sharing "
+            f"({'its KV is read by later layers' if modes[shared[0]] == 'store' else 'it reads the KV of an earlier layer'})"
+            f" and cannot be skipped; layers {_ranges(fixed)} must stay"
+        )
+    return [i for i in range(n) if i not in skip]
+
+
+def _ranges(items: list[int]) -> str:
+    out, start = [], None
+    for k, i in enumerate(items):
+        if start is None:
+            start = i
+        if k + 1 == len(items) or items[k + 1] != i + 1:
+            out.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(out)
+
+
+def _runs(values: list[int]) -> str:
+    """``768 ×4, 1536 ×2``: a list of widths, repeats collapsed."""
+    out = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return ", ".join(f"{v} ×{n}" if n > 1 else str(v) for v, n in out)
+
+
+def _widths(model: Model, kept: list[int], opts: dict) -> list[int]:
+    given = [k for k in ("ffn_ratio", "widths", "target_params") if opts[k] is not None]
+    if len(given) > 1:
+        raise OptionError(f"give one of ffn_ratio, widths, target_params; got {', '.join(given)}")
+    d_ff = [model.d_ff[i] for i in kept]
+    if not given:
+        if not opts["skip_layers"] and opts["order"] == "none":
+            raise OptionError(
+                "matformer needs -o ffn_ratio R, -o widths W1,W2,..., -o target_params N "
+                "or -o skip_layers I,J,..."
+            )
+        widths = d_ff
+    elif given[0] == "ffn_ratio":
+        widths = [max(1, round(opts["ffn_ratio"] * d)) for d in d_ff]
+    elif given[0] == "widths":
+        widths = opts["widths"]
+        if len(widths) != len(kept):
+            raise OptionError(
+                f"widths lists {len(widths)} widths; the extracted model has {len(kept)} "
+                "layers (one width per kept layer)"
+            )
+        for i, w, d in zip(kept, widths, d_ff, strict=True):
+            if not 1 <= w <= d:
+                raise OptionError(f"width {w} of layer {i} is outside 1..{d} (its d_ff)")
+    else:
+        widths = _fit_params(model, kept, opts["target_params"])
+    if not model.layout.per_layer_widths and len(set(widths)) > 1:
+        raise OptionError(
+            f"{model.model_type} takes one {model.layout.width_key} for all layers; "
+            f"widths must be equal (got {', '.join(map(str, widths))})"
+        )
+    return widths
+
+
+def _planned_params(model: Model, kept: list[int], widths: list[int]) -> int:
+    """Float parameters of the submodel that ``kept`` and ``widths`` describe."""
+    return _fixed_params(model, kept) + sum(
+        model.neuron_cost(i) * w for i, w in zip(kept, widths, strict=True)
+    )
+
+
+def _fixed_params(model: Model, kept: list[int]) -> int:
+    ffn = {name for layer in model.ffn.values() for name in layer}
+    total = 0
+    keep = set(kept)
+    for name, info in model.source.infos().items():
+        if not info.is_float or name in ffn:
+            continue
+        m = model.layer_re.match(name)
+        if m and int(m.group(1)) not in keep:
+            continue
+        numel = info.numel
+        if _per_layer_dim(name) is not None:
+            numel = numel // model.num_layers * len(kept)
+        total += numel
+    return total
+
+
+def _fit_params(model: Model, kept: list[int], target: int) -> list[int]:
+    """Per-layer granularities, never shrinking with depth, with the most parameters ≤ target."""
+    fixed = _fixed_params(model, kept)
+    costs = [model.neuron_cost(i) for i in kept]
+    options = [[max(1, round(model.d_ff[i] * g)) for g in GRANULARITIES] for i in kept]
+    n, levels = len(kept), len(GRANULARITIES)
+    best = None
+    # a non-decreasing level sequence is how many layers sit at each level, in order
+    for counts in _compositions(n, levels, uniform=not model.layout.per_layer_widths):
+        seq = [lvl for lvl, c in enumerate(counts) for _ in range(c)]
+        total = fixed + sum(costs[k] * options[k][lvl] for k, lvl in enumerate(seq))
+        if total <= target:
+            key = (total, -sum(1 for c in counts if c))  # most parameters, then fewest changes
+            if best is None or key > best[0]:
+                best = (key, [options[k][lvl] for k, lvl in enumerate(seq)])
+    if best is None:
+        smallest = fixed + sum(c * o[0] for c, o in zip(costs, options, strict=True))
+        raise OptionError(
+            f"target_params {target} is below the smallest submodel: {smallest} parameters "
+            "with every FFN at d_ff/8"
+        )
+    return best[1]
+
+
+def _compositions(n: int, parts: int, uniform: bool):
+    if uniform:
+        for p in range(parts):
+            yield tuple(n if q == p else 0 for q in range(parts))
+        return
+    if parts == 1:
+        yield (n,)
+        return
+    for first in range(n + 1):
+        for rest in _compositions(n - first, parts - 1, False):
+            yield (first, *rest)
+
+
+def _per_layer_dim(name: str) -> int | None:
+    for suffix, dim in PER_LAYER_TENSORS.items():
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def _order(scores: torch.Tensor) -> torch.Tensor:
+    """Neurons from most to least important (stable, so ties keep their order)."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def _neurons(t: torch.Tensor, member: Member, d_ff: int) -> torch.Tensor:
+    """The tensor as (d_ff, ...) per hidden neuron (fused gate-up: both halves side by side)."""
+    t = t.float().movedim(member.dim, 0)
+    if member.fused:
+        t = torch.cat([t[:d_ff], t[d_ff:]], dim=-1)
+    return t.reshape(d_ff, -1)
+
+
+def weight_importance(model: Model, layer: int) -> torch.Tensor:
+    """‖what feeds neuron j‖ · ‖what reads it‖ from the weights alone."""
+    d = model.d_ff[layer]
+    fed = torch.zeros(d)
+    read = torch.zeros(d)
+    for name, member in model.ffn[layer].items():
+        if member.role == "bias":
+            continue
+        sq = _neurons(model.source.get(name), member, d).square().sum(dim=1)
+        (fed if member.role == "in" else read).add_(sq)
+    return fed.sqrt() * read.sqrt()
+
+
+def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tensor]:
+    """E|h_j| over the calibration tokens · ‖W_out[:, j]‖, per layer."""
+    from compressor.data import batches, read_examples
+    from compressor.modeling import model_inputs, source_model
+
+    rows = read_examples(opts["data"])
+    sums = {i: torch.zeros(d) for i, d in enumerate(model.d_ff)}
+    counts = dict.fromkeys(sums, 0)
+    outs = {
+        i: next((n, m) for n, m in members.items() if m.role == "out")
+        for i, members in model.ffn.items()
+    }
+    state = {}
+    with source_model(model.source, "saved") as (net, tokenizer):
+        modules = dict(net.named_modules())
+
+        def hook_for(layer):
+            def hook(_module, args):
+                h = args[0].detach().float().abs()
+                mask = state.get("mask")
+                h = h.reshape(-1, h.shape[-1])
+                if mask is not None and mask.numel() == h.shape[0]:
+                    h = h[mask.reshape(-1).bool()]
+                sums[layer] += h.sum(dim=0)
+                counts[layer] += h.shape[0]
+
+            return hook
+
+        handles = []
+        for i, (name, _) in outs.items():
+            module = modules.get(name.removesuffix(".weight"))
+            if module is None:
+                raise InputError(f"{model.source.label}: no module for {name}")
+            handles.append(module.register_forward_pre_hook(hook_for(i)))
+        try:
+            chunks = list(batches(rows, opts["batch_size"]))
+            with torch.no_grad():
+                for chunk in job.progress(chunks, desc="matformer: calibrate", unit="batch"):
+                    x = model_inputs(chunk, tokenizer, opts["data"], opts["max_length"])
+                    state["mask"] = x.get("attention_mask")
+                    net(**x)
+        finally:
+            for h in handles:
+                h.remove()
+    scores = {}
+    for i, (name, member) in outs.items():
+        col = _neurons(model.source.get(name), member, model.d_ff[i]).square().sum(dim=1).sqrt()
+        scores[i] = sums[i] / max(counts[i], 1) * col
+    return scores
+
+
+def _write(job, model: Model, kept: list[int], widths: list[int], perms: dict) -> None:
+    source, writer = job.inputs[0], job.writer
+    new_index = {old: new for new, old in enumerate(kept)}
+    width_of = dict(zip(kept, widths, strict=True))
+    members = {name: (i, m) for i, layer in model.ffn.items() for name, m in layer.items()}
+    for name in job.progress(source.names(), desc="matformer"):
+        out = name
+        m = model.layer_re.match(name)
+        if m:
+            layer = int(m.group(1))
+            if layer not in new_index:
+                continue
+            out = f"{model.prefix}{model.layout.layers}.{new_index[layer]}.{m.group(2)}"
+        if name in members:
+            layer, member = members[name]
+            d, w = model.d_ff[layer], width_of[layer]
+            keep = perms[layer][:w] if layer in perms else torch.arange(w)
+            if member.fused:
+                keep = torch.cat([keep, keep + d])
+            writer.write(out, source.get(name).index_select(member.dim, keep).contiguous())
+            continue
+        dim = _per_layer_dim(name)
+        if dim is not None and len(kept) < model.num_layers:
+            _write_layer_chunks(writer, source, name, dim, model.num_layers, kept)
+            continue
+        copy_tensor(writer, source, name, out)
+
+
+def _write_layer_chunks(writer, source, name, dim, layers, kept) -> None:
+    """A tensor with one equal chunk per layer along ``dim``: keep the kept layers' chunks."""
+    info = source.info(name)
+    size = info.shape[dim] // layers
+    keep = torch.cat([torch.arange(i * size, (i + 1) * size) for i in kept])
+    shape = list(info.shape)
+    shape[dim] = len(keep)
+    if dim == 0:
+        writer.write(name, source.get(name).index_select(0, keep).contiguous())
+        return
+    writer.begin(name, tuple(shape), info.dtype)
+    for rows in row_blocks(info):
+        writer.write_rows(source.get(name, rows).index_select(dim, keep).contiguous())
+    writer.end()
+
+
+def _config(model: Model, kept: list[int], widths: list[int]) -> dict:
+    config = json.loads(json.dumps(model.config))
+    text = config.get("text_config") or config
+    layout = model.layout
+    n = model.num_layers
+    for key in PER_LAYER_KEYS:
+        if isinstance(text.get(key), list) and len(text[key]) == n:
+            text[key] = [text[key][i] for i in kept]
+    text[layout.layers_key] = len(kept)
+    text[layout.width_key] = list(widths) if layout.per_layer_widths else widths[0]
+    return config
+
+
+def _float_params(source) -> int:
+    return sum(info.numel for info in source.infos().values() if info.is_float)
+
+
+@hookimpl
+def register_methods(register):
+    register(MatformerExtract())
