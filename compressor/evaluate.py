@@ -16,7 +16,7 @@ import torch
 
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
-from .method import Option, parse_options
+from .method import Option, parse_options, positive
 from .modeling import (
     is_image_config,
     label_ids,
@@ -45,7 +45,7 @@ EVAL_OPTIONS = (
         "int",
         32,
         "examples per forward pass",
-        check=lambda v: None if v > 0 else "must be positive",
+        check=positive,
     ),
     Option(
         "max_length",

@@ -54,6 +54,16 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
 }
 
 
+def positive(v) -> str | None:
+    """An Option check: the value must be above 0."""
+    return None if v > 0 else "must be positive"
+
+
+def fraction(v) -> str | None:
+    """An Option check: the value must be in (0, 1]."""
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
 @dataclass(frozen=True)
 class Option:
     """One typed ``-o KEY VALUE`` option with its default and help."""

@@ -19,7 +19,7 @@ from compressor.alignment import TaskVectorView
 from compressor.data import batches, read_examples
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
-from compressor.method import Manifest, Method, Option
+from compressor.method import Manifest, Method, Option, positive
 from compressor.modeling import label_ids, model_inputs, source_model
 from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
 
@@ -33,10 +33,6 @@ def _chunking(batch_size: int) -> tuple[int, int]:
         return CHUNK, 0
     per_step = -(-batch_size // CHUNK)
     return -(-batch_size // per_step), per_step
-
-
-def _positive(v) -> str | None:
-    return None if v > 0 else "must be positive"
 
 
 def _regex_check(v: str) -> str | None:
@@ -92,14 +88,14 @@ class Atlas(Method):
             "examples per class taken from data (labelled rows) or in all (otherwise); 0: all",
             check=lambda v: None if v >= 0 else "must be 0 or more",
         ),
-        Option("epochs", "int", 20, "passes over the training examples", check=_positive),
-        Option("lr", "float", 0.1, "AdamW learning rate of Λ", check=_positive),
+        Option("epochs", "int", 20, "passes over the training examples", check=positive),
+        Option("lr", "float", 0.1, "AdamW learning rate of Λ", check=positive),
         Option(
             "groups",
             "int",
             1,
             "random groups per tensor, one coefficient each (aTLAS×K)",
-            check=_positive,
+            check=positive,
         ),
         Option(
             "blocks",

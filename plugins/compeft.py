@@ -19,16 +19,12 @@ import torch
 from compressor.alignment import TaskVectorView
 from compressor.errors import InputError, UsageError
 from compressor.hookspecs import hookimpl
-from compressor.method import Manifest, Method, Option
+from compressor.method import Manifest, Method, Option, fraction
 from compressor.safetensors_format import TensorInfo
 from compressor.selection import HIGH_BUCKETS, TopKThreshold, magnitude_bits
 from compressor.sources import TensorSource, block_shape, row_blocks
 
 GAP_TAIL = 30.0  # the gap alphabet covers P(gap) down to about e^-30
-
-
-def _density_check(v: float) -> str | None:
-    return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
 def _alpha_check(v: str) -> str | None:
@@ -173,9 +169,7 @@ class ComPEFT(Method):
     reference = "https://arxiv.org/abs/2311.13171"
     version = "1"
     options = (
-        Option(
-            "density", "float", 0.1, "fraction of entries kept, in (0, 1]", check=_density_check
-        ),
+        Option("density", "float", 0.1, "fraction of entries kept, in (0, 1]", check=fraction),
         Option(
             "alpha",
             "str",

@@ -18,7 +18,7 @@ import torch
 
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
-from compressor.method import Manifest, Method, Option
+from compressor.method import Manifest, Method, Option, fraction, positive
 from compressor.sources import copy_tensor, row_blocks
 
 GRANULARITIES = (0.125, 0.25, 0.5, 1.0)
@@ -93,10 +93,6 @@ LAYOUTS = (
     ),
 )
 SUPPORTED = sorted(t for layout in LAYOUTS for t in layout.model_types)
-
-
-def _is_fraction(v: float) -> str | None:
-    return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
 class Model:
@@ -176,7 +172,7 @@ class MatformerExtract(Method):
     reference = "https://arxiv.org/abs/2310.07707"
     version = "1"
     options = (
-        Option("ffn_ratio", "float", None, "keep this fraction of every FFN", check=_is_fraction),
+        Option("ffn_ratio", "float", None, "keep this fraction of every FFN", check=fraction),
         Option("widths", "ints", None, "one FFN width per kept layer (Mix'n'Match)"),
         Option(
             "target_params",
@@ -184,7 +180,7 @@ class MatformerExtract(Method):
             None,
             "pick per-layer widths from d_ff·{1/8, 1/4, 1/2, 1}, not shrinking with depth, "
             "to land at or under this many parameters",
-            check=lambda v: None if v > 0 else "must be positive",
+            check=positive,
         ),
         Option("skip_layers", "ints", None, "drop these layers (0-based) and renumber the rest"),
         Option(
@@ -528,6 +524,151 @@ def _float_params(source) -> int:
     return sum(info.numel for info in source.infos().values() if info.is_float)
 
 
+class MatformerTrain(Method):
+    """Nested training: each step sums the loss at every granularity on the same batch.
+
+    At granularity g each FFN uses only its first d_ff·g hidden neurons (the
+    others are masked to zero, which is exactly what slicing them off computes),
+    so after training the prefixes are good submodels and ``extract`` cuts
+    them. The whole model trains (AdamW, grad-clip 1.0); the artifact is the
+    full-width model. Cross-entropy on labelled rows with the head the
+    checkpoint was saved with, or next-token loss on text for causal LMs.
+    ``granularities 1`` is plain fine-tuning with the same budget: the
+    baseline nested training is measured against.
+    """
+
+    name = "matformer-train"
+    kind = "compress"
+    summary = "MatFormer nested training: sum the loss at every FFN granularity, so prefixes work"
+    reference = "https://arxiv.org/abs/2310.07707"
+    version = "1"
+    options = (
+        Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (LM)"),
+        Option(
+            "granularities",
+            "floats",
+            list(GRANULARITIES),
+            "FFN fractions trained together",
+            check=lambda v: (
+                None if v and all(0 < g <= 1 for g in v) else "must be fractions in (0, 1]"
+            ),
+        ),
+        Option("steps", "int", 200, "optimizer steps", check=positive),
+        Option("lr", "float", 5e-5, "AdamW learning rate", check=positive),
+        Option("batch_size", "int", 16, "rows per step", check=positive),
+        Option("max_length", "int", 128, "tokens per text"),
+        Option("seed", "int", 0, "seed of the row order and dropout"),
+    )
+
+    def run(self, job):
+        from compressor.data import read_examples
+        from compressor.modeling import label_ids, model_inputs, source_model
+        from compressor.objectives import cross_entropy, language_model_nll
+
+        opts = job.options
+        if not opts["data"]:
+            raise OptionError("matformer-train needs -o data PATH")
+        source = job.inputs[0]
+        if source.content != "model":
+            raise InputError(
+                f"{source.label} holds a {source.content}; matformer-train needs a model"
+            )
+        layout = Model(source)
+        rows = read_examples(opts["data"])
+        labelled = rows[0].label is not None
+        torch.manual_seed(opts["seed"])
+        gen = torch.Generator().manual_seed(opts["seed"])
+        grans = sorted(set(opts["granularities"]))
+        history = {g: [] for g in grans}
+        with source_model(source, "saved") as (net, tokenizer):
+            _check_head(net, labelled, source.label)
+            labels = label_ids(rows, net.config, opts["data"]) if labelled else None
+            masks = _MaskedWidths(net, layout)
+            params = [p for p in net.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=opts["lr"])
+            net.train()
+            order: list[int] = []
+            for _ in job.progress(range(opts["steps"]), desc="matformer-train", unit="step"):
+                if len(order) < opts["batch_size"]:
+                    order += torch.randperm(len(rows), generator=gen).tolist()
+                pick, order = order[: opts["batch_size"]], order[opts["batch_size"] :]
+                x = model_inputs(
+                    [rows[i] for i in pick], tokenizer, opts["data"], opts["max_length"]
+                )
+                optimizer.zero_grad()
+                for g in grans:
+                    masks.set(g)
+                    logits = net(**x).logits
+                    if labelled:
+                        total, n = cross_entropy(logits, labels[pick])
+                    else:
+                        total, n = language_model_nll(logits, x["input_ids"], x["attention_mask"])
+                    loss = total / max(n, 1)
+                    loss.backward()
+                    history[g].append(float(loss.detach()))
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+            masks.remove()
+            state = net.state_dict()
+            for name in job.progress(source.names(), desc="matformer-train: write"):
+                info = source.info(name)
+                t = state.get(name)
+                job.writer.write(
+                    name, t.detach().to(info.dtype) if t is not None else source.get(name)
+                )
+        window = max(1, opts["steps"] // 10)
+        metrics = {"steps": opts["steps"]}
+        for g in grans:
+            metrics[f"loss_first_{g:g}"] = sum(history[g][:window]) / window
+            metrics[f"loss_last_{g:g}"] = sum(history[g][-window:]) / window
+        return Manifest("model", metrics=metrics, extra={"granularities": grans})
+
+
+def _check_head(net, labelled: bool, label: str) -> None:
+    kind = type(net).__name__
+    if labelled and not kind.endswith(("ForSequenceClassification", "ForImageClassification")):
+        raise InputError(f"{label} is a {kind}; labelled rows need a classification head")
+    if not labelled and not kind.endswith(("ForCausalLM", "LMHeadModel")):
+        raise InputError(
+            f"{label} is a {kind}; unlabelled text trains a causal LM (give labelled rows "
+            "to train a classifier)"
+        )
+
+
+class _MaskedWidths:
+    """Forward pre-hooks that zero each FFN's hidden neurons past d_ff·g (= slicing them off)."""
+
+    def __init__(self, net, layout: Model):
+        modules = dict(net.named_modules())
+        self.g = 1.0
+        self.handles = []
+        for layer, members in layout.ffn.items():
+            name = next(n for n, m in members.items() if m.role == "out")
+            module = modules.get(name.removesuffix(".weight"))
+            if module is None:
+                raise InputError(f"{layout.source.label}: no module for {name}")
+            self.handles.append(module.register_forward_pre_hook(self._hook(layout.d_ff[layer])))
+
+    def _hook(self, d_ff: int):
+        def hook(_module, args):
+            m = max(1, round(self.g * d_ff))
+            if m >= d_ff:
+                return None
+            mask = torch.zeros(d_ff, dtype=args[0].dtype)
+            mask[:m] = 1
+            return (args[0] * mask, *args[1:])
+
+        return hook
+
+    def set(self, g: float) -> None:
+        self.g = g
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @hookimpl
 def register_methods(register):
     register(MatformerExtract())
+    register(MatformerTrain())

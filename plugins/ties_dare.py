@@ -28,13 +28,9 @@ from compressor.merging import (
     top_k_mask,
     trim_count,
 )
-from compressor.method import Manifest, Method, Option
+from compressor.method import Manifest, Method, Option, fraction
 from compressor.selection import TopKThreshold
 from compressor.sources import block_shape, row_blocks
-
-
-def _density_check(v: float) -> str | None:
-    return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
 def _normalize(default: str) -> Option:
@@ -141,7 +137,7 @@ class Ties(_SparsifyMerge):
     options = (
         WEIGHTS_OPTION,
         SCALE_OPTION,
-        Option("density", "float", 0.2, "fraction of each τ's entries kept", check=_density_check),
+        Option("density", "float", 0.2, "fraction of each τ's entries kept", check=fraction),
         Option(
             "scope",
             "choice",
@@ -228,7 +224,7 @@ def _dare_options(normalize: str, consensus: bool) -> tuple[Option, ...]:
             "float",
             0.5,
             "probability of keeping each entry of τ (1 − the drop rate p)",
-            check=_density_check,
+            check=fraction,
         ),
         Option("seed", "int", 0, "random seed of the drop masks"),
         Option(

@@ -41,6 +41,7 @@ def test_builtins_load_through_entry_points():
         "dare-ties": "ties_dare",
         "atlas": "atlas",
         "matformer": "matformer",
+        "matformer-train": "matformer",
     }
 
 
