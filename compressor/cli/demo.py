@@ -185,6 +185,23 @@ def register(cli):
                     "\n(aTLAS needs a task head: try `compress demo --model llama`, "
                     "which learns Λ with the language-model loss.)"
                 )
+            # MatFormer: a half-width submodel of the merge, FFN neurons sorted by importance
+            _step(
+                store,
+                "extract",
+                "--plugin",
+                "matformer",
+                "merged",
+                "-o",
+                "ffn_ratio",
+                "0.5",
+                "-o",
+                "order",
+                "weight",
+                "--name",
+                "merged-half",
+            )
+            _step(store, "eval", "merged-half", "-o", "data", data, *scoring)
             _step(store, "store", "ls")
             _step(store, "export", "expert-a", work / "out" / "expert-a", "--base", base)
             _step(store, "export", "merged", work / "out" / "merged")
