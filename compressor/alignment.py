@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import MismatchError
+from .errors import MismatchError, UsageError
 from .peft_adapter import PeftAdapter
 from .safetensors_format import TensorInfo
-from .sources import TensorSource
+from .sources import TensorSource, block_shape, row_blocks
 
 
 def _shape(info: TensorInfo) -> str:
@@ -124,3 +124,61 @@ class TaskVectorView:
         if self.expert.content != "model" or isinstance(self.expert, PeftAdapter):
             return None
         return self.expert.info(name).dtype
+
+
+class CompressionInput:
+    """What a compress method reads: the float tensors of τ block by block, and the rest.
+
+    A model with a base gives θt − θ0; a stored task vector gives itself; a PEFT
+    adapter gives its A and B factors (reference 0, as in the paper), or with
+    ``target delta`` and a base, ΔW = B·A·scaling on the base's tensor names.
+    """
+
+    def __init__(
+        self,
+        base: TensorSource | None,
+        source: TensorSource,
+        target: str,
+        warn: Callable[[str], None],
+        method: str,
+    ):
+        self.source = source
+        self.view = None
+        self.content = "delta"
+        if source.content == "adapter" and target == "factors":
+            self.infos = source.infos()
+            self.content = "adapter"
+            replaced = set(source.replaced.values())
+            self.names = [n for n, i in self.infos.items() if i.is_float and n not in replaced]
+            self.dense = [n for n in self.infos if n not in self.names]
+            if replaced:
+                warn(
+                    f"kept dense (whole modules the adapter replaces): {', '.join(sorted(replaced))}"
+                )
+            return
+        if source.content in ("model", "adapter"):
+            if base is None:
+                what = (
+                    "a full model" if source.content == "model" else "an adapter with target delta"
+                )
+                raise UsageError(
+                    f"{method} needs --base BASE when INPUT is {what} (or give a task vector)"
+                )
+            self.view = TaskVectorView(base, source, warn)
+            self.infos = base.infos()
+        else:
+            self.infos = source.infos()
+        self.names = [n for n, i in self.infos.items() if i.is_float]
+        self.dense = [n for n, i in self.infos.items() if not i.is_float]
+
+    def blocks(self, name: str):
+        info = self.infos[name]
+        for rows in row_blocks(info):
+            if self.view is None:
+                yield self.source.get(name, rows).float()
+            else:
+                d = self.view.delta(name, rows)
+                yield d if d is not None else torch.zeros(block_shape(info, rows))
+
+    def dense_tensor(self, name: str) -> torch.Tensor:
+        return self.view.carried(name) if self.view is not None else self.source.get(name)

@@ -16,13 +16,13 @@ import math
 import numpy as np
 import torch
 
-from compressor.alignment import TaskVectorView
-from compressor.errors import InputError, UsageError
+from compressor.alignment import CompressionInput
+from compressor.errors import InputError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction
 from compressor.safetensors_format import TensorInfo
 from compressor.selection import HIGH_BUCKETS, TopKThreshold, magnitude_bits
-from compressor.sources import TensorSource, block_shape, row_blocks
+from compressor.sources import TensorSource
 
 GAP_TAIL = 30.0  # the gap alphabet covers P(gap) down to about e^-30
 
@@ -88,57 +88,6 @@ def decode_positions(coded: np.ndarray, escapes: np.ndarray, kept: int, numel: i
 # -- the method -----------------------------------------------------------------------
 
 
-class _TaskVector:
-    """The float tensors of τ to compress, read block by block, and the tensors kept as they are.
-
-    A model with a base gives θt − θ0; a stored task vector gives itself; a PEFT
-    adapter gives its A and B factors (reference 0, as in the paper), or with
-    ``target delta`` and a base, ΔW = B·A·scaling on the base's tensor names.
-    """
-
-    def __init__(self, base: TensorSource | None, source: TensorSource, target: str, warn):
-        self.source = source
-        self.view = None
-        self.content = "delta"
-        if source.content == "adapter" and target == "factors":
-            self.infos = source.infos()
-            self.content = "adapter"
-            replaced = set(source.replaced.values())
-            self.names = [n for n, i in self.infos.items() if i.is_float and n not in replaced]
-            self.dense = [n for n in self.infos if n not in self.names]
-            if replaced:
-                warn(
-                    f"kept dense (whole modules the adapter replaces): {', '.join(sorted(replaced))}"
-                )
-            return
-        if source.content in ("model", "adapter"):
-            if base is None:
-                what = (
-                    "a full model" if source.content == "model" else "an adapter with target delta"
-                )
-                raise UsageError(
-                    f"compeft needs --base BASE when INPUT is {what} (or give a task vector)"
-                )
-            self.view = TaskVectorView(base, source, warn)
-            self.infos = base.infos()
-        else:
-            self.infos = source.infos()
-        self.names = [n for n, i in self.infos.items() if i.is_float]
-        self.dense = [n for n, i in self.infos.items() if not i.is_float]
-
-    def blocks(self, name: str):
-        info = self.infos[name]
-        for rows in row_blocks(info):
-            if self.view is None:
-                yield self.source.get(name, rows).float()
-            else:
-                d = self.view.delta(name, rows)
-                yield d if d is not None else torch.zeros(block_shape(info, rows))
-
-    def dense_tensor(self, name: str) -> torch.Tensor:
-        return self.view.carried(name) if self.view is not None else self.source.get(name)
-
-
 def _sum_squares(x: torch.Tensor) -> float:
     """Σx² in float32 with torch's cascade summation: about 1e-8 relative, 20x faster than float64."""
     return float(x.square().sum())
@@ -195,7 +144,7 @@ class ComPEFT(Method):
     )
 
     def run(self, job):
-        tv = _TaskVector(job.base, job.inputs[0], job.options["target"], job.warn)
+        tv = CompressionInput(job.base, job.inputs[0], job.options["target"], job.warn, self.name)
         if tv.content == "adapter":
             job.writer.prefix = "adapter_model"
         density, alpha, scope = job.options["density"], job.options["alpha"], job.options["scope"]
@@ -245,7 +194,7 @@ class ComPEFT(Method):
         )
 
     # pass 1 and 2: σ and the exact threshold over the group
-    def _select(self, tv: _TaskVector, group: list[str], density: float, job) -> dict:
+    def _select(self, tv: CompressionInput, group: list[str], density: float, job) -> dict:
         finder = TopKThreshold()
         n, s, ss = 0, 0.0, 0.0
         top: dict[str, int] = {}  # each tensor's highest bucket: passes 2 and 3 skip the rest

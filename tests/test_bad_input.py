@@ -147,7 +147,7 @@ USAGE_CASES = {
     "unknown plugin": (
         ["apply", "-p", "zip", "--base", BASE, FT],
         2,
-        "unknown plugin 'zip' (available: compeft, matformer-train, task-vector)",
+        "unknown plugin 'zip' (available: compeft, matformer-train, task-vector, tucker)",
     ),
     "plugin of another kind": (
         ["apply", "-p", "task-arithmetic", FT],

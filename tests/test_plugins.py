@@ -42,6 +42,7 @@ def test_builtins_load_through_entry_points():
         "atlas": "atlas",
         "matformer": "matformer",
         "matformer-train": "matformer",
+        "tucker": "tucker",
     }
 
 
