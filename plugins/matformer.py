@@ -203,15 +203,12 @@ class MatformerExtract(Method):
         widths = _widths(model, kept, opts)
         if opts["order"] == "activation" and not opts["data"]:
             raise OptionError("order activation needs -o data PATH (calibration rows)")
-        if opts["order"] == "none":
-            perms = {}
-        elif opts["order"] == "weight":
-            perms = {i: _order(weight_importance(model, i)) for i in kept}
-        else:
+        perms = {}  # order weight: filled layer by layer while writing, from the tensors read
+        if opts["order"] == "activation":
             scores = activation_importance(model, opts, job)
             perms = {i: _order(scores[i]) for i in kept}
         params_in = _float_params(job.inputs[0])
-        _write(job, model, kept, widths, perms)
+        _write(job, model, kept, widths, perms, by_weight=opts["order"] == "weight")
         config = _config(model, kept, widths)
         job.writer.add_json("config.json", config)
         params_out = _planned_params(model, kept, widths)
@@ -391,23 +388,23 @@ def _order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices
 
 
-def _neurons(t: torch.Tensor, member: Member, d_ff: int) -> torch.Tensor:
-    """The tensor as (d_ff, ...) per hidden neuron (fused gate-up: both halves side by side)."""
-    t = t.float().movedim(member.dim, 0)
-    if member.fused:
-        t = torch.cat([t[:d_ff], t[d_ff:]], dim=-1)
-    return t.reshape(d_ff, -1)
+def _neuron_sq(t: torch.Tensor, member: Member, d_ff: int) -> torch.Tensor:
+    """Σ of squares of each hidden neuron's entries in ``t`` (fused gate-up: both halves)."""
+    dims = [k for k in range(t.dim()) if k != member.dim]
+    sq = torch.linalg.vector_norm(t, dim=dims, dtype=torch.float32).square()
+    return sq[:d_ff] + sq[d_ff:] if member.fused else sq
 
 
-def weight_importance(model: Model, layer: int) -> torch.Tensor:
-    """‖what feeds neuron j‖ · ‖what reads it‖ from the weights alone."""
+def weight_importance(model: Model, layer: int, tensors: dict | None = None) -> torch.Tensor:
+    """‖what feeds neuron j‖ · ‖what reads it‖ from the weights alone (``tensors``: read)."""
     d = model.d_ff[layer]
     fed = torch.zeros(d)
     read = torch.zeros(d)
     for name, member in model.ffn[layer].items():
         if member.role == "bias":
             continue
-        sq = _neurons(model.source.get(name), member, d).square().sum(dim=1)
+        t = tensors[name] if tensors is not None else model.source.get(name)
+        sq = _neuron_sq(t, member, d)
         (fed if member.role == "in" else read).add_(sq)
     return fed.sqrt() * read.sqrt()
 
@@ -458,16 +455,19 @@ def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tens
                 h.remove()
     scores = {}
     for i, (name, member) in outs.items():
-        col = _neurons(model.source.get(name), member, model.d_ff[i]).square().sum(dim=1).sqrt()
+        col = _neuron_sq(model.source.get(name), member, model.d_ff[i]).sqrt()
         scores[i] = sums[i] / max(counts[i], 1) * col
     return scores
 
 
-def _write(job, model: Model, kept: list[int], widths: list[int], perms: dict) -> None:
+def _write(job, model: Model, kept, widths, perms: dict, by_weight: bool) -> None:
+    """Stream every kept tensor out, FFNs cut; ``by_weight`` fills ``perms`` layer by layer,
+    holding one layer's FFN tensors between reading them for the scores and writing them."""
     source, writer = job.inputs[0], job.writer
     new_index = {old: new for new, old in enumerate(kept)}
     width_of = dict(zip(kept, widths, strict=True))
     members = {name: (i, m) for i, layer in model.ffn.items() for name, m in layer.items()}
+    held: dict[str, torch.Tensor] = {}
     for name in job.progress(source.names(), desc="matformer"):
         out = name
         m = model.layer_re.match(name)
@@ -478,11 +478,15 @@ def _write(job, model: Model, kept: list[int], widths: list[int], perms: dict) -
             out = f"{model.prefix}{model.layout.layers}.{new_index[layer]}.{m.group(2)}"
         if name in members:
             layer, member = members[name]
+            if by_weight and layer not in perms:
+                held = {n: source.get(n) for n in model.ffn[layer]}
+                perms[layer] = _order(weight_importance(model, layer, held))
+            t = held.pop(name) if name in held else source.get(name)
             d, w = model.d_ff[layer], width_of[layer]
             keep = perms[layer][:w] if layer in perms else torch.arange(w)
             if member.fused:
                 keep = torch.cat([keep, keep + d])
-            writer.write(out, source.get(name).index_select(member.dim, keep).contiguous())
+            writer.write(out, t.index_select(member.dim, keep).contiguous())
             continue
         dim = _per_layer_dim(name)
         if dim is not None and len(kept) < model.num_layers:
