@@ -21,8 +21,9 @@ import torch
 from .alignment import TaskVectorView
 from .errors import CompressorError, UsageError
 from .method import Job
+from .peft_adapter import CONFIG_FILE, PeftAdapter
 from .plugin_manager import get_registry
-from .refs import resolve
+from .refs import adapter_count, resolve
 from .safetensors_format import dtype_from_name
 from .sources import TensorSource, copy_tensor, row_blocks
 from .store import ArtifactRecord, Store, check_name, open_store
@@ -156,9 +157,12 @@ def _carry_files(writer: ArtifactWriter, source: TensorSource, content: str) -> 
             writer.add_file(rel, path)
 
 
-def apply(plugin: str, input: str, *, base: str | None = None, **kw) -> ArtifactRecord:
-    """Run a compress method on one input (``compress apply``)."""
-    return run_method("compress", plugin, [input], base=base, **kw)
+def apply(
+    plugin: str, input: str | Sequence[str], *, base: str | None = None, **kw
+) -> ArtifactRecord:
+    """Run a compress method on one input, or several for methods that take them."""
+    inputs = [input] if isinstance(input, (str, Path)) else list(input)
+    return run_method("compress", plugin, inputs, base=base, **kw)
 
 
 def merge(plugin: str, experts: Sequence[str], *, base: str, **kw) -> ArtifactRecord:
@@ -196,6 +200,18 @@ def export(
     single_file = out.suffix == ".safetensors"
     if out.exists() and not force and (single_file or not out.is_dir() or any(out.iterdir())):
         raise CompressorError(f"{out} exists and is not empty (use --force to replace it)")
+    with opened_store(store) as st:
+        count = adapter_count(st, ref)
+    if count > 1:  # adapters compressed together: one PEFT directory each, OUT/1, OUT/2, ...
+        if single_file or base is not None:
+            raise UsageError(
+                f"{ref} holds {count} adapters; export them to a directory without --base, "
+                f"or one of them as {ref}#k"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        for k in range(1, count + 1):
+            export(f"{ref}#{k}", out / str(k), dtype=dtype, force=force, store=store, quiet=quiet)
+        return out
     cast = dtype_from_name(dtype) if dtype else None
     progress = make_progress(quiet)
     with opened_store(store) as st, contextlib.ExitStack() as stack:
@@ -230,6 +246,8 @@ def export(
                 for name in progress(source.names(), desc="export"):
                     copy_tensor(writer, source, name)
                 if not single_file:
+                    if isinstance(source, PeftAdapter) and CONFIG_FILE not in source.files:
+                        writer.add_json(CONFIG_FILE, source.config_data)  # a decoded adapter's
                     _carry_files(writer, source, source.content)
             written = writer.finish()
             if single_file:

@@ -58,18 +58,20 @@ class PeftAdapter(TensorSource):
         files: dict[str, Path] | None = None,
         label: str | None = None,
         tensors: TensorSource | None = None,
+        config: dict | None = None,
     ):
         """Read the adapter at ``path`` (or from ``files``); ``tensors`` replaces the
-        weights file when the factors come from elsewhere (a decoded artifact)."""
+        weights file and ``config`` the config file when they come from elsewhere
+        (a decoded artifact)."""
         files = files if files is not None else directory_files(Path(path))
         self.label = label or str(path)
         self.manifest = {}
-        if CONFIG_FILE not in files:
+        if CONFIG_FILE not in files and config is None:
             raise InputError(f"{self.label} is not a PEFT adapter: no {CONFIG_FILE}")
         if WEIGHTS_FILE not in files and tensors is None:
             raise InputError(f"{self.label}: PEFT adapter without {WEIGHTS_FILE}")
         try:
-            cfg = json.loads(Path(files[CONFIG_FILE]).read_text())
+            cfg = config if config is not None else json.loads(Path(files[CONFIG_FILE]).read_text())
         except ValueError as e:
             raise InputError(f"{self.label}: {CONFIG_FILE} is not valid JSON ({e})") from None
         if cfg.get("peft_type", "LORA") != "LORA":

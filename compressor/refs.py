@@ -55,8 +55,19 @@ def resolve(store, ref: str) -> ResolvedInput:
         return _resolve_path(path.resolve())
     if looks_like_path(ref):
         raise InputError(f"no such file or directory: {ref}")
-    record = store.resolve(ref)
-    return ResolvedInput(open_artifact(store, record), record.id, record.label)
+    name, _, pick = ref.rpartition("#") if "#" in ref else (ref, "", "")
+    if pick and not pick.isdigit():
+        raise RefError(f"'{ref}': the part after '#' must be a number (which adapter)")
+    record = store.resolve(name)
+    select = int(pick) if pick else None
+    return ResolvedInput(open_artifact(store, record, select), record.id, record.label)
+
+
+def adapter_count(store, ref: str) -> int:
+    """How many adapters a stored artifact holds together (0 for anything else)."""
+    if Path(ref).expanduser().exists() or looks_like_path(ref) or "#" in ref:
+        return 0
+    return len(store.resolve(ref).manifest.get("adapters", []))
 
 
 def _resolve_path(path: Path) -> ResolvedInput:
@@ -105,8 +116,11 @@ def fingerprint(files: dict[str, Path]) -> tuple[str, int]:
     return h.hexdigest(), total
 
 
-def open_artifact(store, record) -> TensorSource:
-    """A stored artifact as a tensor source (decoded if it is an encoded form)."""
+def open_artifact(store, record, select: int | None = None) -> TensorSource:
+    """A stored artifact as a tensor source (decoded if it is an encoded form).
+
+    ``select`` picks one adapter of an artifact that holds several (``NAME#k``).
+    """
     if record.kind == "external":
         path = Path(record.path)
         if not path.exists():
@@ -117,12 +131,15 @@ def open_artifact(store, record) -> TensorSource:
     if record.content == "adapter" and not encoding:
         return PeftAdapter(Path(record.label), files=files, label=record.label)
     prefix = "adapter_model" if record.content == "adapter" else "model"
+    manifest = record.manifest if select is None else {**record.manifest, "select": select}
+    if select is not None and not encoding:
+        raise RefError(f"{record.label} holds one artifact; '#{select}' selects nothing in it")
     source = SafetensorsShards(
         record.label,
         shards_from_files(record.label, files, prefix),
         carried_files(files),
         record.content,
-        record.manifest,
+        manifest,
     )
     if encoding:
         method = get_registry().methods.get(encoding)
@@ -131,6 +148,6 @@ def open_artifact(store, record) -> TensorSource:
                 f"{record.label} is encoded by '{encoding}', and no installed plugin decodes it"
             )
         source = method.decode(source)
-        if record.content == "adapter":
+        if record.content == "adapter" and not isinstance(source, PeftAdapter):
             return PeftAdapter(Path(record.label), files=files, label=record.label, tensors=source)
     return source

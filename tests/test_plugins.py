@@ -43,6 +43,7 @@ def test_builtins_load_through_entry_points():
         "matformer": "matformer",
         "matformer-train": "matformer",
         "tucker": "tucker",
+        "lora-tucker": "lora_tucker",
     }
 
 

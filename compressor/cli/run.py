@@ -84,11 +84,14 @@ def register(cli):
     @cli.command()
     @_with_common
     @click.option("--base", "-b", help="Base model REF, for methods that work on task vectors.")
-    @click.argument("input_ref", metavar="INPUT")
+    @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
     @click.pass_context
-    def apply(ctx, plugin, options, name, as_json, max_shard_size, base, input_ref):
-        """Compress one INPUT (a model, task vector or adapter) with a method."""
-        _run(ctx, "compress", plugin, [input_ref], base, options, name, as_json, max_shard_size)
+    def apply(ctx, plugin, options, name, as_json, max_shard_size, base, inputs):
+        """Compress an INPUT (a model, task vector or adapter) with a method.
+
+        Most methods take one INPUT; some (lora-tucker) compress several together.
+        """
+        _run(ctx, "compress", plugin, list(inputs), base, options, name, as_json, max_shard_size)
 
     @cli.command()
     @_with_common
