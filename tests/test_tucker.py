@@ -184,3 +184,39 @@ def test_bad_inputs(run, private_store, conv):
         "got rel_error, ratio",
         code=2,
     )
+
+
+def test_a_compeft_artifact_is_decoded_then_factored(run, conv):
+    r = run(
+        "--quiet",
+        "apply",
+        "-p",
+        "compeft",
+        "--base",
+        conv["base"],
+        conv["ft"],
+        "-o",
+        "density",
+        "0.5",
+        "-o",
+        "alpha",
+        "none",
+        "-n",
+        "sparse",
+    )
+    assert r.exit_code == 0, r.output
+    sparse = artifact_tensors("sparse")
+    rec = json.loads(run("store", "show", "sparse", "--json").output)
+    assert rec["content"] == "delta"
+    r = run("--quiet", "apply", "-p", "tucker", "sparse", "-o", "ranks", "32,16,3,3", "-n", "tk")
+    assert r.exit_code == 0, r.output
+    got = artifact_tensors("tk")
+    meta = json.loads(run("store", "show", "tk", "--json").output)["manifest"]["tensors"]
+    # conv1 at full ranks would not shrink: kept as the decoded ComPEFT tensor, exactly
+    assert "ranks" not in meta["conv1.weight"]
+    torch.testing.assert_close(got["conv1.weight"], sparse["conv1.weight"], rtol=0, atol=0)
+    # conv2 is factored, and its recorded error is against the decoded ComPEFT τ̂
+    tau = sparse["conv2.weight"]
+    rel = float((got["conv2.weight"] - tau).norm() / tau.norm())
+    assert meta["conv2.weight"]["ranks"] == [32, 16, 3, 3]
+    assert rel == pytest.approx(meta["conv2.weight"]["rel_error"], abs=1e-5)

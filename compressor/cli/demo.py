@@ -123,6 +123,20 @@ def register(cli):
                 "expert-a-small",
             )
             _step(store, "eval", "expert-a-small", "--base", base, "-o", "data", data, *scoring)
+            # Tucker cores: each tensor as core × factors (simulated fine-tunes are random noise,
+            # so a low-rank fit costs accuracy here; real task vectors are far more compressible)
+            _step(
+                store,
+                "apply",
+                "--plugin",
+                "tucker",
+                "expert-a",
+                "-o",
+                "ratio",
+                "4",
+                "--name",
+                "expert-a-tucker",
+            )
             # TIES and DARE take any kind of expert: here a ComPEFT artifact beside a task vector
             _step(
                 store,
