@@ -79,6 +79,56 @@ def row_blocks(info: TensorInfo, max_elems: int = DEFAULT_BLOCK_ELEMS) -> Iterat
         yield slice(start, min(rows, start + step))
 
 
+class DecodedDelta(TensorSource):
+    """An encoded task vector read back as dense float32 τ̂, one tensor decoded at a time.
+
+    Encodings subclass it: ``_decode(name)`` gives one tensor whole, ``encoded(name)``
+    says which tensors are stored as they are. The manifest lists the tensor
+    ``order`` with each one's ``shape`` under ``tensors``, and the ``carried`` ones.
+    """
+
+    content = "delta"
+
+    def __init__(self, raw: TensorSource):
+        self.raw = raw
+        self.label = raw.label
+        self.files = raw.files
+        self.manifest = raw.manifest
+        meta = raw.manifest["tensors"]
+        self._infos: dict[str, TensorInfo] = {}
+        for name in raw.manifest["order"]:
+            shape = tuple(meta[name]["shape"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * numel)
+        self._carried = set(raw.manifest.get("carried", []))
+        for name in self._carried:
+            self._infos[name] = raw.info(name)
+        self._cache: tuple[str, torch.Tensor] | None = None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def encoded(self, name: str) -> bool:
+        """Whether the tensor is stored encoded (else it is read as it is)."""
+        return name not in self._carried
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        if not self.encoded(name):
+            return self.raw.get(name, rows)
+        if self._cache is None or self._cache[0] != name:
+            self._cache = (name, self._decode(name))
+        t = self._cache[1]
+        return t if rows is None else t[rows]
+
+    def _decode(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 def copy_tensor(writer, source: TensorSource, name: str, out_name: str | None = None) -> None:
     """Stream one tensor from ``source`` into ``writer`` block by block (renamed if asked)."""
     info = source.info(name)

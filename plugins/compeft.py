@@ -20,9 +20,8 @@ from compressor.alignment import CompressionInput
 from compressor.errors import InputError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction
-from compressor.safetensors_format import TensorInfo
 from compressor.selection import HIGH_BUCKETS, TopKThreshold, magnitude_bits
-from compressor.sources import TensorSource
+from compressor.sources import DecodedDelta, TensorSource
 
 GAP_TAIL = 30.0  # the gap alphabet covers P(gap) down to about e^-30
 
@@ -294,36 +293,8 @@ class ComPEFT(Method):
         return DecodedComPEFT(source)
 
 
-class DecodedComPEFT(TensorSource):
+class DecodedComPEFT(DecodedDelta):
     """A ComPEFT artifact read back as the dense τ̂, one tensor decoded at a time."""
-
-    content = "delta"
-
-    def __init__(self, raw: TensorSource):
-        self.raw = raw
-        self.label = raw.label
-        self.files = raw.files
-        self.manifest = raw.manifest
-        meta = raw.manifest["tensors"]
-        self._infos = {}
-        for name in raw.manifest["order"]:
-            shape = tuple(meta[name]["shape"])
-            numel = math.prod(shape)
-            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * numel)
-        for name in raw.manifest.get("carried", []):
-            self._infos[name] = raw.info(name)
-        self._cache: tuple[str, torch.Tensor] | None = None
-
-    def infos(self):
-        return self._infos
-
-    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        if name in self.manifest.get("carried", []):
-            return self.raw.get(name, rows)
-        if self._cache is None or self._cache[0] != name:
-            self._cache = (name, self._decode(name))
-        t = self._cache[1]
-        return t if rows is None else t[rows]
 
     def _decode(self, name: str) -> torch.Tensor:
         meta = self.manifest["tensors"][name]
@@ -346,9 +317,6 @@ class DecodedComPEFT(TensorSource):
                 values[torch.from_numpy(negative)] *= -1
             out[pos] = values
         return out.reshape(info.shape)
-
-    def close(self):
-        self.raw.close()
 
 
 @hookimpl

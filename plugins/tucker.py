@@ -19,7 +19,7 @@ from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, positive
 from compressor.safetensors_format import TensorInfo
-from compressor.sources import TensorSource
+from compressor.sources import DecodedDelta, TensorSource
 
 
 def _open_fraction(v: float) -> str | None:
@@ -223,45 +223,18 @@ def _wanted_ranks(t: torch.Tensor, opts: dict) -> list[int] | None:
     return ranks
 
 
-class DecodedTucker(TensorSource):
+class DecodedTucker(DecodedDelta):
     """A Tucker artifact read back as dense τ̂, one tensor at a time."""
 
-    content = "delta"
+    def encoded(self, name: str) -> bool:
+        return "ranks" in self.manifest["tensors"].get(name, {})
 
-    def __init__(self, raw: TensorSource):
-        self.raw = raw
-        self.label = raw.label
-        self.files = raw.files
-        self.manifest = raw.manifest
-        self._infos = {}
-        for name in raw.manifest["order"]:
-            shape = tuple(raw.manifest["tensors"][name]["shape"])
-            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * math.prod(shape))
-        for name in raw.manifest.get("carried", []):
-            self._infos[name] = raw.info(name)
-        self._cache: tuple[str, torch.Tensor] | None = None
-
-    def infos(self):
-        return self._infos
-
-    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        meta = self.manifest["tensors"].get(name)
-        if meta is None or "ranks" not in meta:
-            return self.raw.get(name, rows)
-        if self._cache is None or self._cache[0] != name:
-            self._cache = (name, self._decode(name, meta))
-        t = self._cache[1]
-        return t if rows is None else t[rows]
-
-    def _decode(self, name: str, meta: dict) -> torch.Tensor:
+    def _decode(self, name: str) -> torch.Tensor:
         out = self.raw.get(f"{name}.core").float()
-        for k in range(len(meta["shape"])):
+        for k in range(len(self.manifest["tensors"][name]["shape"])):
             factor = self.raw.get(f"{name}.factor{k}").float()
             out = torch.tensordot(out, factor, dims=([0], [1]))  # contracts modes in turn
         return out
-
-    def close(self):
-        self.raw.close()
 
 
 @hookimpl
