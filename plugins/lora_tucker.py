@@ -67,7 +67,7 @@ class LoraTucker(Method):
         if share == "auto":
             share = "adapters" if len(adapters) > 1 else "layers"
         rank = job.options["rank"] or max(
-            a.get(a.modules[m].a).shape[0] for a in adapters for m in modules
+            a.info(a.modules[m].a).shape[0] for a in adapters for m in modules
         )
         groups: dict[str, list[tuple[int, str]]] = {}
         for m in modules:
