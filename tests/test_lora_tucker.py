@@ -161,3 +161,49 @@ def test_bad_inputs(run, private_store, adapters, models, tmp_path):
         ["export", "joint#4", tmp_path / "x"],
         "joint@1 holds adapters #1 … #3; there is no #4",
     )
+
+
+def test_each_adapter_of_a_joint_artifact_is_an_expert(run, adapters, models, tmp_path):
+    from conftest import artifact_tensors
+
+    _compress(run, adapters, "-o", "rank", "4")
+    out = _export(run, "joint", tmp_path / "out")
+    base = models["base-fp32"]
+    r = run(
+        "--quiet",
+        "merge",
+        "-p",
+        "task-arithmetic",
+        "--base",
+        base,
+        "joint#1",
+        "joint#3",
+        "-n",
+        "from-refs",
+    )
+    assert r.exit_code == 0, r.output
+    r = run(
+        "--quiet",
+        "merge",
+        "-p",
+        "task-arithmetic",
+        "--base",
+        base,
+        out / "1",
+        out / "3",
+        "-n",
+        "from-dirs",
+    )
+    assert r.exit_code == 0, r.output
+    a, b = artifact_tensors("from-refs"), artifact_tensors("from-dirs")
+    for name, t in a.items():
+        torch.testing.assert_close(t, b[name], rtol=0, atol=1e-6)
+    # an evaluation of one adapter is recorded under its own key on the joint artifact
+    data = tmp_path / "zen.txt"
+    from compressor.demo_models import zen_lines
+
+    data.write_text("\n".join(zen_lines()) + "\n")
+    r = run("--quiet", "eval", "joint#2", "--base", base, "-o", "data", data)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(run("store", "show", "joint", "--json").output)["metrics"]
+    assert "perplexity:zen#2" in metrics
