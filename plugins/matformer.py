@@ -192,8 +192,8 @@ class MatformerExtract(Method):
             choices=("none", "weight", "activation"),
         ),
         Option("data", "str", None, "calibration rows for order activation (JSONL or text)"),
-        Option("max_length", "int", 128, "tokens per calibration text"),
-        Option("batch_size", "int", 16, "calibration rows per forward pass"),
+        Option("max_length", "int", 128, "tokens per calibration text", check=positive),
+        Option("batch_size", "int", 16, "calibration rows per forward pass", check=positive),
     )
 
     def run(self, job):
@@ -560,7 +560,7 @@ class MatformerTrain(Method):
         Option("steps", "int", 200, "optimizer steps", check=positive),
         Option("lr", "float", 5e-5, "AdamW learning rate", check=positive),
         Option("batch_size", "int", 16, "rows per step", check=positive),
-        Option("max_length", "int", 128, "tokens per text"),
+        Option("max_length", "int", 128, "tokens per text", check=positive),
         Option("seed", "int", 0, "seed of the row order and dropout"),
     )
 
