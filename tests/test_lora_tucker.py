@@ -55,6 +55,11 @@ def _compress(run, adapters, *options, name="joint"):
     return json.loads(run("store", "show", name, "--json").output)
 
 
+def _merge(run, base, *experts, name):
+    r = run("--quiet", "merge", "-p", "task-arithmetic", "--base", base, *experts, "-n", name)
+    assert r.exit_code == 0, r.output
+
+
 def _export(run, name, out):
     r = run("--quiet", "export", name, out)
     assert r.exit_code == 0, r.output
@@ -114,10 +119,7 @@ def test_one_adapter_shares_factors_across_layers(run, adapters, models, tmp_pat
     assert rec["manifest"]["share"] == "layers"
     assert len(rec["manifest"]["groups"]) == 3  # q_proj, v_proj, down_proj across 2 layers
     # a single adapter decodes as an adapter: eval, export and merges take it as it is
-    r = run(
-        "--quiet", "merge", "-p", "task-arithmetic", "--base", models["base-fp32"], "one", "-n", "m"
-    )
-    assert r.exit_code == 0, r.output
+    _merge(run, models["base-fp32"], "one", name="m")
 
 
 def test_bad_inputs(run, private_store, adapters, models, tmp_path):
@@ -169,32 +171,8 @@ def test_each_adapter_of_a_joint_artifact_is_an_expert(run, adapters, models, tm
     _compress(run, adapters, "-o", "rank", "4")
     out = _export(run, "joint", tmp_path / "out")
     base = models["base-fp32"]
-    r = run(
-        "--quiet",
-        "merge",
-        "-p",
-        "task-arithmetic",
-        "--base",
-        base,
-        "joint#1",
-        "joint#3",
-        "-n",
-        "from-refs",
-    )
-    assert r.exit_code == 0, r.output
-    r = run(
-        "--quiet",
-        "merge",
-        "-p",
-        "task-arithmetic",
-        "--base",
-        base,
-        out / "1",
-        out / "3",
-        "-n",
-        "from-dirs",
-    )
-    assert r.exit_code == 0, r.output
+    _merge(run, base, "joint#1", "joint#3", name="from-refs")
+    _merge(run, base, out / "1", out / "3", name="from-dirs")
     a, b = artifact_tensors("from-refs"), artifact_tensors("from-dirs")
     for name, t in a.items():
         torch.testing.assert_close(t, b[name], rtol=0, atol=1e-6)
