@@ -246,8 +246,8 @@ def export(
                 for name in progress(source.names(), desc="export"):
                     copy_tensor(writer, source, name)
                 if not single_file:
-                    if isinstance(source, PeftAdapter) and CONFIG_FILE not in source.files:
-                        writer.add_json(CONFIG_FILE, source.config_data)  # a decoded adapter's
+                    if isinstance(source, PeftAdapter):  # the config its factors go with
+                        writer.add_json(CONFIG_FILE, source.config_data)
                     _carry_files(writer, source, source.content)
             written = writer.finish()
             if single_file:

@@ -91,8 +91,8 @@ def evaluate(
                 with model_directory(st, values["reference"]) as (ref_path, _):
                     metrics = _agreement(path, ref_path, examples, values, progress, ref)
         stem = Path(values["data"]).stem
-        if "#" in ref and not Path(ref).exists():  # one adapter of a joint artifact: say which
-            stem += "#" + ref.rpartition("#")[2]
+        if resolved.select is not None:  # one adapter of a joint artifact: say which
+            stem += f"#{resolved.select}"
         st.set_metrics(
             resolved.artifact_id,
             {f"{k}:{stem}": v for k, v in metrics.items()},

@@ -59,6 +59,11 @@ def positive(v) -> str | None:
     return None if v > 0 else "must be positive"
 
 
+def non_negative(v) -> str | None:
+    """An Option check: the value must be 0 or more."""
+    return None if v >= 0 else "must be 0 or more"
+
+
 def fraction(v) -> str | None:
     """An Option check: the value must be in (0, 1]."""
     return None if 0 < v <= 1 else "must be in (0, 1]"

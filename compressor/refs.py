@@ -42,6 +42,7 @@ class ResolvedInput:
     artifact_id: str
     label: str
     external: External | None = None
+    select: int | None = None  # which adapter of a joint artifact (``NAME#k``)
 
 
 def looks_like_path(ref: str) -> bool:
@@ -55,12 +56,20 @@ def resolve(store, ref: str) -> ResolvedInput:
         return _resolve_path(path.resolve())
     if looks_like_path(ref):
         raise InputError(f"no such file or directory: {ref}")
-    name, _, pick = ref.rpartition("#") if "#" in ref else (ref, "", "")
-    if pick and not pick.isdigit():
-        raise RefError(f"'{ref}': the part after '#' must be a number (which adapter)")
+    name, select = _split_selection(ref)
     record = store.resolve(name)
-    select = int(pick) if pick else None
-    return ResolvedInput(open_artifact(store, record, select), record.id, record.label)
+    source = open_artifact(store, record, select)
+    return ResolvedInput(source, record.id, record.label, select=select)
+
+
+def _split_selection(ref: str) -> tuple[str, int | None]:
+    """``NAME#k`` → (NAME, k); any other store reference → (ref, None)."""
+    name, mark, pick = ref.rpartition("#")
+    if not mark:
+        return ref, None
+    if not pick.isdigit():
+        raise RefError(f"'{ref}': the part after '#' must be a number (which adapter)")
+    return name, int(pick)
 
 
 def adapter_count(store, ref: str) -> int:

@@ -9,6 +9,7 @@ paths to files; PEFT adapter directories are in :mod:`compressor.peft_adapter`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,10 +99,7 @@ class DecodedDelta(TensorSource):
         self._infos: dict[str, TensorInfo] = {}
         for name in raw.manifest["order"]:
             shape = tuple(meta[name]["shape"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * numel)
+            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * math.prod(shape))
         self._carried = set(raw.manifest.get("carried", []))
         for name in self._carried:
             self._infos[name] = raw.info(name)

@@ -19,7 +19,7 @@ from compressor.alignment import TaskVectorView
 from compressor.data import batches, read_examples
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
-from compressor.method import Manifest, Method, Option, positive
+from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.modeling import label_ids, model_inputs, source_model
 from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
 
@@ -86,7 +86,7 @@ class Atlas(Method):
             "int",
             0,
             "examples per class taken from data (labelled rows) or in all (otherwise); 0: all",
-            check=lambda v: None if v >= 0 else "must be 0 or more",
+            check=non_negative,
         ),
         Option("epochs", "int", 20, "passes over the training examples", check=positive),
         Option("lr", "float", 0.1, "AdamW learning rate of Λ", check=positive),
@@ -111,7 +111,7 @@ class Atlas(Method):
             0,
             "examples per AdamW step; 0: all training examples (full-batch steps, "
             f"gradients summed over chunks of {CHUNK} examples to bound memory)",
-            check=lambda v: None if v >= 0 else "must be 0 or more",
+            check=non_negative,
         ),
         Option(
             "max_length",

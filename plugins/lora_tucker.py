@@ -21,8 +21,8 @@ import torch
 
 from compressor.errors import InputError, RefError
 from compressor.hookspecs import hookimpl
-from compressor.method import Manifest, Method, Option, positive
-from compressor.peft_adapter import CONFIG_FILE, PeftAdapter
+from compressor.method import Manifest, Method, Option, non_negative, positive
+from compressor.peft_adapter import PeftAdapter
 from compressor.safetensors_format import TensorInfo
 from compressor.sources import TensorSource
 
@@ -42,7 +42,7 @@ class LoraTucker(Method):
             "int",
             0,
             "rank R of the shared factors (0: the largest rank among the inputs)",
-            check=lambda v: None if v >= 0 else "must be 0 or more",
+            check=non_negative,
         ),
         Option(
             "share",
@@ -150,8 +150,7 @@ class LoraTucker(Method):
         entry = adapters[k - 1]
         return PeftAdapter(
             source.label,
-            # the config carried from the first input is not this adapter's: it gets its own
-            files={rel: p for rel, p in source.files.items() if rel != CONFIG_FILE},
+            files=source.files,
             label=f"{source.label}#{k}",
             tensors=DecodedLoraTucker(source, k - 1),
             config=entry["config"],
@@ -241,16 +240,15 @@ class DecodedLoraTucker(TensorSource):
         entry = raw.manifest["adapters"][index]
         self.index = index
         self._where: dict[str, tuple[str, str]] = {}  # key -> (module, "A" | "B")
-        group_of = {
+        self._group = {  # module -> the index of the group whose U and V it shares
             m: g["index"]
             for g in raw.manifest["groups"].values()
             for i, m in g["members"]
             if i == index
         }
-        self._group = group_of
         self._infos: dict[str, TensorInfo] = {}
         for m, (a_key, b_key) in entry["modules"].items():
-            g = group_of[m]
+            g = self._group[m]
             out, r = raw.info(f"g{g}.U").shape
             n = raw.info(f"g{g}.V").shape[0]
             self._infos[a_key] = TensorInfo(a_key, (r, n), torch.float32, 0, 4 * r * n)

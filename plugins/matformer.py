@@ -146,6 +146,23 @@ class Model:
         infos = self.source.infos()
         return sum(infos[name].numel for name in self.ffn[layer]) // self.d_ff[layer]
 
+    def out_tensors(self) -> dict[int, tuple[str, Member]]:
+        """Per layer, the tensor that reads the FFN's hidden neurons (the down projection)."""
+        return {
+            i: next((n, m) for n, m in members.items() if m.role == "out")
+            for i, members in self.ffn.items()
+        }
+
+    def out_modules(self, net) -> dict[int, torch.nn.Module]:
+        """Per layer, the module of ``net`` whose input is the FFN's hidden activations."""
+        modules = dict(net.named_modules())
+        found = {}
+        for i, (name, _) in self.out_tensors().items():
+            found[i] = modules.get(name.removesuffix(".weight"))
+            if found[i] is None:
+                raise InputError(f"{self.source.label}: no module for {name}")
+        return found
+
     def kv_sharing(self) -> list[str | None]:
         """Gemma 3n: per layer None, 'store' (later layers read its KV) or 'reuse'."""
         if self.layout.family != "gemma3n":
@@ -259,6 +276,11 @@ def _kept_layers(model: Model, skip: list[int] | None) -> list[int]:
     return [i for i in range(n) if i not in skip]
 
 
+def width_at(d_ff: int, fraction_kept: float) -> int:
+    """The FFN width at a granularity: the rule extraction and nested training share."""
+    return max(1, round(fraction_kept * d_ff))
+
+
 def _ranges(items: list[int]) -> str:
     out, start = [], None
     for k, i in enumerate(items):
@@ -294,7 +316,7 @@ def _widths(model: Model, kept: list[int], opts: dict) -> list[int]:
             )
         widths = d_ff
     elif given[0] == "ffn_ratio":
-        widths = [max(1, round(opts["ffn_ratio"] * d)) for d in d_ff]
+        widths = [width_at(d, opts["ffn_ratio"]) for d in d_ff]
     elif given[0] == "widths":
         widths = opts["widths"]
         if len(widths) != len(kept):
@@ -343,7 +365,7 @@ def _fit_params(model: Model, kept: list[int], target: int) -> list[int]:
     """Per-layer granularities, never shrinking with depth, with the most parameters ≤ target."""
     fixed = _fixed_params(model, kept)
     costs = [model.neuron_cost(i) for i in kept]
-    options = [[max(1, round(model.d_ff[i] * g)) for g in GRANULARITIES] for i in kept]
+    options = [[width_at(model.d_ff[i], g) for g in GRANULARITIES] for i in kept]
     n, levels = len(kept), len(GRANULARITIES)
     best = None
     # a non-decreasing level sequence is how many layers sit at each level, in order
@@ -395,16 +417,15 @@ def _neuron_sq(t: torch.Tensor, member: Member, d_ff: int) -> torch.Tensor:
     return sq[:d_ff] + sq[d_ff:] if member.fused else sq
 
 
-def weight_importance(model: Model, layer: int, tensors: dict | None = None) -> torch.Tensor:
-    """‖what feeds neuron j‖ · ‖what reads it‖ from the weights alone (``tensors``: read)."""
+def weight_importance(model: Model, layer: int, tensors: dict) -> torch.Tensor:
+    """‖what feeds neuron j‖ · ‖what reads it‖ from the layer's FFN ``tensors`` (by name)."""
     d = model.d_ff[layer]
     fed = torch.zeros(d)
     read = torch.zeros(d)
     for name, member in model.ffn[layer].items():
         if member.role == "bias":
             continue
-        t = tensors[name] if tensors is not None else model.source.get(name)
-        sq = _neuron_sq(t, member, d)
+        sq = _neuron_sq(tensors[name], member, d)
         (fed if member.role == "in" else read).add_(sq)
     return fed.sqrt() * read.sqrt()
 
@@ -417,13 +438,8 @@ def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tens
     rows = read_examples(opts["data"])
     sums = {i: torch.zeros(d) for i, d in enumerate(model.d_ff)}
     counts = dict.fromkeys(sums, 0)
-    outs = {
-        i: next((n, m) for n, m in members.items() if m.role == "out")
-        for i, members in model.ffn.items()
-    }
     state = {}
     with source_model(model.source, "saved") as (net, tokenizer):
-        modules = dict(net.named_modules())
 
         def hook_for(layer):
             def hook(_module, args):
@@ -437,12 +453,10 @@ def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tens
 
             return hook
 
-        handles = []
-        for i, (name, _) in outs.items():
-            module = modules.get(name.removesuffix(".weight"))
-            if module is None:
-                raise InputError(f"{model.source.label}: no module for {name}")
-            handles.append(module.register_forward_pre_hook(hook_for(i)))
+        handles = [
+            module.register_forward_pre_hook(hook_for(i))
+            for i, module in model.out_modules(net).items()
+        ]
         try:
             chunks = list(batches(rows, opts["batch_size"]))
             with torch.no_grad():
@@ -454,7 +468,7 @@ def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tens
             for h in handles:
                 h.remove()
     scores = {}
-    for i, (name, member) in outs.items():
+    for i, (name, member) in model.out_tensors().items():
         col = _neuron_sq(model.source.get(name), member, model.d_ff[i]).sqrt()
         scores[i] = sums[i] / max(counts[i], 1) * col
     return scores
@@ -601,7 +615,7 @@ class MatformerTrain(Method):
                 )
                 optimizer.zero_grad()
                 for g in grans:
-                    masks.set(g)
+                    masks.g = g
                     logits = net(**x).logits
                     if labelled:
                         total, n = cross_entropy(logits, labels[pick])
@@ -643,19 +657,15 @@ class _MaskedWidths:
     """Forward pre-hooks that zero each FFN's hidden neurons past d_ff·g (= slicing them off)."""
 
     def __init__(self, net, layout: Model):
-        modules = dict(net.named_modules())
-        self.g = 1.0
-        self.handles = []
-        for layer, members in layout.ffn.items():
-            name = next(n for n, m in members.items() if m.role == "out")
-            module = modules.get(name.removesuffix(".weight"))
-            if module is None:
-                raise InputError(f"{layout.source.label}: no module for {name}")
-            self.handles.append(module.register_forward_pre_hook(self._hook(layout.d_ff[layer])))
+        self.g = 1.0  # the granularity the next forward pass runs at
+        self.handles = [
+            module.register_forward_pre_hook(self._hook(layout.d_ff[layer]))
+            for layer, module in layout.out_modules(net).items()
+        ]
 
     def _hook(self, d_ff: int):
         def hook(_module, args):
-            m = max(1, round(self.g * d_ff))
+            m = width_at(d_ff, self.g)
             if m >= d_ff:
                 return None
             mask = torch.zeros(d_ff, dtype=args[0].dtype)
@@ -663,9 +673,6 @@ class _MaskedWidths:
             return (args[0] * mask, *args[1:])
 
         return hook
-
-    def set(self, g: float) -> None:
-        self.g = g
 
     def remove(self) -> None:
         for h in self.handles:

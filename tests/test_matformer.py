@@ -408,7 +408,7 @@ def test_masking_neurons_is_what_extraction_computes(run, suite_text, tmp_path):
     x = tok(TEXT, padding=True, return_tensors="pt")
     with open_model_dir(base) as source:
         masks = _MaskedWidths(full, Model(source))
-    masks.set(0.25)
+    masks.g = 0.25
     with torch.no_grad():
         assert (full(**x).logits - cut.eval()(**x).logits).abs().max() < 1e-5
         masks.remove()
