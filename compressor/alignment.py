@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import MismatchError, UsageError
+from .errors import InputError, MismatchError, UsageError
 from .peft_adapter import PeftAdapter
 from .safetensors_format import TensorInfo
 from .sources import TensorSource, block_shape, row_blocks
@@ -104,14 +104,29 @@ class TaskVectorView:
 
         if isinstance(expert, PeftAdapter):
             if name in expert.modules:
-                return expert.delta(name, rows)
-            key = expert.replaced.get(name)
-            if key is None:
-                return None
-            return expert.get(key, rows).float() - base_rows()
-        if expert.content == "delta":
-            return expert.get(name, rows).float()
-        return expert.get(name, rows).float().sub_(base_rows())
+                d = expert.delta(name, rows)
+            else:
+                key = expert.replaced.get(name)
+                if key is None:
+                    return None
+                d = expert.get(key, rows).float() - base_rows()
+        elif expert.content == "delta":
+            d = expert.get(name, rows).float()
+        else:
+            d = expert.get(name, rows).float().sub_(base_rows())
+        if not bool(torch.isfinite(d).all()):
+            self._non_finite(name, rows)
+        return d
+
+    def _non_finite(self, name: str, rows: slice | None) -> None:
+        """Name the input whose tensor holds NaN or inf (only on the error path)."""
+        for source in (self.base, self.expert):
+            if isinstance(source, PeftAdapter) or name not in source.infos():
+                continue
+            block = source.get(name, rows).float()
+            if not bool(torch.isfinite(block).all()):
+                raise_non_finite(source.label, name, block)
+        raise InputError(f"{self.expert.label}: the task vector of {name} holds NaN or inf values")
 
     def carried(self, name: str) -> torch.Tensor:
         """A non-float tensor: the expert's where it has one, else the base's."""
@@ -124,6 +139,15 @@ class TaskVectorView:
         if self.expert.content != "model" or isinstance(self.expert, PeftAdapter):
             return None
         return self.expert.info(name).dtype
+
+
+def raise_non_finite(label: str, name: str, block: torch.Tensor) -> None:
+    """One line naming a tensor that holds NaN or inf, with a count."""
+    bad = int((~torch.isfinite(block)).sum())
+    raise InputError(
+        f"{label}: tensor {name} holds {bad} NaN or infinite value{'s' if bad != 1 else ''}; "
+        "a method cannot give meaningful results from it"
+    )
 
 
 class CompressionInput:
@@ -175,7 +199,10 @@ class CompressionInput:
         info = self.infos[name]
         for rows in row_blocks(info):
             if self.view is None:
-                yield self.source.get(name, rows).float()
+                block = self.source.get(name, rows).float()
+                if not bool(torch.isfinite(block).all()):
+                    raise_non_finite(self.source.label, name, block)
+                yield block
             else:
                 d = self.view.delta(name, rows)
                 yield d if d is not None else torch.zeros(block_shape(info, rows))

@@ -8,25 +8,25 @@ that transformers loads, or to a plain ``.safetensors`` file.
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import shutil
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from . import outdir
 from .alignment import TaskVectorView
+from .contents import content_rules, describe_content
 from .errors import CompressorError, UsageError
+from .integrity import check_digest
 from .method import Job
 from .peft_adapter import CONFIG_FILE, PeftAdapter
 from .plugin_manager import get_registry
 from .refs import adapter_count, resolve
 from .safetensors_format import dtype_from_name
 from .sources import TensorSource, copy_tensor, row_blocks
-from .store import ArtifactRecord, Store, check_name, open_store
+from .store import ArtifactRecord, Store, check_name, derive_name, open_store
 from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
 
 Options = dict | Sequence[tuple[str, str]] | None
@@ -72,9 +72,9 @@ def opened_store(store: Store | str | Path | None) -> Iterator[Store]:
 
 
 def _default_name(method_name: str, labels: list[str]) -> str:
-    stem = Path(labels[0].split("@")[0]).name if labels else "artifact"
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "artifact"
-    return f"{stem}.{method_name}" if len(labels) == 1 else f"{method_name}-merge"
+    if len(labels) != 1:
+        return f"{method_name}-merge"
+    return derive_name(f"{Path(labels[0].split('@')[0]).name}.{method_name}")
 
 
 def _count(n: int, noun: str) -> str:
@@ -108,13 +108,15 @@ def run_method(
         raise UsageError(
             f"method '{plugin}' takes at most {_count(method.max_inputs, noun)}; got {len(inputs)}"
         )
-    name = check_name(name or _default_name(method.name, list(inputs)))
+    name = check_name(name if name is not None else _default_name(method.name, list(inputs)))
     with opened_store(store) as st, contextlib.ExitStack() as stack:
         resolved_base = resolve(st, base) if base is not None else None
         resolved = [resolve(st, ref) for ref in inputs]
         for r in [resolved_base, *resolved]:
             if r is not None:
                 stack.callback(r.source.close)
+        if resolved_base is not None:
+            check_model(resolved_base, "a base")
         with st.tmp_dir() as tmp:
             writer = ArtifactWriter(tmp / "out", max_shard_size=max_shard_size)
             job = Job(
@@ -129,6 +131,9 @@ def run_method(
             carry_from = job.base if kind == "merge" else job.inputs[0]
             _carry_files(writer, carry_from, manifest.content)
             files = writer.finish()
+            for r in [resolved_base, *resolved]:
+                if r is not None:
+                    r.source.verify()  # a damaged stored input must not become a result
             role = "expert" if kind == "merge" else "input"
             parents = ([(resolved_base.artifact_id, "base")] if resolved_base else []) + [
                 (r.artifact_id, role) for r in resolved
@@ -148,13 +153,57 @@ def run_method(
             )
 
 
-def _carry_files(writer: ArtifactWriter, source: TensorSource, content: str) -> None:
-    """Copy config and tokenizer files from the source unless the method wrote its own."""
+def check_model(resolved, role: str) -> None:
+    """Refuse an input that is not a full model where one is required (``role``: "a base")."""
+    content = resolved.source.content
+    if content != "model":
+        raise UsageError(
+            f"{resolved.label} holds {describe_content(content)}, not a model; {role} must be "
+            "a full model"
+        )
+
+
+def _carry_files(
+    writer: ArtifactWriter, source: TensorSource, content: str, skip: tuple[str, ...] = ()
+) -> None:
+    """Copy config, tokenizer and module files from the source unless the method wrote its own."""
     if source.content == "adapter" and content != "adapter":
         return
     for rel, path in source.files.items():
-        if not (writer.dir / rel).exists():
-            writer.add_file(rel, path)
+        if rel in skip or rel == outdir.MARKER or (writer.dir / rel).exists():
+            continue
+        stored = writer.add_file(rel, path)
+        check_digest(path, stored.digest, source.label, rel)
+
+
+def import_path(
+    path: str | Path, *, name: str | None = None, store: Store | str | Path | None = None
+) -> ArtifactRecord:
+    """Copy a model, adapter or ``.safetensors`` file into the store (``store import``)."""
+    with opened_store(store) as st:
+        resolved = resolve(st, str(path))
+        resolved.source.close()
+        ext = resolved.external
+        if ext is None:
+            raise UsageError(f"{path} is already in the store; import takes a path")
+        single = ext.path.is_file()
+        inputs = {"model.safetensors": ext.path} if single else dict(ext.files)
+        stem = ext.path.name.removesuffix(".safetensors")
+        with st.tmp_dir() as tmp:
+            writer = ArtifactWriter(tmp / "import")
+            for rel, p in inputs.items():
+                writer.add_file(rel, p)
+            files = writer.finish()
+            return st.commit(
+                files,
+                kind="import",
+                content=resolved.source.content,
+                name=check_name(name if name is not None else derive_name(stem, "imported")),
+                params={"path": str(ext.path)},
+                manifest={"fingerprint": ext.fingerprint},
+                parents=[(ext.id, "source")],
+                externals=[ext],
+            )
 
 
 def apply(
@@ -198,8 +247,14 @@ def export(
     """
     out = Path(out)
     single_file = out.suffix == ".safetensors"
-    if out.exists() and not force and (single_file or not out.is_dir() or any(out.iterdir())):
-        raise CompressorError(f"{out} exists and is not empty (use --force to replace it)")
+    outdir.clean_stale(out)
+    if out.exists() or out.is_symlink():
+        if not force and (single_file or not out.is_dir() or any(out.iterdir())):
+            raise CompressorError(f"{out} exists and is not empty (use --force to replace it)")
+        if single_file and out.is_dir():
+            raise CompressorError(f"{out} is a directory; give a file path ending in .safetensors")
+        with opened_store(store) as st:
+            outdir.check_replaceable(out, [st.root])
     with opened_store(store) as st:
         count = adapter_count(st, ref)
     if count > 1:  # adapters compressed together: one PEFT directory each, OUT/1, OUT/2, ...
@@ -215,7 +270,8 @@ def export(
     cast = dtype_from_name(dtype) if dtype else None
     progress = make_progress(quiet)
     with opened_store(store) as st, contextlib.ExitStack() as stack:
-        source = resolve(st, ref).source
+        resolved = resolve(st, ref)
+        source = resolved.source
         stack.callback(source.close)
         base_source = None
         if base is not None:
@@ -224,16 +280,20 @@ def export(
                     f"{ref} is a full model; --base applies to task vectors, adapters "
                     "and compressed experts"
                 )
-            base_source = resolve(st, base).source
+            resolved_base = resolve(st, base)
+            base_source = resolved_base.source
             stack.callback(base_source.close)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+            check_model(resolved_base, "a base")
+        content = "model" if base_source is not None else source.content
+        tmp = outdir.staging_dir(out)
         try:
-            prefix = "adapter_model" if source.content == "adapter" and base is None else "model"
+            prefix = "adapter_model" if content == "adapter" else "model"
             writer = ArtifactWriter(
                 tmp,
                 prefix=prefix,
                 max_shard_size=(1 << 62) if single_file else max_shard_size,
                 dtype=cast,
+                content=content,
             )
             config_source = source if "config.json" in source.files else base_source
             if cast is not None and config_source is not None and not single_file:
@@ -248,18 +308,23 @@ def export(
                 if not single_file:
                     if isinstance(source, PeftAdapter):  # the config its factors go with
                         writer.add_json(CONFIG_FILE, source.config_data)
-                    _carry_files(writer, source, source.content)
+                    # a task vector with a config.json would load in transformers as a model
+                    loadable = content_rules(content).is_model or content == "adapter"
+                    _carry_files(writer, source, content, () if loadable else ("config.json",))
+            if not single_file:
+                writer.add_json(
+                    outdir.MARKER,
+                    outdir.marker(content, resolved.artifact_id, resolved.label, base),
+                )
             written = writer.finish()
+            for s in (source, base_source):
+                if s is not None:
+                    s.verify()
             if single_file:
                 tensors = [f for f in written if f.relpath.endswith(".safetensors")]
-                if force and out.exists():
-                    out.unlink()
-                os.replace(tensors[0].path, out)
-                shutil.rmtree(tmp)
+                outdir.publish(tensors[0].path, out)
             else:
-                if out.exists():
-                    shutil.rmtree(out) if out.is_dir() else out.unlink()
-                os.replace(tmp, out)
+                outdir.publish(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ truth for ``-o KEY VALUE`` checking, ``compress plugins show`` and the docs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,14 +17,18 @@ from typing import Any
 from .errors import OptionError
 
 KINDS = ("compress", "merge", "extract", "sample")
+VERBS = {"compress": "apply", "merge": "merge", "extract": "extract", "sample": "sample"}
 
 
 def _float(text: str) -> float:
-    return float(text)
+    value = float(text)
+    if not math.isfinite(value):  # nan and inf parse as floats, but no option means them
+        raise ValueError(text)
+    return value
 
 
 def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return [_float(x) for x in text.split(",") if x.strip()]
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,11 +49,11 @@ def _bool(text: str) -> bool:
 
 
 PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "float": (_float, "a number"),
+    "float": (_float, "a finite number"),
     "int": (_int, "an integer"),
     "bool": (_bool, "true or false"),
     "str": (str, "a string"),
-    "floats": (_float_list, "comma-separated numbers"),
+    "floats": (_float_list, "comma-separated finite numbers"),
     "ints": (_int_list, "comma-separated integers"),
     "choice": (str, "one of the choices"),
 }
@@ -91,7 +96,7 @@ class Option:
         parser, expected = PARSERS[self.type]
         try:
             value = parser(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise OptionError(f"option '{self.name}' expects {expected}; got '{text}'") from None
         complaint = self.check(value) if self.check else None
         if complaint:
@@ -169,6 +174,29 @@ class Method:
         """Check ``-o`` pairs against the schema; fill in defaults."""
         return parse_options(self.options, pairs, f"method '{self.name}'")
 
+    def example(self) -> str:
+        """A command line that runs this method, made from its declaration."""
+        verb = VERBS[self.kind]
+        parts = ["compress", verb, "--plugin", self.name]
+        if self.needs_base or self.kind == "merge":
+            parts += ["--base", "BASE"]
+        inputs = {
+            "merge": ["EXPERT1", "EXPERT2"],
+            "extract": ["MODEL"],
+            "sample": ["ARTIFACT"],
+            "train": ["MODEL"],
+        }.get(self.kind, ["INPUT"] * max(1, self.min_inputs))
+        parts += inputs
+        for o in self.options:
+            if o.default is not None:
+                parts += [
+                    "-o",
+                    o.name,
+                    str(o.default).lower() if isinstance(o.default, bool) else str(o.default),
+                ]
+                break
+        return " ".join(parts)
+
     def describe(self) -> dict:
         """A JSON-able description for ``compress plugins``."""
         return {
@@ -179,4 +207,5 @@ class Method:
             "version": self.version,
             "needs_base": self.needs_base,
             "options": [o.describe() for o in self.options],
+            "example": self.example(),
         }

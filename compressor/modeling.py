@@ -35,8 +35,12 @@ def model_directory(
             f"{ref} holds a {resolved.source.content}, not a model; give --base BASE to "
             "evaluate it added to its base"
         )
-    if base is None and resolved.external is not None and resolved.external.path.is_dir():
-        yield resolved.external.path, resolved
+    path = resolved.external.path if resolved.external is not None else None
+    standard = path is not None and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    )
+    if base is None and standard:  # transformers finds these weights itself
+        yield path, resolved
         return
     with store.tmp_dir() as tmp:
         yield export(ref, tmp / "model", base=base, store=store), resolved
@@ -83,7 +87,8 @@ def load_model(path: Path, head: str, label: str | None = None):
     label = label or str(path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
-        model = _auto_class(config, head).from_pretrained(path)
+        # safetensors only: never let transformers fall back to a pickle beside the weights
+        model = _auto_class(config, head).from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(
             f"{label} is not a model transformers can load for '{head}': {_first_line(e)}"

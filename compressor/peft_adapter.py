@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .integrity import read_checked
 from .safetensors_format import TensorInfo
 from .sources import SafetensorsShards, TensorSource, carried_files, directory_files
 
@@ -40,11 +41,30 @@ class LoraModule:
     shape: tuple[int, ...]
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict, module: str, default, label: str = ""):
     for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+        try:
+            hit = re.fullmatch(rf"(.*\.)?{pattern}", module)
+        except re.error:
+            raise InputError(f"{label}: {CONFIG_FILE} has an invalid pattern '{pattern}'") from None
+        if hit:
             return value
     return default
+
+
+def _config_value(cfg: dict, key: str, default, kind, what: str, label: str):
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"{label}: {CONFIG_FILE} key '{key}' must be {what}, not {value!r}")
+    try:
+        out = kind(value)
+        if kind is float and not math.isfinite(out):
+            raise ValueError
+        return out
+    except (ValueError, OverflowError):
+        raise InputError(
+            f"{label}: {CONFIG_FILE} key '{key}' must be {what}, not {value!r}"
+        ) from None
 
 
 class PeftAdapter(TensorSource):
@@ -71,9 +91,17 @@ class PeftAdapter(TensorSource):
         if WEIGHTS_FILE not in files and tensors is None:
             raise InputError(f"{self.label}: PEFT adapter without {WEIGHTS_FILE}")
         try:
-            cfg = config if config is not None else json.loads(Path(files[CONFIG_FILE]).read_text())
+            cfg = (
+                config
+                if config is not None
+                else json.loads(read_checked(files[CONFIG_FILE], self.label, CONFIG_FILE))
+            )
+        except RecursionError:
+            raise InputError(f"{self.label}: {CONFIG_FILE} nests too deeply") from None
         except ValueError as e:
             raise InputError(f"{self.label}: {CONFIG_FILE} is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise InputError(f"{self.label}: {CONFIG_FILE} is not a JSON object")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise InputError(
                 f"{self.label}: only LoRA adapters are supported, not {cfg['peft_type']}"
@@ -81,9 +109,12 @@ class PeftAdapter(TensorSource):
         if cfg.get("use_dora"):
             raise InputError(f"{self.label}: DoRA adapters are not supported")
         self.config_data = cfg
-        self.r = int(cfg.get("r", 8))
-        self.lora_alpha = float(cfg.get("lora_alpha", 8))
+        self.r = _config_value(cfg, "r", 8, int, "an integer", self.label)
+        self.lora_alpha = _config_value(cfg, "lora_alpha", 8, float, "a number", self.label)
         self.use_rslora = bool(cfg.get("use_rslora", False))
+        for key in ("alpha_pattern", "rank_pattern"):
+            if not isinstance(cfg.get(key) or {}, dict):
+                raise InputError(f"{self.label}: {CONFIG_FILE} key '{key}' must be an object")
         self.target_modules = cfg.get("target_modules")
         self.files = carried_files(files)
         self._shards = tensors or SafetensorsShards(
@@ -110,7 +141,18 @@ class PeftAdapter(TensorSource):
                 raise InputError(f"{self.label}: '{key}' has no matching B factor")
             a, b = infos[key], infos[b_key]
             r = a.shape[0] if kind == "A" else a.shape[0]
-            alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, self.lora_alpha))
+            alpha = _config_value(
+                {
+                    "alpha_pattern": _pattern_value(
+                        cfg.get("alpha_pattern"), module, self.lora_alpha, self.label
+                    )
+                },
+                "alpha_pattern",
+                None,
+                float,
+                "a number",
+                self.label,
+            )
             scaling = alpha / (math.sqrt(r) if self.use_rslora else r)
             if kind == "embedding_A":
                 layout, shape, transpose = "embedding", (a.shape[1], b.shape[0]), False
@@ -148,6 +190,12 @@ class PeftAdapter(TensorSource):
         else:
             out = (b if rows is None else b[rows]) @ a
         return out * m.scaling
+
+    def verify(self) -> None:
+        self._shards.verify()
+
+    def file_digest(self, path: Path) -> str | None:
+        return self._shards.file_digest(path)
 
     def close(self) -> None:
         self._shards.close()

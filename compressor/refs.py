@@ -1,8 +1,9 @@
 """Turning a REF (a path or a store reference) into a tensor source.
 
 Paths are opened by the first registered reader that recognises them and
-fingerprinted, so the store can record them as external artifacts without
-copying them. Store references open the artifact's blobs in place; artifacts
+identified by a full hash of their bytes, so the store can record them as
+external artifacts without copying them. A Hugging Face hub id resolves to
+its snapshot in the local cache. Store references open the artifact's blobs in place; artifacts
 whose manifest names an ``encoding`` are decoded by that method's plugin.
 """
 
@@ -10,28 +11,55 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, RefError
+from .integrity import sha256_file
 from .peft_adapter import PeftAdapter
 from .plugin_manager import get_registry
-from .sources import SafetensorsShards, TensorSource, carried_files, shards_from_files
+from .sources import (
+    SafetensorsShards,
+    TensorSource,
+    carried_files,
+    directory_files,
+    shards_from_files,
+)
 
-FULL_HASH_BYTES = 8 << 20
-SAMPLE_BYTES = 64 << 10
-SAMPLES = 32
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-@dataclass
 class External:
-    """An input path to record in the store as an external artifact."""
+    """An input path to record in the store as an external artifact.
 
-    id: str
-    path: Path
-    fingerprint: str
-    content: str
-    bytes: int
+    Its id is the SHA-256 of every file's full bytes, taken while the weights
+    are read anyway (whatever was not read is hashed when the id is asked for).
+    """
+
+    def __init__(self, path: Path, files: dict[str, Path], source: TensorSource):
+        self.path = path
+        self.files = files
+        self.source = source
+        self.content = source.content
+        self.bytes = sum(p.stat().st_size for p in files.values())
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for rel in sorted(self.files):
+                p = self.files[rel]
+                digest = self.source.file_digest(p) or sha256_file(p)
+                h.update(f"{rel}\0{p.stat().st_size}\0{digest}\n".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    @property
+    def id(self) -> str:
+        return self.fingerprint[:32]
 
 
 @dataclass
@@ -39,10 +67,15 @@ class ResolvedInput:
     """A tensor source and the artifact (stored or external) it stands for."""
 
     source: TensorSource
-    artifact_id: str
+    stored_id: str | None
     label: str
     external: External | None = None
     select: int | None = None  # which adapter of a joint artifact (``NAME#k``)
+
+    @property
+    def artifact_id(self) -> str:
+        """The stored artifact's id, or the external input's (hashing it if need be)."""
+        return self.external.id if self.external is not None else self.stored_id
 
 
 def looks_like_path(ref: str) -> bool:
@@ -50,16 +83,41 @@ def looks_like_path(ref: str) -> bool:
 
 
 def resolve(store, ref: str) -> ResolvedInput:
-    """Open REF as a tensor source; paths win over store names."""
+    """Open REF as a tensor source; paths win over store names, then hub ids in the HF cache."""
+    if not ref.strip():
+        raise InputError("an empty reference names nothing")
     path = Path(ref).expanduser()
     if path.exists():
         return _resolve_path(path.resolve())
+    if HUB_ID.match(ref) and not ref.endswith(".safetensors"):
+        return _resolve_path(hub_cache_path(ref))
     if looks_like_path(ref):
         raise InputError(f"no such file or directory: {ref}")
     name, select = _split_selection(ref)
     record = store.resolve(name)
     source = open_artifact(store, record, select)
     return ResolvedInput(source, record.id, record.label, select=select)
+
+
+def hub_cache_path(repo_id: str) -> Path:
+    """The snapshot directory of a Hugging Face hub model in the local cache (no download)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise InputError(f"no such file or directory: {repo_id}") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True)).resolve()
+    except LocalEntryNotFoundError:
+        raise InputError(
+            f"'{repo_id}' is neither a path nor in the Hugging Face cache "
+            "(HF_HUB_CACHE or HF_HOME); download it first, e.g. `hf download "
+            f"{repo_id}`; compressor never downloads"
+        ) from None
+    except Exception as e:  # an invalid repo id, an unreadable cache
+        raise InputError(
+            f"'{repo_id}': cannot look it up in the Hugging Face cache ({e})"
+        ) from None
 
 
 def _split_selection(ref: str) -> tuple[str, int | None]:
@@ -79,50 +137,33 @@ def adapter_count(store, ref: str) -> int:
     return len(store.resolve(ref).manifest.get("adapters", []))
 
 
+def refuse_pickle(path: Path) -> None:
+    """Refuse a pickle-based checkpoint: loading one can run arbitrary code."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise InputError(
+            f"{path} is a pickle checkpoint, which compressor never loads (unpickling can run "
+            "code); convert it to safetensors where you trust it, e.g. transformers' "
+            "save_pretrained(OUT, safe_serialization=True)"
+        )
+
+
 def _resolve_path(path: Path) -> ResolvedInput:
+    refuse_pickle(path)
+    files = input_files(path)
     for reader in get_registry().readers:
         if reader.detect(path):
             source = reader.open(path)
             break
     else:
         raise InputError(f"{path}: no reader recognises this path")
-    files = _input_files(path)
-    digest, nbytes = fingerprint(files)
-    ext = External(digest[:32], path, digest, source.content, nbytes)
-    return ResolvedInput(source, ext.id, str(path), ext)
+    return ResolvedInput(source, None, str(path), External(path, files, source))
 
 
-def _input_files(path: Path) -> dict[str, Path]:
+def input_files(path: Path) -> dict[str, Path]:
+    """Every file of an input (relative path -> path), with its symbolic links checked."""
     if path.is_file():
         return {path.name: path}
-    return {p.name: p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")}
-
-
-def fingerprint(files: dict[str, Path]) -> tuple[str, int]:
-    """A quick content fingerprint of input files, and their total size.
-
-    Small files are hashed whole; large ones by size, their first and last
-    megabyte, and evenly spaced samples (any real fine-tune changes every
-    tensor, so two checkpoints never share all of them).
-    """
-    h = hashlib.sha256()
-    total = 0
-    for rel in sorted(files):
-        p = files[rel]
-        size = p.stat().st_size
-        total += size
-        h.update(f"{rel}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            if size <= FULL_HASH_BYTES:
-                h.update(f.read())
-                continue
-            offsets = [0, size - (1 << 20)] + [
-                (size * i) // (SAMPLES + 1) for i in range(1, SAMPLES + 1)
-            ]
-            for off in offsets:
-                f.seek(off)
-                h.update(f.read(1 << 20 if off in (0, size - (1 << 20)) else SAMPLE_BYTES))
-    return h.hexdigest(), total
+    return directory_files(path, recursive=True)
 
 
 def open_artifact(store, record, select: int | None = None) -> TensorSource:
@@ -149,6 +190,7 @@ def open_artifact(store, record, select: int | None = None) -> TensorSource:
         carried_files(files),
         record.content,
         manifest,
+        shard_names={p: rel for rel, p in files.items()},
     )
     if encoding:
         method = get_registry().methods.get(encoding)

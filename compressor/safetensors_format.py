@@ -37,7 +37,8 @@ DTYPES: dict[str, torch.dtype] = {
     "U64": torch.uint64,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-MAX_HEADER_BYTES = 100_000_000
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
+MAX_TENSORS = 100_000  # the largest real checkpoints hold a few thousand tensors per file
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,25 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(n)
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
+    count = raw.count(b'"data_offsets"')
+    if count > MAX_TENSORS:  # refuse before parsing: 1M entries would take a minute and GBs
+        raise InputError(
+            f"{path} lists {count} tensors; more than {MAX_TENSORS} in one file is not a "
+            "real checkpoint"
+        )
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
+    except RecursionError:
+        raise InputError(f"{path} is not a safetensors file: its header nests too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path} is not a safetensors file: corrupt header ({e})") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InputError(f"{path} has corrupt metadata: __metadata__ must map strings to strings")
     data_start = 8 + n
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -115,7 +128,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype = DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            if any(d < 0 for d in shape) or begin < 0:
+                raise ValueError
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise InputError(f"{path} has a corrupt header entry for tensor '{name}'") from None
         info = TensorInfo(name, shape, dtype, data_start + begin, end - begin)
         if info.nbytes != info.numel * dtype.itemsize or end < begin:
@@ -126,11 +141,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 f"file has {size}"
             )
         infos[name] = info
-    return infos, metadata
+    ordered = sorted(infos.values(), key=lambda i: (i.offset, i.nbytes))
+    for prev, cur in zip(ordered, ordered[1:], strict=False):
+        if cur.offset < prev.offset + prev.nbytes:
+            raise InputError(
+                f"{path} has overlapping tensors: '{prev.name}' and '{cur.name}' share bytes"
+            )
+    return {i.name: i for i in ordered}, metadata
 
 
 def read_tensor(f, info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
-    """Read a tensor (or a range of its first dimension) from an open binary file."""
+    """Read a tensor (or a range of its first dimension) from a
+    :class:`compressor.integrity.HashedFile`, which hashes what it reads."""
     shape = list(info.shape)
     offset, nbytes = info.offset, info.nbytes
     if rows is not None and shape:
@@ -140,8 +162,8 @@ def read_tensor(f, info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
         nbytes = (stop - start) * row_bytes
         shape[0] = stop - start
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    f.seek(offset)
-    if nbytes and f.readinto(buf.numpy()) != nbytes:
+    got = f.read_into(offset, buf)
+    if nbytes and got != nbytes:
         raise InputError(f"{f.name} is truncated while reading '{info.name}'")
     return buf.view(info.dtype).reshape(shape)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .integrity import HashedFile, check_digest, expected_digest, read_checked, sha256_file
 from .safetensors_format import TensorInfo, read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,7 +54,23 @@ class TensorSource:
     def config(self) -> dict | None:
         """The parsed ``config.json`` carried with the weights, if any."""
         path = self.files.get("config.json")
-        return json.loads(Path(path).read_text()) if path else None
+        if not path:
+            return None
+        try:
+            config = json.loads(read_checked(path, self.label, "config.json"))
+        except (ValueError, RecursionError):
+            raise InputError(f"{self.label}: config.json is not valid JSON") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{self.label}: config.json is not a JSON object")
+        return config
+
+    def file_digest(self, path: Path) -> str | None:
+        """The SHA-256 of one of this source's files when it was hashed while read, else None."""
+        return None
+
+    def verify(self) -> None:
+        """Raise when a stored file read so far (hashed as read) is damaged; the rest is
+        read now. Called before a result that used this source is published."""
 
     def close(self) -> None:
         """Release open file handles."""
@@ -123,6 +140,12 @@ class DecodedDelta(TensorSource):
     def _decode(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def verify(self) -> None:
+        self.raw.verify()
+
+    def file_digest(self, path: Path) -> str | None:
+        return self.raw.file_digest(path)
+
     def close(self) -> None:
         self.raw.close()
 
@@ -153,6 +176,7 @@ class SafetensorsShards(TensorSource):
         files: dict[str, Path] | None = None,
         content: str = "model",
         manifest: dict | None = None,
+        shard_names: dict[Path, str] | None = None,
     ):
         self.label = label
         self.content = content
@@ -169,7 +193,12 @@ class SafetensorsShards(TensorSource):
                     raise InputError(f"{label}: tensor '{name}' appears in two shards")
                 self._infos[name] = info
                 self._where[name] = shard
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, HashedFile] = {}
+        self._verified: set[Path] = set()
+        self._shards = list(shards)
+        self._shard_names = shard_names or {}
+        if manifest is None and content == "model" and "content" in self.metadata:
+            self.content = self.metadata["content"]  # a file we wrote says what it holds
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -181,8 +210,24 @@ class SafetensorsShards(TensorSource):
         path = self._where[name]
         f = self._handles.get(path)
         if f is None:
-            f = self._handles[path] = open(path, "rb")
+            f = self._handles[path] = HashedFile(path)
         return read_tensor(f, info, rows)
+
+    def digest(self, shard: Path) -> str:
+        """The SHA-256 of one shard, hashed while it was read (the rest read now)."""
+        f = self._handles.get(shard)
+        return f.finish() if f is not None else sha256_file(shard)
+
+    def file_digest(self, path: Path) -> str | None:
+        return self.digest(path) if path in self._shards else None
+
+    def verify(self) -> None:
+        for shard in self._shards:
+            if shard in self._verified or expected_digest(shard) is None:
+                continue
+            rel = self._shard_names.get(shard, shard.name)
+            check_digest(shard, self.digest(shard), self.label, rel)
+            self._verified.add(shard)
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -208,25 +253,59 @@ def shards_from_files(label: str, files: dict[str, Path], prefix: str = "model")
         return shards
     if f"{prefix}.safetensors" in files:
         return [files[f"{prefix}.safetensors"]]
-    found = [p for rel, p in files.items() if rel.endswith(".safetensors")]
+    found = [p for rel, p in files.items() if rel.endswith(".safetensors") and "/" not in rel]
     if len(found) == 1:
         return found
     if not found:
-        raise InputError(f"{label} holds no .safetensors weights")
+        pickles = [rel for rel in files if "/" not in rel and rel.endswith((".bin", ".pt", ".pth"))]
+        hint = (
+            f" ({pickles[0]} is a pickle checkpoint, which compressor never loads; convert it "
+            "to safetensors where you trust it, e.g. save_pretrained(OUT, safe_serialization=True))"
+            if pickles
+            else ""
+        )
+        raise InputError(f"{label} holds no .safetensors weights{hint}")
     raise InputError(f"{label} holds several .safetensors files and no index")
 
 
-def directory_files(path: Path) -> dict[str, Path]:
-    """Top-level regular files of a model directory, by name."""
-    return {p.name: p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")}
+def directory_files(path: Path, recursive: bool = True) -> dict[str, Path]:
+    """The regular files of a model directory by relative path (hidden ones left out).
+
+    Subfolders (a sentence-transformers model's ``1_Pooling/``) come along as
+    ``cp -r`` would take them. A symbolic link is followed only when it stays
+    inside the directory, or points into the blob folder of a Hugging Face cache
+    repository (the layout ``snapshots/REV/FILE -> ../../blobs/HASH``).
+    """
+    root = Path(path)
+    real_root = root.resolve()
+    allowed = [real_root]
+    if real_root.parent.name == "snapshots":
+        allowed.append(real_root.parent.parent / "blobs")
+    out: dict[str, Path] = {}
+    for p in sorted(root.rglob("*") if recursive else root.iterdir()):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if not any(target == a or a in target.parents for a in allowed):
+                raise InputError(
+                    f"{root}: {rel.as_posix()} is a symbolic link to {target}, outside the "
+                    "directory; copy the file in instead of linking it"
+                )
+        if p.is_file():
+            out[rel.as_posix()] = p
+    return out
 
 
 def carried_files(files: dict[str, Path]) -> dict[str, Path]:
-    """The non-weight files (config, tokenizer, ...) that travel with a model."""
+    """The files (config, tokenizer, module folders, ...) that travel with a model's weights:
+    all but the top-level weights, which a method reads and rewrites."""
     return {
         rel: p
         for rel, p in files.items()
-        if not rel.endswith(WEIGHT_SUFFIXES) and not rel.endswith(".safetensors.index.json")
+        if "/" in rel
+        or not (rel.endswith(WEIGHT_SUFFIXES) or rel.endswith(".safetensors.index.json"))
     }
 
 

@@ -68,8 +68,10 @@ class _Shard:
 class ArtifactWriter:
     """Writes tensors into ``prefix.safetensors`` shards and other files in a directory.
 
-    ``dtype`` casts floating-point tensors on the way out; ``metadata`` is the
-    single safetensors metadata entry (``{"format": "pt"}`` keeps transformers happy).
+    ``dtype`` casts floating-point tensors on the way out. Every shard's
+    safetensors metadata holds ``format: pt`` (which transformers wants) and,
+    for anything but a model, ``content`` (``delta``, ``adapter``, ...), so a
+    file read back later says what its tensors are.
     """
 
     def __init__(
@@ -79,16 +81,16 @@ class ArtifactWriter:
         prefix: str = "model",
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         dtype: torch.dtype | None = None,
-        metadata: dict[str, str] | None = None,
+        content: str = "model",
     ):
-        if metadata and len(metadata) > 1:
-            raise ValueError("safetensors metadata holds at most one key")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_shard_bytes = parse_size(max_shard_size)
         self.dtype = dtype
-        self.metadata = metadata if metadata is not None else {"format": "pt"}
+        self.metadata = (
+            {"format": "pt"} if content == "model" else {"content": content, "format": "pt"}
+        )
         self._shard: _Shard | None = None
         self._done_shards: list[tuple[Path, str, int, list[TensorInfo]]] = []
         self._files: dict[str, StoredFile] = {}
@@ -170,7 +172,7 @@ class ArtifactWriter:
 
     # -- other files ----------------------------------------------------------------
 
-    def add_file(self, relpath: str, source: Path | bytes) -> None:
+    def add_file(self, relpath: str, source: Path | bytes) -> StoredFile:
         """Add a non-tensor file (config.json, tokenizer files, ...), copied and hashed."""
         dest = self.dir / relpath
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +181,7 @@ class ArtifactWriter:
         else:
             digest, size = _hashed_copy([], Path(source), dest)
         self._files[relpath] = StoredFile(relpath, dest, digest, size)
+        return self._files[relpath]
 
     def add_json(self, relpath: str, obj) -> None:
         """Add a JSON file written with sorted keys."""

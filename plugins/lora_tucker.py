@@ -109,6 +109,13 @@ class LoraTucker(Method):
         if norm2 == 0:
             raise InputError("the adapters' updates are all zero: nothing to compress")
         stored += sum(a.info(k).nbytes for a in adapters for k in a.replaced.values())
+        if stored > source_bytes:
+            span = sum(a.info(a.modules[m].a).shape[0] for a in adapters for m in modules[:1])
+            job.warn(
+                f"rank {rank} stores {stored / source_bytes:.1f}x the bytes of the adapters it "
+                f"compresses; their updates span at most rank {span} per module, and factors "
+                "past that hold zeros (choose a smaller -o rank)"
+            )
         return Manifest(
             "adapter",
             metrics={

@@ -6,6 +6,7 @@ from compressor.store.catalog import (
     StoredFile,
     check_name,
     default_store_dir,
+    derive_name,
     open_store,
     sha256_file,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "Store",
     "StoredFile",
     "default_store_dir",
+    "derive_name",
     "open_store",
     "sha256_file",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -27,9 +26,11 @@ from compressor.store.blobs import LocalBlobStore
 from compressor.store.migrations import migrations
 
 from compressor.errors import RefError, StoreError
+from compressor.integrity import sha256_file
 
 HEX_ID = re.compile(r"^[0-9a-f]{8,}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+JSON_COLUMNS = ("params", "metrics", "manifest")
 
 
 @dataclass(frozen=True)
@@ -89,21 +90,18 @@ class ArtifactRecord:
 
 def check_name(name: str) -> str:
     """Return the name if it is a valid artifact name, else raise StoreError."""
-    if not NAME_RE.match(name) or HEX_ID.match(name.lower()):
+    if not NAME_RE.fullmatch(name) or HEX_ID.match(name.lower()):
         raise StoreError(
-            f"invalid name '{name}': use letters, digits, '.', '_' and '-', "
+            f"invalid name {name!r}: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, and not only hex digits (those are ids)"
         )
     return name
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def derive_name(text: str, fallback: str = "artifact") -> str:
+    """A valid artifact name made from a file name or label (``_ft`` -> ``ft``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or fallback
+    return name if not HEX_ID.match(name.lower()) else f"a{name}"
 
 
 class Store:
@@ -114,17 +112,30 @@ class Store:
         self.blobs = LocalBlobStore(self.root / "blobs")
         self.tmp_root = self.root / "tmp"
         self.lock_path = self.root / "lock"
+        db_path = self.root / "store.db"
+        lost = not db_path.exists() or db_path.stat().st_size == 0
+        if lost and next(self.blobs.list(), None) is not None:
+            raise StoreError(
+                f"the store at {self.root} holds blobs but its catalog (store.db) is missing or "
+                "empty: it is damaged, not new; `compress store recover` rebuilds the catalog "
+                "from the artifacts' manifests"
+            )
+        if lost:
+            try:
+                self.tmp_root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the store at {self.root}: {e.strerror}") from None
         try:
-            self.tmp_root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot create the store at {self.root}: {e.strerror}") from None
-        self.conn = sqlite3.connect(self.root / "store.db", timeout=120, isolation_level=None)
-        self.conn.execute("PRAGMA busy_timeout = 120000")
-        self.db = sqlite_utils.Database(self.conn)
-        with self.lock(exclusive=True):
-            if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self.conn.execute("PRAGMA journal_mode = WAL")
-            migrations.apply(self.db)
+            self.conn = sqlite3.connect(db_path, timeout=120, isolation_level=None)
+            self.conn.execute("PRAGMA busy_timeout = 120000")
+            self.db = sqlite_utils.Database(self.conn)
+            if migrations.pending(self.db):
+                with self.lock(exclusive=True):
+                    if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        self.conn.execute("PRAGMA journal_mode = WAL")
+                    migrations.apply(self.db)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"the catalog {db_path} cannot be read: {e}") from None
 
     def close(self) -> None:
         self.conn.close()
@@ -203,9 +214,13 @@ class Store:
                 version = None
                 if name is not None:
                     row = self.conn.execute(
-                        "SELECT MAX(version) FROM artifacts WHERE name = ?", [name]
+                        "SELECT last FROM name_versions WHERE name = ?", [name]
                     ).fetchone()
-                    version = (row[0] or 0) + 1
+                    version = (row[0] if row else 0) + 1
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO name_versions (name, last) VALUES (?, ?)",
+                        [name, version],
+                    )
                 self.db["artifacts"].insert(
                     {
                         "id": artifact_id,
@@ -257,7 +272,7 @@ class Store:
         with self._transaction():
             for ext in externals:
                 self._upsert_external(ext)
-            current = json.loads(self._row(artifact_id)["metrics"])
+            current = _loads(self._row(artifact_id), "metrics")
             current.update(metrics)
             self.conn.execute(
                 "UPDATE artifacts SET metrics = ? WHERE id = ?", [_dumps(current), artifact_id]
@@ -282,6 +297,7 @@ class Store:
         ):
             label = f"{p['name']}@{p['version']}" if p["name"] else p["path"] or "(removed)"
             parents.append({"role": p["role"], "id": p["parent"], "label": label})
+        parsed = {c: _loads(row, c) for c in JSON_COLUMNS}
         return ArtifactRecord(
             id=row["id"],
             name=row["name"],
@@ -290,9 +306,9 @@ class Store:
             content=row["content"],
             plugin=row["plugin"],
             method_version=row["method_version"],
-            params=json.loads(row["params"] or "{}"),
-            metrics=json.loads(row["metrics"] or "{}"),
-            manifest=json.loads(row["manifest"] or "{}"),
+            params=parsed["params"],
+            metrics=parsed["metrics"],
+            manifest=parsed["manifest"],
             bytes=row["bytes"] or 0,
             created=row["created"],
             path=row["path"],
@@ -363,10 +379,22 @@ class Store:
             self.conn.execute("DELETE FROM parents WHERE child = ?", [artifact_id])
             self.conn.execute("DELETE FROM artifacts WHERE id = ?", [artifact_id])
 
-    def gc(self) -> dict:
-        """Delete unreferenced blobs and temp directories of dead processes."""
+    def gc(self, force: bool = False) -> dict:
+        """Delete unreferenced blobs and temp directories of dead processes.
+
+        With an empty catalog and blobs present the store looks damaged, not
+        emptied, and gc refuses unless ``force``.
+        """
         freed = blobs = tmps = 0
         with self.lock(exclusive=True):
+            known = self.conn.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0]
+            present = sum(1 for _ in self.blobs.list())
+            if not known and present and not force:
+                raise StoreError(
+                    f"the catalog lists no artifact but {present} blob(s) are stored; if the "
+                    "catalog was lost, run `compress store recover` instead; `store gc --force` "
+                    f"deletes all {present} blob(s)"
+                )
             for d in sorted(self.tmp_root.iterdir()):
                 if _abandoned(d):
                     shutil.rmtree(d, ignore_errors=True)
@@ -384,7 +412,15 @@ class Store:
         check = self.conn.execute("PRAGMA integrity_check").fetchone()[0]
         if check != "ok":
             problems.append(f"store.db integrity check: {check}")
+        for row in self.db["artifacts"].rows:
+            for column in JSON_COLUMNS:
+                try:
+                    _loads(row, column)
+                except StoreError as e:
+                    problems.append(str(e).removesuffix(" (run `compress store verify`)"))
+        used = set()
         for r in self.db.query("SELECT DISTINCT blob, bytes FROM files ORDER BY blob"):
+            used.add(r["blob"])
             p = self.blobs.path(r["blob"])
             if not p.is_file():
                 problems.append(f"missing blob {r['blob']}")
@@ -394,7 +430,18 @@ class Store:
                 )
             elif sha256_file(p) != r["blob"]:
                 problems.append(f"blob {r['blob']} does not match its hash")
+        unknown = [d for d in self.blobs.list() if d not in used]
+        if unknown and not used:
+            problems.append(
+                f"{len(unknown)} blob(s) are stored but the catalog lists none: the catalog "
+                "may have been lost (`compress store recover` rebuilds it)"
+            )
         return problems
+
+    def unreferenced_blobs(self) -> list[str]:
+        """Digests of blobs no artifact lists (left by `store rm` until the next gc)."""
+        used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
+        return [d for d in self.blobs.list() if d not in used]
 
 
 def _abandoned(tmp: Path) -> bool:
@@ -411,6 +458,21 @@ def _abandoned(tmp: Path) -> bool:
         return True
 
 
+def _loads(row: dict, column: str) -> dict:
+    """A JSON column of an artifacts row; damage is a StoreError naming the row."""
+    try:
+        value = json.loads(row[column] or "{}")
+    except (ValueError, TypeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        label = f"{row['name']}@{row['version']}" if row.get("name") else row["id"][:12]
+        raise StoreError(
+            f"the catalog row of {label} is damaged: its {column} is not a JSON object "
+            "(run `compress store verify`)"
+        )
+    return value
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -425,9 +487,15 @@ def open_store(root: Path | str | None = None) -> Store:
 
 
 def default_store_dir() -> Path:
+    """$COMPRESSOR_STORE, else the platform's user data directory (``~/.local/share/compressor``
+    on Linux); a store made by an earlier release in ``~/.config/compressor`` is kept in use."""
     env = os.environ.get("COMPRESSOR_STORE")
     if env:
         return Path(env)
-    import click
+    import platformdirs
 
-    return Path(click.get_app_dir("compressor"))
+    new = Path(platformdirs.user_data_dir("compressor", appauthor=False))
+    old = Path(platformdirs.user_config_dir("compressor", appauthor=False))
+    if not new.exists() and (old / "store.db").is_file():
+        return old
+    return new

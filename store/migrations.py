@@ -37,3 +37,13 @@ def m001_initial(db):
         pk=("child", "position"),
     )
     db["parents"].create_index(["parent"])
+
+
+@migrations()
+def m002_name_versions(db):
+    """The highest version each name ever had, so a removed version's number is never reused."""
+    db["name_versions"].create({"name": str, "last": int}, pk="name")
+    db.execute(
+        "INSERT INTO name_versions (name, last) SELECT name, MAX(version) FROM artifacts "
+        "WHERE name IS NOT NULL GROUP BY name"
+    )

@@ -162,7 +162,7 @@ USAGE_CASES = {
     "ill-typed option": (
         [*MERGE, "-o", "scale", "big"],
         2,
-        "option 'scale' expects a number; got 'big'",
+        "option 'scale' expects a finite number; got 'big'",
     ),
     "missing base": (
         ["apply", "-p", "task-vector", FT],
@@ -245,8 +245,16 @@ def test_export_into_non_empty_directory(run, populated, tmp_path):
         f"{out} exists and is not empty (use --force to replace it)",
     )
     assert (out / "keep.txt").read_text() == "mine"
-    assert run("export", "tv", out, "--force").exit_code == 0
-    assert not (out / "keep.txt").exists()
+    # --force replaces only an earlier export, never a directory of other files
+    _expect(
+        run,
+        populated,
+        ["export", "tv", out, "--force"],
+        1,
+        f"refusing to replace {out}: it is not an earlier export (no compressor.json; "
+        "it holds keep.txt); remove it yourself or choose another directory",
+    )
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_bad_name(run, models, populated):

@@ -158,3 +158,53 @@ def test_four_concurrent_writers(models, tmp_path):
         text=True,
     )
     assert len([json.loads(x) for x in r.stdout.splitlines()]) == 40
+
+
+def _timed(store_dir, *args) -> float:
+    start = time.monotonic()
+    p = _compress(store_dir, *args)
+    assert p.wait() == 0, p.stderr.read()
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_sigkill_during_export_force_and_gc(medium, tmp_path):
+    """A killed `export --force` leaves OUTDIR whole (or its old export set aside, which the
+    next export puts back); a killed gc leaves every listed artifact readable."""
+    from compressor.outdir import clean_stale
+
+    base, ft = medium
+    store_dir = tmp_path / "store"
+    out = tmp_path / "out"
+    _timed(store_dir, "apply", "-p", "task-vector", "--base", base, ft, "-n", "tv")
+    window = _timed(store_dir, "export", "tv", out)
+    rng = random.Random(99)
+    for _ in range(12):
+        p = _compress(store_dir, "export", "tv", out, "--force")
+        time.sleep(rng.uniform(0, 1.2 * window))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        clean_stale(out)  # what the next export into OUT does first
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+        assert json.loads((out / "compressor.json").read_text())["content"] == "delta"
+        from safetensors import safe_open
+
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert len(list(f.keys())) == 2 + 6 * 9 + 1
+    _timed(store_dir, "apply", "-p", "task-vector", "--base", ft, base, "-n", "x")
+    _timed(store_dir, "store", "rm", "x")
+    gc_window = _timed(store_dir, "store", "gc")
+    for i in range(4):
+        _timed(store_dir, "apply", "-p", "task-vector", "--base", ft, base, "-n", f"y{i}")
+        _timed(store_dir, "store", "rm", f"y{i}")
+        p = _compress(store_dir, "store", "gc")
+        time.sleep(rng.uniform(0, 1.5 * gc_window))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        store = open_store(store_dir)
+        try:
+            assert store.verify() == []
+            with open_artifact(store, store.resolve("tv")) as src:
+                assert len(src.names()) == 2 + 6 * 9 + 1
+        finally:
+            store.close()

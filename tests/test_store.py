@@ -129,7 +129,10 @@ def test_gc_removes_only_unreferenced(run, two_versions, private_store):
 
 
 def test_verify_finds_damage(run, two_versions, private_store):
-    assert run("store", "verify").output == "OK: every blob matches its hash\n"
+    assert (
+        run("store", "verify").output
+        == "OK: every blob matches its hash, every catalog row parses\n"
+    )
     store = open_store(private_store)
     blob = store.files(store.resolve("tv@1").id)["model.safetensors"]
     store.close()
@@ -152,7 +155,10 @@ def test_import_copies_and_reads_back(run, models, private_store, tmp_path):
     assert [p["role"] for p in rec["parents"]] == ["source"]
     out = tmp_path / "out"
     assert run("export", "ft2", out).exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    # the export's own marker beside what the source held
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in src.iterdir()] + ["compressor.json"]
+    )
     for f in ("config.json", "generation_config.json"):
         assert (out / f).read_bytes() == (src / f).read_bytes()
     from safetensors.torch import load_file
@@ -189,11 +195,11 @@ def test_migrations_from_blank_and_reopen(tmp_path):
     store = open_store(tmp_path / "s")
     tables = set(store.db.table_names())
     assert {"artifacts", "files", "parents", "_sqlite_migrations"} <= tables
-    assert [m.name for m in migrations.applied(store.db)] == ["m001_initial"]
+    assert [m.name for m in migrations.applied(store.db)] == ["m001_initial", "m002_name_versions"]
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
     again = open_store(tmp_path / "s")  # reopening applies nothing twice
-    assert [m.name for m in migrations.applied(again.db)] == ["m001_initial"]
+    assert [m.name for m in migrations.applied(again.db)] == ["m001_initial", "m002_name_versions"]
     again.close()
 
 

@@ -86,9 +86,12 @@ def test_adapter_import_and_export_as_adapter(run, lora, tmp_path):
     out = tmp_path / "ad-out"
     assert run("export", "ad", out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        p.name
-        for p in adapter.iterdir()
-        if p.name in ("adapter_config.json", "adapter_model.safetensors", "README.md")
+        [
+            p.name
+            for p in adapter.iterdir()
+            if p.name in ("adapter_config.json", "adapter_model.safetensors", "README.md")
+        ]
+        + ["compressor.json"]
     )
     assert (
         load_file(out / "adapter_model.safetensors").keys()

@@ -134,9 +134,20 @@ def test_sharding_is_hugging_face_layout(tmp_path, models):
     assert set(reread.files) == {"config.json"}
 
 
-def test_metadata_is_one_key(tmp_path):
-    with pytest.raises(ValueError, match="at most one key"):
-        ArtifactWriter(tmp_path, metadata={"a": "1", "b": "2"})
+def test_metadata_says_format_and_content(tmp_path):
+    """A model's shards say format pt only; anything else also says what it holds."""
+    for content, expected in (
+        ("model", {"format": "pt"}),
+        ("delta", {"content": "delta", "format": "pt"}),
+    ):
+        w = ArtifactWriter(tmp_path / content, content=content)
+        w.write("x", torch.ones(2))
+        (f,) = w.finish()
+        _, metadata = read_header(f.path)
+        assert metadata == expected
+        raw = f.path.read_bytes()
+        header = raw[8 : 8 + int.from_bytes(raw[:8], "little")].decode()
+        assert header.index('"__metadata__"') < header.index('"x"')  # sorted JSON
 
 
 def test_parse_size():

@@ -44,6 +44,18 @@ class State:
             self._store.close()
 
 
+def os_error_message(e: OSError) -> str:
+    """A sentence for an operating-system failure: what happened, and to which file."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{where}; free some space and run the command again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: this user cannot write or read there"
+    return f"{e.strerror or e}{where}"
+
+
 class Group(click.Group):
     """A click group that reports CompressorError (and any crash) as one line."""
 
@@ -58,6 +70,10 @@ class Group(click.Group):
             raise CLIError(str(e), e.exit_code) from None
         except KeyboardInterrupt:
             raise click.Abort() from None
+        except OSError as e:  # disk full, permissions: the OS's words, with the path
+            if os.environ.get("COMPRESSOR_DEBUG") == "1":
+                traceback.print_exc()
+            raise CLIError(os_error_message(e)) from None
         except Exception as e:  # a bug or an OS failure: still one line, traceback on demand
             if os.environ.get("COMPRESSOR_DEBUG") == "1":
                 traceback.print_exc()
@@ -71,7 +87,6 @@ class Group(click.Group):
 @click.option(
     "--store",
     "store_dir",
-    type=click.Path(file_okay=False, path_type=Path),
     envvar="COMPRESSOR_STORE",
     help="Store directory (default: $COMPRESSOR_STORE, else the user data directory).",
 )
@@ -83,7 +98,9 @@ def cli(ctx, store_dir, quiet):
     Every result is a versioned artifact in a store, with its parents,
     parameters and metrics.
     """
-    state = State(store_dir, quiet)
+    if store_dir is not None and not store_dir.strip():
+        raise click.BadParameter("the store directory must not be empty", param_hint="--store")
+    state = State(Path(store_dir) if store_dir is not None else None, quiet)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

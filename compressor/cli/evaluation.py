@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from compressor.cli.run import option_pairs
+from compressor.cli.run import option_pairs, strict_json
 from compressor.evaluate import EVAL_OPTIONS, evaluate
 
 
@@ -30,7 +28,7 @@ def register(cli):
         """
         result = evaluate(ref, list(options), base=base, store=state.store, quiet=state.quiet)
         if as_json:
-            click.echo(json.dumps(result, sort_keys=True))
+            click.echo(strict_json(result))
             return
         scores = "  ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -10,14 +11,34 @@ from compressor.api import run_method
 from compressor.writer import DEFAULT_MAX_SHARD_SIZE
 
 
+def strict_json(obj, indent: int | None = None) -> str:
+    """JSON text a strict parser accepts: NaN and infinities become null."""
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=indent, sort_keys=True, allow_nan=False)
+
+
 def print_record(record, as_json: bool) -> None:
     """The short human summary (or ``--json`` object) of a new artifact."""
     if as_json:
-        click.echo(json.dumps(record.to_json(), sort_keys=True))
+        click.echo(strict_json(record.to_json()))
         return
+    how = (
+        f"by {record.plugin}"
+        if record.plugin
+        else f"{record.kind}ed from {record.params.get('path')}"
+    )
     click.echo(
-        f"Created {record.label} (id {record.id[:12]}): {record.content} by "
-        f"{record.plugin}, {format_bytes(record.bytes)}"
+        f"Created {record.label} (id {record.id[:12]}): {record.content} {how}, "
+        f"{format_bytes(record.bytes)}"
     )
     if record.metrics:
         click.echo("  metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in record.metrics.items()))

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from compressor.api import import_path
 from compressor.errors import RefError, StoreError
-from compressor.refs import resolve
-from compressor.store import StoredFile
-from compressor.writer import ArtifactWriter
 
-from .run import format_bytes, print_record
+from .run import format_bytes, print_record, strict_json
 
 
 def _metrics_brief(metrics: dict, limit: int = 3) -> str:
@@ -72,7 +69,7 @@ def register(cli):
         """List artifacts, oldest first."""
         for r in state.store.list(include_external=show_all):
             if as_json:
-                click.echo(json.dumps(r.to_json(), sort_keys=True))
+                click.echo(strict_json(r.to_json()))
             else:
                 click.echo(
                     f"{r.label:<28} {r.id[:12]}  {r.kind:<8} {r.plugin or '-':<16} "
@@ -89,10 +86,8 @@ def register(cli):
         files = state.store.files(r.id)
         if as_json:
             click.echo(
-                json.dumps(
-                    {**r.to_json(), "manifest": r.manifest, "files": sorted(files)},
-                    indent=2,
-                    sort_keys=True,
+                strict_json(
+                    {**r.to_json(), "manifest": r.manifest, "files": sorted(files)}, indent=2
                 )
             )
             return
@@ -122,7 +117,7 @@ def register(cli):
         """Show the lineage tree of an artifact: what it was made from, and how."""
         tree = lineage(state.store, state.store.resolve(ref).id)
         if as_json:
-            click.echo(json.dumps(tree, indent=2, sort_keys=True))
+            click.echo(strict_json(tree, indent=2))
         else:
             _print_tree(tree)
 
@@ -133,35 +128,7 @@ def register(cli):
     @click.pass_obj
     def import_(state, path, name, as_json):
         """Copy a model, adapter or .safetensors file into the store."""
-        st = state.store
-        resolved = resolve(st, str(path))
-        resolved.source.close()
-        ext = resolved.external
-        path = path.resolve()
-        if path.is_file():
-            inputs = {"model.safetensors": path}
-        else:
-            inputs = {
-                p.name: p
-                for p in sorted(path.iterdir())
-                if p.is_file() and not p.name.startswith(".")
-            }
-        with st.tmp_dir() as tmp:
-            writer = ArtifactWriter(tmp / "import")
-            for rel, p in inputs.items():
-                writer.add_file(rel, p)
-            files = [StoredFile(f.relpath, f.path, f.digest, f.bytes) for f in writer.finish()]
-            record = st.commit(
-                files,
-                kind="import",
-                content=resolved.source.content,
-                name=name or _clean_name(path),
-                params={"path": str(path)},
-                manifest={"fingerprint": ext.fingerprint},
-                parents=[(ext.id, "source")],
-                externals=[ext],
-            )
-        print_record(record, as_json)
+        print_record(import_path(path, name=name, store=state.store), as_json)
 
     @store.command()
     @click.argument("ref")
@@ -174,10 +141,13 @@ def register(cli):
         click.echo(f"Removed {r.label} ({r.id[:12]})")
 
     @store.command()
+    @click.option(
+        "--force", is_flag=True, help="Delete blobs even when the catalog lists no artifact."
+    )
     @click.pass_obj
-    def gc(state):
+    def gc(state, force):
         """Delete blobs no artifact references and temp files of dead processes."""
-        result = state.store.gc()
+        result = state.store.gc(force=force)
         click.echo(
             f"Removed {result['blobs_removed']} blobs ({format_bytes(result['bytes_freed'])}) "
             f"and {result['tmp_dirs_removed']} abandoned temp directories"
@@ -192,11 +162,7 @@ def register(cli):
             click.echo(p)
         if problems:
             raise StoreError(f"{len(problems)} problem(s) found in {state.store.root}")
-        click.echo("OK: every blob matches its hash")
-
-
-def _clean_name(path: Path) -> str:
-    import re
-
-    stem = path.name.removesuffix(".safetensors")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "imported"
+        orphans = state.store.unreferenced_blobs()
+        click.echo("OK: every blob matches its hash, every catalog row parses")
+        if orphans:
+            click.echo(f"({len(orphans)} blob(s) belong to no artifact; `store gc` deletes them)")

@@ -1,0 +1,115 @@
+"""Hashes taken while files are read: damaged store blobs are caught, inputs identified.
+
+A store blob lives at ``.../sha256/ab/<hex>``, named by the SHA-256 of its bytes,
+so whoever reads one knows what it must hash to. :class:`HashedFile` hashes a
+file as its bytes are read (in any order: a gap is hashed when a later read
+skips over it), so verifying a blob costs the one pass the read makes anyway;
+:meth:`HashedFile.finish` hashes what was never read and returns the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, StoreError
+
+_BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 23
+
+
+def expected_digest(path: Path) -> str | None:
+    """The SHA-256 a store blob must have (its name), or None for any other file."""
+    path = Path(path)
+    name = path.name
+    if (
+        _BLOB_NAME.match(name)
+        and path.parent.name == name[:2]
+        and path.parent.parent.name == "sha256"
+    ):
+        return name
+    return None
+
+
+class DamagedBlobError(StoreError):
+    """A stored file's bytes no longer match their hash."""
+
+
+def damaged(label: str, relpath: str) -> DamagedBlobError:
+    return DamagedBlobError(
+        f"{label}: the stored file {relpath} is damaged (its bytes do not match their hash); "
+        "run `compress store verify`"
+    )
+
+
+def check_digest(path: Path, digest: str, label: str, relpath: str) -> None:
+    """Raise when ``path`` is a store blob and ``digest`` (of its bytes) is not its name."""
+    want = expected_digest(path)
+    if want is not None and want != digest:
+        raise damaged(label, relpath)
+
+
+def read_checked(path: Path, label: str, relpath: str) -> bytes:
+    """A small file's bytes, checked against its hash when it is a store blob."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {relpath} of {label}: {e.strerror}") from None
+    check_digest(path, hashlib.sha256(data).hexdigest(), label, relpath)
+    return data
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashedFile:
+    """An open binary file whose bytes are hashed as they are read."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = str(path)
+        self.file = open(path, "rb")
+        self.size = self.path.stat().st_size
+        self._hash = hashlib.sha256()
+        self._done = 0  # bytes [0, _done) are in the hash
+        self._digest: str | None = None
+
+    def read_into(self, offset: int, buf: torch.Tensor) -> int:
+        """Read ``buf.numel()`` bytes at ``offset`` into a uint8 tensor; return the count."""
+        if offset > self._done:
+            self._catch_up(offset)
+        self.file.seek(offset)
+        n = self.file.readinto(buf.numpy()) if buf.numel() else 0
+        end = offset + n
+        if self._digest is None and offset <= self._done < end:
+            self._hash.update(buf.numpy()[self._done - offset : n])
+            self._done = end
+        return n
+
+    def _catch_up(self, upto: int) -> None:
+        self.file.seek(self._done)
+        while self._done < upto:
+            block = self.file.read(min(CHUNK, upto - self._done))
+            if not block:
+                break
+            self._hash.update(block)
+            self._done += len(block)
+
+    def finish(self) -> str:
+        """Hash whatever was not read yet; return the file's SHA-256."""
+        if self._digest is None:
+            self._catch_up(self.size)
+            self._digest = self._hash.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        self.file.close()

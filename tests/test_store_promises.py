@@ -1,0 +1,519 @@
+"""The store's promises under damage and misuse: one test per defect found by probing it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+
+import pytest
+from conftest import assert_refused
+from safetensors.torch import load_file, save_file
+
+from compressor.store import open_store
+
+
+@pytest.fixture
+def tv(run, models, private_store):
+    """A store holding one task vector ``tv``."""
+    r = run(
+        "--quiet",
+        "apply",
+        "-p",
+        "task-vector",
+        "--base",
+        models["base-fp32"],
+        models["ft1-fp32"],
+        "-n",
+        "tv",
+    )
+    assert r.exit_code == 0, r.output
+    return private_store
+
+
+def _blob_of(store_dir, ref: str, relpath: str):
+    st = open_store(store_dir)
+    try:
+        return st.files(st.resolve(ref).id)[relpath]
+    finally:
+        st.close()
+
+
+def _flip(path, offset: int) -> None:
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# -- 1. export --force never deletes what is not an export ---------------------------
+
+
+def test_export_force_refuses_the_store_and_its_parents(run, tv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "store")
+    for target in (tv, tv.parent):
+        assert_refused(
+            run,
+            tv,
+            ["export", "tv", target, "--force"],
+            f"refusing to replace {target}: it holds the artifact store at {tv.resolve()}",
+        )
+    assert run("store", "verify").exit_code == 0
+
+
+def test_export_force_refuses_cwd_and_home(run, tv, tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "compressor.json").write_text('{"format": "compressor-export"}')  # looks like ours
+    monkeypatch.chdir(work)
+    assert_refused(
+        run,
+        tv,
+        ["export", "tv", ".", "--force"],
+        "refusing to replace .: it is the current, the home or the root directory",
+    )
+    monkeypatch.setenv("HOME", str(work))
+    assert_refused(
+        run,
+        tv,
+        ["export", "tv", str(work), "--force"],
+        f"refusing to replace {work}: it is the current, the home or the root directory",
+    )
+
+
+def test_export_force_replaces_an_earlier_export(run, tv, models, tmp_path):
+    out = tmp_path / "out"
+    assert run("--quiet", "export", "tv", out, "--base", models["base-fp32"]).exit_code == 0
+    marker = json.loads((out / "compressor.json").read_text())
+    assert marker["content"] == "model" and marker["ref"] == "tv@1"
+    (out / "stale.txt").write_text("from the earlier export")
+    assert run("--quiet", "export", "tv", out, "--force").exit_code == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "compressor.json").read_text())["content"] == "delta"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+def test_killed_export_staging_is_cleaned_and_old_export_restored(run, tv, tmp_path):
+    out = tmp_path / "out"
+    assert run("--quiet", "export", "tv", out).exit_code == 0
+    dead = 2**22 + 12345  # no such process
+    staged = tmp_path / f".out.tmp-{dead}-deadbeef"
+    staged.mkdir()
+    (staged / "model.safetensors").write_bytes(b"half")
+    os.replace(out, tmp_path / f".out.old-{dead}-cafebabe")  # killed between the renames
+    assert run("--quiet", "export", "tv", tmp_path / "other").exit_code == 0
+    assert not out.exists()  # staging of another OUTDIR is left alone
+    assert run("--quiet", "export", "tv", out, "--force").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+    assert (out / "compressor.json").is_file()
+
+
+# -- 2. blobs are hash-checked as they are read ---------------------------------------
+
+
+def test_damaged_weights_blob_refused_on_export_and_merge(run, tv, models, tmp_path):
+    blob = _blob_of(tv, "tv", "model.safetensors")
+    _flip(blob, blob.stat().st_size - 3)
+    out = tmp_path / "out"
+    assert_refused(
+        run,
+        tv,
+        ["export", "tv", out],
+        "tv@1: the stored file model.safetensors is damaged (its bytes do not match their "
+        "hash); run `compress store verify`",
+    )
+    assert not out.exists()
+    assert_refused(
+        run,
+        tv,
+        ["merge", "-p", "task-arithmetic", "--base", models["base-fp32"], "tv"],
+        "tv@1: the stored file model.safetensors is damaged (its bytes do not match their "
+        "hash); run `compress store verify`",
+    )
+
+
+def test_damaged_shared_config_blob_refused(run, tv, models, tmp_path):
+    blob = _blob_of(tv, "tv", "tokenizer_config.json")
+    _flip(blob, 2)
+    assert_refused(
+        run,
+        tv,
+        ["export", "tv", tmp_path / "out", "--base", models["base-fp32"]],
+        "tv@1: the stored file tokenizer_config.json is damaged (its bytes do not match their "
+        "hash); run `compress store verify`",
+    )
+
+
+# -- 3. a lost catalog is damage, not a new store -------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_lost_catalog_is_refused(run, tv, how):
+    db = tv / "store.db"
+    for suffix in ("-wal", "-shm"):
+        (tv / f"store.db{suffix}").unlink(missing_ok=True)
+    if how == "deleted":
+        db.unlink()
+    else:
+        db.write_bytes(b"")
+    blobs = sorted(p for p in (tv / "blobs").rglob("*") if p.is_file())
+    message = (
+        f"the store at {tv} holds blobs but its catalog (store.db) is missing or empty: it is "
+        "damaged, not new; `compress store recover` rebuilds the catalog from the artifacts' "
+        "manifests"
+    )
+    for args in (["store", "verify"], ["store", "gc"], ["store", "ls"]):
+        r = run("--quiet", *args)
+        assert (r.exit_code, r.output) == (1, f"Error: {message}\n")
+    assert sorted(p for p in (tv / "blobs").rglob("*") if p.is_file()) == blobs
+
+
+def test_gc_refuses_empty_catalog_with_blobs_unless_forced(run, tv):
+    conn = sqlite3.connect(tv / "store.db")
+    with conn:
+        for table in ("files", "parents", "artifacts"):
+            conn.execute(f"DELETE FROM {table}")
+    conn.close()
+    n = sum(1 for p in (tv / "blobs").rglob("*") if p.is_file())
+    assert_refused(
+        run,
+        tv,
+        ["store", "gc"],
+        f"the catalog lists no artifact but {n} blob(s) are stored; if the catalog was lost, "
+        f"run `compress store recover` instead; `store gc --force` deletes all {n} blob(s)",
+    )
+    r = run("--quiet", "store", "verify")
+    assert r.exit_code == 1 and "the catalog lists none" in r.output
+    assert run("store", "gc", "--force").output.startswith(f"Removed {n} blobs")
+
+
+# -- 4. verify parses every catalog row -----------------------------------------------
+
+
+def test_verify_finds_a_damaged_row_and_ls_says_which(run, tv):
+    conn = sqlite3.connect(tv / "store.db")
+    with conn:
+        conn.execute("UPDATE artifacts SET params = '{\"a\": 1' WHERE name = 'tv'")
+    conn.close()
+    r = run("--quiet", "store", "verify")
+    assert r.exit_code == 1
+    assert "the catalog row of tv@1 is damaged: its params is not a JSON object" in r.output
+    r = run("--quiet", "store", "ls")
+    assert r.exit_code == 1
+    assert r.output == (
+        "Error: the catalog row of tv@1 is damaged: its params is not a JSON object "
+        "(run `compress store verify`)\n"
+    )
+
+
+# -- 5. inputs are identified by a full hash ------------------------------------------
+
+
+def test_large_inputs_differing_in_one_byte_are_two_inputs(run, models, tmp_path):
+    from compressor.demo_models import save_tiny_llama
+
+    a = save_tiny_llama(tmp_path / "a", hidden=256, layers=4, vocab=4096)  # ~30 MB
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    tensors = load_file(b / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][7, 11] += 1.0  # one entry away from the sampled bytes' positions
+    save_file(tensors, b / "model.safetensors", metadata={"format": "pt"})
+    assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
+    ids = []
+    for expert in (a, b):
+        r = run("--quiet", "apply", "-p", "task-vector", "--base", a, expert, "--json")
+        assert r.exit_code == 0, r.output
+        ids.append(json.loads(r.output)["parents"][1]["id"])
+    assert ids[0] != ids[1]
+
+
+# -- 6. version numbers are never reused ----------------------------------------------
+
+
+def test_removed_newest_version_number_is_not_reused(run, tv, models):
+    run(
+        "--quiet",
+        "apply",
+        "-p",
+        "task-vector",
+        "--base",
+        models["base-fp32"],
+        models["ft2-fp32"],
+        "-n",
+        "tv",
+    )
+    assert run("store", "rm", "tv@2").exit_code == 0
+    r = run(
+        "--quiet",
+        "apply",
+        "-p",
+        "task-vector",
+        "--base",
+        models["base-fp32"],
+        models["ft2-fp32"],
+        "-n",
+        "tv",
+        "--json",
+    )
+    assert json.loads(r.output)["version"] == 3
+    r = run("store", "show", "tv@2")
+    assert r.output == "Error: no artifact matches 'tv@2'\n"
+
+
+# -- 7. pickles are never loaded ------------------------------------------------------
+
+
+def _pickle_that_writes(path, marker):
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    path.write_bytes(pickle.dumps({"w": Boom()}))
+
+
+def test_pickle_inputs_refused(run, models, tv, tmp_path):
+    marker = tmp_path / "executed"
+    for suffix in (".bin", ".pt"):
+        bad = tmp_path / f"weights{suffix}"
+        _pickle_that_writes(bad, marker)
+        assert_refused(
+            run,
+            tv,
+            ["apply", "-p", "task-vector", "--base", models["base-fp32"], bad],
+            f"{bad} is a pickle checkpoint, which compressor never loads (unpickling can run "
+            "code); convert it to safetensors where you trust it, e.g. transformers' "
+            "save_pretrained(OUT, safe_serialization=True)",
+        )
+    assert not marker.exists()
+
+
+def test_eval_never_falls_back_to_a_pickle(run, models, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(models["base-fp32"], d)
+    os.replace(d / "model.safetensors", d / "weights.safetensors")
+    marker = tmp_path / "executed"
+    _pickle_that_writes(d / "pytorch_model.bin", marker)
+    data = tmp_path / "lines.txt"
+    data.write_text("a b c d\ne f g h\n")
+    r = run("--quiet", "eval", d, "-o", "data", data)
+    assert not marker.exists()
+    assert r.exit_code == 0, r.output  # the safetensors file it holds, by another name
+    assert "perplexity" in r.output
+
+
+def test_torch_floor_is_past_the_weights_only_bypass():
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    torch_req = [d for d in deps["project"]["dependencies"] if d.startswith("torch")]
+    assert torch_req == ["torch>=2.6"]  # CVE-2025-32434 fixed in 2.6.0
+
+
+# -- 8. symbolic links out of an input directory are refused --------------------------
+
+
+def test_symlink_out_of_input_dir_refused(run, models, tv, tmp_path):
+    d = tmp_path / "ft"
+    shutil.copytree(models["ft1-fp32"], d)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not store me")
+    (d / "tokenizer_config.json").unlink()
+    (d / "tokenizer_config.json").symlink_to(secret)
+    message = (
+        f"{d}: tokenizer_config.json is a symbolic link to {secret}, outside the directory; "
+        "copy the file in instead of linking it"
+    )
+    assert_refused(
+        run, tv, ["apply", "-p", "task-vector", "--base", models["base-fp32"], d], message
+    )
+    assert_refused(run, tv, ["store", "import", d], message)
+
+
+def test_hf_cache_symlinks_still_work(run, models, tmp_path):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in sorted(models["ft1-fp32"].iterdir()):
+        blob = repo / "blobs" / f.name.replace(".", "_")
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    r = run("--quiet", "apply", "-p", "task-vector", "--base", models["base-fp32"], snap)
+    assert r.exit_code == 0, r.output
+
+
+# -- 9. NaN and inf ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1,nan"])
+def test_non_finite_options_refused(run, models, tv, value):
+    assert_refused(
+        run,
+        tv,
+        [
+            "merge",
+            "-p",
+            "task-arithmetic",
+            "--base",
+            models["base-fp32"],
+            "tv",
+            "-o",
+            "weights",
+            value,
+        ],
+        f"option 'weights' expects comma-separated finite numbers; got '{value}'",
+        code=2,
+    )
+
+
+def test_non_finite_weights_refused_naming_the_tensor(run, models, tv, tmp_path):
+    d = tmp_path / "ft"
+    shutil.copytree(models["ft1-fp32"], d)
+    tensors = load_file(d / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name][0, :5] = float("nan")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(
+        run,
+        tv,
+        ["apply", "-p", "task-vector", "--base", models["base-fp32"], d],
+        f"{d}: tensor {name} holds 5 NaN or infinite values; a method cannot give meaningful "
+        "results from it",
+    )
+
+
+def test_json_is_strict(run, tv):
+    conn = sqlite3.connect(tv / "store.db")
+    with conn:
+        conn.execute("UPDATE artifacts SET metrics = '{\"x\": NaN}' WHERE name = 'tv'")
+    conn.close()
+    for args in (["store", "ls", "--json"], ["store", "show", "tv", "--json"]):
+        out = run(*args).output
+        parsed = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+        assert parsed["metrics"]["x"] is None
+
+
+# -- 10. raw internal exceptions become sentences -------------------------------------
+
+
+def test_disk_full_is_a_sentence(run, tv, models, monkeypatch):
+    import errno
+
+    import compressor.writer as writer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x/shard")
+
+    monkeypatch.setattr(writer, "_hashed_copy", full)
+    assert_refused(
+        run,
+        tv,
+        ["merge", "-p", "task-arithmetic", "--base", models["base-fp32"], "tv"],
+        "no space left on the device (/x/shard); free some space and run the command again",
+    )
+
+
+# -- 11. names, store location, read-only readers, headers, lora-tucker -------------
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("tv\n", "invalid name 'tv\\n'"),
+        ("", "invalid name ''"),
+    ],
+)
+def test_bad_names(run, models, tv, name, message):
+    assert_refused(
+        run,
+        tv,
+        [
+            "apply",
+            "-p",
+            "task-vector",
+            "--base",
+            models["base-fp32"],
+            models["ft1-fp32"],
+            "-n",
+            name,
+        ],
+        f"{message}: use letters, digits, '.', '_' and '-', starting with a letter or digit, "
+        "and not only hex digits (those are ids)",
+    )
+
+
+def test_underscore_directory_gets_a_valid_default_name(run, models, tmp_path):
+    d = tmp_path / "_ft"
+    shutil.copytree(models["ft1-fp32"], d)
+    r = run("--quiet", "apply", "-p", "task-vector", "--base", models["base-fp32"], d, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["name"] == "ft.task-vector"
+
+
+def test_empty_store_option_refused(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run("--store", "", "store", "ls")
+    assert r.exit_code == 2 and "the store directory must not be empty" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_readers_take_no_write_lock(run, tv):
+    (tv / "lock").unlink()
+    shutil.rmtree(tv / "tmp")
+    assert run("store", "ls").exit_code == 0
+    assert run("store", "show", "tv").exit_code == 0
+    assert not (tv / "lock").exists() and not (tv / "tmp").exists()
+
+
+def test_overlapping_tensors_refused(run, models, tv, tmp_path):
+    bad = tmp_path / "overlap.safetensors"
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    raw = json.dumps(header).encode()
+    bad.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 12)
+    assert_refused(
+        run,
+        tv,
+        ["apply", "-p", "task-vector", "--base", models["base-fp32"], bad],
+        f"{bad} has overlapping tensors: 'a' and 'b' share bytes",
+    )
+
+
+def test_header_of_a_million_tensors_refused_quickly(run, models, tv, tmp_path):
+    bad = tmp_path / "many.safetensors"
+    entry = '"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    raw = ("{" + ",".join(entry % i for i in range(100_001)) + "}").encode()
+    bad.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    assert_refused(
+        run,
+        tv,
+        ["apply", "-p", "task-vector", "--base", models["base-fp32"], bad],
+        f"{bad} lists 100001 tensors; more than 100000 in one file is not a real checkpoint",
+    )
+
+
+def test_lora_tucker_warns_when_rank_outgrows_the_input(run, lora, private_store):
+    adapter, _ = lora
+    r = CliRunnerBoth().invoke(
+        ["--quiet", "apply", "-p", "lora-tucker", adapter, "-o", "rank", "64"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "Warning: rank 64 stores" in r.stderr and "choose a smaller -o rank" in r.stderr
+
+
+class CliRunnerBoth:
+    """The CLI with stderr kept apart from stdout."""
+
+    def invoke(self, args):
+        from click.testing import CliRunner
+
+        from compressor.cli import cli
+
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
