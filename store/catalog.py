@@ -117,8 +117,8 @@ class Store:
         if lost and next(self.blobs.list(), None) is not None:
             raise StoreError(
                 f"the store at {self.root} holds blobs but its catalog (store.db) is missing or "
-                "empty: it is damaged, not new; `compress store recover` rebuilds the catalog "
-                "from the artifacts' manifests"
+                "empty: it is damaged, not new; restore store.db from a backup, or move the "
+                "blobs away to start afresh"
             )
         if lost:
             try:
@@ -392,7 +392,7 @@ class Store:
             if not known and present and not force:
                 raise StoreError(
                     f"the catalog lists no artifact but {present} blob(s) are stored; if the "
-                    "catalog was lost, run `compress store recover` instead; `store gc --force` "
+                    "catalog was lost, restore store.db from a backup instead; `store gc --force` "
                     f"deletes all {present} blob(s)"
                 )
             for d in sorted(self.tmp_root.iterdir()):
@@ -434,7 +434,7 @@ class Store:
         if unknown and not used:
             problems.append(
                 f"{len(unknown)} blob(s) are stored but the catalog lists none: the catalog "
-                "may have been lost (`compress store recover` rebuilds it)"
+                "may have been lost (restore store.db from a backup)"
             )
         return problems
 

@@ -8,10 +8,9 @@ import shutil
 import sqlite3
 
 import pytest
+from compressor.store import open_store
 from conftest import assert_refused
 from safetensors.torch import load_file, save_file
-
-from compressor.store import open_store
 
 
 @pytest.fixture
@@ -160,8 +159,8 @@ def test_lost_catalog_is_refused(run, tv, how):
     blobs = sorted(p for p in (tv / "blobs").rglob("*") if p.is_file())
     message = (
         f"the store at {tv} holds blobs but its catalog (store.db) is missing or empty: it is "
-        "damaged, not new; `compress store recover` rebuilds the catalog from the artifacts' "
-        "manifests"
+        "damaged, not new; restore store.db from a backup, or move the blobs away to start "
+        "afresh"
     )
     for args in (["store", "verify"], ["store", "gc"], ["store", "ls"]):
         r = run("--quiet", *args)
@@ -181,7 +180,7 @@ def test_gc_refuses_empty_catalog_with_blobs_unless_forced(run, tv):
         tv,
         ["store", "gc"],
         f"the catalog lists no artifact but {n} blob(s) are stored; if the catalog was lost, "
-        f"run `compress store recover` instead; `store gc --force` deletes all {n} blob(s)",
+        f"restore store.db from a backup instead; `store gc --force` deletes all {n} blob(s)",
     )
     r = run("--quiet", "store", "verify")
     assert r.exit_code == 1 and "the catalog lists none" in r.output
@@ -306,8 +305,9 @@ def test_eval_never_falls_back_to_a_pickle(run, models, tmp_path):
 
 
 def test_torch_floor_is_past_the_weights_only_bypass():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     torch_req = [d for d in deps["project"]["dependencies"] if d.startswith("torch")]

@@ -1,0 +1,546 @@
+"""The fault catalogue: every bad input, the command it goes to, the one line it must get,
+and the store left exactly as it was. One row per case; the rows are the specification.
+
+Placeholders in a row: ``{base}``, ``{ft}`` (tiny Llama fp32 base and fine-tune), ``{bad}``
+(the directory of crafted bad inputs), ``{out}`` (a fresh output path), ``{store}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+
+import pytest
+from conftest import store_snapshot
+from safetensors.torch import load_file, save_file
+
+TV = ["apply", "-p", "task-vector", "--base", "{base}"]
+TA = ["merge", "-p", "task-arithmetic", "--base", "{base}", "tv"]
+
+
+def _st(path, header: dict | bytes, data: bytes = b"") -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, models):
+    """Crafted bad inputs, made once."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "text.safetensors").write_bytes(b"x" * 100)
+    (d / "tiny.safetensors").write_bytes(b"abc")
+    _st(d / "json.safetensors", b"{not json}")
+    _st(d / "list.safetensors", b"[1, 2]")
+    _st(d / "nested.safetensors", b"[" * 100_000 + b"]" * 100_000)
+    _st(d / "meta.safetensors", {"__metadata__": {"a": 1}})
+    _st(d / "metalist.safetensors", {"__metadata__": [1]})
+    _st(d / "dtype.safetensors", {"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}, b"x")
+    _st(
+        d / "shape.safetensors",
+        {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}},
+        b"x" * 4,
+    )
+    _st(d / "neg.safetensors", {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}})
+    _st(d / "noff.safetensors", {"a": {"dtype": "F32", "shape": [1]}}, b"x" * 4)
+    _st(
+        d / "short.safetensors",
+        {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+        b"x" * 8,
+    )
+    _st(
+        d / "overlap.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        b"\0" * 12,
+    )
+    _st(
+        d / "huge.safetensors",
+        {"a": {"dtype": "F32", "shape": [10**30], "data_offsets": [0, 4]}},
+        b"x" * 4,
+    )
+    for suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        (d / f"weights{suffix}").write_bytes(pickle.dumps({"w": 1}))
+    (d / "empty").mkdir()
+    (d / "onlybin").mkdir()
+    shutil.copy(models["ft1-fp32"] / "config.json", d / "onlybin")
+    (d / "onlybin" / "pytorch_model.bin").write_bytes(pickle.dumps({}))
+    (d / "two").mkdir()
+    for n in ("a", "b"):
+        shutil.copy(models["ft1-fp32"] / "model.safetensors", d / "two" / f"{n}.safetensors")
+    link = d / "link"
+    shutil.copytree(models["ft1-fp32"], link)
+    (link / "tokenizer_config.json").unlink()
+    (link / "tokenizer_config.json").symlink_to("/etc/hostname")
+    nan = d / "nan"
+    shutil.copytree(models["ft1-fp32"], nan)
+    t = load_file(nan / "model.safetensors")
+    t["model.norm.weight"][:3] = float("inf")
+    save_file(t, nan / "model.safetensors", metadata={"format": "pt"})
+    shape = d / "wide"
+    shutil.copytree(models["ft1-fp32"], shape)
+    t = load_file(shape / "model.safetensors")
+    t["model.norm.weight"] = t["model.norm.weight"].repeat(2)
+    save_file(t, shape / "model.safetensors", metadata={"format": "pt"})
+    missing = d / "missing"
+    shutil.copytree(models["ft1-fp32"], missing)
+    t = load_file(missing / "model.safetensors")
+    del t["model.norm.weight"]
+    save_file(t, missing / "model.safetensors", metadata={"format": "pt"})
+    adapter = d / "adapter"
+    adapter.mkdir()
+    save_file(
+        {"x.lora_A.weight": __import__("torch").ones(1, 1)}, adapter / "adapter_model.safetensors"
+    )
+    for name, config in {
+        "ad-json": "{oops",
+        "ad-list": "[1]",
+        "ad-r": json.dumps({"peft_type": "LORA", "r": "abc"}),
+        "ad-alpha": json.dumps({"peft_type": "LORA", "lora_alpha": [1]}),
+        "ad-pattern": json.dumps({"peft_type": "LORA", "alpha_pattern": [1]}),
+        "ad-ia3": json.dumps({"peft_type": "IA3"}),
+        "ad-dora": json.dumps({"peft_type": "LORA", "use_dora": True}),
+        "ad-nested": "[" * 100_000 + "]" * 100_000,
+    }.items():
+        (d / name).mkdir()
+        shutil.copy(adapter / "adapter_model.safetensors", d / name)
+        (d / name / "adapter_config.json").write_text(config)
+    (d / "noweights").mkdir()
+    (d / "noweights" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (d / "lines.txt").write_text("a b c\n")
+    (d / "notempty").mkdir()
+    (d / "notempty" / "mine.txt").write_text("mine")
+    return d
+
+
+NOT_ST = "is not a safetensors file"
+CASES = [
+    # -- missing and unreadable inputs
+    ("missing path", TV + ["{bad}/nope"], "no such file or directory: {bad}/nope", 1),
+    (
+        "missing base",
+        ["apply", "-p", "task-vector", "--base", "{bad}/nope", "{ft}"],
+        "no such file or directory: {bad}/nope",
+        1,
+    ),
+    ("empty ref", TV + [""], "an empty reference names nothing", 1),
+    (
+        "text file",
+        TV + ["{bad}/text.safetensors"],
+        f"{{bad}}/text.safetensors {NOT_ST} or its header is truncated (header says 8680820740569200760 bytes, file has 100)",
+        1,
+    ),
+    (
+        "3-byte file",
+        TV + ["{bad}/tiny.safetensors"],
+        f"{{bad}}/tiny.safetensors {NOT_ST} (only 3 bytes)",
+        1,
+    ),
+    (
+        "header not JSON",
+        TV + ["{bad}/json.safetensors"],
+        f"{{bad}}/json.safetensors {NOT_ST}: corrupt header (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        1,
+    ),
+    (
+        "header a list",
+        TV + ["{bad}/list.safetensors"],
+        f"{{bad}}/list.safetensors {NOT_ST}: corrupt header (header is not a JSON object)",
+        1,
+    ),
+    (
+        "header nests deeply",
+        TV + ["{bad}/nested.safetensors"],
+        f"{{bad}}/nested.safetensors {NOT_ST}: its header nests too deeply",
+        1,
+    ),
+    (
+        "metadata not strings",
+        TV + ["{bad}/meta.safetensors"],
+        "{bad}/meta.safetensors has corrupt metadata: __metadata__ must map strings to strings",
+        1,
+    ),
+    (
+        "metadata a list",
+        TV + ["{bad}/metalist.safetensors"],
+        "{bad}/metalist.safetensors has corrupt metadata: __metadata__ must map strings to strings",
+        1,
+    ),
+    (
+        "unknown dtype",
+        TV + ["{bad}/dtype.safetensors"],
+        "{bad}/dtype.safetensors has a corrupt header entry for tensor 'a'",
+        1,
+    ),
+    (
+        "size not shape",
+        TV + ["{bad}/shape.safetensors"],
+        "{bad}/shape.safetensors: tensor 'a' has a size that does not match its shape",
+        1,
+    ),
+    (
+        "negative shape",
+        TV + ["{bad}/neg.safetensors"],
+        "{bad}/neg.safetensors has a corrupt header entry for tensor 'a'",
+        1,
+    ),
+    (
+        "no offsets",
+        TV + ["{bad}/noff.safetensors"],
+        "{bad}/noff.safetensors has a corrupt header entry for tensor 'a'",
+        1,
+    ),
+    (
+        "truncated data",
+        TV + ["{bad}/short.safetensors"],
+        "{bad}/short.safetensors is truncated: tensor 'a' ends at byte 86, file has 78",
+        1,
+    ),
+    (
+        "overlapping tensors",
+        TV + ["{bad}/overlap.safetensors"],
+        "{bad}/overlap.safetensors has overlapping tensors: 'a' and 'b' share bytes",
+        1,
+    ),
+    (
+        "overflowing shape",
+        TV + ["{bad}/huge.safetensors"],
+        "{bad}/huge.safetensors: tensor 'a' has a size that does not match its shape",
+        1,
+    ),
+    # -- pickles are never loaded
+    *[
+        (
+            f"pickle {s}",
+            TV + [f"{{bad}}/weights{s}"],
+            f"{{bad}}/weights{s} is a pickle checkpoint, which compressor never loads (unpickling can run code); convert it to safetensors where you trust it, e.g. transformers' save_pretrained(OUT, safe_serialization=True)",
+            1,
+        )
+        for s in (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+    ],
+    (
+        "pickle as base",
+        ["apply", "-p", "task-vector", "--base", "{bad}/weights.bin", "{ft}"],
+        "{bad}/weights.bin is a pickle checkpoint, which compressor never loads (unpickling can run code); convert it to safetensors where you trust it, e.g. transformers' save_pretrained(OUT, safe_serialization=True)",
+        1,
+    ),
+    (
+        "dir with only a .bin",
+        TV + ["{bad}/onlybin"],
+        "{bad}/onlybin holds no .safetensors weights (pytorch_model.bin is a pickle checkpoint, which compressor never loads; convert it to safetensors where you trust it, e.g. save_pretrained(OUT, safe_serialization=True))",
+        1,
+    ),
+    ("empty dir", TV + ["{bad}/empty"], "{bad}/empty holds no .safetensors weights", 1),
+    (
+        "two weight files",
+        TV + ["{bad}/two"],
+        "{bad}/two holds several .safetensors files and no index",
+        1,
+    ),
+    (
+        "link out of the dir",
+        TV + ["{bad}/link"],
+        "{bad}/link: tokenizer_config.json is a symbolic link to /etc/hostname, outside the directory; copy the file in instead of linking it",
+        1,
+    ),
+    (
+        "import link out",
+        ["store", "import", "{bad}/link"],
+        "{bad}/link: tokenizer_config.json is a symbolic link to /etc/hostname, outside the directory; copy the file in instead of linking it",
+        1,
+    ),
+    # -- inputs that do not line up
+    (
+        "inf in weights",
+        TV + ["{bad}/nan"],
+        "{bad}/nan: tensor model.norm.weight holds 3 NaN or infinite values; a method cannot give meaningful results from it",
+        1,
+    ),
+    (
+        "different shape",
+        TV + ["{bad}/wide"],
+        "base and expert differ: model.norm.weight is [64] in {base} and [128] in {bad}/wide",
+        1,
+    ),
+    (
+        "float tensor missing",
+        TV + ["{bad}/missing"],
+        "base and expert differ: model.norm.weight is in {base} but not in {bad}/missing",
+        1,
+    ),
+    (
+        "delta as base",
+        ["merge", "-p", "task-arithmetic", "--base", "tv", "{ft}"],
+        "tv@1 holds a task vector, not a model; a base must be a full model",
+        2,
+    ),
+    # -- adapters
+    (
+        "adapter config not JSON",
+        TV + ["{bad}/ad-json"],
+        "{bad}/ad-json: adapter_config.json is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        1,
+    ),
+    (
+        "adapter config a list",
+        TV + ["{bad}/ad-list"],
+        "{bad}/ad-list: adapter_config.json is not a JSON object",
+        1,
+    ),
+    (
+        "adapter r a word",
+        TV + ["{bad}/ad-r"],
+        "{bad}/ad-r: adapter_config.json key 'r' must be an integer, not 'abc'",
+        1,
+    ),
+    (
+        "adapter alpha a list",
+        TV + ["{bad}/ad-alpha"],
+        "{bad}/ad-alpha: adapter_config.json key 'lora_alpha' must be a number, not [1]",
+        1,
+    ),
+    (
+        "adapter pattern a list",
+        TV + ["{bad}/ad-pattern"],
+        "{bad}/ad-pattern: adapter_config.json key 'alpha_pattern' must be an object",
+        1,
+    ),
+    (
+        "adapter IA3",
+        TV + ["{bad}/ad-ia3"],
+        "{bad}/ad-ia3: only LoRA adapters are supported, not IA3",
+        1,
+    ),
+    ("adapter DoRA", TV + ["{bad}/ad-dora"], "{bad}/ad-dora: DoRA adapters are not supported", 1),
+    (
+        "adapter config nests",
+        TV + ["{bad}/ad-nested"],
+        "{bad}/ad-nested: adapter_config.json nests too deeply",
+        1,
+    ),
+    (
+        "adapter without weights",
+        TV + ["{bad}/noweights"],
+        "{bad}/noweights: PEFT adapter without adapter_model.safetensors",
+        1,
+    ),
+    # -- plugins and options
+    (
+        "unknown plugin",
+        ["apply", "-p", "nope", "{ft}"],
+        "unknown plugin 'nope' (available: compeft, lora-tucker, matformer-train, task-vector, tucker)",
+        2,
+    ),
+    (
+        "merge plugin to apply",
+        ["apply", "-p", "ties", "{ft}"],
+        "plugin 'ties' is a merge method; use `compress merge --plugin ties`",
+        2,
+    ),
+    (
+        "no sample method",
+        ["sample", "-p", "neumeta", "tv"],
+        "unknown plugin 'neumeta': no installed plugin provides a sample method yet",
+        2,
+    ),
+    (
+        "unknown option",
+        TA + ["-o", "nope", "1"],
+        "unknown option 'nope' for method 'task-arithmetic' (options: scale, weights)",
+        2,
+    ),
+    (
+        "option a word",
+        TA + ["-o", "scale", "big"],
+        "option 'scale' expects a finite number; got 'big'",
+        2,
+    ),
+    (
+        "option nan",
+        TA + ["-o", "scale", "nan"],
+        "option 'scale' expects a finite number; got 'nan'",
+        2,
+    ),
+    (
+        "option inf",
+        TA + ["-o", "scale", "inf"],
+        "option 'scale' expects a finite number; got 'inf'",
+        2,
+    ),
+    (
+        "option -inf",
+        TA + ["-o", "scale", "-inf"],
+        "option 'scale' expects a finite number; got '-inf'",
+        2,
+    ),
+    (
+        "option overflow",
+        TA + ["-o", "scale", "1e999"],
+        "option 'scale' expects a finite number; got '1e999'",
+        2,
+    ),
+    (
+        "list with nan",
+        TA + ["-o", "weights", "1,nan"],
+        "option 'weights' expects comma-separated finite numbers; got '1,nan'",
+        2,
+    ),
+    (
+        "bad choice",
+        ["apply", "-p", "compeft", "tv", "-o", "scope", "everything"],
+        "option 'scope' must be one of global, tensor; got 'everything'",
+        2,
+    ),
+    (
+        "density above 1",
+        ["merge", "-p", "ties", "--base", "{base}", "tv", "-o", "density", "2"],
+        "option 'density' must be in (0, 1]; got '2'",
+        2,
+    ),
+    (
+        "no base for merge method",
+        ["apply", "-p", "task-vector", "{ft}"],
+        "method 'task-vector' needs --base BASE",
+        2,
+    ),
+    ("eval without data", ["eval", "{base}"], "eval needs -o data PATH", 2),
+    # -- names and references
+    (
+        "name with newline",
+        TV + ["{ft}", "-n", "x\n"],
+        "invalid name 'x\\n': use letters, digits, '.', '_' and '-', starting with a letter or digit, and not only hex digits (those are ids)",
+        1,
+    ),
+    (
+        "empty name",
+        TV + ["{ft}", "-n", ""],
+        "invalid name '': use letters, digits, '.', '_' and '-', starting with a letter or digit, and not only hex digits (those are ids)",
+        1,
+    ),
+    (
+        "name starts with dash",
+        TV + ["{ft}", "-n", "-x"],
+        "invalid name '-x': use letters, digits, '.', '_' and '-', starting with a letter or digit, and not only hex digits (those are ids)",
+        1,
+    ),
+    (
+        "name only hex",
+        TV + ["{ft}", "-n", "deadbeef"],
+        "invalid name 'deadbeef': use letters, digits, '.', '_' and '-', starting with a letter or digit, and not only hex digits (those are ids)",
+        1,
+    ),
+    ("unknown ref", ["export", "nope", "{out}"], "no artifact or path matches 'nope'", 1),
+    (
+        "version not a number",
+        ["export", "tv@x", "{out}"],
+        "'tv@x': the version after '@' must be a number",
+        1,
+    ),
+    ("no such version", ["export", "tv@9", "{out}"], "no artifact matches 'tv@9'", 1),
+    (
+        "selection not a number",
+        ["export", "tv#x", "{out}"],
+        "'tv#x': the part after '#' must be a number (which adapter)",
+        1,
+    ),
+    (
+        "selection of a single",
+        ["export", "tv#1", "{out}"],
+        "tv@1 holds one artifact; '#1' selects nothing in it",
+        1,
+    ),
+    (
+        "hub id not cached",
+        TV + ["nobody/not-a-model"],
+        "'nobody/not-a-model' is neither a path nor in the Hugging Face cache (HF_HUB_CACHE or HF_HOME); download it first, e.g. `hf download nobody/not-a-model`; compressor never downloads",
+        1,
+    ),
+    ("rm with children", ["store", "rm", "{ft}"], "no artifact or path matches '{ft}'", 1),
+    # -- outputs
+    (
+        "export into non-empty dir",
+        ["export", "tv", "{bad}/notempty"],
+        "{bad}/notempty exists and is not empty (use --force to replace it)",
+        1,
+    ),
+    (
+        "force into non-export",
+        ["export", "tv", "{bad}/notempty", "--force"],
+        "refusing to replace {bad}/notempty: it is not an earlier export (no compressor.json; it holds mine.txt); remove it yourself or choose another directory",
+        1,
+    ),
+    (
+        "force into the store",
+        ["export", "tv", "{store}", "--force"],
+        "refusing to replace {store}: it holds the artifact store at {store}",
+        1,
+    ),
+    (
+        "force into store parent",
+        ["export", "tv", "{store}/..", "--force"],
+        "refusing to replace {store}/..: it holds the artifact store at {store}",
+        1,
+    ),
+    (
+        "base for a model",
+        ["export", "{ft}", "{out}", "--base", "{base}"],
+        "{ft} is a full model; --base applies to task vectors, adapters and compressed experts",
+        2,
+    ),
+    (
+        "bad dtype",
+        ["export", "tv", "{out}", "--dtype", "int4"],
+        "unknown dtype 'int4' (choose from bf16, fp16, fp32, fp64)",
+        1,
+    ),
+    (
+        "bad shard size",
+        ["export", "tv", "{out}", "--max-shard-size", "lots"],
+        "invalid size 'lots' (examples: 5GB, 500MB, 2GiB)",
+        2,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, models):
+    """A store holding the task vector ``tv``, copied for each case."""
+    from compressor import apply
+
+    root = tmp_path_factory.mktemp("template") / "store"
+    apply(
+        "task-vector", str(models["ft1-fp32"]), base=str(models["base-fp32"]), name="tv", store=root
+    )
+    return root
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 60
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fault(case, run, models, bad, template, private_store, tmp_path, monkeypatch):
+    _, args, message, code = case
+    shutil.copytree(template, private_store)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    values = {
+        "base": models["base-fp32"],
+        "ft": models["ft1-fp32"],
+        "bad": bad,
+        "out": tmp_path / "out",
+        "store": private_store,
+    }
+    args = [a.format(**values) for a in args]
+    before = store_snapshot(private_store)
+    outside = sorted(os.listdir(bad))
+    r = run("--quiet", *args)
+    assert (r.exit_code, r.output) == (code, f"Error: {message.format(**values)}\n")
+    assert store_snapshot(private_store) == before
+    assert sorted(os.listdir(bad)) == outside
+    assert not (tmp_path / "out").exists()
