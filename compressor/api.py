@@ -294,6 +294,7 @@ def export(
                 max_shard_size=(1 << 62) if single_file else max_shard_size,
                 dtype=cast,
                 content=content,
+                hash_shards=False,
             )
             config_source = source if "config.json" in source.files else base_source
             if cast is not None and config_source is not None and not single_file:

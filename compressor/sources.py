@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .integrity import HashedFile, check_digest, expected_digest, read_checked, sha256_file
+from .integrity import (
+    HashedFile,
+    check_digest,
+    expected_digest,
+    read_checked,
+    sha256_file,
+    verify_reads,
+)
 from .safetensors_format import TensorInfo, read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -209,8 +216,9 @@ class SafetensorsShards(TensorSource):
             raise InputError(f"{self.label} has no tensor '{name}'")
         path = self._where[name]
         f = self._handles.get(path)
-        if f is None:
-            f = self._handles[path] = HashedFile(path)
+        if f is None:  # a blob is hashed to be checked, an input file to be identified
+            hashing = verify_reads() or expected_digest(path) is None
+            f = self._handles[path] = HashedFile(path, hashing)
         return read_tensor(f, info, rows)
 
     def digest(self, shard: Path) -> str:
@@ -222,6 +230,8 @@ class SafetensorsShards(TensorSource):
         return self.digest(path) if path in self._shards else None
 
     def verify(self) -> None:
+        if not verify_reads():
+            return
         for shard in self._shards:
             if shard in self._verified or expected_digest(shard) is None:
                 continue
@@ -323,7 +333,16 @@ def open_model_dir(path: Path) -> SafetensorsShards:
             "a PEFT adapter needs its config (PEFT's save_pretrained writes both)"
         )
     shards = shards_from_files(str(path), files)
-    return SafetensorsShards(str(path), shards, carried_files(files))
+    source = SafetensorsShards(str(path), shards, carried_files(files))
+    marker = files.get("compressor.json")  # a directory we exported says what it holds
+    if marker is not None:
+        try:
+            content = json.loads(Path(marker).read_text()).get("content")
+        except (ValueError, AttributeError, RecursionError):
+            content = None
+        if isinstance(content, str) and content != "model":
+            source.content = content
+    return source
 
 
 class SourceReader:

@@ -82,12 +82,14 @@ class ArtifactWriter:
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         dtype: torch.dtype | None = None,
         content: str = "model",
+        hash_shards: bool = True,
     ):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_shard_bytes = parse_size(max_shard_size)
         self.dtype = dtype
+        self.hash_shards = hash_shards  # off for exports: no store needs their digests
         self.metadata = (
             {"format": "pt"} if content == "model" else {"content": content, "format": "pt"}
         )
@@ -166,7 +168,7 @@ class ArtifactWriter:
             os.fsync(shard.file.fileno())
             shard.file.close()
             os.replace(shard.path, final)
-            digest, size = _hash_file(final)
+            digest, size = _hash_file(final) if self.hash_shards else ("", final.stat().st_size)
         self._done_shards.append((final, digest, size, shard.entries))
         self._shard = None
 
