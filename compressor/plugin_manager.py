@@ -17,7 +17,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UnknownPluginError
-from .method import KINDS, Method
+from .method import KINDS, VERBS, Method
 
 GROUP = "compressor.plugins"
 OWN_DISTRIBUTION = "compressor"
@@ -94,9 +94,13 @@ class Registry:
         method = self.methods.get(name)
         if method is None:
             names = ", ".join(sorted(m for m, v in self.methods.items() if kind in (None, v.kind)))
-            raise UnknownPluginError(f"unknown plugin '{name}' (available: {names or 'none'})")
+            if not names:
+                raise UnknownPluginError(
+                    f"unknown plugin '{name}': no installed plugin provides a {kind} method yet"
+                )
+            raise UnknownPluginError(f"unknown plugin '{name}' (available: {names})")
         if kind is not None and method.kind != kind:
-            verb = {"compress": "apply"}.get(method.kind, method.kind)
+            verb = VERBS[method.kind]
             raise UnknownPluginError(
                 f"plugin '{name}' is a {method.kind} method; use `compress {verb} --plugin {name}`"
             )

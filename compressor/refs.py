@@ -107,7 +107,10 @@ def hub_cache_path(repo_id: str) -> Path:
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
         raise InputError(f"no such file or directory: {repo_id}") from None
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True)).resolve()
+        # read the cache location now: huggingface_hub fixes its default at import time
+        home = os.environ.get("HF_HOME")
+        cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True)).resolve()
     except LocalEntryNotFoundError:
         raise InputError(
             f"'{repo_id}' is neither a path nor in the Hugging Face cache "

@@ -120,6 +120,23 @@ class Tucker(Method):
         for name in tv.dense:
             job.writer.write(name, tv.dense_tensor(name))
         fitted = [n for n, m in tensors.items() if "ranks" in m]
+        dense = len(tensors) - len(fitted)
+        small = len(tv.names) - len(names)
+        if dense > small:  # tensors that could be factored, and were not
+            why = []
+            if small:
+                why.append(f"{small} too small or 1-D")
+            if dense - small:
+                how = (
+                    f"rel_error {opts['rel_error']:g}"
+                    if opts["rel_error"] is not None
+                    else "the asked ranks"
+                )
+                why.append(f"{dense - small} where {how} needs ranks no smaller than dense")
+            job.warn(
+                f"{dense} of {len(tensors)} tensors stay dense ({'; '.join(why)}); "
+                f"size ratio {dense_bytes / stored:.2f}"
+            )
         return Manifest(
             "delta",
             metrics={

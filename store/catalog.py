@@ -343,6 +343,13 @@ class Store:
                 raise RefError(
                     f"'{ref}' matches {len(rows)} artifacts ({ids}); give more of the id"
                 )
+        rows = list(  # an external input, by the path `store ls --all` shows
+            self.db["artifacts"].rows_where(
+                "kind = 'external' AND path = ?", [str(Path(ref).expanduser().resolve())]
+            )
+        )
+        if len(rows) == 1:
+            return self.get(rows[0]["id"])
         raise RefError(f"no artifact or path matches '{ref}'")
 
     def files(self, artifact_id: str) -> dict[str, Path]:

@@ -16,6 +16,27 @@ from compressor.demo_models import minilm_dir, save_finetune, save_tiny_llama
 from compressor.plugin_manager import reset_registry
 
 
+def pytest_sessionstart(session):
+    """Build the evaluation suite's models once, before the workers start, saying so."""
+    if hasattr(session.config, "workerinput"):
+        return
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts" / "suite"))
+    import build as suite_build
+
+    where = suite_build.cache_dir(suite_build.SMOKE, 0)
+    if (where / "suite.json").exists():
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter else print
+    say(
+        f"Building the evaluation suite's small models once (cached in {where}; "
+        "a few minutes on 2 cores; later runs reuse it) ..."
+    )
+    suite_build.build(suite_build.SMOKE, quiet=False)
+
+
 @pytest.fixture(autouse=True)
 def private_store(tmp_path, monkeypatch):
     """Every test gets its own store; nothing touches the user's."""

@@ -124,7 +124,7 @@ def test_store_artifact_with_base_and_metrics_in_show(run, suite):
     assert via_tv["accuracy"] == direct["accuracy"]
     shown = json.loads(run("store", "show", "arts", "--json").output)
     assert shown["metrics"]["accuracy:arts-test"] == direct["accuracy"]
-    text = run("eval", "arts", "--base", base, "-o", "data", data).output
+    text = run("--quiet", "eval", "arts", "--base", base, "-o", "data", data).output
     assert text.startswith("accuracy ") and f"(classify on {data})" in text
 
 

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import click
 
+from compressor.method import KINDS, VERBS
 from compressor.plugin_manager import get_registry
+
+
+def plain_text(doc: str) -> str:
+    """A docstring without reStructuredText markup: ``x`` and :role:`x` become x."""
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    return re.sub(r"``([^`]+)``", r"\1", doc)
 
 
 def register(cli):
@@ -36,6 +44,13 @@ def register(cli):
         width = max((len(n) for n in reg.methods), default=0)
         for name, method in sorted(reg.methods.items()):
             click.echo(f"{name:<{width}}  {method.kind:<8}  {method.summary}")
+        empty = [VERBS[k] for k in KINDS if not any(m.kind == k for m in reg.methods.values())]
+        if empty:
+            click.echo(
+                "\nNo installed method for: "
+                + ", ".join(f"compress {v}" for v in empty)
+                + " (a plugin can add one)"
+            )
         click.echo("\nInput formats: " + ", ".join(r.name for r in reg.readers))
 
     @plugins.command()
@@ -63,11 +78,12 @@ def register(cli):
             click.echo(f"  Reference: {method.reference}")
         if method.needs_base:
             click.echo("  Needs --base BASE.")
-        doc = (type(method).__doc__ or "").strip()
+        doc = plain_text((type(method).__doc__ or "").strip())
         if doc:
             click.echo("")
             for line in doc.splitlines():
                 click.echo(f"  {line.strip()}")
+        click.echo(f"\nExample:\n  {method.example()}")
         click.echo("\nOptions:" if method.options else "\nOptions: none")
         for o in method.options:
             kind = "|".join(o.choices) if o.choices else o.type
