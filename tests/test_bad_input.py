@@ -307,7 +307,11 @@ def test_verb_without_methods_of_its_kind(run, models, populated):
         "plugin 'task-vector' is a compress method; use `compress apply --plugin task-vector`",
     )
     _expect(
-        run, populated, ["sample", "-p", "nope", "tv"], 2, "unknown plugin 'nope' (available: none)"
+        run,
+        populated,
+        ["sample", "-p", "nope", "tv"],
+        2,
+        "unknown plugin 'nope': no installed plugin provides a sample method yet",
     )
 
 

@@ -67,7 +67,9 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
             rows[cells[0]] = [float(c) for c in cells[2:5]]
     assert {"base", "expert-a", "merged", "expert-a-compeft", "merged-half"} <= set(rows)
     moved = [
-        n for n, acc in rows.items() if max(abs(a - b) for a, b in zip(acc, rows["base"], strict=True)) > 0.10
+        n
+        for n, acc in rows.items()
+        if max(abs(a - b) for a, b in zip(acc, rows["base"], strict=True)) > 0.10
     ]
     assert moved, rows
     assert "Everything is kept in" in r.output

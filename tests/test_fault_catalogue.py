@@ -459,7 +459,18 @@ CASES = [
         "'nobody/not-a-model' is neither a path nor in the Hugging Face cache (HF_HUB_CACHE or HF_HOME); download it first, e.g. `hf download nobody/not-a-model`; compressor never downloads",
         1,
     ),
-    ("rm with children", ["store", "rm", "{ft}"], "no artifact or path matches '{ft}'", 1),
+    (
+        "rm input with children",
+        ["store", "rm", "{ft}"],
+        "cannot remove {ft}: 1 artifact(s) were made from it (tv@1); use --force to remove it anyway",
+        1,
+    ),
+    (
+        "rm unknown path",
+        ["store", "rm", "{bad}/empty"],
+        "no artifact or path matches '{bad}/empty'",
+        1,
+    ),
     # -- outputs
     (
         "export into non-empty dir",
