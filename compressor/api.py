@@ -194,6 +194,7 @@ def import_path(
             for rel, p in inputs.items():
                 writer.add_file(rel, p)
             files = writer.finish()
+            ext.digests = {inputs[f.relpath]: f.digest for f in files}  # hashed while copied
             return st.commit(
                 files,
                 kind="import",
@@ -246,30 +247,41 @@ def export(
     directory with Hugging Face shard names, index and the carried files.
     """
     out = Path(out)
-    single_file = out.suffix == ".safetensors"
-    outdir.clean_stale(out)
-    if out.exists() or out.is_symlink():
-        if not force and (single_file or not out.is_dir() or any(out.iterdir())):
-            raise CompressorError(f"{out} exists and is not empty (use --force to replace it)")
-        if single_file and out.is_dir():
-            raise CompressorError(f"{out} is a directory; give a file path ending in .safetensors")
-        with opened_store(store) as st:
-            outdir.check_replaceable(out, [st.root])
     with opened_store(store) as st:
+        _check_output(out, force, st)
         count = adapter_count(st, ref)
-    if count > 1:  # adapters compressed together: one PEFT directory each, OUT/1, OUT/2, ...
-        if single_file or base is not None:
-            raise UsageError(
-                f"{ref} holds {count} adapters; export them to a directory without --base, "
-                f"or one of them as {ref}#k"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        for k in range(1, count + 1):
-            export(f"{ref}#{k}", out / str(k), dtype=dtype, force=force, store=store, quiet=quiet)
-        return out
+        if count > 1:  # adapters compressed together: one PEFT directory each, OUT/1, ...
+            if out.suffix == ".safetensors" or base is not None:
+                raise UsageError(
+                    f"{ref} holds {count} adapters; export them to a directory without --base, "
+                    f"or one of them as {ref}#k"
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            for k in range(1, count + 1):
+                export(f"{ref}#{k}", out / str(k), dtype=dtype, force=force, store=st, quiet=quiet)
+            return out
+        return _export_one(st, ref, out, base, dtype, max_shard_size, quiet)
+
+
+def _check_output(out: Path, force: bool, st: Store) -> None:
+    """Refuse an output path that exists, unless ``force`` and it is an earlier export."""
+    outdir.clean_stale(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    single_file = out.suffix == ".safetensors"
+    if not force and (single_file or not out.is_dir() or any(out.iterdir())):
+        raise CompressorError(f"{out} exists and is not empty (use --force to replace it)")
+    if single_file and out.is_dir():
+        raise CompressorError(f"{out} is a directory; give a file path ending in .safetensors")
+    outdir.check_replaceable(out, [st.root])
+
+
+def _export_one(st: Store, ref, out: Path, base, dtype, max_shard_size, quiet) -> Path:
+    """Export one artifact (plus a base) to a staged directory or file, then publish it."""
+    single_file = out.suffix == ".safetensors"
     cast = dtype_from_name(dtype) if dtype else None
     progress = make_progress(quiet)
-    with opened_store(store) as st, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         resolved = resolve(st, ref)
         source = resolved.source
         stack.callback(source.close)
@@ -310,8 +322,8 @@ def export(
                     if isinstance(source, PeftAdapter):  # the config its factors go with
                         writer.add_json(CONFIG_FILE, source.config_data)
                     # a task vector with a config.json would load in transformers as a model
-                    loadable = content_rules(content).is_model or content == "adapter"
-                    _carry_files(writer, source, content, () if loadable else ("config.json",))
+                    skip = () if content_rules(content).has_config else ("config.json",)
+                    _carry_files(writer, source, content, skip)
             if not single_file:
                 writer.add_json(
                     outdir.MARKER,

@@ -19,14 +19,15 @@ class Content:
     description: str  # "a task vector"
     is_model: bool = False  # exportable and evaluable as it is
     needs_base: bool = False  # becomes a model when added to a base
+    has_config: bool = False  # a directory export carries config.json (transformers, PEFT load it)
 
 
 CONTENTS: dict[str, Content] = {
     c.name: c
     for c in (
-        Content("model", "a model", is_model=True),
+        Content("model", "a model", is_model=True, has_config=True),
         Content("delta", "a task vector", needs_base=True),
-        Content("adapter", "a PEFT adapter", needs_base=True),
+        Content("adapter", "a PEFT adapter", needs_base=True, has_config=True),
         Content("tensors", "plain tensors"),
     )
 }

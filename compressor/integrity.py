@@ -93,7 +93,7 @@ class HashedFile:
 
     def read_into(self, offset: int, buf: torch.Tensor) -> int:
         """Read ``buf.numel()`` bytes at ``offset`` into a uint8 tensor; return the count."""
-        if offset > self._done:
+        if self.hashing and offset > self._done:
             self._catch_up(offset)
         self.file.seek(offset)
         n = self.file.readinto(buf.numpy()) if buf.numel() else 0

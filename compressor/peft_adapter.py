@@ -52,8 +52,8 @@ def _pattern_value(patterns: dict, module: str, default, label: str = ""):
     return default
 
 
-def _config_value(cfg: dict, key: str, default, kind, what: str, label: str):
-    value = cfg.get(key, default)
+def _config_number(value, key: str, kind, what: str, label: str):
+    """``value`` as ``kind`` (int or float), or an error naming the config key."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InputError(f"{label}: {CONFIG_FILE} key '{key}' must be {what}, not {value!r}")
     try:
@@ -109,8 +109,10 @@ class PeftAdapter(TensorSource):
         if cfg.get("use_dora"):
             raise InputError(f"{self.label}: DoRA adapters are not supported")
         self.config_data = cfg
-        self.r = _config_value(cfg, "r", 8, int, "an integer", self.label)
-        self.lora_alpha = _config_value(cfg, "lora_alpha", 8, float, "a number", self.label)
+        self.r = _config_number(cfg.get("r", 8), "r", int, "an integer", self.label)
+        self.lora_alpha = _config_number(
+            cfg.get("lora_alpha", 8), "lora_alpha", float, "a number", self.label
+        )
         self.use_rslora = bool(cfg.get("use_rslora", False))
         for key in ("alpha_pattern", "rank_pattern"):
             if not isinstance(cfg.get(key) or {}, dict):
@@ -141,14 +143,9 @@ class PeftAdapter(TensorSource):
                 raise InputError(f"{self.label}: '{key}' has no matching B factor")
             a, b = infos[key], infos[b_key]
             r = a.shape[0] if kind == "A" else a.shape[0]
-            alpha = _config_value(
-                {
-                    "alpha_pattern": _pattern_value(
-                        cfg.get("alpha_pattern"), module, self.lora_alpha, self.label
-                    )
-                },
+            alpha = _config_number(
+                _pattern_value(cfg.get("alpha_pattern"), module, self.lora_alpha, self.label),
                 "alpha_pattern",
-                None,
                 float,
                 "a number",
                 self.label,

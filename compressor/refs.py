@@ -44,6 +44,7 @@ class External:
         self.source = source
         self.content = source.content
         self.bytes = sum(p.stat().st_size for p in files.values())
+        self.digests: dict[Path, str] = {}  # files already hashed elsewhere (a copy)
         self._fingerprint: str | None = None
 
     @property
@@ -52,7 +53,7 @@ class External:
             h = hashlib.sha256()
             for rel in sorted(self.files):
                 p = self.files[rel]
-                digest = self.source.file_digest(p) or sha256_file(p)
+                digest = self.digests.get(p) or self.source.file_digest(p) or sha256_file(p)
                 h.update(f"{rel}\0{p.stat().st_size}\0{digest}\n".encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint

@@ -395,7 +395,8 @@ class Store:
         freed = blobs = tmps = 0
         with self.lock(exclusive=True):
             known = self.conn.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0]
-            present = sum(1 for _ in self.blobs.list())
+            stored = list(self.blobs.list())
+            present = len(stored)
             if not known and present and not force:
                 raise StoreError(
                     f"the catalog lists no artifact but {present} blob(s) are stored; if the "
@@ -407,7 +408,7 @@ class Store:
                     shutil.rmtree(d, ignore_errors=True)
                     tmps += 1
             used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
-            for digest in list(self.blobs.list()):
+            for digest in stored:
                 if digest not in used:
                     freed += self.blobs.delete(digest)
                     blobs += 1
@@ -425,9 +426,7 @@ class Store:
                     _loads(row, column)
                 except StoreError as e:
                     problems.append(str(e).removesuffix(" (run `compress store verify`)"))
-        used = set()
         for r in self.db.query("SELECT DISTINCT blob, bytes FROM files ORDER BY blob"):
-            used.add(r["blob"])
             p = self.blobs.path(r["blob"])
             if not p.is_file():
                 problems.append(f"missing blob {r['blob']}")
@@ -437,8 +436,8 @@ class Store:
                 )
             elif sha256_file(p) != r["blob"]:
                 problems.append(f"blob {r['blob']} does not match its hash")
-        unknown = [d for d in self.blobs.list() if d not in used]
-        if unknown and not used:
+        unknown = self.unreferenced_blobs()
+        if unknown and not self.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone():
             problems.append(
                 f"{len(unknown)} blob(s) are stored but the catalog lists none: the catalog "
                 "may have been lost (restore store.db from a backup)"

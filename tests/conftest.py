@@ -50,6 +50,15 @@ def private_store(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def tv(run, models, private_store) -> Path:
+    """The private store holding one task vector, ``tv`` (so there is something to protect)."""
+    args = ["apply", "-p", "task-vector", "--base", models["base-fp32"], models["ft1-fp32"]]
+    r = run("--quiet", *args, "-n", "tv")
+    assert r.exit_code == 0, r.output
+    return private_store
+
+
+@pytest.fixture
 def run():
     """Invoke the CLI in-process; returns the click Result."""
 

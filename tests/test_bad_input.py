@@ -10,13 +10,9 @@ from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture
-def populated(run, models, private_store):
-    """A store holding one task vector (so there is something to protect)."""
-    r = run(
-        "apply", "-p", "task-vector", "--base", models["base-fp32"], models["ft1-fp32"], "-n", "tv"
-    )
-    assert r.exit_code == 0, r.output
-    return private_store
+def populated(tv):
+    """A store holding one task vector (conftest's ``tv``)."""
+    return tv
 
 
 def _expect(run, store, args, code, message):

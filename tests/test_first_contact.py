@@ -5,16 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
 from conftest import artifact_tensors, assert_refused, dir_tensors
-
-
-@pytest.fixture
-def tv(run, models, private_store):
-    args = ["apply", "-p", "task-vector", "--base", models["base-fp32"], models["ft1-fp32"]]
-    assert run("--quiet", *args, "-n", "tv").exit_code == 0
-    return private_store
 
 
 def test_exported_task_vector_file_is_read_as_a_task_vector(run, models, tv, tmp_path):
@@ -123,11 +115,7 @@ def test_plugins_show_is_plain_text_with_an_example(run):
         assert "\nExample:\n  compress " in out
 
 
-def test_tucker_warns_when_tensors_stay_dense(models, tmp_path):
-    from click.testing import CliRunner
-
-    from compressor.cli import cli
-
+def test_tucker_warns_when_tensors_stay_dense(run, models):
     args = [
         "--quiet",
         "apply",
@@ -140,7 +128,7 @@ def test_tucker_warns_when_tensors_stay_dense(models, tmp_path):
         "rel_error",
         "0.001",
     ]
-    r = CliRunner().invoke(cli, [str(a) for a in args])
+    r = run(*args)
     assert r.exit_code == 0, r.output
     assert (
         "tensors stay dense" in r.stderr

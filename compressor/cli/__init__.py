@@ -64,22 +64,21 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
-        except CompressorError as e:
-            if os.environ.get("COMPRESSOR_DEBUG") == "1":
-                traceback.print_exc()
-            raise CLIError(str(e), e.exit_code) from None
         except KeyboardInterrupt:
             raise click.Abort() from None
-        except OSError as e:  # disk full, permissions: the OS's words, with the path
+        except Exception as e:  # one line whatever it is; the traceback on demand
             if os.environ.get("COMPRESSOR_DEBUG") == "1":
                 traceback.print_exc()
-            raise CLIError(os_error_message(e)) from None
-        except Exception as e:  # a bug or an OS failure: still one line, traceback on demand
-            if os.environ.get("COMPRESSOR_DEBUG") == "1":
-                traceback.print_exc()
-            raise CLIError(
-                f"{type(e).__name__}: {e} (set COMPRESSOR_DEBUG=1 for a traceback)"
-            ) from None
+            raise CLIError(*_one_line(e)) from None
+
+
+def _one_line(e: Exception) -> tuple[str, int]:
+    """The message and exit code of an error escaping a command."""
+    if isinstance(e, CompressorError):
+        return str(e), e.exit_code
+    if isinstance(e, OSError):  # disk full, permissions: the OS's words, with the path
+        return os_error_message(e), 1
+    return f"{type(e).__name__}: {e} (set COMPRESSOR_DEBUG=1 for a traceback)", 1
 
 
 @click.group(cls=Group)

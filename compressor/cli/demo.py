@@ -52,16 +52,20 @@ def _size(store: Path, ref: str) -> int:
         st.close()
 
 
-def _reading(name: str, acc: dict, base: dict, experts: dict) -> str:
+EXPERT_DOMAINS = {"expert-a": "rotated", "expert-b": "inverted"}
+
+
+def _reading(name: str, table: dict) -> str:
+    """One line saying what an artifact's accuracies mean against the base and the experts."""
+    acc, base = table[name][0], table["base"][0]
     gain = {d: 100 * (acc[d] - base[d]) for d in DOMAINS}
     if name == "base":
         return "reads upright digits; rotated and inverted ones are near chance"
-    if name in experts:
-        d = experts[name]
+    if name in EXPERT_DOMAINS:
+        d = EXPERT_DOMAINS[name]
         return f"{gain[d]:+.0f} points on {d} digits over the base: what fine-tuning bought"
     kept = [
-        (acc[d] - base[d]) / max(1e-9, e[d] - base[d])
-        for e, d in ((experts["_a"], "rotated"), (experts["_b"], "inverted"))
+        (acc[d] - base[d]) / max(1e-9, table[e][0][d] - base[d]) for e, d in EXPERT_DOMAINS.items()
     ]
     if name.startswith("merged-half"):
         return f"half the FFN width of `merged`: {gain['rotated']:+.0f}/{gain['inverted']:+.0f} points over the base"
@@ -217,20 +221,11 @@ def register(cli):
                 )
             ]
             table = {name: (_scores(store, ref, data, b), size) for name, ref, b, size in rows}
-            base_acc = table["base"][0]
-            experts = {
-                "expert-a": "rotated",
-                "expert-b": "inverted",
-                "_a": table["expert-a"][0],
-                "_b": table["expert-b"][0],
-            }
             click.echo("\n| artifact | stored | upright | rotated | inverted | reading |")
             click.echo("| --- | ---: | ---: | ---: | ---: | --- |")
             for name, (acc, size) in table.items():
                 cells = " | ".join(f"{acc[d]:.3f}" for d in DOMAINS)
-                click.echo(
-                    f"| {name} | {size / 1e3:.0f} KB | {cells} | {_reading(name, acc, base_acc, experts)} |"
-                )
+                click.echo(f"| {name} | {size / 1e3:.0f} KB | {cells} | {_reading(name, table)} |")
             click.echo(
                 "\nStored sizes: experts and their compressed forms are task vectors (add them to "
                 "the base with `export --base`); merges and cuts are whole models."
