@@ -9,26 +9,39 @@ The Python API runs the same code as the ``compress`` command::
     compressor.export(merged.id, "merged-model/")
 """
 
-from .api import apply, export, extract, merge, run_method, sample
-from .errors import CompressorError
-from .hookspecs import hookimpl
-from .method import Job, Manifest, Method, Option
-from .refs import resolve
-from .store import open_store
+import importlib
 
-__all__ = [
-    "CompressorError",
-    "Job",
-    "Manifest",
-    "Method",
-    "Option",
-    "apply",
-    "export",
-    "extract",
-    "hookimpl",
-    "merge",
-    "open_store",
-    "resolve",
-    "run_method",
-    "sample",
-]
+# name -> module: resolved on first use, so ``import compressor`` (and the CLI's start-up)
+# loads neither torch nor transformers
+_LAZY = {
+    "apply": "api",
+    "export": "api",
+    "extract": "api",
+    "import_path": "api",
+    "merge": "api",
+    "run_method": "api",
+    "sample": "api",
+    "train": "api",
+    "CompressorError": "errors",
+    "hookimpl": "hookspecs",
+    "Job": "method",
+    "Manifest": "method",
+    "Method": "method",
+    "Option": "method",
+    "resolve": "refs",
+    "open_store": "store",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'compressor' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

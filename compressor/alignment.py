@@ -11,13 +11,15 @@ tensor present in one input only is an error naming it.
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError, MismatchError, UsageError
 from .peft_adapter import PeftAdapter
 from .safetensors_format import TensorInfo
 from .sources import TensorSource, block_shape, row_blocks
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 
 def _shape(info: TensorInfo) -> str:
@@ -97,6 +99,8 @@ class TaskVectorView:
         ``base_block`` is the same rows of the base in float32, when the caller
         has read them already.
         """
+        import torch
+
         expert = self.expert
 
         def base_rows() -> torch.Tensor:
@@ -120,6 +124,8 @@ class TaskVectorView:
 
     def _non_finite(self, name: str, rows: slice | None) -> None:
         """Name the input whose tensor holds NaN or inf (only on the error path)."""
+        import torch
+
         for source in (self.base, self.expert):
             if isinstance(source, PeftAdapter) or name not in source.infos():
                 continue
@@ -143,6 +149,8 @@ class TaskVectorView:
 
 def raise_non_finite(label: str, name: str, block: torch.Tensor) -> None:
     """One line naming a tensor that holds NaN or inf, with a count."""
+    import torch
+
     bad = int((~torch.isfinite(block)).sum())
     raise InputError(
         f"{label}: tensor {name} holds {bad} NaN or infinite value{'s' if bad != 1 else ''}; "
@@ -196,6 +204,8 @@ class CompressionInput:
         self.dense = [n for n, i in self.infos.items() if not i.is_float]
 
     def blocks(self, name: str):
+        import torch
+
         info = self.infos[name]
         for rows in row_blocks(info):
             if self.view is None:

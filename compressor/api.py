@@ -12,8 +12,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import outdir
 from .alignment import TaskVectorView
@@ -28,6 +27,9 @@ from .safetensors_format import dtype_from_name
 from .sources import TensorSource, copy_tensor, row_blocks
 from .store import ArtifactRecord, Store, check_name, derive_name, open_store
 from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 Options = dict | Sequence[tuple[str, str]] | None
 
@@ -111,7 +113,7 @@ def run_method(
     name = check_name(name if name is not None else _default_name(method.name, list(inputs)))
     with opened_store(store) as st, contextlib.ExitStack() as stack:
         resolved_base = resolve(st, base) if base is not None else None
-        resolved = [resolve(st, ref) for ref in inputs]
+        resolved = [resolve(st, ref, method.reads_raw) for ref in inputs]
         for r in [resolved_base, *resolved]:
             if r is not None:
                 stack.callback(r.source.close)
@@ -228,6 +230,11 @@ def extract(plugin: str, model: str, **kw) -> ArtifactRecord:
 def sample(plugin: str, artifact: str, **kw) -> ArtifactRecord:
     """Sample weights from a learned artifact (``compress sample``)."""
     return run_method("sample", plugin, [artifact], **kw)
+
+
+def train(plugin: str, model: str, **kw) -> ArtifactRecord:
+    """Train a model, or an artifact learned from it, on data (``compress train``)."""
+    return run_method("train", plugin, [model], **kw)
 
 
 def export(
@@ -358,6 +365,8 @@ def _write_config_dtype(writer: ArtifactWriter, source: TensorSource, dtype: tor
 
 def _write_sum(writer, base: TensorSource, delta: TensorSource, progress) -> None:
     """θ0 + τ for every tensor of the base, in the fine-tune's dtype where recorded."""
+    import torch
+
     view = TaskVectorView(base, delta, warn)
     dtypes = delta.manifest.get("dtypes", {})
     for name in progress(base.names(), desc="export"):

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
@@ -26,6 +25,9 @@ from .modeling import (
     model_inputs,
 )
 from .objectives import cross_entropy, embedding_agreement, language_model_nll, mean_pool
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    pass
 
 EVAL_OPTIONS = (
     Option(
@@ -106,6 +108,8 @@ def _batches(examples: list[Example], values: dict, progress):
 
 
 def _classify(path, examples, values, progress, label) -> dict:
+    import torch
+
     model = load_model(path, "classify", label)
     labels = label_ids(examples, model.config, values["data"])
     image = is_image_config(model.config)
@@ -127,6 +131,8 @@ def _classify(path, examples, values, progress, label) -> dict:
 
 
 def _perplexity(path, examples, values, progress, label) -> dict:
+    import torch
+
     model = load_model(path, "lm", label)
     tokenizer = load_tokenizer(path, label)
     if tokenizer.pad_token is None:
@@ -145,6 +151,8 @@ def _perplexity(path, examples, values, progress, label) -> dict:
 
 
 def _agreement(path, ref_path, examples, values, progress, label) -> dict:
+    import torch
+
     models = [(load_model(p, "embed", label), load_tokenizer(p, label)) for p in (path, ref_path)]
     total = 0.0
     with torch.inference_mode():

@@ -13,10 +13,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError, StoreError
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 _BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 23

@@ -8,11 +8,14 @@ depend on a sort's tie order), found with the histogram threshold of
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import OptionError
 from .method import Option
 from .selection import magnitude_bits, topk_threshold_bits
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 WEIGHTS_OPTION = Option(
     "weights",
@@ -76,6 +79,8 @@ def sign_consensus(
     mergekit), by their number (``count``, PEFT), or not at all (``none``);
     where no expert agrees the divisor is 1. ``None`` deltas are zero.
     """
+    import torch
+
     present = [(d, w) for d, w in zip(deltas, weights, strict=True) if d is not None]
     if not present:
         return None

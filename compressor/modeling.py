@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .refs import ResolvedInput, resolve
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 
 @contextlib.contextmanager
@@ -141,6 +143,8 @@ def source_model(source, head: str) -> Iterator[tuple]:
 
 def label_ids(examples, config, data: str) -> torch.Tensor:
     """The examples' labels as class ids of the model; an error names the first bad line."""
+    import torch
+
     n = config.num_labels
     label2id = {str(k): v for k, v in (getattr(config, "label2id", None) or {}).items()}
     ids = []
@@ -164,6 +168,8 @@ def label_ids(examples, config, data: str) -> torch.Tensor:
 
 def model_inputs(batch, tokenizer, data: str, max_length: int) -> dict:
     """Keyword arguments of a forward pass: pixel_values for an image model, else tokens."""
+    import torch
+
     if tokenizer is None:
         if any(e.pixels is None for e in batch):
             raise InputError(f"{data}: an image model needs 'pixels' rows")

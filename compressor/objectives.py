@@ -6,12 +6,16 @@ a whole data set exactly however they batch it.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of class logits against integer labels."""
+    import torch.nn.functional as F
+
     return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
 
 
@@ -25,6 +29,8 @@ def language_model_nll(
     logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token negative log-likelihood over the unmasked tokens."""
+    import torch.nn.functional as F
+
     shift_logits = logits[:, :-1].float()
     targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
     loss = F.cross_entropy(
@@ -44,4 +50,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 def embedding_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cosine similarity between two batches of embeddings."""
+    import torch.nn.functional as F
+
     return F.cosine_similarity(a.float(), b.float(), dim=-1).sum(), a.shape[0]

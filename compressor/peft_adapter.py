@@ -13,13 +13,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .integrity import read_checked
 from .safetensors_format import TensorInfo
 from .sources import SafetensorsShards, TensorSource, carried_files, directory_files
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

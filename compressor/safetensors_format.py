@@ -10,33 +10,49 @@ length, a JSON header, then the tensor bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
+
+
+@functools.cache
+def dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype names -> torch dtypes (built on first use: torch loads lazily)."""
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16,
+        "U32": torch.uint32,
+        "U64": torch.uint64,
+    }
+
+
+@functools.cache
+def dtype_names() -> dict[torch.dtype, str]:
+    """torch dtypes -> safetensors dtype names."""
+    return {v: k for k, v in dtypes().items()}
+
+
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
 MAX_TENSORS = 100_000  # the largest real checkpoints hold a few thousand tensors per file
 
@@ -79,9 +95,9 @@ def dtype_from_name(name: str) -> torch.dtype:
         "float64": "F64",
     }
     key = aliases.get(name.lower(), name.upper())
-    if key not in DTYPES or not DTYPES[key].is_floating_point:
+    if key not in dtypes() or not dtypes()[key].is_floating_point:
         raise InputError(f"unknown dtype '{name}' (choose from bf16, fp16, fp32, fp64)")
-    return DTYPES[key]
+    return dtypes()[key]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -125,7 +141,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype = DTYPES[entry["dtype"]]
+            dtype = dtypes()[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
             if any(d < 0 for d in shape) or begin < 0:
@@ -153,6 +169,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 def read_tensor(f, info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
     """Read a tensor (or a range of its first dimension) from a
     :class:`compressor.integrity.HashedFile`, which hashes what it reads."""
+    import torch
+
     shape = list(info.shape)
     offset, nbytes = info.offset, info.nbytes
     if rows is not None and shape:
@@ -170,6 +188,8 @@ def read_tensor(f, info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy where possible."""
+    import torch
+
     t = t.detach().cpu().contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -189,7 +209,7 @@ def encode_header(
     pos = 0
     for e in entries:
         header[e.name] = {
-            "dtype": DTYPE_NAMES[e.dtype],
+            "dtype": dtype_names()[e.dtype],
             "shape": list(e.shape),
             "data_offsets": [pos, pos + e.nbytes],
         }

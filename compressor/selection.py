@@ -11,8 +11,11 @@ least k entries (exactly k, plus exact ties).
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
+
 
 HIGH_BUCKETS = 1 << 15  # the sign bit of |x| is always 0
 LOW_BUCKETS = 1 << 16
@@ -20,6 +23,8 @@ LOW_BUCKETS = 1 << 16
 
 def magnitude_bits(block: torch.Tensor) -> torch.Tensor:
     """|x| as float32, read as int32: ordered like the magnitudes."""
+    import torch
+
     return block.detach().float().abs().contiguous().view(torch.int32)
 
 
@@ -32,6 +37,8 @@ class TopKThreshold:
     """
 
     def __init__(self):
+        import torch
+
         self.high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64)
         self.low = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
         self.bucket = -1
@@ -44,6 +51,8 @@ class TopKThreshold:
 
     def add_high(self, block: torch.Tensor) -> tuple[int, int]:
         """Count the block; return its lowest and highest bucket (-1, -1 when empty)."""
+        import torch
+
         bits = magnitude_bits(block).reshape(-1)
         counts = torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
         self.high += counts
@@ -52,6 +61,8 @@ class TopKThreshold:
 
     def start_refine(self, k: int) -> bool:
         """Fix the bucket of the k-th largest; False when k is 0 (keep nothing)."""
+        import torch
+
         if k <= 0:
             self.bucket = HIGH_BUCKETS  # above every entry
             return False
@@ -64,6 +75,9 @@ class TopKThreshold:
         return True
 
     def add_low(self, block: torch.Tensor) -> None:
+        import numpy as np
+        import torch
+
         bits = magnitude_bits(block).reshape(-1).numpy()  # numpy's masking is 2x faster here
         lo = self.bucket << 16
         inside = bits[(bits >= lo) & (bits < lo + LOW_BUCKETS)]
@@ -72,6 +86,8 @@ class TopKThreshold:
 
     def threshold(self) -> int:
         """The int32 bit pattern of the k-th largest magnitude."""
+        import torch
+
         if self.bucket >= HIGH_BUCKETS:
             self.above = 0
             return 0x7FFFFFFF

@@ -16,45 +16,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .errors import UsageError
 from .safetensors_format import TensorInfo, encode_header, tensor_bytes
+from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .store import StoredFile
 
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
+
 COPY_CHUNK = 1 << 23
 HEADER_RESERVE = 1 << 17  # room for ~1000 tensor entries
 COMPACT_BELOW = 1 << 26  # shards under 64 MB are rewritten without padding
-
-
-def parse_size(text: str | int) -> int:
-    """Parse ``5GB``, ``500MB``, ``2GiB`` or a byte count."""
-    if isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    s = text.strip().upper()
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise UsageError(f"invalid size '{text}' (examples: 5GB, 500MB, 2GiB)")
-    return int(value * units[unit])
 
 
 @dataclass

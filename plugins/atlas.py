@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from compressor.alignment import TaskVectorView
 from compressor.data import batches, read_examples
@@ -22,6 +21,9 @@ from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.modeling import label_ids, model_inputs, source_model
 from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 COEFFICIENTS_FILE = "atlas_coefficients.safetensors"
 CHUNK = 32  # most examples through the model at once; a step sums the gradients of its chunks
@@ -146,6 +148,7 @@ class Atlas(Method):
         return self._manifest(job, coefs, best, history, len(train_set.rows), val_set)
 
     def _write(self, job, coefs: _Coefficients, best: torch.Tensor) -> None:
+        import torch
         from safetensors.torch import save
 
         with torch.no_grad():
@@ -226,6 +229,8 @@ class _Task:
 
     def loss(self, params: dict, x: dict, y) -> tuple[torch.Tensor, int]:
         """The summed objective of a batch under the composed parameters, and its count."""
+        import torch
+
         logits = torch.func.functional_call(self.model, params, args=(), kwargs=x).logits
         if self.objective == "lm":
             return language_model_nll(logits, x["input_ids"], x["attention_mask"])
@@ -233,9 +238,16 @@ class _Task:
             return cross_entropy(logits, y)
         return prediction_entropy(logits)
 
-    @torch.no_grad()
     def score(self, params: dict, split: _Examples) -> float:
         """Higher is better: accuracy on labelled rows, else minus the mean objective."""
+        import torch
+
+        with torch.no_grad():
+            return self._score(params, split)
+
+    def _score(self, params: dict, split: _Examples) -> float:
+        import torch
+
         total, count, correct = 0.0, 0, 0
         for x, y in split.batches:
             logits = torch.func.functional_call(self.model, params, args=(), kwargs=x).logits
@@ -255,6 +267,8 @@ class _Task:
 
 def _take_shots(rows, labels, shots: int, seed: int):
     """``shots`` rows per class (or in all without labels), drawn with a seeded shuffle."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=gen).tolist()
     if labels is None:
@@ -275,6 +289,8 @@ class _Coefficients:
     """The learned blocks: base weights, the experts' τ, group ids; composes parameters."""
 
     def __init__(self, model, base, views, opts: dict):
+        import torch
+
         pattern = re.compile(opts["blocks"]) if opts["blocks"] else None
         infos = base.infos()
         self.k = opts["groups"]
@@ -305,6 +321,8 @@ class _Coefficients:
             raise InputError(f"no parameter tensor {what}differs between the base and the experts")
 
     def zeros(self) -> torch.Tensor:
+        import torch
+
         return torch.zeros(self.experts, len(self.blocks), self.k)
 
     def compose(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -322,6 +340,8 @@ class _Coefficients:
 
 def _learn(task: _Task, coefs: _Coefficients, train: _Examples, val: _Examples, opts, job):
     """AdamW on Λ; returns the best Λ by validation score and the per-epoch history."""
+    import torch
+
     gen = torch.Generator().manual_seed(opts["seed"])
     lam = coefs.zeros().requires_grad_(True)
     optimizer = torch.optim.AdamW([lam], lr=opts["lr"], weight_decay=0.1)

@@ -12,9 +12,7 @@ order live in the manifest. That reaches the floor Σ n_t·H(k_t) + kept bits.
 from __future__ import annotations
 
 import math
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from compressor.alignment import CompressionInput
 from compressor.errors import InputError
@@ -22,6 +20,10 @@ from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction
 from compressor.selection import HIGH_BUCKETS, TopKThreshold, magnitude_bits
 from compressor.sources import DecodedDelta, TensorSource
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import numpy as np
+    import torch
 
 GAP_TAIL = 30.0  # the gap alphabet covers P(gap) down to about e^-30
 
@@ -42,6 +44,7 @@ def _alpha_check(v: str) -> str | None:
 def _gap_model(density: float):
     """A categorical model of gaps between kept positions: geometric, with an escape symbol."""
     import constriction
+    import numpy as np
 
     size = max(2, min(1 << 16, math.ceil(GAP_TAIL / max(density, 1e-9))))
     g = np.arange(size, dtype=np.float64)
@@ -54,6 +57,7 @@ def _gap_model(density: float):
 def encode_positions(positions: np.ndarray, numel: int) -> tuple[np.ndarray, np.ndarray]:
     """ANS-code sorted flat positions; return (coded bytes, raw escaped gaps)."""
     import constriction
+    import numpy as np
 
     if positions.size == 0:
         return np.zeros(0, np.uint8), np.zeros(0, np.uint32)
@@ -73,6 +77,7 @@ def encode_positions(positions: np.ndarray, numel: int) -> tuple[np.ndarray, np.
 def decode_positions(coded: np.ndarray, escapes: np.ndarray, kept: int, numel: int) -> np.ndarray:
     """The sorted flat positions that :func:`encode_positions` coded."""
     import constriction
+    import numpy as np
 
     if kept == 0:
         return np.zeros(0, np.int64)
@@ -143,6 +148,9 @@ class ComPEFT(Method):
     )
 
     def run(self, job):
+        import numpy as np
+        import torch
+
         tv = CompressionInput(job.base, job.inputs[0], job.options["target"], job.warn, self.name)
         if tv.content == "adapter":
             job.writer.prefix = "adapter_model"
@@ -230,6 +238,9 @@ class ComPEFT(Method):
     # pass 3: positions, signs (and magnitudes for alpha none)
     def _encode(self, tv, group, stats, scale, alpha, job, tensors, total) -> float | None:
         """Write the group's tensors; return the scale used (None for alpha none)."""
+        import numpy as np
+        import torch
+
         t = max(stats["threshold"], 1)  # bits 0 is |τ| = 0: a zero entry stays zero (sign 0)
         kept_abs_sum, kept_sq_sum, kept_count = 0.0, 0.0, 0
         entries = []
@@ -297,6 +308,9 @@ class DecodedComPEFT(DecodedDelta):
     """A ComPEFT artifact read back as the dense τ̂, one tensor decoded at a time."""
 
     def _decode(self, name: str) -> torch.Tensor:
+        import numpy as np
+        import torch
+
         meta = self.manifest["tensors"][name]
         info = self._infos[name]
         kept = meta["kept"]

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction, positive
 from compressor.sources import copy_tensor, row_blocks
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 GRANULARITIES = (0.125, 0.25, 0.5, 1.0)
 # config entries that hold one value per layer: filtered when layers are skipped
@@ -407,11 +409,15 @@ def _per_layer_dim(name: str) -> int | None:
 
 def _order(scores: torch.Tensor) -> torch.Tensor:
     """Neurons from most to least important (stable, so ties keep their order)."""
+    import torch
+
     return torch.sort(scores, descending=True, stable=True).indices
 
 
 def _neuron_sq(t: torch.Tensor, member: Member, d_ff: int) -> torch.Tensor:
     """Σ of squares of each hidden neuron's entries in ``t`` (fused gate-up: both halves)."""
+    import torch
+
     dims = [k for k in range(t.dim()) if k != member.dim]
     sq = torch.linalg.vector_norm(t, dim=dims, dtype=torch.float32).square()
     return sq[:d_ff] + sq[d_ff:] if member.fused else sq
@@ -419,6 +425,8 @@ def _neuron_sq(t: torch.Tensor, member: Member, d_ff: int) -> torch.Tensor:
 
 def weight_importance(model: Model, layer: int, tensors: dict) -> torch.Tensor:
     """‖what feeds neuron j‖ · ‖what reads it‖ from the layer's FFN ``tensors`` (by name)."""
+    import torch
+
     d = model.d_ff[layer]
     fed = torch.zeros(d)
     read = torch.zeros(d)
@@ -432,6 +440,8 @@ def weight_importance(model: Model, layer: int, tensors: dict) -> torch.Tensor:
 
 def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tensor]:
     """E|h_j| over the calibration tokens · ‖W_out[:, j]‖, per layer."""
+    import torch
+
     from compressor.data import batches, read_examples
     from compressor.modeling import model_inputs, source_model
 
@@ -477,6 +487,8 @@ def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tens
 def _write(job, model: Model, kept, widths, perms: dict, by_weight: bool) -> None:
     """Stream every kept tensor out, FFNs cut; ``by_weight`` fills ``perms`` layer by layer,
     holding one layer's FFN tensors between reading them for the scores and writing them."""
+    import torch
+
     source, writer = job.inputs[0], job.writer
     new_index = {old: new for new, old in enumerate(kept)}
     width_of = dict(zip(kept, widths, strict=True))
@@ -511,6 +523,8 @@ def _write(job, model: Model, kept, widths, perms: dict, by_weight: bool) -> Non
 
 def _write_layer_chunks(writer, source, name, dim, layers, kept) -> None:
     """A tensor with one equal chunk per layer along ``dim``: keep the kept layers' chunks."""
+    import torch
+
     info = source.info(name)
     size = info.shape[dim] // layers
     keep = torch.cat([torch.arange(i * size, (i + 1) * size) for i in kept])
@@ -556,7 +570,7 @@ class MatformerTrain(Method):
     """
 
     name = "matformer-train"
-    kind = "compress"
+    kind = "train"
     summary = "MatFormer nested training: sum the loss at every FFN granularity, so prefixes work"
     reference = "https://arxiv.org/abs/2310.07707"
     version = "1"
@@ -579,6 +593,8 @@ class MatformerTrain(Method):
     )
 
     def run(self, job):
+        import torch
+
         from compressor.data import read_examples
         from compressor.modeling import label_ids, model_inputs, source_model
         from compressor.objectives import cross_entropy, language_model_nll
@@ -664,6 +680,8 @@ class _MaskedWidths:
         ]
 
     def _hook(self, d_ff: int):
+        import torch
+
         def hook(_module, args):
             m = width_at(d_ff, self.g)
             if m >= d_ff:

@@ -1,5 +1,7 @@
 """task-arithmetic: θ = θ0 + λ Σ_t w_t τ_t (Ilharco et al. 2023; mergekit's task_arithmetic)."""
 
+from __future__ import annotations
+
 from compressor.alignment import TaskVectorView
 from compressor.hookspecs import hookimpl
 from compressor.merging import SCALE_OPTION, WEIGHTS_OPTION, expert_weights

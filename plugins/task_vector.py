@@ -1,11 +1,16 @@
 """task-vector: store an expert as its task vector τ = θt − θ0 (Ilharco et al. 2023)."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from compressor.alignment import TaskVectorView
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method
 from compressor.sources import block_shape, row_blocks
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    pass
 
 
 class TaskVector(Method):
@@ -19,6 +24,8 @@ class TaskVector(Method):
     needs_base = True
 
     def run(self, job):
+        import torch
+
         view = TaskVectorView(job.base, job.inputs[0], job.warn)
         carried, dtypes = [], {}
         numel, sq = 0, 0.0

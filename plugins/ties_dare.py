@@ -14,8 +14,7 @@ base tensor and the result (experts + 2 tensors).
 from __future__ import annotations
 
 import hashlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from compressor.alignment import TaskVectorView
 from compressor.hookspecs import hookimpl
@@ -31,6 +30,9 @@ from compressor.merging import (
 from compressor.method import Manifest, Method, Option, fraction
 from compressor.selection import TopKThreshold
 from compressor.sources import block_shape, row_blocks
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 
 def _normalize(default: str) -> Option:
@@ -69,6 +71,8 @@ class _SparsifyMerge(Method):
     consensus = True
 
     def run(self, job):
+        import torch
+
         weights = expert_weights(job)
         opts = job.options
         views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
@@ -111,6 +115,8 @@ class _SparsifyMerge(Method):
 
 def _linear(deltas, weights, normalize: str) -> torch.Tensor | None:
     """Σ w_t·τ_t, divided by Σ w_t (``weights``), by the expert count (``count``) or not."""
+    import torch
+
     present = [(d, w) for d, w in zip(deltas, weights, strict=True) if d is not None]
     if not present:
         return None
@@ -187,6 +193,8 @@ class Ties(_SparsifyMerge):
 
 def _tau_blocks(job, view: TaskVectorView, names: list[str]):
     """Every row block of an expert's τ, zeros where it has none (an adapter's other tensors)."""
+    import torch
+
     for name in names:
         info = job.base.info(name)
         for rows in row_blocks(info):
@@ -200,6 +208,8 @@ class _Dare(_SparsifyMerge):
     reference = "https://arxiv.org/abs/2311.03099"
 
     def sparsify(self, state, t, name, tau, job):
+        import torch
+
         density = job.options["density"]
         if density >= 1:
             return tau

@@ -11,8 +11,7 @@ tensors the product would not shrink are kept dense.
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from compressor.alignment import CompressionInput
 from compressor.errors import InputError, OptionError
@@ -20,6 +19,9 @@ from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, positive
 from compressor.safetensors_format import TensorInfo
 from compressor.sources import DecodedDelta, TensorSource
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 
 def _open_fraction(v: float) -> str | None:
@@ -71,6 +73,7 @@ class Tucker(Method):
 
     def run(self, job):
         import tensorly as tl
+        import torch
 
         tl.set_backend("pytorch")
         opts = job.options
@@ -214,6 +217,8 @@ def _ranks(t: torch.Tensor, opts: dict) -> list[int] | None:
 
 
 def _wanted_ranks(t: torch.Tensor, opts: dict) -> list[int] | None:
+    import torch
+
     shape = list(t.shape)
     if opts["ranks"] is not None:
         return list(opts["ranks"]) if len(opts["ranks"]) == len(shape) else None
@@ -247,6 +252,8 @@ class DecodedTucker(DecodedDelta):
         return "ranks" in self.manifest["tensors"].get(name, {})
 
     def _decode(self, name: str) -> torch.Tensor:
+        import torch
+
         out = self.raw.get(f"{name}.core").float()
         for k in range(len(self.manifest["tensors"][name]["shape"])):
             factor = self.raw.get(f"{name}.factor{k}").float()

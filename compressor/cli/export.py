@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from compressor.api import export as export_artifact
-from compressor.writer import DEFAULT_MAX_SHARD_SIZE
+from compressor.sizes import DEFAULT_MAX_SHARD_SIZE
 
 
 def register(cli):
@@ -30,6 +29,8 @@ def register(cli):
         With --base, a task vector or adapter is added to the base and written
         as a full model that transformers loads.
         """
+        from compressor.api import export as export_artifact
+
         state = ctx.obj
         path = export_artifact(
             ref,

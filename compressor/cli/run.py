@@ -7,8 +7,7 @@ import math
 
 import click
 
-from compressor.api import run_method
-from compressor.writer import DEFAULT_MAX_SHARD_SIZE
+from compressor.sizes import DEFAULT_MAX_SHARD_SIZE
 
 
 def strict_json(obj, indent: int | None = None) -> str:
@@ -86,6 +85,8 @@ def _with_common(f):
 
 
 def _run(ctx, kind, plugin, inputs, base, options, name, as_json, max_shard_size):
+    from compressor.api import run_method
+
     state = ctx.obj
     record = run_method(
         kind,
@@ -130,6 +131,14 @@ def register(cli):
     def extract(ctx, plugin, options, name, as_json, max_shard_size, model):
         """Cut a smaller model out of MODEL."""
         _run(ctx, "extract", plugin, [model], None, options, name, as_json, max_shard_size)
+
+    @cli.command()
+    @_with_common
+    @click.argument("model", metavar="MODEL")
+    @click.pass_context
+    def train(ctx, plugin, options, name, as_json, max_shard_size, model):
+        """Train MODEL (or an artifact learned from it) on data with a method."""
+        _run(ctx, "train", plugin, [model], None, options, name, as_json, max_shard_size)
 
     @cli.command()
     @_with_common

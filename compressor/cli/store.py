@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from compressor.api import import_path
 from compressor.errors import RefError, StoreError
 
 from .run import format_bytes, print_record, strict_json
@@ -128,6 +127,8 @@ def register(cli):
     @click.pass_obj
     def import_(state, path, name, as_json):
         """Copy a model, adapter or .safetensors file into the store."""
+        from compressor.api import import_path
+
         print_record(import_path(path, name=name, store=state.store), as_json)
 
     @store.command()
@@ -151,6 +152,26 @@ def register(cli):
         click.echo(
             f"Removed {result['blobs_removed']} blobs ({format_bytes(result['bytes_freed'])}) "
             f"and {result['tmp_dirs_removed']} abandoned temp directories"
+        )
+
+    @store.command()
+    @click.pass_obj
+    def recover(state):
+        """Rebuild a lost catalog (store.db) from the manifests stored with every artifact."""
+        from compressor.store import open_store
+
+        st = open_store(state.store_dir, recovering=True)
+        try:
+            result = st.recover()
+        finally:
+            st.close()
+        click.echo(
+            f"Recovered {result['artifacts']} artifacts into {st.root / 'store.db'}"
+            + (
+                f"; {result['missing_blobs']} of their blobs are missing"
+                if result["missing_blobs"]
+                else ""
+            )
         )
 
     @store.command()
