@@ -90,9 +90,8 @@ with compressor.resolve(store, sys.argv[2]).source as src:
 
 def make_task_vector(store_dir: Path, tensors: int, seed: int = 0) -> int:
     """Commit a synthetic float32 task vector (scales differing per tensor) to a store."""
-    from compressor.store import StoredFile
-
     import compressor
+    from compressor.store import StoredFile
     from compressor.writer import ArtifactWriter
 
     store = compressor.open_store(store_dir)

@@ -147,9 +147,8 @@ def dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def artifact_tensors(ref: str) -> dict[str, torch.Tensor]:
     """Every tensor of a stored artifact, through the same source the methods read."""
-    from compressor.store import open_store
-
     from compressor.refs import resolve
+    from compressor.store import open_store
 
     store = open_store()
     try:

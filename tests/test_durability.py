@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
-from compressor.store import open_store
 
 from compressor.demo_models import save_finetune, save_tiny_llama
 from compressor.refs import open_artifact
+from compressor.store import open_store
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,7 @@ def test_tucker_warns_when_tensors_stay_dense(run, models):
 
 def test_default_store_is_the_platform_data_dir(monkeypatch, tmp_path):
     import platformdirs
+
     from compressor.store import default_store_dir
 
     monkeypatch.delenv("COMPRESSOR_STORE")

@@ -74,3 +74,16 @@ def test_no_top_level_store_or_plugins_imports():
         assert r.returncode == 1 and r.stdout.count("TID251") == 2
     finally:
         bad.unlink()
+
+
+def test_every_plugin_module_has_an_entry_point():
+    """A module under plugins/ without an entry point would never load: the guard."""
+    import tomllib
+
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
+        "compressor.plugins"
+    ]
+    registered = {v.removeprefix("compressor.plugins.") for v in eps.values()}
+    modules = {p.stem for p in (ROOT / "plugins").glob("*.py") if p.stem != "__init__"}
+    assert modules - registered == set(), "plugins without an entry point"
+    assert registered - modules == set(), "entry points naming no module"

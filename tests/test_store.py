@@ -7,11 +7,11 @@ import sqlite3
 
 import pytest
 import torch
-from compressor.store import open_store
-from compressor.store.migrations import migrations
 from conftest import store_snapshot
 
 from compressor.errors import RefError, StoreError
+from compressor.store import open_store
+from compressor.store.migrations import migrations
 
 
 @pytest.fixture

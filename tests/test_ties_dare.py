@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from compressor.plugins.ties_dare import _dare_seed
 from conftest import artifact_tensors, dir_tensors
+
+from compressor.plugins.ties_dare import _dare_seed
 
 
 def _merge(run, plugin, base, *experts, options=(), name="m"):
