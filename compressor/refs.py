@@ -10,13 +10,14 @@ whose manifest names an ``encoding`` are decoded by that method's plugin.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, RefError
-from .integrity import sha256_file
+from .integrity import read_checked, sha256_file
 from .peft_adapter import PeftAdapter
 from .plugin_manager import get_registry
 from .sources import (
@@ -38,8 +39,9 @@ class External:
     are read anyway (whatever was not read is hashed when the id is asked for).
     """
 
-    def __init__(self, path: Path, files: dict[str, Path], source: TensorSource):
+    def __init__(self, path: Path, files: dict[str, Path], source: TensorSource, reader: str):
         self.path = path
+        self.reader = reader  # which input format opened it
         self.files = files
         self.source = source
         self.content = source.content
@@ -83,8 +85,10 @@ def looks_like_path(ref: str) -> bool:
     return os.sep in ref or ref.endswith(".safetensors") or ref.startswith((".", "~"))
 
 
-def resolve(store, ref: str) -> ResolvedInput:
-    """Open REF as a tensor source; paths win over store names, then hub ids in the HF cache."""
+def resolve(store, ref: str, raw: tuple[str, ...] = ()) -> ResolvedInput:
+    """Open REF as a tensor source; paths win over store names, then hub ids in the HF cache.
+
+    An artifact whose encoding is in ``raw`` is opened as stored, not decoded."""
     if not ref.strip():
         raise InputError("an empty reference names nothing")
     path = Path(ref).expanduser()
@@ -96,7 +100,7 @@ def resolve(store, ref: str) -> ResolvedInput:
         raise InputError(f"no such file or directory: {ref}")
     name, select = _split_selection(ref)
     record = store.resolve(name)
-    source = open_artifact(store, record, select)
+    source = open_artifact(store, record, select, raw)
     return ResolvedInput(source, record.id, record.label, select=select)
 
 
@@ -160,7 +164,7 @@ def _resolve_path(path: Path) -> ResolvedInput:
             break
     else:
         raise InputError(f"{path}: no reader recognises this path")
-    return ResolvedInput(source, None, str(path), External(path, files, source))
+    return ResolvedInput(source, None, str(path), External(path, files, source, reader.name))
 
 
 def input_files(path: Path) -> dict[str, Path]:
@@ -170,7 +174,9 @@ def input_files(path: Path) -> dict[str, Path]:
     return directory_files(path, recursive=True)
 
 
-def open_artifact(store, record, select: int | None = None) -> TensorSource:
+def open_artifact(
+    store, record, select: int | None = None, raw: tuple[str, ...] = ()
+) -> TensorSource:
     """A stored artifact as a tensor source (decoded if it is an encoded form).
 
     ``select`` picks one adapter of an artifact that holds several (``NAME#k``).
@@ -180,7 +186,35 @@ def open_artifact(store, record, select: int | None = None) -> TensorSource:
         if not path.exists():
             raise InputError(f"{record.label}: the external input is no longer at {path}")
         return _resolve_path(path).source
-    files = store.files(record.id)
+    return open_files(record, store.files(record.id), select, raw)
+
+
+def open_copied_artifact(directory: Path, select: int | None = None) -> TensorSource:
+    """An artifact's files copied out of a store (by relative path), opened without the
+    catalog: its ``manifest.json`` says what they are and how they decode."""
+    from .store import ArtifactRecord
+    from .store.catalog import MANIFEST_FILE
+
+    directory = Path(directory)
+    try:
+        doc = json.loads(read_checked(directory / MANIFEST_FILE, str(directory), MANIFEST_FILE))
+    except (InputError, ValueError) as e:
+        raise InputError(f"{directory} holds no readable {MANIFEST_FILE} ({e})") from None
+    record = ArtifactRecord.from_manifest(doc)
+    files = {rel: directory / rel for rel in doc["files"]}
+    missing = [rel for rel, p in files.items() if not p.is_file()]
+    if missing:
+        raise InputError(f"{directory} lacks {missing[0]}, which its {MANIFEST_FILE} lists")
+    return open_files(record, files, select)
+
+
+def open_files(
+    record, files: dict[str, Path], select: int | None = None, raw: tuple[str, ...] = ()
+) -> TensorSource:
+    """An artifact's files (its manifest.json aside) as a source, decoded when encoded."""
+    from .store.catalog import MANIFEST_FILE
+
+    files = {rel: p for rel, p in files.items() if rel != MANIFEST_FILE}
     encoding = record.manifest.get("encoding")
     if record.content == "adapter" and not encoding:
         return PeftAdapter(Path(record.label), files=files, label=record.label)
@@ -188,17 +222,18 @@ def open_artifact(store, record, select: int | None = None) -> TensorSource:
     manifest = record.manifest if select is None else {**record.manifest, "select": select}
     if select is not None and not encoding:
         raise RefError(f"{record.label} holds one artifact; '#{select}' selects nothing in it")
+    as_stored = bool(encoding) and encoding in raw  # the encoded tensors themselves
     source = SafetensorsShards(
         record.label,
         shards_from_files(record.label, files, prefix),
         carried_files(files),
-        record.content,
+        "tensors" if as_stored else record.content,
         manifest,
         shard_names={p: rel for rel, p in files.items()},
     )
-    if encoding:
+    if encoding and not as_stored:
         method = get_registry().methods.get(encoding)
-        if method is None or not hasattr(method, "decode"):
+        if method is None or not method.decodes:
             raise RefError(
                 f"{record.label} is encoded by '{encoding}', and no installed plugin decodes it"
             )

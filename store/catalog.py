@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -22,15 +23,42 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
-from compressor.store.blobs import LocalBlobStore
-from compressor.store.migrations import migrations
 
 from compressor.errors import RefError, StoreError
 from compressor.integrity import sha256_file
+from compressor.store.blobs import LocalBlobStore
+from compressor.store.migrations import migrations
 
 HEX_ID = re.compile(r"^[0-9a-f]{8,}$")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 JSON_COLUMNS = ("params", "metrics", "manifest")
+MANIFEST_FILE = "manifest.json"  # every artifact's self-description, among its files
+MANIFEST_FORMAT = "compressor-artifact/1"
+MAX_MANIFEST_BYTES = 64 << 20
+ARTIFACT_COLUMNS = (
+    "id",
+    "name",
+    "version",
+    "kind",
+    "content",
+    "plugin",
+    "method_version",
+    "bytes",
+    "created",
+    "path",
+)
+
+
+@dataclass
+class _ExternalRow:
+    """An external input as a manifest lists it (what ``_upsert_external`` needs)."""
+
+    id: str
+    path: str
+    fingerprint: str
+    content: str
+    bytes: int
+    reader: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +89,20 @@ class ArtifactRecord:
     created: str
     path: str | None = None
     parents: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_manifest(cls, doc: dict) -> ArtifactRecord:
+        """The record a ``manifest.json`` describes (parents without their labels)."""
+        return cls(
+            **{k: doc.get(k) for k in ("id", "name", "version", "kind", "content", "plugin")},
+            method_version=doc.get("method_version"),
+            params=doc.get("params") or {},
+            metrics=doc.get("metrics") or {},
+            manifest=doc.get("manifest") or {},
+            bytes=doc.get("bytes") or 0,
+            created=doc.get("created") or "",
+            parents=[dict(p) for p in doc.get("parents", [])],
+        )
 
     @property
     def label(self) -> str:
@@ -107,18 +149,18 @@ def derive_name(text: str, fallback: str = "artifact") -> str:
 class Store:
     """An on-disk artifact store: ``store.db``, ``blobs/`` and ``tmp/``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, recovering: bool = False):
         self.root = Path(root)
         self.blobs = LocalBlobStore(self.root / "blobs")
         self.tmp_root = self.root / "tmp"
         self.lock_path = self.root / "lock"
         db_path = self.root / "store.db"
         lost = not db_path.exists() or db_path.stat().st_size == 0
-        if lost and next(self.blobs.list(), None) is not None:
+        if lost and not recovering and next(self.blobs.list(), None) is not None:
             raise StoreError(
                 f"the store at {self.root} holds blobs but its catalog (store.db) is missing or "
-                "empty: it is damaged, not new; restore store.db from a backup, or move the "
-                "blobs away to start afresh"
+                "empty: it is damaged, not new; `compress store recover` rebuilds the catalog "
+                "from the artifacts' manifests"
             )
         if lost:
             try:
@@ -205,42 +247,41 @@ class Store:
         if name is not None:
             check_name(name)
         artifact_id = uuid.uuid4().hex
+        row = {
+            "id": artifact_id,
+            "name": name,
+            "version": None,
+            "kind": kind,
+            "content": content,
+            "plugin": plugin,
+            "method_version": method_version,
+            "params": _dumps(params or {}),
+            "metrics": _dumps(metrics or {}),
+            "manifest": _dumps(manifest or {}),
+            "bytes": sum(f.bytes for f in files),
+            "created": _now(),
+            "path": None,
+        }
         with self.lock(exclusive=False):
             for f in files:
                 self.blobs.put(f.path, f.digest)
             with self._transaction():
                 for ext in externals:
-                    self._upsert_external(ext)
-                version = None
+                    self._upsert_external(ext, row["created"])
                 if name is not None:
-                    row = self.conn.execute(
+                    last = self.conn.execute(
                         "SELECT last FROM name_versions WHERE name = ?", [name]
                     ).fetchone()
-                    version = (row[0] if row else 0) + 1
+                    row["version"] = (last[0] if last else 0) + 1
                     self.conn.execute(
                         "INSERT OR REPLACE INTO name_versions (name, last) VALUES (?, ?)",
-                        [name, version],
+                        [name, row["version"]],
                     )
-                self.db["artifacts"].insert(
-                    {
-                        "id": artifact_id,
-                        "name": name,
-                        "version": version,
-                        "kind": kind,
-                        "content": content,
-                        "plugin": plugin,
-                        "method_version": method_version,
-                        "params": _dumps(params or {}),
-                        "metrics": _dumps(metrics or {}),
-                        "manifest": _dumps(manifest or {}),
-                        "bytes": sum(f.bytes for f in files),
-                        "created": _now(),
-                        "path": None,
-                    }
-                )
+                described = self._put_manifest(row, files, parents, externals)
+                self.db["artifacts"].insert(row)
                 self.db["files"].insert_all(
                     {"artifact": artifact_id, "path": f.relpath, "blob": f.digest, "bytes": f.bytes}
-                    for f in files
+                    for f in [*files, described]
                 )
                 self.db["parents"].insert_all(
                     {"child": artifact_id, "position": i, "parent": pid, "role": role}
@@ -248,11 +289,47 @@ class Store:
                 )
         return self.get(artifact_id)
 
-    def _upsert_external(self, ext) -> None:
-        """Record an input path by its fingerprint (not copied), inside a transaction."""
+    def _put_manifest(self, row: dict, files, parents, externals) -> StoredFile:
+        """Store the artifact's self-description as its ``manifest.json`` blob.
+
+        It holds everything its catalog rows hold (and the blobs of its other files),
+        so its files decode without ``store.db`` and ``store recover`` can rebuild
+        the rows. Metrics added later by ``eval`` live in the catalog only.
+        """
+        doc = {
+            "format": MANIFEST_FORMAT,
+            **{k: v for k, v in row.items() if k not in JSON_COLUMNS},
+            **{k: json.loads(row[k]) for k in JSON_COLUMNS},
+            "files": {f.relpath: {"blob": f.digest, "bytes": f.bytes} for f in files},
+            "parents": [{"id": pid, "role": role} for pid, role in parents],
+            "externals": [
+                {
+                    "id": e.id,
+                    "path": str(e.path),
+                    "fingerprint": e.fingerprint,
+                    "content": e.content,
+                    "bytes": e.bytes,
+                    "reader": getattr(e, "reader", None),
+                }
+                for e in externals
+            ],
+        }
+        data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+        digest = hashlib.sha256(data).hexdigest()
+        tmp = self.tmp_root / f"manifest-{row['id']}.json"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        self.blobs.put(tmp, digest)
+        return StoredFile(MANIFEST_FILE, self.blobs.path(digest), digest, len(data))
+
+    def _upsert_external(self, ext, created: str | None = None) -> None:
+        """Record an input path by its fingerprint (not copied), inside a transaction.
+
+        A new one is dated ``created`` (the artifact first made from it), else now."""
         if self.db["artifacts"].count_where("id = ?", [ext.id]):
             self.conn.execute("UPDATE artifacts SET path = ? WHERE id = ?", [str(ext.path), ext.id])
             return
+        reader = getattr(ext, "reader", None)
         self.db["artifacts"].insert(
             {
                 "id": ext.id,
@@ -260,9 +337,9 @@ class Store:
                 "content": ext.content,
                 "params": "{}",
                 "metrics": "{}",
-                "manifest": _dumps({"fingerprint": ext.fingerprint}),
+                "manifest": _dumps({"fingerprint": ext.fingerprint, "reader": reader}),
                 "bytes": ext.bytes,
-                "created": _now(),
+                "created": created or _now(),
                 "path": str(ext.path),
             }
         )
@@ -400,7 +477,7 @@ class Store:
             if not known and present and not force:
                 raise StoreError(
                     f"the catalog lists no artifact but {present} blob(s) are stored; if the "
-                    "catalog was lost, restore store.db from a backup instead; `store gc --force` "
+                    "catalog was lost, run `compress store recover` instead; `store gc --force` "
                     f"deletes all {present} blob(s)"
                 )
             for d in sorted(self.tmp_root.iterdir()):
@@ -440,9 +517,67 @@ class Store:
         if unknown and not self.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone():
             problems.append(
                 f"{len(unknown)} blob(s) are stored but the catalog lists none: the catalog "
-                "may have been lost (restore store.db from a backup)"
+                "may have been lost (`compress store recover` rebuilds it)"
             )
         return problems
+
+    def recover(self) -> dict:
+        """Rebuild a lost catalog from the ``manifest.json`` blobs its artifacts left.
+
+        Names, versions, parameters, metrics at creation, files and lineage come back;
+        metrics added later by ``eval`` do not (they lived in the catalog only).
+        """
+        with self.lock(exclusive=True):
+            if self.conn.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0]:
+                raise StoreError(
+                    "the catalog lists artifacts; recover rebuilds only a lost or empty catalog"
+                )
+            docs = [d for d in map(self._read_manifest, self.blobs.list()) if d is not None]
+            docs.sort(key=lambda d: d.get("created") or "")
+            missing = 0
+            with self._transaction():
+                for doc in docs:
+                    for ext in doc.get("externals", []):
+                        self._upsert_external(_ExternalRow(**ext), doc.get("created"))
+                    row = {k: doc.get(k) for k in ARTIFACT_COLUMNS}
+                    row.update({k: _dumps(doc.get(k) or {}) for k in JSON_COLUMNS})
+                    self.db["artifacts"].insert(row)
+                    files = dict(doc["files"])
+                    files[MANIFEST_FILE] = {"blob": doc["_digest"], "bytes": doc["_bytes"]}
+                    missing += sum(not self.blobs.exists(f["blob"]) for f in files.values())
+                    self.db["files"].insert_all(
+                        {"artifact": doc["id"], "path": rel, **f} for rel, f in files.items()
+                    )
+                    self.db["parents"].insert_all(
+                        {"child": doc["id"], "position": i, "parent": p["id"], "role": p["role"]}
+                        for i, p in enumerate(doc.get("parents", []))
+                    )
+                    if doc.get("name"):
+                        self.conn.execute(
+                            "INSERT INTO name_versions (name, last) VALUES (?, ?) ON CONFLICT(name) "
+                            "DO UPDATE SET last = MAX(last, excluded.last)",
+                            [doc["name"], doc["version"]],
+                        )
+        return {"artifacts": len(docs), "missing_blobs": missing}
+
+    def _read_manifest(self, digest: str) -> dict | None:
+        """A blob's manifest document, or None when the blob is something else."""
+        path = self.blobs.path(digest)
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+        if MANIFEST_FORMAT.encode() not in data[:4096] and MANIFEST_FORMAT.encode() not in data:
+            return None
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            return None
+        if hashlib.sha256(data).hexdigest() != digest:
+            return None  # damaged: better no row than a wrong one
+        return {**doc, "_digest": digest, "_bytes": len(data)}
 
     def unreferenced_blobs(self) -> list[str]:
         """Digests of blobs no artifact lists (left by `store rm` until the next gc)."""
@@ -487,9 +622,12 @@ def _dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def open_store(root: Path | str | None = None) -> Store:
-    """Open (creating and migrating) the store at ROOT, $COMPRESSOR_STORE, or the user data dir."""
-    return Store(Path(root) if root else default_store_dir())
+def open_store(root: Path | str | None = None, recovering: bool = False) -> Store:
+    """Open (creating and migrating) the store at ROOT, $COMPRESSOR_STORE, or the user data dir.
+
+    ``recovering`` opens a store whose catalog was lost, for :meth:`Store.recover`.
+    """
+    return Store(Path(root) if root else default_store_dir(), recovering)
 
 
 def default_store_dir() -> Path:

@@ -35,7 +35,10 @@ def test_versions_and_refs(two_versions, private_store):
     assert store.resolve(v1.id.upper()[:10]).id == v1.id
     # same content hashes the same: both versions share their blobs
     assert store.files(v1.id).keys() == store.files(v2.id).keys()
-    assert list(store.files(v1.id).values()) == list(store.files(v2.id).values())
+    # same content, same blobs; only each artifact's own manifest.json differs
+    same = [rel for rel in store.files(v1.id) if rel != "manifest.json"]
+    assert [store.files(v1.id)[r] for r in same] == [store.files(v2.id)[r] for r in same]
+    assert store.files(v1.id)["manifest.json"] != store.files(v2.id)["manifest.json"]
     with pytest.raises(RefError, match="the version after '@' must be a number"):
         store.resolve("tv@x")
     store.close()
@@ -85,6 +88,7 @@ def test_ls_show(run, two_versions):
     assert shown["files"] == [
         "config.json",
         "generation_config.json",
+        "manifest.json",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -123,8 +127,9 @@ def test_gc_removes_only_unreferenced(run, two_versions, private_store):
     run("store", "rm", "merged")
     r = run("store", "gc")
     assert r.exit_code == 0
-    assert r.output.startswith("Removed 1 blobs")  # config files are shared with tv; weights not
-    assert sum(p.exists() for p in merged_blobs) == len(merged_blobs) - 1
+    # config files are shared with tv; the weights and merged's manifest.json are not
+    assert r.output.startswith("Removed 2 blobs")
+    assert sum(p.exists() for p in merged_blobs) == len(merged_blobs) - 2
     assert run("store", "verify").exit_code == 0
 
 

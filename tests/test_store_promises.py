@@ -8,9 +8,11 @@ import shutil
 import sqlite3
 
 import pytest
-from compressor.store import open_store
-from conftest import assert_refused
+import torch
+from conftest import artifact_tensors, assert_refused
 from safetensors.torch import load_file, save_file
+
+from compressor.store import open_store
 
 
 def _blob_of(store_dir, ref: str, relpath: str):
@@ -141,8 +143,8 @@ def test_lost_catalog_is_refused(run, tv, how):
     blobs = sorted(p for p in (tv / "blobs").rglob("*") if p.is_file())
     message = (
         f"the store at {tv} holds blobs but its catalog (store.db) is missing or empty: it is "
-        "damaged, not new; restore store.db from a backup, or move the blobs away to start "
-        "afresh"
+        "damaged, not new; `compress store recover` rebuilds the catalog from the artifacts' "
+        "manifests"
     )
     for args in (["store", "verify"], ["store", "gc"], ["store", "ls"]):
         r = run("--quiet", *args)
@@ -162,7 +164,7 @@ def test_gc_refuses_empty_catalog_with_blobs_unless_forced(run, tv):
         tv,
         ["store", "gc"],
         f"the catalog lists no artifact but {n} blob(s) are stored; if the catalog was lost, "
-        f"restore store.db from a backup instead; `store gc --force` deletes all {n} blob(s)",
+        f"run `compress store recover` instead; `store gc --force` deletes all {n} blob(s)",
     )
     r = run("--quiet", "store", "verify")
     assert r.exit_code == 1 and "the catalog lists none" in r.output
@@ -450,3 +452,70 @@ def test_lora_tucker_warns_when_rank_outgrows_the_input(run, lora, private_store
     r = run("--quiet", "apply", "-p", "lora-tucker", adapter, "-o", "rank", "64")
     assert r.exit_code == 0, r.output
     assert "Warning: rank 64 stores" in r.stderr and "choose a smaller -o rank" in r.stderr
+
+
+# -- self-describing artifacts: decode without store.db, recover a lost catalog ------
+
+
+def test_artifact_files_decode_without_the_catalog(run, models, tv, tmp_path):
+    from compressor.refs import open_copied_artifact
+
+    r = run("--quiet", "apply", "-p", "compeft", "tv", "-o", "density", "0.2", "-n", "small")
+    assert r.exit_code == 0, r.output
+    want = artifact_tensors("small")  # decoded through the store
+    st = open_store(tv)
+    files = st.files(st.resolve("small").id)
+    st.close()
+    assert "manifest.json" in files
+    copy = tmp_path / "copy"
+    for rel, blob in files.items():
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(blob, copy / rel)
+    shutil.rmtree(tv)  # no store.db, no blobs: only the copied files
+    with open_copied_artifact(copy) as src:
+        got = {n: src.get(n) for n in src.names()}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
+def test_store_recover_rebuilds_a_lost_catalog(run, models, tv, tmp_path):
+    base = models["base-fp32"]
+    r = run("--quiet", "merge", "-p", "ties", "--base", base, "tv", "-n", "m", "--json")
+    assert r.exit_code == 0, r.output
+    run("--quiet", "apply", "-p", "task-vector", "--base", base, models["ft2-fp32"], "-n", "tv")
+    run("store", "rm", "tv@2")
+    before = {
+        a["name"]: a for a in map(json.loads, run("store", "ls", "--json").output.splitlines())
+    }
+    lineage = json.loads(run("store", "log", "m", "--json").output)
+    for f in ("store.db", "store.db-wal", "store.db-shm"):
+        (tv / f).unlink(missing_ok=True)
+    r = run("store", "recover")
+    assert r.output == f"Recovered 3 artifacts into {tv / 'store.db'}\n"  # tv@2's manifest too
+    run("store", "rm", "tv@2")  # it had been removed before the catalog was lost
+    after = {
+        a["name"]: a for a in map(json.loads, run("store", "ls", "--json").output.splitlines())
+    }
+    assert after == before
+    assert json.loads(run("store", "log", "m", "--json").output) == lineage
+    assert run("store", "verify").exit_code == 0
+    assert_refused(
+        run,
+        tv,
+        ["store", "recover"],
+        "the catalog lists artifacts; recover rebuilds only a lost or empty catalog",
+    )
+    r = run(
+        "--quiet",
+        "apply",
+        "-p",
+        "task-vector",
+        "--base",
+        base,
+        models["ft2-fp32"],
+        "-n",
+        "tv",
+        "--json",
+    )
+    assert json.loads(r.output)["version"] == 3  # recovered versions are not reused either
