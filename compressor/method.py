@@ -16,8 +16,14 @@ from typing import Any
 
 from .errors import OptionError
 
-KINDS = ("compress", "merge", "extract", "sample")
-VERBS = {"compress": "apply", "merge": "merge", "extract": "extract", "sample": "sample"}
+KINDS = ("compress", "merge", "extract", "sample", "train")
+VERBS = {
+    "compress": "apply",
+    "merge": "merge",
+    "extract": "extract",
+    "sample": "sample",
+    "train": "train",
+}
 
 
 def _float(text: str) -> float:
@@ -166,9 +172,26 @@ class Method:
     min_inputs: int = 1
     max_inputs: int | None = 1
 
+    reads_raw: tuple[str, ...] = ()  # encodings this method takes as stored, not decoded
+    example_options: dict[str, str] = {}  # what `plugins show` puts in its example command
+
     def run(self, job: Job) -> Manifest:
         """Read ``job.inputs``, write the result through ``job.writer``, return a Manifest."""
         raise NotImplementedError
+
+    def decode(self, raw):
+        """The tensors an artifact this method encoded stands for, as a TensorSource.
+
+        ``raw`` is the artifact's stored tensors (with its manifest); methods whose
+        artifacts are encoded (their manifest names ``encoding``) override this,
+        usually with a :class:`compressor.sources.DecodedSource`.
+        """
+        raise NotImplementedError(f"method '{self.name}' writes no encoded artifacts")
+
+    @property
+    def decodes(self) -> bool:
+        """Whether this method decodes the artifacts it encodes."""
+        return type(self).decode is not Method.decode
 
     def parse_options(self, pairs: Sequence[tuple[str, str]] | dict) -> dict:
         """Check ``-o`` pairs against the schema; fill in defaults."""
@@ -187,7 +210,9 @@ class Method:
             "train": ["MODEL"],
         }.get(self.kind, ["INPUT"] * max(1, self.min_inputs))
         parts += inputs
-        for o in self.options:
+        for key, value in self.example_options.items():
+            parts += ["-o", key, value]
+        for o in () if self.example_options else self.options:
             if o.default is not None:
                 parts += [
                     "-o",

@@ -72,6 +72,8 @@ class Registry:
             impl.function(register=register)
         for impl in self.pm.hook.register_sources.get_hookimpls():
             impl.function(register=self.readers.append)
+        # specific formats first, in registration order; the built-in catch-alls last
+        self.readers.sort(key=lambda r: getattr(r, "catch_all", False))
 
     def _add_method(self, method: Method, plugin: str) -> None:
         if not isinstance(method, Method) or not method.name:

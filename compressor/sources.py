@@ -12,8 +12,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .integrity import (
@@ -25,6 +24,9 @@ from .integrity import (
     verify_reads,
 )
 from .safetensors_format import TensorInfo, read_header, read_tensor
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
@@ -104,29 +106,23 @@ def row_blocks(info: TensorInfo, max_elems: int = DEFAULT_BLOCK_ELEMS) -> Iterat
         yield slice(start, min(rows, start + step))
 
 
-class DecodedDelta(TensorSource):
-    """An encoded task vector read back as dense float32 τ̂, one tensor decoded at a time.
+class DecodedSource(TensorSource):
+    """An encoded artifact read back tensor by tensor: the base of every method's decoder.
 
-    Encodings subclass it: ``_decode(name)`` gives one tensor whole, ``encoded(name)``
-    says which tensors are stored as they are. The manifest lists the tensor
-    ``order`` with each one's ``shape`` under ``tensors``, and the ``carried`` ones.
+    A subclass sets ``content`` (what the decoded tensors are) and ``_infos``, and
+    implements ``_decode(name)`` (one tensor whole, cached while its rows are read);
+    ``encoded(name)`` says which tensors are stored as they are, under
+    ``stored_name(name)`` in the raw artifact. Hash checks and digests go to the raw files.
     """
 
-    content = "delta"
+    content = "tensors"
 
     def __init__(self, raw: TensorSource):
         self.raw = raw
         self.label = raw.label
         self.files = raw.files
         self.manifest = raw.manifest
-        meta = raw.manifest["tensors"]
         self._infos: dict[str, TensorInfo] = {}
-        for name in raw.manifest["order"]:
-            shape = tuple(meta[name]["shape"])
-            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * math.prod(shape))
-        self._carried = set(raw.manifest.get("carried", []))
-        for name in self._carried:
-            self._infos[name] = raw.info(name)
         self._cache: tuple[str, torch.Tensor] | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
@@ -134,11 +130,15 @@ class DecodedDelta(TensorSource):
 
     def encoded(self, name: str) -> bool:
         """Whether the tensor is stored encoded (else it is read as it is)."""
-        return name not in self._carried
+        return True
+
+    def stored_name(self, name: str) -> str:
+        """Where a tensor stored as it is lies in the raw artifact."""
+        return name
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
         if not self.encoded(name):
-            return self.raw.get(name, rows)
+            return self.raw.get(self.stored_name(name), rows)
         if self._cache is None or self._cache[0] != name:
             self._cache = (name, self._decode(name))
         t = self._cache[1]
@@ -155,6 +155,31 @@ class DecodedDelta(TensorSource):
 
     def close(self) -> None:
         self.raw.close()
+
+
+class DecodedDelta(DecodedSource):
+    """An encoded task vector read back as dense float32 τ̂.
+
+    The manifest lists the tensor ``order`` with each one's ``shape`` under
+    ``tensors``, and the ``carried`` ones (stored as they are).
+    """
+
+    content = "delta"
+
+    def __init__(self, raw: TensorSource):
+        import torch
+
+        super().__init__(raw)
+        meta = raw.manifest["tensors"]
+        for name in raw.manifest["order"]:
+            shape = tuple(meta[name]["shape"])
+            self._infos[name] = TensorInfo(name, shape, torch.float32, 0, 4 * math.prod(shape))
+        self._carried = set(raw.manifest.get("carried", []))
+        for name in self._carried:
+            self._infos[name] = raw.info(name)
+
+    def encoded(self, name: str) -> bool:
+        return name not in self._carried
 
 
 def copy_tensor(writer, source: TensorSource, name: str, out_name: str | None = None) -> None:
@@ -346,10 +371,15 @@ def open_model_dir(path: Path) -> SafetensorsShards:
 
 
 class SourceReader:
-    """An input format: ``detect(path)`` says whether it applies, ``open(path)`` reads it."""
+    """An input format: ``detect(path)`` says whether it applies, ``open(path)`` reads it.
 
-    def __init__(self, name: str, summary: str, detect, open):
+    A ``catch_all`` reader (the built-in "any directory", "any file") is tried only
+    after every specific one, so a plugin's format for a new suffix is chosen first.
+    """
+
+    def __init__(self, name: str, summary: str, detect, open, catch_all: bool = False):
         self.name = name
         self.summary = summary
         self.detect = detect
         self.open = open
+        self.catch_all = catch_all

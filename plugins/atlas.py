@@ -68,6 +68,7 @@ class Atlas(Method):
     version = "1"
     needs_base = True
     max_inputs = None
+    example_options = {"data": "train.jsonl"}
     options = (
         Option(
             "data",

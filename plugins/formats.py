@@ -23,8 +23,15 @@ def register_sources(register):
             "Hugging Face model directory, single file or sharded with an index",
             Path.is_dir,
             open_model_dir,
+            catch_all=True,
         )
     )
     register(
-        SourceReader("safetensors-file", "a .safetensors file", Path.is_file, open_safetensors_file)
+        SourceReader(
+            "safetensors-file",
+            "a .safetensors file",
+            Path.is_file,
+            open_safetensors_file,
+            catch_all=True,
+        )
     )

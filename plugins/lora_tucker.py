@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import math
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from compressor.errors import InputError, RefError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.peft_adapter import PeftAdapter
 from compressor.safetensors_format import TensorInfo
-from compressor.sources import TensorSource
+from compressor.sources import DecodedSource, TensorSource
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
 
 
 class LoraTucker(Method):
@@ -200,6 +202,8 @@ def _norm2(b: torch.Tensor, a: torch.Tensor) -> float:
 
 def _top_space(basis: torch.Tensor, grams: list[torch.Tensor], rank: int) -> torch.Tensor:
     """The top-``rank`` eigenvectors of Σ grams (each in ``basis`` coordinates), as columns."""
+    import torch
+
     total = sum(grams)
     vals, vecs = torch.linalg.eigh((total + total.T) / 2)
     top = vecs[:, vals.argsort(descending=True)[:rank]]
@@ -208,6 +212,8 @@ def _top_space(basis: torch.Tensor, grams: list[torch.Tensor], rank: int) -> tor
 
 def _tucker2(factors, rank: int, iterations: int):
     """Shared U, V and the cores C_k = Uᵀ·ΔW_k·V for updates ΔW_k = B_k·A_k."""
+    import torch
+
     qb, _ = torch.linalg.qr(torch.cat([b for b, _ in factors], dim=1))  # span of every ΔW's columns
     qa, _ = torch.linalg.qr(torch.cat([a.T for _, a in factors], dim=1))  # ... and rows
     wanted, rank = rank, min(rank, qb.shape[1], qa.shape[1])
@@ -234,16 +240,15 @@ def _decoded_config(config: dict, rank: int) -> dict:
     return out
 
 
-class DecodedLoraTucker(TensorSource):
+class DecodedLoraTucker(DecodedSource):
     """One adapter of a lora-tucker artifact as PEFT's A and B factors of rank R."""
 
     content = "adapter"
 
     def __init__(self, raw: TensorSource, index: int):
-        self.raw = raw
-        self.label = raw.label
-        self.files = raw.files
-        self.manifest = raw.manifest
+        import torch
+
+        super().__init__(raw)
         entry = raw.manifest["adapters"][index]
         self.index = index
         self._where: dict[str, tuple[str, str]] = {}  # key -> (module, "A" | "B")
@@ -253,7 +258,6 @@ class DecodedLoraTucker(TensorSource):
             for i, m in g["members"]
             if i == index
         }
-        self._infos: dict[str, TensorInfo] = {}
         for m, (a_key, b_key) in entry["modules"].items():
             g = self._group[m]
             out, r = raw.info(f"g{g}.U").shape
@@ -264,22 +268,18 @@ class DecodedLoraTucker(TensorSource):
         for key in entry["replaced"]:
             self._infos[key] = raw.info(f"a{index}.{key}")
 
-    def infos(self):
-        return self._infos
+    def encoded(self, name: str) -> bool:
+        return name in self._where
 
-    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        if name not in self._where:
-            return self.raw.get(f"a{self.index}.{name}", rows)
+    def stored_name(self, name: str) -> str:
+        return f"a{self.index}.{name}"
+
+    def _decode(self, name: str) -> torch.Tensor:
         module, part = self._where[name]
         g = self._group[module]
         if part == "A":
-            t = self.raw.get(f"g{g}.V").T.contiguous()
-        else:
-            t = self.raw.get(f"g{g}.U") @ self.raw.get(f"a{self.index}.{module}.C")
-        return t if rows is None else t[rows]
-
-    def close(self):
-        self.raw.close()
+            return self.raw.get(f"g{g}.V").T.contiguous()
+        return self.raw.get(f"g{g}.U") @ self.raw.get(f"a{self.index}.{module}.C")
 
 
 @hookimpl

@@ -574,6 +574,7 @@ class MatformerTrain(Method):
     summary = "MatFormer nested training: sum the loss at every FFN granularity, so prefixes work"
     reference = "https://arxiv.org/abs/2310.07707"
     version = "1"
+    example_options = {"data": "train.jsonl"}
     options = (
         Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (LM)"),
         Option(

@@ -82,7 +82,7 @@ def main() -> None:
                 "max_length": 64,
             }
             base = str(suite / "text" / "base")
-            trained[label] = compressor.apply("matformer-train", base, options=opts, store=store).id
+            trained[label] = compressor.train("matformer-train", base, options=opts, store=store).id
             notes.append(f"{label}: {steps} steps of 16 rows in {time.time() - t0:.0f} s")
             print(notes[-1], flush=True)
         test = {"data": str(data / "all-test.jsonl"), "max_length": 64}

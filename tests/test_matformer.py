@@ -395,9 +395,9 @@ def suite_text():
 
 def test_masking_neurons_is_what_extraction_computes(run, suite_text, tmp_path):
     """Nested training masks the neurons past d_ff·g; the cut model at g computes the same."""
-    from compressor.plugins.matformer import Model, _MaskedWidths
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from compressor.plugins.matformer import Model, _MaskedWidths
     from compressor.sources import open_model_dir
 
     base = suite_text / "base"
@@ -425,7 +425,7 @@ def test_nested_training_makes_the_quarter_width_work(run, models, tmp_path):
     for name, grans in (("nested", "0.25,1"), ("plain", "1")):
         r = run(
             "--quiet",
-            "apply",
+            "train",
             "-p",
             "matformer-train",
             models["base-fp32"],
@@ -449,7 +449,7 @@ def test_nested_training_makes_the_quarter_width_work(run, models, tmp_path):
 
 
 def test_train_bad_inputs(run, private_store, suite_text, minilm, tmp_path):
-    train = ["apply", "-p", "matformer-train"]
+    train = ["train", "-p", "matformer-train"]
     data = suite_text / "data" / "all-train.jsonl"
     assert_refused(
         run,

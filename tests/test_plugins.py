@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from compressor.plugin_manager import get_registry, reset_registry
 
@@ -90,6 +92,22 @@ def test_third_party_plugin_from_the_cli(tmp_path, models):
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["plugin"] == "scale" and rec["metrics"] == {"factor": 2.0}
+    # the plugin's format opened model.st, not the built-in catch-all for any file
+    external = json.loads(compress("store", "show", st, "--json").stdout)
+    assert external["manifest"]["reader"] == "st-file"
+    # a train method under its own verb; an encoding decoded for export, read raw by peek
+    assert compress("train", "-p", "scale-train", st, "-n", "trained").returncode == 0
+    assert compress("apply", "-p", "halve", st, "-n", "halved").returncode == 0
+    r = compress("apply", "-p", "peek", "halved", "-n", "peeked", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"] == {"content_read": "tensors"}
+    for ref in ("trained", "halved", "peeked"):
+        assert compress("export", ref, tmp_path / f"{ref}.safetensors").returncode == 0
+    original = load_file(st)
+    name = "model.norm.weight"
+    assert torch.equal(load_file(tmp_path / "halved.safetensors")[name], original[name])
+    assert torch.equal(load_file(tmp_path / "peeked.safetensors")[name], original[name] * 0.5)
+    assert torch.equal(load_file(tmp_path / "trained.safetensors")[name], original[name] * 1.5)
     shown = json.loads(compress("plugins", "show", "scale", "--json").stdout)
     assert shown["plugin"] == "compressor-scale:compressor_scale"
 

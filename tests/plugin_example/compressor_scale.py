@@ -1,11 +1,12 @@
-"""A complete third-party plugin: one method, one command, one input format."""
+"""A complete third-party plugin: methods of three kinds (one of them an encoding, one
+reading that encoding raw), one command, one input format."""
 
 from pathlib import Path
 
 import click
 
 from compressor import Manifest, Method, Option, hookimpl
-from compressor.sources import SourceReader, open_safetensors_file, row_blocks
+from compressor.sources import DecodedSource, SourceReader, open_safetensors_file, row_blocks
 
 
 class Scale(Method):
@@ -32,9 +33,76 @@ class Scale(Method):
         return Manifest("model", metrics={"factor": job.options["factor"]})
 
 
+def _scaled(job, source, factor: float) -> None:
+    for name in source.names():
+        info = source.info(name)
+        t = source.get(name)
+        job.writer.write(name, t * factor if info.is_float else t)
+
+
+class ScaleTrain(Method):
+    """A stand-in for a learning method: its kind is train."""
+
+    name = "scale-train"
+    kind = "train"
+    summary = "Pretend to train: scale every float tensor"
+    options = (Option("factor", "float", 1.5, "what to multiply by"),)
+
+    def run(self, job):
+        _scaled(job, job.inputs[0], job.options["factor"])
+        return Manifest("model")
+
+
+class Halve(Method):
+    """An encoding: stores every float tensor halved; decoding doubles it back."""
+
+    name = "halve"
+    kind = "compress"
+    summary = "Store float tensors halved (an encoding that decodes exactly)"
+
+    def run(self, job):
+        _scaled(job, job.inputs[0], 0.5)
+        return Manifest("model", extra={"encoding": "halve"})
+
+    def decode(self, raw):
+        return Doubled(raw)
+
+
+class Doubled(DecodedSource):
+    """A ``halve`` artifact read back: every float tensor doubled."""
+
+    content = "model"
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self._infos = dict(raw.infos())
+
+    def encoded(self, name):
+        return self._infos[name].is_float
+
+    def _decode(self, name):
+        return self.raw.get(name) * 2
+
+
+class Peek(Method):
+    """Reads a ``halve`` artifact as stored (raw), not decoded, and copies it."""
+
+    name = "peek"
+    kind = "compress"
+    summary = "Copy the stored tensors of a halve artifact"
+    reads_raw = ("halve",)
+
+    def run(self, job):
+        _scaled(job, job.inputs[0], 1.0)
+        return Manifest("tensors", metrics={"content_read": job.inputs[0].content})
+
+
 @hookimpl
 def register_methods(register):
     register(Scale())
+    register(ScaleTrain())
+    register(Halve())
+    register(Peek())
 
 
 @hookimpl
