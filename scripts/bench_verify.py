@@ -37,12 +37,28 @@ def main() -> None:
         store = tmp / "store"
         env = {"COMPRESSOR_STORE": str(store)}
         measure([compress, "--quiet", "store", "import", str(tmp / "base"), "-n", "m"], env)
-        rows = {"cp -r of the source directory": [], "export, hashes checked": [], "export, unchecked": []}
+        rows = {
+            "cp -r of the source directory": [],
+            "export, hashes checked": [],
+            "export, unchecked": [],
+        }
         for i in range(args.repeats):
             for label, cmd, extra in (
-                ("cp -r of the source directory", ["cp", "-r", str(tmp / "base"), str(tmp / f"cp{i}")], {}),
-                ("export, hashes checked", [compress, "--quiet", "export", "m", str(tmp / f"on{i}")], {}),
-                ("export, unchecked", [compress, "--quiet", "export", "m", str(tmp / f"off{i}")], {"COMPRESSOR_VERIFY_READS": "0"}),
+                (
+                    "cp -r of the source directory",
+                    ["cp", "-r", str(tmp / "base"), str(tmp / f"cp{i}")],
+                    {},
+                ),
+                (
+                    "export, hashes checked",
+                    [compress, "--quiet", "export", "m", str(tmp / f"on{i}")],
+                    {},
+                ),
+                (
+                    "export, unchecked",
+                    [compress, "--quiet", "export", "m", str(tmp / f"off{i}")],
+                    {"COMPRESSOR_VERIFY_READS": "0"},
+                ),
             ):
                 rows[label].append(measure(cmd, {**env, **extra}))
                 for d in tmp.glob(f"*{i}"):

@@ -74,3 +74,30 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
     assert moved, rows
     assert "Everything is kept in" in r.output
     assert (tmp_path / "demo" / "out" / "expert-a" / "config.json").exists()
+
+
+def test_every_hook_is_documented_and_tested():
+    """Each hookspec has a README entry and a test named after it (datasette's rule)."""
+    import inspect
+
+    from compressor import hookspecs
+
+    hooks = [
+        n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("register_")
+    ]
+    assert hooks, "no hookspecs found"
+    readme = (ROOT / "README.md").read_text()
+    guide = readme[readme.index("## Writing a plugin") : readme.index("## CLI reference")]
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    for hook in hooks:
+        assert f"`{hook}(" in guide, f"{hook} is not in the README's plugin guide"
+        assert f"def test_{hook}(" in tests, f"no test is named after {hook}"
+
+
+def test_methods_reference_lists_every_builtin():
+    from compressor.plugin_manager import get_registry
+
+    text = (ROOT / "docs" / "methods.md").read_text()
+    for name, plugin in get_registry().method_plugins.items():
+        if ":" not in plugin:
+            assert f"\n## {name}\n" in text
