@@ -219,3 +219,53 @@ class CompressionInput:
 
     def dense_tensor(self, name: str) -> torch.Tensor:
         return self.view.carried(name) if self.view is not None else self.source.get(name)
+
+
+class ModelFromDelta(TensorSource):
+    """A base plus a task vector, adapter or compressed expert, read as the full model.
+
+    Each float tensor is θ0 + τ, computed block by block when read, in the fine-tune's
+    dtype where the task vector recorded it (else the base's): what ``export --base``
+    writes and ``eval --base`` runs, without a model written to disk. Files come from
+    the expert where it has them, else from the base.
+    """
+
+    content = "model"
+
+    def __init__(self, base: TensorSource, delta: TensorSource, warn: Callable[[str], None]):
+        import torch
+
+        self.base, self.delta = base, delta
+        self.view = TaskVectorView(base, delta, warn)
+        self.label = f"{delta.label} + {base.label}"
+        self.manifest = {}
+        self.files = {**base.files, **delta.files}
+        dtypes = delta.manifest.get("dtypes", {})
+        self._infos = {}
+        for name, info in base.infos().items():
+            if info.is_float and name in dtypes:
+                dtype = getattr(torch, dtypes[name])
+                info = TensorInfo(name, info.shape, dtype, 0, info.numel * dtype.itemsize)
+            self._infos[name] = info
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        info = self._infos[name]
+        if not info.is_float:
+            t = self.view.carried(name)
+            return t if rows is None else t[rows]
+        block = self.base.get(name, rows).float()
+        d = self.view.delta(name, rows, block)
+        if d is not None:
+            block += d
+        return block.to(info.dtype)
+
+    def verify(self) -> None:
+        self.base.verify()
+        self.delta.verify()
+
+    def close(self) -> None:
+        self.base.close()
+        self.delta.close()

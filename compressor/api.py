@@ -9,68 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import outdir
-from .alignment import TaskVectorView
+from .alignment import ModelFromDelta
 from .contents import content_rules, describe_content
 from .errors import CompressorError, UsageError
 from .integrity import check_digest
 from .method import Job
 from .peft_adapter import CONFIG_FILE, PeftAdapter
 from .plugin_manager import get_registry
+from .progress import make_progress, warn
 from .refs import adapter_count, resolve
 from .safetensors_format import dtype_from_name
-from .sources import TensorSource, copy_tensor, row_blocks
-from .store import ArtifactRecord, Store, check_name, derive_name, open_store
+from .sources import TensorSource, copy_tensor
+from .store import ArtifactRecord, Store, check_name, derive_name, opened_store
 from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
 
 Options = dict | Sequence[tuple[str, str]] | None
-
-
-def make_progress(quiet: bool):
-    """A ``progress(iterable, desc=, total=)`` that draws on stderr after one second."""
-
-    def progress(iterable, desc: str = "", total: int | None = None, unit: str = "tensor"):
-        if quiet:
-            return iterable
-        from tqdm import tqdm
-
-        return tqdm(
-            iterable,
-            desc=desc,
-            total=total,
-            unit=unit,
-            delay=1.0,
-            leave=False,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-
-    return progress
-
-
-def warn(message: str) -> None:
-    print(f"Warning: {message}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def opened_store(store: Store | str | Path | None) -> Iterator[Store]:
-    """The given store, or the store at a path (or the default), closed afterwards."""
-    if isinstance(store, Store):
-        yield store
-        return
-    opened = open_store(store)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def _default_name(method_name: str, labels: list[str]) -> str:
@@ -319,7 +280,9 @@ def _export_one(st: Store, ref, out: Path, base, dtype, max_shard_size, quiet) -
             if cast is not None and config_source is not None and not single_file:
                 _write_config_dtype(writer, config_source, cast)
             if base_source is not None:
-                _write_sum(writer, base_source, source, progress)
+                summed = ModelFromDelta(base_source, source, warn)
+                for name in progress(summed.names(), desc="export"):
+                    copy_tensor(writer, summed, name)
                 _carry_files(writer, source, "model")
                 _carry_files(writer, base_source, "model")
             else:
@@ -361,25 +324,3 @@ def _write_config_dtype(writer: ArtifactWriter, source: TensorSource, dtype: tor
     for k in keys:
         config[k] = name
     writer.add_json("config.json", config)
-
-
-def _write_sum(writer, base: TensorSource, delta: TensorSource, progress) -> None:
-    """θ0 + τ for every tensor of the base, in the fine-tune's dtype where recorded."""
-    import torch
-
-    view = TaskVectorView(base, delta, warn)
-    dtypes = delta.manifest.get("dtypes", {})
-    for name in progress(base.names(), desc="export"):
-        info = base.info(name)
-        if not info.is_float:
-            writer.write(name, view.carried(name))
-            continue
-        out_dtype = getattr(torch, dtypes[name]) if name in dtypes else info.dtype
-        writer.begin(name, info.shape, out_dtype)
-        for rows in row_blocks(info):
-            block = base.get(name, rows).float()
-            d = view.delta(name, rows)
-            if d is not None:
-                block += d
-            writer.write_rows(block.to(out_dtype))
-        writer.end()

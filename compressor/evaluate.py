@@ -16,15 +16,10 @@ from typing import TYPE_CHECKING
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
 from .method import Option, parse_options, positive
-from .modeling import (
-    is_image_config,
-    label_ids,
-    load_model,
-    load_tokenizer,
-    model_directory,
-    model_inputs,
-)
+from .modeling import is_image_config, label_ids, model_inputs, model_source, source_model
 from .objectives import cross_entropy, embedding_agreement, language_model_nll, mean_pool
+from .progress import make_progress
+from .store import opened_store
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     pass
@@ -63,8 +58,6 @@ def evaluate(
     ref: str, options=None, *, base: str | None = None, store=None, quiet: bool = True
 ) -> dict:
     """Score REF on the data; store and return the metrics (names without the data suffix)."""
-    from .api import make_progress, opened_store
-
     values = parse_options(EVAL_OPTIONS, options or {}, "eval")
     if values["data"] is None:
         raise OptionError("eval needs -o data PATH")
@@ -84,14 +77,22 @@ def evaluate(
         raise OptionError("task 'embed' needs -o reference REF")
     progress = make_progress(quiet)
     with opened_store(store) as st:
-        with model_directory(st, ref, base) as (path, resolved):
+        with (
+            model_source(st, ref, base) as (source, resolved),
+            source_model(source, task) as (model, tokenizer),
+        ):
             if task == "classify":
-                metrics = _classify(path, examples, values, progress, ref)
+                metrics = _classify(model, tokenizer, examples, values, progress)
             elif task == "lm":
-                metrics = _perplexity(path, examples, values, progress, ref)
+                metrics = _perplexity(model, tokenizer, examples, values, progress)
             else:
-                with model_directory(st, values["reference"]) as (ref_path, _):
-                    metrics = _agreement(path, ref_path, examples, values, progress, ref)
+                with (
+                    model_source(st, values["reference"]) as (ref_source, _),
+                    source_model(ref_source, task) as reference,
+                ):
+                    models = [(model, tokenizer), reference]
+                    metrics = _agreement(models, examples, values, progress)
+            source.verify()  # scores from damaged blobs are not stored
         stem = Path(values["data"]).stem
         if resolved.select is not None:  # one adapter of a joint artifact: say which
             stem += f"#{resolved.select}"
@@ -107,15 +108,13 @@ def _batches(examples: list[Example], values: dict, progress):
     return progress(list(batches(examples, values["batch_size"])), desc="eval", unit="batch")
 
 
-def _classify(path, examples, values, progress, label) -> dict:
+def _classify(model, tokenizer, examples, values, progress) -> dict:
     import torch
 
-    model = load_model(path, "classify", label)
     labels = label_ids(examples, model.config, values["data"])
     image = is_image_config(model.config)
     if not image and any(e.text is None for e in examples):
         raise InputError(f"{values['data']}: a text model needs 'text' rows")
-    tokenizer = None if image else load_tokenizer(path, label)
     size = values["batch_size"]
     loss_sum, correct = 0.0, 0
     with torch.inference_mode():
@@ -130,11 +129,9 @@ def _classify(path, examples, values, progress, label) -> dict:
     return {"accuracy": correct / n, "loss": loss_sum / n, "examples": n}
 
 
-def _perplexity(path, examples, values, progress, label) -> dict:
+def _perplexity(model, tokenizer, examples, values, progress) -> dict:
     import torch
 
-    model = load_model(path, "lm", label)
-    tokenizer = load_tokenizer(path, label)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     nll, tokens = 0.0, 0
@@ -150,10 +147,9 @@ def _perplexity(path, examples, values, progress, label) -> dict:
     return {"perplexity": math.exp(nll / tokens), "loss": nll / tokens, "tokens": tokens}
 
 
-def _agreement(path, ref_path, examples, values, progress, label) -> dict:
+def _agreement(models, examples, values, progress) -> dict:
     import torch
 
-    models = [(load_model(p, "embed", label), load_tokenizer(p, label)) for p in (path, ref_path)]
     total = 0.0
     with torch.inference_mode():
         for batch in _batches(examples, values, progress):

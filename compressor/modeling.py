@@ -1,4 +1,4 @@
-"""Running models: materialise an artifact as a transformers directory and load it.
+"""Running models: build a transformers model from any tensor source, nothing written to disk.
 
 Methods that run the model (``eval``, and later aTLAS, MatFormer's importance
 order, SketchTune's calibration) share this layer and :mod:`compressor.objectives`
@@ -13,39 +13,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .refs import ResolvedInput, resolve
+from .refs import resolve
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
 
 
 @contextlib.contextmanager
-def model_directory(
-    store, ref: str, base: str | None = None
-) -> Iterator[tuple[Path, ResolvedInput]]:
-    """A directory transformers can load for REF (plus BASE for task vectors and adapters).
-
-    A model directory given as a path is used in place; anything else is
-    exported to a temporary directory in the store, removed afterwards.
-    """
-    from .api import export
+def model_source(store, ref: str, base: str | None = None) -> Iterator[tuple]:
+    """(TensorSource of the full model, ResolvedInput of REF): REF as it is when it is a
+    model, else REF added to BASE tensor by tensor (nothing is written to disk)."""
+    from .alignment import ModelFromDelta
+    from .progress import warn
 
     resolved = resolve(store, ref)
-    resolved.source.close()
-    if base is None and resolved.source.content != "model":
-        raise InputError(
-            f"{ref} holds a {resolved.source.content}, not a model; give --base BASE to "
-            "evaluate it added to its base"
-        )
-    path = resolved.external.path if resolved.external is not None else None
-    standard = path is not None and (
-        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-    )
-    if base is None and standard:  # transformers finds these weights itself
-        yield path, resolved
-        return
-    with store.tmp_dir() as tmp:
-        yield export(ref, tmp / "model", base=base, store=store), resolved
+    with contextlib.ExitStack() as stack:
+        stack.callback(resolved.source.close)
+        if base is None:
+            if resolved.source.content != "model":
+                raise InputError(
+                    f"{ref} holds a {resolved.source.content}, not a model; give --base BASE "
+                    "to evaluate it added to its base"
+                )
+            yield resolved.source, resolved
+            return
+        base_source = resolve(store, base).source
+        stack.callback(base_source.close)
+        yield ModelFromDelta(base_source, resolved.source, warn), resolved
 
 
 def is_image_config(config) -> bool:
@@ -81,30 +75,15 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_model(path: Path, head: str, label: str | None = None):
-    """Load a transformers model with the head a task needs, in eval mode."""
-    import transformers
-
-    _quiet_transformers()
-    label = label or str(path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        # safetensors only: never let transformers fall back to a pickle beside the weights
-        model = _auto_class(config, head).from_pretrained(path, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(
-            f"{label} is not a model transformers can load for '{head}': {_first_line(e)}"
-        ) from None
-    return model.eval()
-
-
 @contextlib.contextmanager
 def source_model(source, head: str) -> Iterator[tuple]:
     """(model, tokenizer or None) built from a TensorSource's config with its own weights.
 
-    For methods that get their base as a TensorSource (a directory, a file set
-    in the store): the config and tokenizer files are linked into a temporary
-    directory; the weights are read tensor by tensor into the model.
+    The config and tokenizer files are linked into a temporary directory; the
+    weights (read from the source, so hash-checked and decoded like any input) go
+    through transformers' own loading, which renames checkpoint keys where an
+    architecture's modules were renamed (ViT in transformers 5). The whole model is
+    in memory, and its state dict once more while it loads.
     """
     import tempfile
 
@@ -112,7 +91,10 @@ def source_model(source, head: str) -> Iterator[tuple]:
 
     _quiet_transformers()
     if "config.json" not in source.files:
-        raise InputError(f"{source.label} has no config.json; a model to run needs one")
+        raise InputError(
+            f"{source.label} is not a model transformers can load for '{head}': "
+            "it has no config.json"
+        )
     with tempfile.TemporaryDirectory(prefix="compressor-model-") as tmp:
         for rel, path in source.files.items():
             if "/" not in rel:
@@ -120,18 +102,19 @@ def source_model(source, head: str) -> Iterator[tuple]:
         try:
             config = transformers.AutoConfig.from_pretrained(tmp)
             cls = _auto_class(config, head)
-            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+            weights = {name: source.get(name) for name in source.names()}
+            if hasattr(cls, "_model_mapping"):  # an Auto class: the concrete one for this config
+                cls = cls._model_mapping[type(config)]
+            model, info = cls.from_pretrained(
+                None, config=config, state_dict=weights, output_loading_info=True
+            )
         except (OSError, ValueError, KeyError) as e:
             raise InputError(
-                f"{source.label} is not a model transformers can build for '{head}': "
+                f"{source.label} is not a model transformers can load for '{head}': "
                 f"{_first_line(e)}"
             ) from None
-        own = model.state_dict()
-        for name in source.names():
-            if name in own:
-                own[name].copy_(source.get(name))
-        # named_parameters lists a tied weight once, under the name the checkpoint keeps
-        missing = [n for n, _ in model.named_parameters() if n not in source.infos()]
+        del weights
+        missing = sorted(info.get("missing_keys") or [])
         if missing:
             raise InputError(
                 f"{source.label} has no weights for {', '.join(missing[:3])}"

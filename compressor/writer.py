@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from .safetensors_format import TensorInfo, encode_header, tensor_bytes
 from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .store import StoredFile
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -28,6 +27,16 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
 COPY_CHUNK = 1 << 23
 HEADER_RESERVE = 1 << 17  # room for ~1000 tensor entries
 COMPACT_BELOW = 1 << 26  # shards under 64 MB are rewritten without padding
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One finished file ready to commit to a store: where it is now, its hash and size."""
+
+    relpath: str
+    path: Path
+    digest: str
+    bytes: int
 
 
 @dataclass

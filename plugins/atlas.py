@@ -301,6 +301,13 @@ class _Coefficients:
         self.taus: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.groups: dict[str, torch.Tensor] = {}
         gen = torch.Generator().manual_seed(opts["seed"])
+        renamed = [n for n, _ in model.named_parameters() if n not in infos]
+        if renamed:  # transformers 5 renamed this architecture's modules (ViT, ...)
+            raise InputError(
+                f"{base.label}: transformers names {len(renamed)} of this model's parameters "
+                f"differently from the checkpoint (e.g. '{renamed[0]}'); aTLAS cannot match "
+                "them to the experts' tensors yet"
+            )
         for name, param in model.named_parameters():
             info = infos.get(name)
             if info is None or not info.is_float or (pattern and not pattern.search(name)):

@@ -8,6 +8,7 @@ from compressor.store.catalog import (
     default_store_dir,
     derive_name,
     open_store,
+    opened_store,
     sha256_file,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "default_store_dir",
     "derive_name",
     "open_store",
+    "opened_store",
     "sha256_file",
 ]

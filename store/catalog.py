@@ -28,6 +28,7 @@ from compressor.errors import RefError, StoreError
 from compressor.integrity import sha256_file
 from compressor.store.blobs import LocalBlobStore
 from compressor.store.migrations import migrations
+from compressor.writer import StoredFile
 
 HEX_ID = re.compile(r"^[0-9a-f]{8,}$")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -59,16 +60,6 @@ class _ExternalRow:
     content: str
     bytes: int
     reader: str | None = None
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """One finished file ready to commit: where it is now, its hash and size."""
-
-    relpath: str
-    path: Path
-    digest: str
-    bytes: int
 
 
 @dataclass
@@ -628,6 +619,19 @@ def open_store(root: Path | str | None = None, recovering: bool = False) -> Stor
     ``recovering`` opens a store whose catalog was lost, for :meth:`Store.recover`.
     """
     return Store(Path(root) if root else default_store_dir(), recovering)
+
+
+@contextlib.contextmanager
+def opened_store(store: Store | str | Path | None) -> Iterator[Store]:
+    """The given store, or the store at a path (or the default), closed afterwards."""
+    if isinstance(store, Store):
+        yield store
+        return
+    opened = open_store(store)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def default_store_dir() -> Path:

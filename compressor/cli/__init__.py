@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -61,7 +62,10 @@ class Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # library warnings become one line each
+                warnings.simplefilter("always", _warning_category())
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
@@ -70,6 +74,19 @@ class Group(click.Group):
             if os.environ.get("COMPRESSOR_DEBUG") == "1":
                 traceback.print_exc()
             raise CLIError(*_one_line(e)) from None
+
+
+def _warning_category():
+    from compressor.progress import CompressorWarning
+
+    return CompressorWarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, _warning_category()):
+        click.echo(f"Warning: {message}", err=True)
+    else:  # another library's warning: its usual form
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _one_line(e: Exception) -> tuple[str, int]:
