@@ -198,6 +198,35 @@ def train(plugin: str, model: str, **kw) -> ArtifactRecord:
     return run_method("train", plugin, [model], **kw)
 
 
+def evaluate(
+    ref: str, options=None, *, base: str | None = None, store=None, quiet: bool = True
+) -> dict:
+    """Score REF (added to BASE, for a task vector or adapter) on data (``compress eval``);
+    store the scores as its metrics (``NAME:DATA``) and return them."""
+    from .evaluate import check_request, score
+    from .modeling import model_source
+
+    values, examples, task = check_request(options)
+    progress = make_progress(quiet)
+    with opened_store(store) as st:
+        with contextlib.ExitStack() as stack:
+            source, resolved = stack.enter_context(model_source(st, ref, base))
+            reference = None
+            if task == "embed":
+                reference, _ = stack.enter_context(model_source(st, values["reference"]))
+            metrics = score(source, task, examples, values, progress, reference)
+            source.verify()  # scores from damaged blobs are not stored
+        stem = Path(values["data"]).stem
+        if resolved.select is not None:  # one adapter of a joint artifact: say which
+            stem += f"#{resolved.select}"
+        st.set_metrics(
+            resolved.artifact_id,
+            {f"{k}:{stem}": v for k, v in metrics.items()},
+            externals=[resolved.external] if resolved.external else [],
+        )
+    return {"task": task, "data": str(values["data"]), **metrics}
+
+
 def export(
     ref: str,
     out: str | Path,

@@ -10,16 +10,13 @@ on the artifact as ``NAME:DATA`` (``accuracy:test``), so ``store ls`` and
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
 from .method import Option, parse_options, positive
-from .modeling import is_image_config, label_ids, model_inputs, model_source, source_model
+from .modeling import is_image_config, label_ids, model_inputs, source_model
 from .objectives import cross_entropy, embedding_agreement, language_model_nll, mean_pool
-from .progress import make_progress
-from .store import opened_store
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     pass
@@ -54,10 +51,8 @@ EVAL_OPTIONS = (
 )
 
 
-def evaluate(
-    ref: str, options=None, *, base: str | None = None, store=None, quiet: bool = True
-) -> dict:
-    """Score REF on the data; store and return the metrics (names without the data suffix)."""
+def check_request(options) -> tuple[dict, list[Example], str]:
+    """Check eval's options and read its data: (values, examples, task)."""
     values = parse_options(EVAL_OPTIONS, options or {}, "eval")
     if values["data"] is None:
         raise OptionError("eval needs -o data PATH")
@@ -75,33 +70,21 @@ def evaluate(
         raise InputError(f"{values['data']}: task '{task}' needs text rows")
     if task == "embed" and not values["reference"]:
         raise OptionError("task 'embed' needs -o reference REF")
-    progress = make_progress(quiet)
-    with opened_store(store) as st:
-        with (
-            model_source(st, ref, base) as (source, resolved),
-            source_model(source, task) as (model, tokenizer),
-        ):
-            if task == "classify":
-                metrics = _classify(model, tokenizer, examples, values, progress)
-            elif task == "lm":
-                metrics = _perplexity(model, tokenizer, examples, values, progress)
-            else:
-                with (
-                    model_source(st, values["reference"]) as (ref_source, _),
-                    source_model(ref_source, task) as reference,
-                ):
-                    models = [(model, tokenizer), reference]
-                    metrics = _agreement(models, examples, values, progress)
-            source.verify()  # scores from damaged blobs are not stored
-        stem = Path(values["data"]).stem
-        if resolved.select is not None:  # one adapter of a joint artifact: say which
-            stem += f"#{resolved.select}"
-        st.set_metrics(
-            resolved.artifact_id,
-            {f"{k}:{stem}": v for k, v in metrics.items()},
-            externals=[resolved.external] if resolved.external else [],
-        )
-    return {"task": task, "data": str(values["data"]), **metrics}
+    return values, examples, task
+
+
+def score(source, task: str, examples, values: dict, progress, reference=None) -> dict:
+    """The metrics of the model a TensorSource holds, on the examples, for the task.
+
+    ``reference`` is the TensorSource of the model whose embeddings ``embed`` compares to.
+    """
+    with source_model(source, task) as (model, tokenizer):
+        if task == "classify":
+            return _classify(model, tokenizer, examples, values, progress)
+        if task == "lm":
+            return _perplexity(model, tokenizer, examples, values, progress)
+        with source_model(reference, task) as other:
+            return _agreement([(model, tokenizer), other], examples, values, progress)
 
 
 def _batches(examples: list[Example], values: dict, progress):

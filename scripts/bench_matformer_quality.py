@@ -44,8 +44,8 @@ def main() -> None:
     from transformers.utils import logging
 
     import compressor
+    from compressor.api import evaluate
     from compressor.demo_models import minilm_dir
-    from compressor.evaluate import evaluate
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()

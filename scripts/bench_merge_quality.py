@@ -50,7 +50,7 @@ def main() -> None:
     from transformers.utils import logging
 
     import compressor
-    from compressor.evaluate import evaluate
+    from compressor.api import evaluate
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()

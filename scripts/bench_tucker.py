@@ -139,7 +139,7 @@ def _nbytes(f, key: str) -> int:
 def lora_table(suite: Path, store) -> list[str]:
     """Joint compression of the suite's LoRA adapters and each task's accuracy after decoding."""
     import compressor
-    from compressor.evaluate import evaluate
+    from compressor.api import evaluate
 
     tasks = sorted(p.name for p in (suite / "lora").iterdir())
     adapters = [str(suite / "lora" / t) for t in tasks]

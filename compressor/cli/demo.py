@@ -28,7 +28,7 @@ def _step(store: Path, *args) -> None:
 
 
 def _scores(store: Path, ref: str, data: dict, base: Path | None) -> dict[str, float]:
-    from compressor.evaluate import evaluate
+    from compressor.api import evaluate
 
     out = {}
     for domain in DOMAINS:

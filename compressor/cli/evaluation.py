@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from compressor.cli.run import option_pairs, strict_json
-from compressor.evaluate import EVAL_OPTIONS, evaluate
+from compressor.evaluate import EVAL_OPTIONS
 
 
 def _options_help() -> str:
@@ -26,6 +26,8 @@ def register(cli):
         models) give accuracy and loss; text lines give a causal LM's perplexity;
         with -o reference REF, the mean cosine agreement of sentence embeddings.
         """
+        from compressor.api import evaluate
+
         result = evaluate(ref, list(options), base=base, store=state.store, quiet=state.quiet)
         if as_json:
             click.echo(strict_json(result))

@@ -411,7 +411,7 @@ def build_lm(out: Path, v: Variant, seed: int) -> None:
 
 def score(out: Path) -> dict:
     """Base and expert scores on every expert's own test split, through `compress eval`."""
-    from compressor.evaluate import evaluate
+    from compressor.api import evaluate
 
     store = out / ".score-store"
     results: dict = {"text": {}, "lora": {}, "image": {}, "lm": {}}
