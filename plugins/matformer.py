@@ -11,10 +11,16 @@ holds the neurons that matter most in a model that was not trained nested.
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from compressor.architectures import (
+    GRANULARITIES,
+    PER_LAYER_KEYS,
+    PER_LAYER_TENSORS,
+    FfnModel,
+    Member,
+    width_at,
+)
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction, positive
@@ -22,156 +28,6 @@ from compressor.sources import copy_tensor, row_blocks
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
-
-GRANULARITIES = (0.125, 0.25, 0.5, 1.0)
-# config entries that hold one value per layer: filtered when layers are skipped
-PER_LAYER_KEYS = ("intermediate_size", "layer_types", "activation_sparsity_pattern")
-# Gemma 3n's per-layer input tensors hold one chunk per layer along one dimension
-PER_LAYER_TENSORS = {"embed_tokens_per_layer.weight": 1, "per_layer_model_projection.weight": 0}
-
-
-@dataclass(frozen=True)
-class Member:
-    """One FFN tensor: which dimension indexes the hidden neurons and what it does."""
-
-    rest: str  # the name after "<layers>.<i>."
-    dim: int
-    role: str  # "in" feeds the neurons, "out" reads them, "bias" is the in-projection's bias
-    fused: bool = False  # [gate; up] stacked along dim, d_ff each
-
-
-_LLAMA_MLP = (
-    Member("mlp.gate_proj.weight", 0, "in"),
-    Member("mlp.up_proj.weight", 0, "in"),
-    Member("mlp.gate_up_proj.weight", 0, "in", fused=True),
-    Member("mlp.gate_proj.bias", 0, "bias"),
-    Member("mlp.up_proj.bias", 0, "bias"),
-    Member("mlp.down_proj.weight", 1, "out"),
-)
-
-
-@dataclass(frozen=True)
-class FfnLayout:
-    """Where an architecture family keeps its layers and FFN tensors, and its config keys."""
-
-    family: str
-    model_types: tuple[str, ...]
-    layers: str  # the name of the layer list: tensors are "<prefix>.<layers>.<i>.<rest>"
-    members: tuple[Member, ...]
-    width_key: str = "intermediate_size"
-    layers_key: str = "num_hidden_layers"
-    per_layer_widths: bool = False  # the config takes a list of widths
-
-
-LAYOUTS = (
-    FfnLayout(
-        "llama",
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
-        "layers",
-        _LLAMA_MLP,
-    ),
-    FfnLayout("gemma3n", ("gemma3n", "gemma3n_text"), "layers", _LLAMA_MLP, per_layer_widths=True),
-    FfnLayout(
-        "bert",
-        ("bert", "roberta", "vit"),
-        "layer",
-        (
-            Member("intermediate.dense.weight", 0, "in"),
-            Member("intermediate.dense.bias", 0, "bias"),
-            Member("output.dense.weight", 1, "out"),
-        ),
-    ),
-    FfnLayout(
-        "gpt2",
-        ("gpt2",),
-        "h",
-        (  # Conv1D stores weights as (in, out)
-            Member("mlp.c_fc.weight", 1, "in"),
-            Member("mlp.c_fc.bias", 0, "bias"),
-            Member("mlp.c_proj.weight", 0, "out"),
-        ),
-        width_key="n_inner",
-        layers_key="n_layer",
-    ),
-)
-SUPPORTED = sorted(t for layout in LAYOUTS for t in layout.model_types)
-
-
-class Model:
-    """A source model's layout: its config, layers, FFN tensors and their widths."""
-
-    def __init__(self, source):
-        config = source.config()
-        if config is None:
-            raise InputError(f"{source.label} has no config.json; matformer needs one")
-        self.source = source
-        self.config = config
-        self.text = config.get("text_config") or config  # Gemma 3n keeps its text model here
-        model_type = self.text.get("model_type") or config.get("model_type")
-        layout = next((lay for lay in LAYOUTS if model_type in lay.model_types), None)
-        if layout is None:
-            raise InputError(
-                f"matformer does not know the architecture '{model_type}' of {source.label}; "
-                f"supported: {', '.join(SUPPORTED)}"
-            )
-        self.layout = layout
-        self.model_type = model_type
-        pattern = re.compile(rf"^(|.*\.){re.escape(layout.layers)}\.(\d+)\.(.+)$")
-        rests = {m.rest: m for m in layout.members}
-        self.ffn: dict[int, dict[str, Member]] = {}  # layer -> tensor name -> member
-        self.prefix = None
-        for name in source.names():
-            m = pattern.match(name)
-            if m and m.group(3) in rests:
-                if self.prefix not in (None, m.group(1)):
-                    raise InputError(f"{source.label}: FFN tensors under two layer lists")
-                self.prefix = m.group(1)
-                self.ffn.setdefault(int(m.group(2)), {})[name] = rests[m.group(3)]
-        if not self.ffn:
-            raise InputError(f"{source.label} has no {layout.family}-style FFN tensors")
-        self.layer_re = re.compile(rf"^{re.escape(self.prefix + layout.layers)}\.(\d+)\.(.+)$")
-        self.num_layers = self.text.get(layout.layers_key) or len(self.ffn)
-        if sorted(self.ffn) != list(range(self.num_layers)):
-            raise InputError(
-                f"{source.label}: FFN tensors found for {len(self.ffn)} layers, "
-                f"the config says {self.num_layers}"
-            )
-        self.d_ff = [self._width(layer) for layer in range(self.num_layers)]
-
-    def _width(self, layer: int) -> int:
-        name, member = next((n, m) for n, m in self.ffn[layer].items() if m.role != "bias")
-        size = self.source.info(name).shape[member.dim]
-        return size // 2 if member.fused else size
-
-    def neuron_cost(self, layer: int) -> int:
-        """Parameters that one hidden neuron of this layer's FFN costs."""
-        infos = self.source.infos()
-        return sum(infos[name].numel for name in self.ffn[layer]) // self.d_ff[layer]
-
-    def out_tensors(self) -> dict[int, tuple[str, Member]]:
-        """Per layer, the tensor that reads the FFN's hidden neurons (the down projection)."""
-        return {
-            i: next((n, m) for n, m in members.items() if m.role == "out")
-            for i, members in self.ffn.items()
-        }
-
-    def out_modules(self, net) -> dict[int, torch.nn.Module]:
-        """Per layer, the module of ``net`` whose input is the FFN's hidden activations."""
-        modules = dict(net.named_modules())
-        found = {}
-        for i, (name, _) in self.out_tensors().items():
-            found[i] = modules.get(name.removesuffix(".weight"))
-            if found[i] is None:
-                raise InputError(f"{self.source.label}: no module for {name}")
-        return found
-
-    def kv_sharing(self) -> list[str | None]:
-        """Gemma 3n: per layer None, 'store' (later layers read its KV) or 'reuse'."""
-        if self.layout.family != "gemma3n":
-            return [None] * self.num_layers
-        from transformers import Gemma3nTextConfig
-
-        return list(Gemma3nTextConfig.from_dict(self.text).kv_sharing_modes)
 
 
 class MatformerExtract(Method):
@@ -217,7 +73,7 @@ class MatformerExtract(Method):
 
     def run(self, job):
         opts = job.options
-        model = Model(job.inputs[0])
+        model = FfnModel(job.inputs[0])
         kept = _kept_layers(model, opts["skip_layers"])
         widths = _widths(model, kept, opts)
         if opts["order"] == "activation" and not opts["data"]:
@@ -258,7 +114,7 @@ class MatformerExtract(Method):
         )
 
 
-def _kept_layers(model: Model, skip: list[int] | None) -> list[int]:
+def _kept_layers(model: FfnModel, skip: list[int] | None) -> list[int]:
     skip = sorted(set(skip or []))
     n = model.num_layers
     bad = [i for i in skip if not 0 <= i < n]
@@ -276,11 +132,6 @@ def _kept_layers(model: Model, skip: list[int] | None) -> list[int]:
             f" and cannot be skipped; layers {_ranges(fixed)} must stay"
         )
     return [i for i in range(n) if i not in skip]
-
-
-def width_at(d_ff: int, fraction_kept: float) -> int:
-    """The FFN width at a granularity: the rule extraction and nested training share."""
-    return max(1, round(fraction_kept * d_ff))
 
 
 def _ranges(items: list[int]) -> str:
@@ -305,7 +156,7 @@ def _runs(values: list[int]) -> str:
     return ", ".join(f"{v} ×{n}" if n > 1 else str(v) for v, n in out)
 
 
-def _widths(model: Model, kept: list[int], opts: dict) -> list[int]:
+def _widths(model: FfnModel, kept: list[int], opts: dict) -> list[int]:
     given = [k for k in ("ffn_ratio", "widths", "target_params") if opts[k] is not None]
     if len(given) > 1:
         raise OptionError(f"give one of ffn_ratio, widths, target_params; got {', '.join(given)}")
@@ -339,14 +190,14 @@ def _widths(model: Model, kept: list[int], opts: dict) -> list[int]:
     return widths
 
 
-def _planned_params(model: Model, kept: list[int], widths: list[int]) -> int:
+def _planned_params(model: FfnModel, kept: list[int], widths: list[int]) -> int:
     """Float parameters of the submodel that ``kept`` and ``widths`` describe."""
     return _fixed_params(model, kept) + sum(
         model.neuron_cost(i) * w for i, w in zip(kept, widths, strict=True)
     )
 
 
-def _fixed_params(model: Model, kept: list[int]) -> int:
+def _fixed_params(model: FfnModel, kept: list[int]) -> int:
     ffn = {name for layer in model.ffn.values() for name in layer}
     total = 0
     keep = set(kept)
@@ -363,7 +214,7 @@ def _fixed_params(model: Model, kept: list[int]) -> int:
     return total
 
 
-def _fit_params(model: Model, kept: list[int], target: int) -> list[int]:
+def _fit_params(model: FfnModel, kept: list[int], target: int) -> list[int]:
     """Per-layer granularities, never shrinking with depth, with the most parameters ≤ target."""
     fixed = _fixed_params(model, kept)
     costs = [model.neuron_cost(i) for i in kept]
@@ -423,7 +274,7 @@ def _neuron_sq(t: torch.Tensor, member: Member, d_ff: int) -> torch.Tensor:
     return sq[:d_ff] + sq[d_ff:] if member.fused else sq
 
 
-def weight_importance(model: Model, layer: int, tensors: dict) -> torch.Tensor:
+def weight_importance(model: FfnModel, layer: int, tensors: dict) -> torch.Tensor:
     """‖what feeds neuron j‖ · ‖what reads it‖ from the layer's FFN ``tensors`` (by name)."""
     import torch
 
@@ -438,7 +289,7 @@ def weight_importance(model: Model, layer: int, tensors: dict) -> torch.Tensor:
     return fed.sqrt() * read.sqrt()
 
 
-def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tensor]:
+def activation_importance(model: FfnModel, opts: dict, job) -> dict[int, torch.Tensor]:
     """E|h_j| over the calibration tokens · ‖W_out[:, j]‖, per layer."""
     import torch
 
@@ -484,7 +335,7 @@ def activation_importance(model: Model, opts: dict, job) -> dict[int, torch.Tens
     return scores
 
 
-def _write(job, model: Model, kept, widths, perms: dict, by_weight: bool) -> None:
+def _write(job, model: FfnModel, kept, widths, perms: dict, by_weight: bool) -> None:
     """Stream every kept tensor out, FFNs cut; ``by_weight`` fills ``perms`` layer by layer,
     holding one layer's FFN tensors between reading them for the scores and writing them."""
     import torch
@@ -539,7 +390,7 @@ def _write_layer_chunks(writer, source, name, dim, layers, kept) -> None:
     writer.end()
 
 
-def _config(model: Model, kept: list[int], widths: list[int]) -> dict:
+def _config(model: FfnModel, kept: list[int], widths: list[int]) -> dict:
     config = json.loads(json.dumps(model.config))
     text = config.get("text_config") or config
     layout = model.layout
@@ -608,7 +459,7 @@ class MatformerTrain(Method):
             raise InputError(
                 f"{source.label} holds a {source.content}; matformer-train needs a model"
             )
-        layout = Model(source)
+        layout = FfnModel(source)
         rows = read_examples(opts["data"])
         labelled = rows[0].label is not None
         torch.manual_seed(opts["seed"])
@@ -673,7 +524,7 @@ def _check_head(net, labelled: bool, label: str) -> None:
 class _MaskedWidths:
     """Forward pre-hooks that zero each FFN's hidden neurons past d_ff·g (= slicing them off)."""
 
-    def __init__(self, net, layout: Model):
+    def __init__(self, net, layout: FfnModel):
         self.g = 1.0  # the granularity the next forward pass runs at
         self.handles = [
             module.register_forward_pre_hook(self._hook(layout.d_ff[layer]))

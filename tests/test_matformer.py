@@ -397,7 +397,8 @@ def test_masking_neurons_is_what_extraction_computes(run, suite_text, tmp_path):
     """Nested training masks the neurons past d_ff·g; the cut model at g computes the same."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from compressor.plugins.matformer import Model, _MaskedWidths
+    from compressor.architectures import FfnModel as Model
+    from compressor.plugins.matformer import _MaskedWidths
     from compressor.sources import open_model_dir
 
     base = suite_text / "base"
