@@ -76,6 +76,27 @@ def _first_line(e: Exception) -> str:
 
 
 @contextlib.contextmanager
+def linked_files(source) -> Iterator[Path]:
+    """A temporary directory linking a source's top-level config and tokenizer files."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="compressor-model-") as tmp:
+        for rel, path in source.files.items():
+            if "/" not in rel:
+                (Path(tmp) / rel).symlink_to(Path(path).resolve())
+        yield Path(tmp)
+
+
+def source_tokenizer(source):
+    """The tokenizer carried with a source's files; None for an image model."""
+    config = source.config() or {}
+    if "num_channels" in config and "vocab_size" not in config:
+        return None
+    with linked_files(source) as tmp:
+        return load_tokenizer(tmp, source.label)
+
+
+@contextlib.contextmanager
 def source_model(source, head: str) -> Iterator[tuple]:
     """(model, tokenizer or None) built from a TensorSource's config with its own weights.
 
@@ -85,7 +106,6 @@ def source_model(source, head: str) -> Iterator[tuple]:
     architecture's modules were renamed (ViT in transformers 5). The whole model is
     in memory, and its state dict once more while it loads.
     """
-    import tempfile
 
     import transformers
 
@@ -95,10 +115,7 @@ def source_model(source, head: str) -> Iterator[tuple]:
             f"{source.label} is not a model transformers can load for '{head}': "
             "it has no config.json"
         )
-    with tempfile.TemporaryDirectory(prefix="compressor-model-") as tmp:
-        for rel, path in source.files.items():
-            if "/" not in rel:
-                (Path(tmp) / rel).symlink_to(Path(path).resolve())
+    with linked_files(source) as tmp:
         try:
             config = transformers.AutoConfig.from_pretrained(tmp)
             cls = _auto_class(config, head)

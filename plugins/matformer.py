@@ -289,47 +289,64 @@ def weight_importance(model: FfnModel, layer: int, tensors: dict) -> torch.Tenso
     return fed.sqrt() * read.sqrt()
 
 
-def activation_importance(model: FfnModel, opts: dict, job) -> dict[int, torch.Tensor]:
-    """E|h_j| over the calibration tokens · ‖W_out[:, j]‖, per layer."""
+def activation_importance(
+    model: FfnModel, opts: dict, job, blockwise: bool | None = None
+) -> dict[int, torch.Tensor]:
+    """E|h_j| over the calibration tokens · ‖W_out[:, j]‖, per layer.
+
+    Runs block by block (one layer's tensors in memory) where the architecture allows
+    (``blockwise`` None), else, or with ``blockwise`` False, through the whole model."""
     import torch
 
+    from compressor.blockwise import run_blockwise, supports
     from compressor.data import batches, read_examples
-    from compressor.modeling import model_inputs, source_model
+    from compressor.modeling import model_inputs, source_model, source_tokenizer
 
     rows = read_examples(opts["data"])
     sums = {i: torch.zeros(d) for i, d in enumerate(model.d_ff)}
     counts = dict.fromkeys(sums, 0)
-    state = {}
-    with source_model(model.source, "saved") as (net, tokenizer):
+    chunks = list(batches(rows, opts["batch_size"]))
 
-        def hook_for(layer):
-            def hook(_module, args):
-                h = args[0].detach().float().abs()
-                mask = state.get("mask")
-                h = h.reshape(-1, h.shape[-1])
-                if mask is not None and mask.numel() == h.shape[0]:
-                    h = h[mask.reshape(-1).bool()]
-                sums[layer] += h.sum(dim=0)
-                counts[layer] += h.shape[0]
+    def add(layer: int, x: torch.Tensor, mask) -> None:
+        h = x.float().abs().reshape(-1, x.shape[-1])
+        if mask is not None and mask.numel() == h.shape[0]:
+            h = h[mask.reshape(-1).bool()]
+        sums[layer] += h.sum(dim=0)
+        counts[layer] += h.shape[0]
 
-            return hook
-
-        handles = [
-            module.register_forward_pre_hook(hook_for(i))
-            for i, module in model.out_modules(net).items()
-        ]
-        try:
-            chunks = list(batches(rows, opts["batch_size"]))
-            with torch.no_grad():
-                for chunk in job.progress(chunks, desc="matformer: calibrate", unit="batch"):
-                    x = model_inputs(chunk, tokenizer, opts["data"], opts["max_length"])
-                    state["mask"] = x.get("attention_mask")
-                    net(**x)
-        finally:
-            for h in handles:
-                h.remove()
+    out_names = model.out_tensors()
+    if blockwise if blockwise is not None else supports(model):
+        tokenizer = source_tokenizer(model.source)
+        inputs = [model_inputs(c, tokenizer, opts["data"], opts["max_length"]) for c in chunks]
+        masks = [x.get("attention_mask") for x in inputs]
+        suffix = {i: m.rest.removesuffix(".weight") for i, (_, m) in out_names.items()}
+        run_blockwise(
+            model,
+            inputs,
+            lambda layer, _s, b, x: add(layer, x, masks[b]),
+            suffixes=tuple(sorted(set(suffix.values()))),
+            progress=job.progress,
+        )
+    else:
+        with source_model(model.source, "saved") as (net, tokenizer):
+            state = {}
+            handles = [
+                module.register_forward_pre_hook(
+                    lambda _m, args, i=i: add(i, args[0].detach(), state.get("mask"))
+                )
+                for i, module in model.out_modules(net).items()
+            ]
+            try:
+                with torch.no_grad():
+                    for chunk in job.progress(chunks, desc="matformer: calibrate", unit="batch"):
+                        x = model_inputs(chunk, tokenizer, opts["data"], opts["max_length"])
+                        state["mask"] = x.get("attention_mask")
+                        net(**x)
+            finally:
+                for h in handles:
+                    h.remove()
     scores = {}
-    for i, (name, member) in model.out_tensors().items():
+    for i, (name, member) in out_names.items():
         col = _neuron_sq(model.source.get(name), member, model.d_ff[i]).sqrt()
         scores[i] = sums[i] / max(counts[i], 1) * col
     return scores

@@ -42,7 +42,12 @@ def main() -> None:
         src = work / "model"
         print(f"building a {args.layers}-layer model ...", flush=True)
         params = build_model(src, args.layers, args.hidden, args.ffn, args.vocab, seed=0)
-        size = sum(f.stat().st_size for f in src.iterdir())
+        from compressor.demo_models import save_word_tokenizer, zen_lines
+
+        save_word_tokenizer(src, zen_lines(), args.vocab)  # for the calibration run
+        calib = work / "calib.txt"
+        calib.write_text("\n".join((zen_lines() * 2)[:32]) + "\n")
+        size = sum(f.stat().st_size for f in src.iterdir() if f.suffix == ".safetensors")
         store = {"COMPRESSOR_STORE": str(work / "store")}
         skip = ",".join(
             str(i) for i in range(args.layers // 2, args.layers // 2 + args.layers // 6)
@@ -55,8 +60,14 @@ def main() -> None:
                 f"ffn_ratio 0.25, skip_layers {skip}",
                 ["-o", "ffn_ratio", "0.25", "-o", "skip_layers", skip],
             ),
+            (
+                "ffn_ratio 0.5, order activation (32 calibration rows, block by block)",
+                ["-o", "ffn_ratio", "0.5", "-o", "order", "activation", "-o", "data", str(calib)],
+            ),
         ]
-        for f in src.iterdir():  # warm the page cache, so every run reads from memory alike
+        for f in src.glob(
+            "*.safetensors"
+        ):  # warm the page cache, so every run reads from memory alike
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
                     pass

@@ -472,3 +472,29 @@ def test_train_bad_inputs(run, private_store, suite_text, minilm, tmp_path):
         [*train, minilm["base"], "-o", "data", data],
         f"{minilm['base']} is a BertModel; labelled rows need a classification head",
     )
+
+
+@pytest.mark.parametrize("kind", ["llama", "minilm"])
+def test_blockwise_calibration_equals_the_whole_model(kind, models, minilm, tmp_path):
+    """Layer by layer with one layer in memory gives the whole model's activation scores."""
+    from compressor.architectures import FfnModel
+    from compressor.blockwise import supports
+    from compressor.plugins.matformer import activation_importance
+    from compressor.sources import open_model_dir
+
+    path = {"llama": models["base-fp32"], "minilm": minilm["base"]}[kind]
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(TEXT * 2) + "\n")
+    opts = {"data": str(data), "batch_size": 3, "max_length": 32}
+
+    class Job:
+        progress = staticmethod(lambda it, **kw: it)
+
+    with open_model_dir(path) as source:
+        layout = FfnModel(source)
+        assert supports(layout)
+        whole = activation_importance(layout, opts, Job, blockwise=False)
+        layered = activation_importance(layout, opts, Job, blockwise=True)
+    assert whole.keys() == layered.keys()
+    for i in whole:
+        torch.testing.assert_close(layered[i], whole[i], rtol=1e-5, atol=1e-6)
