@@ -196,6 +196,9 @@ class PeftAdapter(TensorSource):
     def file_digest(self, path: Path) -> str | None:
         return self._shards.file_digest(path)
 
+    def identified(self) -> None:
+        self._shards.identified()
+
     def close(self) -> None:
         self._shards.close()
 

@@ -56,6 +56,7 @@ class External:
             for rel in sorted(self.files):
                 p = self.files[rel]
                 digest = self.digests.get(p) or self.source.file_digest(p) or sha256_file(p)
+                self.digests[p] = digest
                 h.update(f"{rel}\0{p.stat().st_size}\0{digest}\n".encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
@@ -93,9 +94,9 @@ def resolve(store, ref: str, raw: tuple[str, ...] = ()) -> ResolvedInput:
         raise InputError("an empty reference names nothing")
     path = Path(ref).expanduser()
     if path.exists():
-        return _resolve_path(path.resolve())
+        return _resolve_path(path.resolve(), store)
     if HUB_ID.match(ref) and not ref.endswith(".safetensors"):
-        return _resolve_path(hub_cache_path(ref))
+        return _resolve_path(hub_cache_path(ref), store)
     if looks_like_path(ref):
         raise InputError(f"no such file or directory: {ref}")
     name, select = _split_selection(ref)
@@ -155,7 +156,7 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
-def _resolve_path(path: Path) -> ResolvedInput:
+def _resolve_path(path: Path, store=None) -> ResolvedInput:
     refuse_pickle(path)
     files = input_files(path)
     for reader in get_registry().readers:
@@ -164,7 +165,12 @@ def _resolve_path(path: Path) -> ResolvedInput:
             break
     else:
         raise InputError(f"{path}: no reader recognises this path")
-    return ResolvedInput(source, None, str(path), External(path, files, source, reader.name))
+    ext = External(path, files, source, reader.name)
+    if store is not None:  # files hashed before and unchanged since (same size and mtime)
+        ext.digests = store.known_digests(files)
+        if len(ext.digests) == len(files):
+            source.identified()  # no need to hash them again while reading
+    return ResolvedInput(source, None, str(path), ext)
 
 
 def input_files(path: Path) -> dict[str, Path]:

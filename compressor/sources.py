@@ -77,6 +77,9 @@ class TensorSource:
         """The SHA-256 of one of this source's files when it was hashed while read, else None."""
         return None
 
+    def identified(self) -> None:
+        """The input's digests are known already: reading need not hash it to identify it."""
+
     def verify(self) -> None:
         """Raise when a stored file read so far (hashed as read) is damaged; the rest is
         read now. Called before a result that used this source is published."""
@@ -229,6 +232,7 @@ class SafetensorsShards(TensorSource):
         self._verified: set[Path] = set()
         self._shards = list(shards)
         self._shard_names = shard_names or {}
+        self._identified = False
         if manifest is None and content == "model" and "content" in self.metadata:
             self.content = self.metadata["content"]  # a file we wrote says what it holds
 
@@ -242,7 +246,8 @@ class SafetensorsShards(TensorSource):
         path = self._where[name]
         f = self._handles.get(path)
         if f is None:  # a blob is hashed to be checked, an input file to be identified
-            hashing = verify_reads() or expected_digest(path) is None
+            blob = expected_digest(path) is not None
+            hashing = verify_reads() if blob else not self._identified
             f = self._handles[path] = HashedFile(path, hashing)
         return read_tensor(f, info, rows)
 
@@ -252,7 +257,15 @@ class SafetensorsShards(TensorSource):
         return f.finish() if f is not None else sha256_file(shard)
 
     def file_digest(self, path: Path) -> str | None:
-        return self.digest(path) if path in self._shards else None
+        if path not in self._shards or (self._identified and path not in self._handles):
+            return None
+        f = self._handles.get(path)
+        if f is not None and not f.hashing:
+            return None
+        return self.digest(path)
+
+    def identified(self) -> None:
+        self._identified = True
 
     def verify(self) -> None:
         if not verify_reads():

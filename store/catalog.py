@@ -313,10 +313,31 @@ class Store:
         self.blobs.put(tmp, digest)
         return StoredFile(MANIFEST_FILE, self.blobs.path(digest), digest, len(data))
 
+    def known_digests(self, files: dict[str, Path]) -> dict[Path, str]:
+        """SHA-256 of the input files hashed before, for those unchanged since (size, mtime)."""
+        out = {}
+        for p in files.values():
+            row = self.conn.execute(
+                "SELECT size, mtime_ns, digest FROM input_digests WHERE path = ?", [str(p)]
+            ).fetchone()
+            st = p.stat()
+            if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+                out[p] = row[2]
+        return out
+
     def _upsert_external(self, ext, created: str | None = None) -> None:
         """Record an input path by its fingerprint (not copied), inside a transaction.
 
-        A new one is dated ``created`` (the artifact first made from it), else now."""
+        A new one is dated ``created`` (the artifact first made from it), else now;
+        the digests of its files are kept by path, size and mtime for the next read."""
+        ext.fingerprint  # noqa: B018 - computing it fills ext.digests
+        for p, digest in getattr(ext, "digests", {}).items():
+            st = Path(p).stat()
+            self.conn.execute(
+                "INSERT OR REPLACE INTO input_digests (path, size, mtime_ns, digest) "
+                "VALUES (?, ?, ?, ?)",
+                [str(p), st.st_size, st.st_mtime_ns, digest],
+            )
         if self.db["artifacts"].count_where("id = ?", [ext.id]):
             self.conn.execute("UPDATE artifacts SET path = ? WHERE id = ?", [str(ext.path), ext.id])
             return

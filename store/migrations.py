@@ -47,3 +47,11 @@ def m002_name_versions(db):
         "INSERT INTO name_versions (name, last) SELECT name, MAX(version) FROM artifacts "
         "WHERE name IS NOT NULL GROUP BY name"
     )
+
+
+@migrations()
+def m003_input_digests(db):
+    """SHA-256 of input files by path, size and mtime: an unchanged input is not re-hashed."""
+    db["input_digests"].create(
+        {"path": str, "size": int, "mtime_ns": int, "digest": str}, pk="path"
+    )

@@ -200,11 +200,19 @@ def test_migrations_from_blank_and_reopen(tmp_path):
     store = open_store(tmp_path / "s")
     tables = set(store.db.table_names())
     assert {"artifacts", "files", "parents", "_sqlite_migrations"} <= tables
-    assert [m.name for m in migrations.applied(store.db)] == ["m001_initial", "m002_name_versions"]
+    assert [m.name for m in migrations.applied(store.db)] == [
+        "m001_initial",
+        "m002_name_versions",
+        "m003_input_digests",
+    ]
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
     again = open_store(tmp_path / "s")  # reopening applies nothing twice
-    assert [m.name for m in migrations.applied(again.db)] == ["m001_initial", "m002_name_versions"]
+    assert [m.name for m in migrations.applied(again.db)] == [
+        "m001_initial",
+        "m002_name_versions",
+        "m003_input_digests",
+    ]
     again.close()
 
 

@@ -519,3 +519,26 @@ def test_store_recover_rebuilds_a_lost_catalog(run, models, tv, tmp_path):
         "--json",
     )
     assert json.loads(r.output)["version"] == 3  # recovered versions are not reused either
+
+
+def test_unchanged_inputs_are_not_hashed_again_and_changed_ones_are(run, models, tmp_path):
+    from compressor.refs import resolve
+
+    ft = tmp_path / "ft"
+    shutil.copytree(models["ft1-fp32"], ft)
+    args = ["apply", "-p", "task-vector", "--base", models["base-fp32"], ft, "--json"]
+    first = json.loads(run("--quiet", *args).output)["parents"][1]["id"]
+    st = open_store()
+    try:
+        again = resolve(st, str(ft))
+        assert set(again.external.digests) == set(again.external.files.values())  # all known
+        again.source.close()
+    finally:
+        st.close()
+    assert json.loads(run("--quiet", *args).output)["parents"][1]["id"] == first
+    weights = ft / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 1  # same size, new content, new mtime
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert json.loads(run("--quiet", *args).output)["parents"][1]["id"] != first
