@@ -19,7 +19,7 @@ from compressor.data import batches, read_examples
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, non_negative, positive
-from compressor.modeling import label_ids, model_inputs, source_model
+from compressor.modeling import check_names_match, label_ids, model_inputs, source_model
 from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
@@ -301,13 +301,7 @@ class _Coefficients:
         self.taus: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.groups: dict[str, torch.Tensor] = {}
         gen = torch.Generator().manual_seed(opts["seed"])
-        renamed = [n for n, _ in model.named_parameters() if n not in infos]
-        if renamed:  # transformers 5 renamed this architecture's modules (ViT, ...)
-            raise InputError(
-                f"{base.label}: transformers names {len(renamed)} of this model's parameters "
-                f"differently from the checkpoint (e.g. '{renamed[0]}'); aTLAS cannot match "
-                "them to the experts' tensors yet"
-            )
+        check_names_match(model, base, "aTLAS")
         for name, param in model.named_parameters():
             info = infos.get(name)
             if info is None or not info.is_float or (pattern and not pattern.search(name)):

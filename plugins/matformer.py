@@ -465,7 +465,7 @@ class MatformerTrain(Method):
         import torch
 
         from compressor.data import read_examples
-        from compressor.modeling import label_ids, model_inputs, source_model
+        from compressor.modeling import check_names_match, label_ids, model_inputs, source_model
         from compressor.objectives import cross_entropy, language_model_nll
 
         opts = job.options
@@ -485,6 +485,7 @@ class MatformerTrain(Method):
         history = {g: [] for g in grans}
         with source_model(source, "saved") as (net, tokenizer):
             _check_head(net, labelled, source.label)
+            check_names_match(net, source, "matformer-train")
             labels = label_ids(rows, net.config, opts["data"]) if labelled else None
             masks = _MaskedWidths(net, layout)
             params = [p for p in net.parameters() if p.requires_grad]

@@ -498,3 +498,19 @@ def test_blockwise_calibration_equals_the_whole_model(kind, models, minilm, tmp_
     assert whole.keys() == layered.keys()
     for i in whole:
         torch.testing.assert_close(layered[i], whole[i], rtol=1e-5, atol=1e-6)
+
+
+def test_training_refuses_a_checkpoint_whose_names_transformers_renames(
+    run, private_store, tmp_path
+):
+    """ViT's modules are renamed by transformers 5: trained weights could not be mapped back."""
+    vit = _tiny("vit", tmp_path / "vit")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"pixels": [[0.0]], "label": 0}) + "\n")
+    r = run(
+        "--quiet", "train", "-p", "matformer-train", vit, "-o", "data", data, "-o", "steps", "1"
+    )
+    assert r.exit_code == 1
+    assert r.output.startswith(f"Error: {vit}: transformers names ")
+    assert "matformer-train cannot map them back to its tensors yet" in r.output
+    assert r.output.count("\n") == 1
