@@ -21,6 +21,7 @@ from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.modeling import check_names_match, label_ids, model_inputs, source_model
 from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
+from compressor.training import BestOnValidation, Trainer, functional_forward, show_loss
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -230,9 +231,8 @@ class _Task:
 
     def loss(self, params: dict, x: dict, y) -> tuple[torch.Tensor, int]:
         """The summed objective of a batch under the composed parameters, and its count."""
-        import torch
 
-        logits = torch.func.functional_call(self.model, params, args=(), kwargs=x).logits
+        logits = functional_forward(self.model, params, x).logits
         if self.objective == "lm":
             return language_model_nll(logits, x["input_ids"], x["attention_mask"])
         if self.objective == "ce":
@@ -247,11 +247,10 @@ class _Task:
             return self._score(params, split)
 
     def _score(self, params: dict, split: _Examples) -> float:
-        import torch
 
         total, count, correct = 0.0, 0, 0
         for x, y in split.batches:
-            logits = torch.func.functional_call(self.model, params, args=(), kwargs=x).logits
+            logits = functional_forward(self.model, params, x).logits
             if split.score_name == "accuracy":
                 correct += int((logits.argmax(-1) == y).sum())
                 count += y.numel()
@@ -346,44 +345,38 @@ def _learn(task: _Task, coefs: _Coefficients, train: _Examples, val: _Examples, 
 
     gen = torch.Generator().manual_seed(opts["seed"])
     lam = coefs.zeros().requires_grad_(True)
-    optimizer = torch.optim.AdamW([lam], lr=opts["lr"], weight_decay=0.1)
-    best = lam.detach().clone()
-    best_score = task.score(coefs.compose(best), val)
-    history = [{"epoch": 0, "score": best_score, "loss": None}]
+    trainer = Trainer([lam], lr=opts["lr"], weight_decay=0.1, clip=1.0)
+    best = BestOnValidation(lam.detach().clone(), task.score(coefs.compose(lam.detach()), val))
+    best.history.append({"epoch": 0, "score": best.score, "loss": None})
     chunks = len(train.batches)
     per_step = _chunking(opts["batch_size"])[1] or chunks
-    steps_per_epoch = -(-chunks // per_step)
-    steps = opts["epochs"] * steps_per_epoch
+    steps = opts["epochs"] * -(-chunks // per_step)
     bar = job.progress(range(steps), desc="atlas", unit="step", total=steps)
     ticks = iter(bar)
+
+    def piece(i):
+        x, y = train.batches[i]
+        return lambda: task.loss(coefs.compose(lam), x, y)  # summed; divided by the count
+
     for epoch in range(1, opts["epochs"] + 1):
         loss_sum, count = 0.0, 0
         order = torch.randperm(chunks, generator=gen).tolist()
         for first in range(0, chunks, per_step):
-            optimizer.zero_grad()
-            step_count = 0
-            for i in order[first : first + per_step]:
-                x, y = train.batches[i]
-                s, n = task.loss(coefs.compose(lam), x, y)
-                s.backward()  # summed; divided by the step's count below
-                loss_sum, step_count = loss_sum + float(s.detach()), step_count + n
-            lam.grad /= max(step_count, 1)
-            count += step_count
-            torch.nn.utils.clip_grad_norm_([lam], 1.0)
-            optimizer.step()
+            s, n = trainer.step(
+                [piece(i) for i in order[first : first + per_step]], mean_over_count=True
+            )
+            loss_sum, count = loss_sum + s, count + n
             next(ticks, None)
         score = task.score(coefs.compose(lam.detach()), val)
         mean = loss_sum / max(count, 1)
-        history.append({"epoch": epoch, "score": score, "loss": mean})
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{mean:.4f}", val=f"{score:.4f}")
-        if score > best_score:
-            best, best_score = lam.detach().clone(), score
+        best.offer(lambda: lam.detach().clone(), score, epoch=epoch, loss=mean)
+        show_loss(bar, loss=mean, val=score)
     if hasattr(bar, "close"):
         bar.close()
+    history = [{"epoch": h["epoch"], "score": h["score"], "loss": h["loss"]} for h in best.history]
     if not math.isfinite(history[-1]["loss"] or 0.0):
         job.warn("atlas: the training loss is not finite; try a smaller lr")
-    return best, history
+    return best.state, history
 
 
 @hookimpl

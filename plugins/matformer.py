@@ -467,6 +467,7 @@ class MatformerTrain(Method):
         from compressor.data import read_examples
         from compressor.modeling import check_names_match, label_ids, model_inputs, source_model
         from compressor.objectives import cross_entropy, language_model_nll
+        from compressor.training import Trainer
 
         opts = job.options
         if not opts["data"]:
@@ -488,8 +489,7 @@ class MatformerTrain(Method):
             check_names_match(net, source, "matformer-train")
             labels = label_ids(rows, net.config, opts["data"]) if labelled else None
             masks = _MaskedWidths(net, layout)
-            params = [p for p in net.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=opts["lr"])
+            trainer = Trainer(net.parameters(), lr=opts["lr"], clip=1.0)
             net.train()
             order: list[int] = []
             for _ in job.progress(range(opts["steps"]), desc="matformer-train", unit="step"):
@@ -499,19 +499,24 @@ class MatformerTrain(Method):
                 x = model_inputs(
                     [rows[i] for i in pick], tokenizer, opts["data"], opts["max_length"]
                 )
-                optimizer.zero_grad()
-                for g in grans:
-                    masks.g = g
-                    logits = net(**x).logits
-                    if labelled:
-                        total, n = cross_entropy(logits, labels[pick])
-                    else:
-                        total, n = language_model_nll(logits, x["input_ids"], x["attention_mask"])
-                    loss = total / max(n, 1)
-                    loss.backward()
-                    history[g].append(float(loss.detach()))
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+
+                def at(g, x=x, pick=pick):  # the mean loss with the FFNs cut to g
+                    def piece():
+                        masks.g = g
+                        logits = net(**x).logits
+                        if labelled:
+                            total, n = cross_entropy(logits, labels[pick])
+                        else:
+                            total, n = language_model_nll(
+                                logits, x["input_ids"], x["attention_mask"]
+                            )
+                        loss = total / max(n, 1)
+                        history[g].append(float(loss.detach()))
+                        return loss, 1
+
+                    return piece
+
+                trainer.step([at(g) for g in grans])
             masks.remove()
             state = net.state_dict()
             for name in job.progress(source.names(), desc="matformer-train: write"):
