@@ -239,10 +239,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write_docs_section(mark: str, body: str) -> None:
-    """Replace the text between <!-- mark --> and <!-- /mark --> in docs/benchmarks.md."""
+def write_docs_section(mark: str, body: str, heading: str | None = None) -> None:
+    """Replace the text between <!-- mark --> and <!-- /mark --> in docs/benchmarks.md,
+    or append the section under ``heading`` when the marks are not there yet."""
     text = DOCS.read_text()
     start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"
+    if start not in text:
+        DOCS.write_text(text + f"\n## {heading or mark}\n\n{start}\n{body}\n{end}\n")
+        return
     a, b = text.index(start) + len(start), text.index(end)
     DOCS.write_text(text[:a] + "\n" + body + "\n" + text[b:])
 

@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_foundation import write_docs_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
 MARK = "startup"
 
 
@@ -62,14 +64,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        text = DOCS.read_text()
-        start, end = f"<!-- {MARK} -->", f"<!-- /{MARK} -->"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text += f"\n## Start-up\n\n{block}\n"
-        DOCS.write_text(text)
+        write_docs_section(MARK, table, "Start-up")
 
 
 if __name__ == "__main__":

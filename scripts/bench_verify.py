@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_foundation import build_model, measure
+from bench_foundation import build_model, measure, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
 MARK = "verify-reads"
 
 
@@ -79,14 +78,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        text = DOCS.read_text()
-        start, end = f"<!-- {MARK} -->", f"<!-- /{MARK} -->"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text += f"\n## Reading from the store: hash checks\n\n{block}\n"
-        DOCS.write_text(text)
+        write_docs_section(MARK, table, "Reading from the store: hash checks")
 
 
 if __name__ == "__main__":
