@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import write_docs_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 MARK = "startup"
 
 
