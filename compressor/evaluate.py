@@ -9,17 +9,12 @@ on the artifact as ``NAME:DATA`` (``accuracy:test``), so ``store ls`` and
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
 from .method import Option, parse_options, positive
-from .modeling import is_image_config, label_ids, model_inputs, source_model
-from .objectives import cross_entropy, embedding_agreement, language_model_nll, mean_pool
-
-if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
-    pass
+from .modeling import model_inputs, source_model
+from .objectives import embedding_agreement, mean_pool
+from .tasks import Task
 
 EVAL_OPTIONS = (
     Option(
@@ -79,63 +74,23 @@ def score(source, task: str, examples, values: dict, progress, reference=None) -
     ``reference`` is the TensorSource of the model whose embeddings ``embed`` compares to.
     """
     with source_model(source, task) as (model, tokenizer):
-        if task == "classify":
-            return _classify(model, tokenizer, examples, values, progress)
-        if task == "lm":
-            return _perplexity(model, tokenizer, examples, values, progress)
+        if task in ("classify", "lm"):
+            objective = Task(
+                "ce" if task == "classify" else "lm", model.config, tokenizer, values["max_length"]
+            )
+            split = objective.split(examples, values["data"], values["batch_size"])
+            return objective.metrics(lambda x: model(**x).logits, split, progress)
         with source_model(reference, task) as other:
             return _agreement([(model, tokenizer), other], examples, values, progress)
-
-
-def _batches(examples: list[Example], values: dict, progress):
-    return progress(list(batches(examples, values["batch_size"])), desc="eval", unit="batch")
-
-
-def _classify(model, tokenizer, examples, values, progress) -> dict:
-    import torch
-
-    labels = label_ids(examples, model.config, values["data"])
-    image = is_image_config(model.config)
-    if not image and any(e.text is None for e in examples):
-        raise InputError(f"{values['data']}: a text model needs 'text' rows")
-    size = values["batch_size"]
-    loss_sum, correct = 0.0, 0
-    with torch.inference_mode():
-        for i, batch in enumerate(_batches(examples, values, progress)):
-            y = labels[i * size : i * size + len(batch)]
-            x = model_inputs(batch, tokenizer, values["data"], values["max_length"])
-            logits = model(**x).logits
-            loss, _ = cross_entropy(logits, y)
-            loss_sum += float(loss)
-            correct += int((logits.argmax(-1) == y).sum())
-    n = len(examples)
-    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": n}
-
-
-def _perplexity(model, tokenizer, examples, values, progress) -> dict:
-    import torch
-
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    nll, tokens = 0.0, 0
-    with torch.inference_mode():
-        for batch in _batches(examples, values, progress):
-            enc = model_inputs(batch, tokenizer, values["data"], values["max_length"])
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            s, k = language_model_nll(logits, enc["input_ids"], enc["attention_mask"])
-            nll += float(s)
-            tokens += k
-    if tokens == 0:
-        raise InputError(f"{values['data']}: no text line is longer than one token")
-    return {"perplexity": math.exp(nll / tokens), "loss": nll / tokens, "tokens": tokens}
 
 
 def _agreement(models, examples, values, progress) -> dict:
     import torch
 
     total = 0.0
+    chunks = list(batches(examples, values["batch_size"]))
     with torch.inference_mode():
-        for batch in _batches(examples, values, progress):
+        for batch in progress(chunks, desc="eval", unit="batch"):
             embs = []
             for model, tokenizer in models:
                 enc = model_inputs(batch, tokenizer, values["data"], values["max_length"])

@@ -15,12 +15,12 @@ import re
 from typing import TYPE_CHECKING
 
 from compressor.alignment import TaskVectorView
-from compressor.data import batches, read_examples
+from compressor.data import read_examples
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, non_negative, positive
-from compressor.modeling import check_names_match, label_ids, model_inputs, source_model
-from compressor.objectives import cross_entropy, language_model_nll, prediction_entropy
+from compressor.modeling import check_names_match, source_model
+from compressor.tasks import Split, Task
 from compressor.training import BestOnValidation, Trainer, functional_forward, show_loss
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
@@ -141,13 +141,17 @@ class Atlas(Method):
         views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
         head = "lm" if objective == "lm" else "classify"
         with source_model(job.base, head) as (model, tokenizer):
-            task = _Task(model, tokenizer, objective, opts)
-            train_set = task.examples(train, opts["data"], shots=opts["shots"])
-            val_set = task.examples(val, opts["val"]) if val else train_set
+            task = Task(objective, model.config, tokenizer, opts["max_length"])
+            train_set = _training_split(task, train, opts)
+            val_rows, val_data = (val, opts["val"]) if val else (train, opts["data"])
+            # labelled validation rows are scored by accuracy, whatever the objective learns
+            labelled = objective != "lm" and val_rows[0].label is not None
+            scorer = Task("ce", model.config, tokenizer, opts["max_length"]) if labelled else task
+            val_set = scorer.split(val_rows, val_data, _chunking(opts["batch_size"])[0])
             coefs = _Coefficients(model, job.base, views, opts)
-            best, history = _learn(task, coefs, train_set, val_set, opts, job)
+            best, history = _learn(task, scorer, _Run(model, coefs, train_set, val_set), opts, job)
             self._write(job, coefs, best)
-        return self._manifest(job, coefs, best, history, len(train_set.rows), val_set)
+        return self._manifest(job, coefs, best, history, len(train_set.rows), scorer)
 
     def _write(self, job, coefs: _Coefficients, best: torch.Tensor) -> None:
         import torch
@@ -163,7 +167,7 @@ class Atlas(Method):
         meta = {"experts": json.dumps([e.label for e in job.inputs]), "groups": str(coefs.k)}
         job.writer.add_file(COEFFICIENTS_FILE, save(tensors, metadata=meta))
 
-    def _manifest(self, job, coefs, best, history, examples: int, val_set) -> Manifest:
+    def _manifest(self, job, coefs, best, history, examples: int, scorer) -> Manifest:
         labels = [e.label for e in job.inputs]
         per_block = best.mean(dim=2)  # T × B
         summary = []
@@ -182,8 +186,8 @@ class Atlas(Method):
                 "experts": len(labels),
                 "blocks": len(coefs.blocks),
                 "coefficients": best.numel(),
-                f"val_{val_set.score_name}": top["score"],
-                f"base_val_{val_set.score_name}": first["score"],
+                f"val_{scorer.score_name}": top["score"],
+                f"base_val_{scorer.score_name}": first["score"],
                 "best_epoch": top["epoch"],
                 "train_examples": examples,
             },
@@ -191,98 +195,41 @@ class Atlas(Method):
         )
 
 
-class _Examples:
-    """Prepared examples of one split: batches of model inputs and targets."""
-
-    def __init__(self, rows, batch_list, score_name: str):
-        self.rows = rows
-        self.batches = batch_list
-        self.score_name = score_name
+def _training_split(task: Task, rows, opts) -> Split:
+    """The training rows (``shots`` of them per class, or in all) as a split of chunks."""
+    if opts["shots"]:
+        rows = _take_shots(rows, task.objective != "lm", opts["shots"], opts["seed"])
+    return task.split(rows, opts["data"], _chunking(opts["batch_size"])[0])
 
 
-class _Task:
-    """The model, its tokenizer and the objective: loss and validation score of a batch."""
+class _Run:
+    """What one aTLAS run learns over: the model, the coefficients and the two splits."""
 
-    def __init__(self, model, tokenizer, objective: str, opts: dict):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.objective = objective
-        self.opts = opts
-        if tokenizer is not None and tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    def __init__(self, model, coefs, train: Split, val: Split):
+        self.model, self.coefs, self.train, self.val = model, coefs, train, val
 
-    def examples(self, rows, data: str, shots: int = 0) -> _Examples:
-        labelled = rows[0].label is not None and self.objective != "lm"
-        if self.objective == "ce" and not labelled:
-            raise InputError(f"{data}: objective 'ce' needs a 'label' on every row")
-        labels = label_ids(rows, self.model.config, data) if labelled else None
-        if shots:
-            rows, labels = _take_shots(rows, labels, shots, self.opts["seed"])
-        size = _chunking(self.opts["batch_size"])[0]
-        out = []
-        for i, batch in enumerate(batches(rows, size)):
-            x = model_inputs(batch, self.tokenizer, data, self.opts["max_length"])
-            y = labels[i * size : i * size + len(batch)] if labels is not None else None
-            out.append((x, y))
-        name = (
-            "accuracy" if labelled else {"lm": "neg_loss", "entropy": "neg_entropy"}[self.objective]
-        )
-        return _Examples(rows, out, name)
-
-    def loss(self, params: dict, x: dict, y) -> tuple[torch.Tensor, int]:
-        """The summed objective of a batch under the composed parameters, and its count."""
-
-        logits = functional_forward(self.model, params, x).logits
-        if self.objective == "lm":
-            return language_model_nll(logits, x["input_ids"], x["attention_mask"])
-        if self.objective == "ce":
-            return cross_entropy(logits, y)
-        return prediction_entropy(logits)
-
-    def score(self, params: dict, split: _Examples) -> float:
-        """Higher is better: accuracy on labelled rows, else minus the mean objective."""
-        import torch
-
-        with torch.no_grad():
-            return self._score(params, split)
-
-    def _score(self, params: dict, split: _Examples) -> float:
-
-        total, count, correct = 0.0, 0, 0
-        for x, y in split.batches:
-            logits = functional_forward(self.model, params, x).logits
-            if split.score_name == "accuracy":
-                correct += int((logits.argmax(-1) == y).sum())
-                count += y.numel()
-                continue
-            if self.objective == "lm":
-                s, n = language_model_nll(logits, x["input_ids"], x["attention_mask"])
-            else:
-                s, n = prediction_entropy(logits)
-            total, count = total + float(s), count + n
-        if split.score_name == "accuracy":
-            return correct / count
-        return -total / max(count, 1)
+    def forward(self, lam):
+        """Inputs → logits of the model under θ0 + Σ Λ·τ (differentiable in Λ)."""
+        params = self.coefs.compose(lam)
+        return lambda x: functional_forward(self.model, params, x).logits
 
 
-def _take_shots(rows, labels, shots: int, seed: int):
-    """``shots`` rows per class (or in all without labels), drawn with a seeded shuffle."""
+def _take_shots(rows, by_label: bool, shots: int, seed: int):
+    """``shots`` rows per label (or in all), drawn with a seeded shuffle, in file order."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=gen).tolist()
-    if labels is None:
-        keep = sorted(order[:shots])
-        return [rows[i] for i in keep], None
-    taken: dict[int, int] = {}
+    if not by_label or rows[0].label is None:
+        return [rows[i] for i in sorted(order[:shots])]
+    taken: dict = {}
     keep = []
     for i in order:
-        c = int(labels[i])
+        c = rows[i].label
         if taken.get(c, 0) < shots:
             taken[c] = taken.get(c, 0) + 1
             keep.append(i)
-    keep.sort()
-    return [rows[i] for i in keep], labels[keep]
+    return [rows[i] for i in sorted(keep)]
 
 
 class _Coefficients:
@@ -339,35 +286,38 @@ class _Coefficients:
         return params
 
 
-def _learn(task: _Task, coefs: _Coefficients, train: _Examples, val: _Examples, opts, job):
+def _learn(task: Task, scorer: Task, run: _Run, opts, job):
     """AdamW on Λ; returns the best Λ by validation score and the per-epoch history."""
     import torch
 
+    def validate(lam) -> float:
+        return scorer.score(scorer.metrics(run.forward(lam.detach()), run.val))
+
     gen = torch.Generator().manual_seed(opts["seed"])
-    lam = coefs.zeros().requires_grad_(True)
+    lam = run.coefs.zeros().requires_grad_(True)
     trainer = Trainer([lam], lr=opts["lr"], weight_decay=0.1, clip=1.0)
-    best = BestOnValidation(lam.detach().clone(), task.score(coefs.compose(lam.detach()), val))
+    best = BestOnValidation(lam.detach().clone(), validate(lam))
     best.history.append({"epoch": 0, "score": best.score, "loss": None})
-    chunks = len(train.batches)
-    per_step = _chunking(opts["batch_size"])[1] or chunks
-    steps = opts["epochs"] * -(-chunks // per_step)
+    chunks = list(task.batches(run.train))  # tokenized once, reused every epoch
+    per_step = _chunking(opts["batch_size"])[1] or len(chunks)
+    steps = opts["epochs"] * -(-len(chunks) // per_step)
     bar = job.progress(range(steps), desc="atlas", unit="step", total=steps)
     ticks = iter(bar)
 
     def piece(i):
-        x, y = train.batches[i]
-        return lambda: task.loss(coefs.compose(lam), x, y)  # summed; divided by the count
+        x, y = chunks[i]
+        return lambda: task.loss(run.forward(lam)(x), x, y)  # summed; divided by the count
 
     for epoch in range(1, opts["epochs"] + 1):
         loss_sum, count = 0.0, 0
-        order = torch.randperm(chunks, generator=gen).tolist()
-        for first in range(0, chunks, per_step):
+        order = torch.randperm(len(chunks), generator=gen).tolist()
+        for first in range(0, len(chunks), per_step):
             s, n = trainer.step(
                 [piece(i) for i in order[first : first + per_step]], mean_over_count=True
             )
             loss_sum, count = loss_sum + s, count + n
             next(ticks, None)
-        score = task.score(coefs.compose(lam.detach()), val)
+        score = validate(lam)
         mean = loss_sum / max(count, 1)
         best.offer(lambda: lam.detach().clone(), score, epoch=epoch, loss=mean)
         show_loss(bar, loss=mean, val=score)

@@ -465,8 +465,8 @@ class MatformerTrain(Method):
         import torch
 
         from compressor.data import read_examples
-        from compressor.modeling import check_names_match, label_ids, model_inputs, source_model
-        from compressor.objectives import cross_entropy, language_model_nll
+        from compressor.modeling import check_names_match, source_model
+        from compressor.tasks import Task, objective_for
         from compressor.training import Trainer
 
         opts = job.options
@@ -479,15 +479,16 @@ class MatformerTrain(Method):
             )
         layout = FfnModel(source)
         rows = read_examples(opts["data"])
-        labelled = rows[0].label is not None
+        objective = objective_for(rows)
         torch.manual_seed(opts["seed"])
         gen = torch.Generator().manual_seed(opts["seed"])
         grans = sorted(set(opts["granularities"]))
         history = {g: [] for g in grans}
         with source_model(source, "saved") as (net, tokenizer):
-            _check_head(net, labelled, source.label)
+            _check_head(net, objective == "ce", source.label)
             check_names_match(net, source, "matformer-train")
-            labels = label_ids(rows, net.config, opts["data"]) if labelled else None
+            task = Task(objective, net.config, tokenizer, opts["max_length"])
+            split = task.split(rows, opts["data"], opts["batch_size"])
             masks = _MaskedWidths(net, layout)
             trainer = Trainer(net.parameters(), lr=opts["lr"], clip=1.0)
             net.train()
@@ -496,20 +497,12 @@ class MatformerTrain(Method):
                 if len(order) < opts["batch_size"]:
                     order += torch.randperm(len(rows), generator=gen).tolist()
                 pick, order = order[: opts["batch_size"]], order[opts["batch_size"] :]
-                x = model_inputs(
-                    [rows[i] for i in pick], tokenizer, opts["data"], opts["max_length"]
-                )
+                x, y = task.batch(split, pick)
 
-                def at(g, x=x, pick=pick):  # the mean loss with the FFNs cut to g
+                def at(g, x=x, y=y):  # the mean loss with the FFNs cut to g
                     def piece():
                         masks.g = g
-                        logits = net(**x).logits
-                        if labelled:
-                            total, n = cross_entropy(logits, labels[pick])
-                        else:
-                            total, n = language_model_nll(
-                                logits, x["input_ids"], x["attention_mask"]
-                            )
+                        total, n = task.loss(net(**x).logits, x, y)
                         loss = total / max(n, 1)
                         history[g].append(float(loss.detach()))
                         return loss, 1
