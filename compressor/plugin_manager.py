@@ -34,8 +34,10 @@ class Registry:
             self.pm.check_pending()
         except pluggy.PluginValidationError as e:
             raise PluginError(f"plugin '{self.pm.get_name(e.plugin)}' is broken: {e}") from None
-        self.methods: dict[str, Method] = {}
-        self.method_plugins: dict[str, str] = {}
+        # (name, kind) -> method: one family may offer one method per kind under one name
+        # (``sketchtune``: apply, then train)
+        self.methods: dict[tuple[str, str], Method] = {}
+        self.method_plugins: dict[tuple[str, str], str] = {}
         self.readers: list = []
         self._collect()
 
@@ -83,29 +85,44 @@ class Registry:
                 f"method '{method.name}' from plugin '{plugin}' has kind '{method.kind}' "
                 f"(allowed: {', '.join(KINDS)})"
             )
-        if method.name in self.methods:
+        other = next((p for (n, _), p in self.method_plugins.items() if n == method.name), None)
+        if (method.name, method.kind) in self.methods or other not in (None, plugin):
             raise PluginError(
                 f"two methods are named '{method.name}': one from plugin "
-                f"'{self.method_plugins[method.name]}', one from plugin '{plugin}'"
+                f"'{other}', one from plugin '{plugin}'"
             )
-        self.methods[method.name] = method
-        self.method_plugins[method.name] = plugin
+        self.methods[method.name, method.kind] = method
+        self.method_plugins[method.name, method.kind] = plugin
+
+    def named(self, name: str) -> list[Method]:
+        """Every method registered under ``name`` (one per kind), in KINDS order."""
+        return [self.methods[name, k] for k in KINDS if (name, k) in self.methods]
+
+    def names(self, kind: str | None = None) -> list[str]:
+        """The method names, sorted (only those of ``kind`` if given)."""
+        return sorted({n for n, k in self.methods if kind in (None, k)})
+
+    def decoder(self, encoding: str) -> Method | None:
+        """The method that decodes artifacts of ``encoding`` (its name), if installed."""
+        return next((m for m in self.named(encoding) if m.decodes), None)
 
     def method(self, name: str, kind: str | None = None) -> Method:
-        """The method registered under ``name``; with ``kind``, it must be of that kind."""
-        method = self.methods.get(name)
-        if method is None:
-            names = ", ".join(sorted(m for m, v in self.methods.items() if kind in (None, v.kind)))
+        """The method registered under ``name``; with ``kind``, the one of that kind."""
+        found = self.named(name)
+        if not found:
+            names = ", ".join(self.names(kind))
             if not names:
                 raise UnknownPluginError(
                     f"unknown plugin '{name}': no installed plugin provides a {kind} method yet"
                 )
             raise UnknownPluginError(f"unknown plugin '{name}' (available: {names})")
-        if kind is not None and method.kind != kind:
-            verb = VERBS[method.kind]
-            raise UnknownPluginError(
-                f"plugin '{name}' is a {method.kind} method; use `compress {verb} --plugin {name}`"
-            )
+        if kind is None:
+            return found[0]
+        method = self.methods.get((name, kind))
+        if method is None:
+            uses = " or ".join(f"`compress {VERBS[m.kind]} --plugin {name}`" for m in found)
+            what = " and ".join(f"a {m.kind}" for m in found)
+            raise UnknownPluginError(f"plugin '{name}' is {what} method; use {uses}")
         return method
 
 

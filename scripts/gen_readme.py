@@ -46,7 +46,7 @@ def methods_reference() -> str:
     from compressor.plugin_manager import OWN_DISTRIBUTION, get_registry
 
     reg = get_registry()
-    own = {n for n, p in reg.method_plugins.items() if ":" not in p}  # external: "dist:name"
+    own = {n for (n, _), p in reg.method_plugins.items() if ":" not in p}  # external: "dist:x"
     out = [
         "# Methods",
         "",
@@ -54,20 +54,25 @@ def methods_reference() -> str:
         f"(`Method.describe()`); the built-ins of the `{OWN_DISTRIBUTION}` distribution.",
     ]
     for name in sorted(own):
-        d = reg.methods[name].describe()
-        verb = d["example"].split()[1]
-        out += ["", f"## {name}", "", f"`compress {verb}` ({d['kind']}). {d['summary']}.", ""]
-        if d["reference"]:
-            out += [f"Paper: <{d['reference']}>", ""]
-        out += ["Example:", "", "```bash", d["example"], "```", ""]
-        if d["options"]:
-            out += ["| option | type | default | help |", "| --- | --- | --- | --- |"]
-            for o in d["options"]:
-                kind = "\\|".join(o["choices"]) if o.get("choices") else o["type"]
-                help_text = o["help"].replace("|", "\\|")
-                out.append(f"| `{o['name']}` | {kind} | `{o['default']}` | {help_text} |")
-        else:
-            out.append("No options.")
+        out += ["", f"## {name}"]
+        family = reg.named(name)
+        for method in family:
+            d = method.describe()
+            verb = d["example"].split()[1]
+            if len(family) > 1:
+                out += ["", f"### `compress {verb}`"]
+            out += ["", f"`compress {verb}` ({d['kind']}). {d['summary']}.", ""]
+            if d["reference"]:
+                out += [f"Paper: <{d['reference']}>", ""]
+            out += ["Example:", "", "```bash", d["example"], "```", ""]
+            if d["options"]:
+                out += ["| option | type | default | help |", "| --- | --- | --- | --- |"]
+                for o in d["options"]:
+                    kind = "\\|".join(o["choices"]) if o.get("choices") else o["type"]
+                    help_text = o["help"].replace("|", "\\|")
+                    out.append(f"| `{o['name']}` | {kind} | `{o['default']}` | {help_text} |")
+            else:
+                out.append("No options.")
     return "\n".join(out) + "\n"
 
 

@@ -98,6 +98,6 @@ def test_methods_reference_lists_every_builtin():
     from compressor.plugin_manager import get_registry
 
     text = (ROOT / "docs" / "methods.md").read_text()
-    for name, plugin in get_registry().method_plugins.items():
+    for (name, _), plugin in get_registry().method_plugins.items():
         if ":" not in plugin:
             assert f"\n## {name}\n" in text

@@ -34,18 +34,18 @@ def test_builtins_load_through_entry_points():
     eps = {ep.name: ep.value for ep in entry_points(group="compressor.plugins")}
     assert eps["task_vector"] == "compressor.plugins.task_vector"
     reg = get_registry()
-    assert reg.method_plugins == {
-        "task-vector": "task_vector",
-        "task-arithmetic": "task_arithmetic",
-        "compeft": "compeft",
-        "ties": "ties_dare",
-        "dare-linear": "ties_dare",
-        "dare-ties": "ties_dare",
-        "atlas": "atlas",
-        "matformer": "matformer",
-        "matformer-train": "matformer",
-        "tucker": "tucker",
-        "lora-tucker": "lora_tucker",
+    assert reg.method_plugins == {  # keyed by (name, kind): one family, one method per kind
+        ("task-vector", "compress"): "task_vector",
+        ("task-arithmetic", "merge"): "task_arithmetic",
+        ("compeft", "compress"): "compeft",
+        ("ties", "merge"): "ties_dare",
+        ("dare-linear", "merge"): "ties_dare",
+        ("dare-ties", "merge"): "ties_dare",
+        ("atlas", "merge"): "atlas",
+        ("matformer", "extract"): "matformer",
+        ("matformer-train", "train"): "matformer",
+        ("tucker", "compress"): "tucker",
+        ("lora-tucker", "compress"): "lora_tucker",
     }
 
 

@@ -31,8 +31,8 @@ def register(cli):
                 json.dumps(
                     {
                         "methods": [
-                            {**m.describe(), "plugin": reg.method_plugins[n]}
-                            for n, m in sorted(reg.methods.items())
+                            {**m.describe(), "plugin": reg.method_plugins[key]}
+                            for key, m in sorted(reg.methods.items())
                         ],
                         "sources": [{"name": r.name, "summary": r.summary} for r in reg.readers],
                     },
@@ -41,8 +41,8 @@ def register(cli):
                 )
             )
             return
-        width = max((len(n) for n in reg.methods), default=0)
-        for name, method in sorted(reg.methods.items()):
+        width = max((len(n) for n, _ in reg.methods), default=0)
+        for (name, _), method in sorted(reg.methods.items()):
             click.echo(f"{name:<{width}}  {method.kind:<8}  {method.summary}")
         empty = [VERBS[k] for k in KINDS if not any(m.kind == k for m in reg.methods.values())]
         if empty:
@@ -59,33 +59,33 @@ def register(cli):
     def show(name, as_json):
         """Show one method: what it does, its reference and its options."""
         reg = get_registry()
-        method = reg.method(name)
+        reg.method(name)  # an unknown name: one clear line naming those there are
+        methods = reg.named(name)
         if as_json:
-            click.echo(
-                json.dumps(
-                    {**method.describe(), "plugin": reg.method_plugins[name]},
-                    indent=2,
-                    sort_keys=True,
-                )
-            )
+            docs = [{**m.describe(), "plugin": reg.method_plugins[name, m.kind]} for m in methods]
+            click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2, sort_keys=True))
             return
-        click.echo(
-            f"{method.name} ({method.kind}, version {method.version}, "
-            f"from plugin {reg.method_plugins[name]})"
-        )
-        click.echo(f"  {method.summary}")
-        if method.reference:
-            click.echo(f"  Reference: {method.reference}")
-        if method.needs_base:
-            click.echo("  Needs --base BASE.")
-        doc = plain_text((type(method).__doc__ or "").strip())
-        if doc:
-            click.echo("")
-            for line in doc.splitlines():
-                click.echo(f"  {line.strip()}")
-        click.echo(f"\nExample:\n  {method.example()}")
-        click.echo("\nOptions:" if method.options else "\nOptions: none")
-        for o in method.options:
-            kind = "|".join(o.choices) if o.choices else o.type
-            click.echo(f"  -o {o.name} {kind}  (default {o.default})")
-            click.echo(f"      {o.help}")
+        for i, method in enumerate(methods):
+            if i:
+                click.echo("")
+            _show(method, reg.method_plugins[name, method.kind])
+
+
+def _show(method, plugin: str) -> None:
+    click.echo(f"{method.name} ({method.kind}, version {method.version}, from plugin {plugin})")
+    click.echo(f"  {method.summary}")
+    if method.reference:
+        click.echo(f"  Reference: {method.reference}")
+    if method.needs_base:
+        click.echo("  Needs --base BASE.")
+    doc = plain_text((type(method).__doc__ or "").strip())
+    if doc:
+        click.echo("")
+        for line in doc.splitlines():
+            click.echo(f"  {line.strip()}")
+    click.echo(f"\nExample:\n  {method.example()}")
+    click.echo("\nOptions:" if method.options else "\nOptions: none")
+    for o in method.options:
+        kind = "|".join(o.choices) if o.choices else o.type
+        click.echo(f"  -o {o.name} {kind}  (default {o.default})")
+        click.echo(f"      {o.help}")
