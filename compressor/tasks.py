@@ -39,6 +39,21 @@ def objective_for(rows: list[Example], objective: str = "auto") -> str:
     return objective
 
 
+def check_head(model, objective: str, label: str) -> None:
+    """Refuse a model whose head cannot learn the objective (a trained model keeps the head
+    the checkpoint was saved with: ce needs a classifier, lm a causal LM head)."""
+    kind = type(model).__name__
+    if objective == "ce" and not kind.endswith(
+        ("ForSequenceClassification", "ForImageClassification")
+    ):
+        raise InputError(f"{label} is a {kind}; labelled rows need a classification head")
+    if objective == "lm" and not kind.endswith(("ForCausalLM", "LMHeadModel")):
+        raise InputError(
+            f"{label} is a {kind}; unlabelled text trains a causal LM (give labelled rows "
+            "to train a classifier)"
+        )
+
+
 @dataclass
 class Split:
     """One data file prepared for a task: its rows, their class ids, and the batch size."""

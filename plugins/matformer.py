@@ -466,7 +466,7 @@ class MatformerTrain(Method):
 
         from compressor.data import read_examples
         from compressor.modeling import check_names_match, source_model
-        from compressor.tasks import Task, objective_for
+        from compressor.tasks import Task, check_head, objective_for
         from compressor.training import Trainer
 
         opts = job.options
@@ -485,7 +485,7 @@ class MatformerTrain(Method):
         grans = sorted(set(opts["granularities"]))
         history = {g: [] for g in grans}
         with source_model(source, "saved") as (net, tokenizer):
-            _check_head(net, objective == "ce", source.label)
+            check_head(net, objective, source.label)
             check_names_match(net, source, "matformer-train")
             task = Task(objective, net.config, tokenizer, opts["max_length"])
             split = task.split(rows, opts["data"], opts["batch_size"])
@@ -524,17 +524,6 @@ class MatformerTrain(Method):
             metrics[f"loss_first_{g:g}"] = sum(history[g][:window]) / window
             metrics[f"loss_last_{g:g}"] = sum(history[g][-window:]) / window
         return Manifest("model", metrics=metrics, extra={"granularities": grans})
-
-
-def _check_head(net, labelled: bool, label: str) -> None:
-    kind = type(net).__name__
-    if labelled and not kind.endswith(("ForSequenceClassification", "ForImageClassification")):
-        raise InputError(f"{label} is a {kind}; labelled rows need a classification head")
-    if not labelled and not kind.endswith(("ForCausalLM", "LMHeadModel")):
-        raise InputError(
-            f"{label} is a {kind}; unlabelled text trains a causal LM (give labelled rows "
-            "to train a classifier)"
-        )
 
 
 class _MaskedWidths:
