@@ -6,8 +6,10 @@ Hessians) fits a model far larger than RAM. The model is built by transformers w
 single layer; that layer's weights are replaced by layer k's, read from the source, for
 each k in turn. The inputs layer 0 receives are captured once per batch (hidden states
 and the keyword arguments the model hands every layer: masks, positions, rotary
-embeddings), and layer k's outputs feed layer k+1, optionally after ``transform(k, ...)``
-has changed the layer (true-sequential calibration).
+embeddings), and layer k's outputs feed layer k+1. With ``transform(k, layer)``, layer k is run
+twice: once to hand its modules' inputs to ``on_input``, then, after ``transform``
+has changed it (quantised its weights, say), again to compute what layer k+1 receives
+(true-sequential calibration).
 
 This needs an architecture whose layers all take the same keyword arguments and whose
 checkpoint names are the model's own; :func:`supports` says whether a model qualifies
@@ -94,7 +96,8 @@ def run_blockwise(
     """Run ``batches`` (model keyword arguments) through the model layer by layer.
 
     ``on_input(layer, suffix, batch, x)`` receives the input of every module of layer
-    ``layer`` whose name (after ``<layers>.<k>.``) is in ``suffixes``.
+    ``layer`` whose name (after ``<layers>.<k>.``) is in ``suffixes``; ``transform(k,
+    layer_module)`` may then change layer k before its outputs go on to layer k+1.
     """
     import torch
 
@@ -124,13 +127,23 @@ def run_blockwise(
         missing = [s for s in suffixes if s not in modules]
         if missing:
             raise InputError(f"{source.label}: layers have no module '{missing[0]}'")
-        state = {"batch": 0, "layer": 0}
+        state = {"batch": 0, "layer": 0, "collect": True}
 
         def hook_for(suffix):
             def hook(_module, args):
-                on_input(state["layer"], suffix, state["batch"], args[0].detach())
+                if state["collect"]:
+                    on_input(state["layer"], suffix, state["batch"], args[0].detach())
 
             return hook
+
+        def run_layer() -> list:
+            outs = []
+            for b, (args, kwargs) in enumerate(captured):
+                state["batch"] = b
+                with torch.no_grad():
+                    out = block(*args, **kwargs)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+            return outs
 
         handles = [modules[s].register_forward_pre_hook(hook_for(s)) for s in suffixes]
         own = block.state_dict()
@@ -142,15 +155,14 @@ def run_blockwise(
                         name = prefix + rest
                         if name in source.infos():
                             tensor.copy_(source.get(name))
-                    if transform is not None:
-                        transform(k, block)
-                state["layer"] = k
-                for b, (args, kwargs) in enumerate(captured):
-                    state["batch"] = b
+                state["layer"], state["collect"] = k, True
+                outs = run_layer()
+                if transform is not None:  # layer k changed: k+1 sees the changed layer's outputs
                     with torch.no_grad():
-                        out = block(*args, **kwargs)
-                    hidden = out[0] if isinstance(out, tuple) else out
-                    captured[b] = ((hidden, *args[1:]), kwargs)
+                        transform(k, block)
+                    state["collect"] = False
+                    outs = run_layer()
+                captured[:] = [((h, *a[1:]), kw) for h, (a, kw) in zip(outs, captured, strict=True)]
         finally:
             for h in handles:
                 h.remove()

@@ -192,7 +192,26 @@ def open_artifact(
         if not path.exists():
             raise InputError(f"{record.label}: the external input is no longer at {path}")
         return _resolve_path(path).source
-    return open_files(record, store.files(record.id), select, raw)
+    return open_files(record, store.files(record.id), select, raw, _parent_opener(store, record))
+
+
+def _parent_opener(store, record):
+    """``open_parent(role, raw)`` for a stored artifact: its parent in that role, opened."""
+
+    def open_parent(role: str, raw: tuple[str, ...] = ()) -> TensorSource:
+        found = next((p for p in record.parents if p["role"] == role), None)
+        if found is None:
+            raise InputError(f"{record.label} has no {role} artifact in the store")
+        try:
+            parent = store.get(found["id"])
+        except RefError:
+            raise InputError(
+                f"{record.label} is decoded with its {role} {found['label']}, which is no "
+                "longer in the store"
+            ) from None
+        return open_artifact(store, parent, raw=raw)
+
+    return open_parent
 
 
 def open_copied_artifact(directory: Path, select: int | None = None) -> TensorSource:
@@ -215,9 +234,15 @@ def open_copied_artifact(directory: Path, select: int | None = None) -> TensorSo
 
 
 def open_files(
-    record, files: dict[str, Path], select: int | None = None, raw: tuple[str, ...] = ()
+    record,
+    files: dict[str, Path],
+    select: int | None = None,
+    raw: tuple[str, ...] = (),
+    open_parent=None,
 ) -> TensorSource:
-    """An artifact's files (its manifest.json aside) as a source, decoded when encoded."""
+    """An artifact's files (its manifest.json aside) as a source, decoded when encoded.
+
+    ``open_parent(role, raw)`` opens the artifact's parents for decoders that need them."""
     from .store.catalog import MANIFEST_FILE
 
     files = {rel: p for rel, p in files.items() if rel != MANIFEST_FILE}
@@ -237,9 +262,11 @@ def open_files(
         manifest,
         shard_names={p: rel for rel, p in files.items()},
     )
+    if open_parent is not None:
+        source.open_parent = open_parent
     if encoding and not as_stored:
-        method = get_registry().methods.get(encoding)
-        if method is None or not method.decodes:
+        method = get_registry().decoder(encoding)
+        if method is None:
             raise RefError(
                 f"{record.label} is encoded by '{encoding}', and no installed plugin decodes it"
             )

@@ -77,6 +77,15 @@ class TensorSource:
         """The SHA-256 of one of this source's files when it was hashed while read, else None."""
         return None
 
+    def open_parent(self, role: str, raw: tuple[str, ...] = ()) -> TensorSource:
+        """The artifact this one was made from in ``role`` (``input``, ``base``...), opened
+        through the store; for decoders of artifacts that store only what changed (a tuned
+        sketch's tables). ``raw`` lists encodings to open as stored."""
+        raise InputError(
+            f"{self.label} is decoded with its {role} artifact, which is not at hand "
+            "(open it in the store that holds both)"
+        )
+
     def identified(self) -> None:
         """The input's digests are known already: reading need not hash it to identify it."""
 
@@ -155,6 +164,9 @@ class DecodedSource(TensorSource):
 
     def file_digest(self, path: Path) -> str | None:
         return self.raw.file_digest(path)
+
+    def open_parent(self, role: str, raw: tuple[str, ...] = ()) -> TensorSource:
+        return self.raw.open_parent(role, raw)
 
     def close(self) -> None:
         self.raw.close()
