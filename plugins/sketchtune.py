@@ -1,0 +1,590 @@
+"""sketchtune: linear weights as b-bit codes into per-(row, group) lookup tables, then
+fine-tune only the tables (Zhang et al. ICML 2025, arXiv 2410.06364).
+
+``compress apply --plugin sketchtune MODEL`` learns the sketch of every linear weight in
+the model's layer list (attention and MLP projections; embeddings, norms, biases and the
+head stay dense in the source dtype). Row i of W is split into G contiguous column groups;
+group (i, g) gets a table of 2^b values and each weight a b-bit code, Ŵij = T[i, g(j),
+cij]. With calibration data the model runs block by block (``compressor.blockwise``):
+each linear's H = 2XᵀX/N from its real inputs, the tables by weighted k-means (weights
+U_jj^-exponent from the Cholesky factor U of H⁻¹, as in the authors' LeanQuant), codes
+assigned column block by column block with GPTQ error feedback, and block k+1 calibrated
+on the outputs of the sketched block k. Without data H = I: plain k-means per group.
+
+``compress train --plugin sketchtune SKETCH`` tunes the tables alone: codes frozen, each
+table entry's gradient the sum of dŴ over the weights that map to it (a gather; no
+kernel), one layer's dense weight rebuilt at a time in forward and again in backward. The
+tuned artifact holds only the tables; its codes and dense rest are read from the sketch.
+
+Stored per linear ``NAME``: ``NAME.sketch`` (fp16, rows × groups × 2^b; float32 in a
+tune) and ``NAME.codes`` (uint8, each row's codes packed most significant bit first:
+for 4 bits two per byte, high nibble first; see ``compressor.quantize``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compressor.errors import InputError, OptionError
+from compressor.hookspecs import hookimpl
+from compressor.method import Manifest, Method, Option, non_negative, positive
+from compressor.safetensors_format import TensorInfo
+from compressor.sources import DecodedSource, TensorSource, copy_tensor
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    import torch
+
+ENCODING = "sketchtune"
+CALIBRATION_BATCH = 8  # calibration rows per forward pass
+
+
+def _bits(v: int) -> str | None:
+    return None if v in (2, 3, 4) else "must be 2, 3 or 4"
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def module_of(weight_name: str) -> str:
+    """The module a linear weight belongs to: ``...q_proj.weight`` → ``...q_proj``."""
+    return weight_name.removesuffix(".weight")
+
+
+class _Plan:
+    """Which tensors of a source are sketched (every 2-D weight in the layer list)."""
+
+    def __init__(self, source: TensorSource, groups: int):
+        from compressor.architectures import FfnModel
+
+        self.layout = FfnModel(source, "sketchtune")
+        self.source = source
+        self.by_layer: dict[int, list[str]] = {}
+        self.layer_of: dict[str, int] = {}
+        for name, info in source.infos().items():
+            m = self.layout.layer_re.match(name)
+            if m is None:
+                continue
+            layer = int(m.group(1))
+            self.layer_of[name] = layer
+            if name.endswith(".weight") and len(info.shape) == 2 and info.is_float:
+                self.by_layer.setdefault(layer, []).append(name)
+        self.linears = [n for layer in sorted(self.by_layer) for n in self.by_layer[layer]]
+        self.linear_set = set(self.linears)
+        if not self.linears:
+            raise InputError(f"{source.label} has no linear weights in its layers to sketch")
+        for name in self.linears:
+            cols = source.info(name).shape[1]
+            if cols % groups:
+                raise OptionError(
+                    f"groups_per_row {groups} does not divide the {cols} columns of "
+                    f"'{module_of(name)}'"
+                )
+
+    def suffixes(self) -> list[str]:
+        """The linear modules of a layer, as named inside it (``self_attn.q_proj``)."""
+        first = self.by_layer[min(self.by_layer)]
+        return [module_of(self.layout.layer_re.match(n).group(2)) for n in first]
+
+    def layer_tensors(self, layer: int) -> list[str]:
+        return [n for n, k in self.layer_of.items() if k == layer]
+
+
+def sketch_weight(weight, hessian, opts: dict):
+    """(tables fp16 out × G × 2^b, codes uint8 out × in, Ŵ float32) of one weight.
+
+    ``hessian`` None is H = I (no calibration): weights unweighted, no error feedback.
+    """
+    import torch
+
+    from compressor.quantize import (
+        assign_codes,
+        inverse_hessian_factor,
+        table_nearest,
+        weighted_kmeans,
+    )
+
+    w = weight.float().clone()
+    out, cols = w.shape
+    groups, k = opts["groups_per_row"], 2 ** opts["bits"]
+    n = cols // groups
+    if hessian is None:
+        u, col_weights = None, torch.ones(cols)
+    else:
+        u, dead = inverse_hessian_factor(hessian, opts["damp"])
+        w[:, dead] = 0
+        log_w = -opts["exponent"] * torch.log(torch.diag(u))
+        col_weights = torch.exp(log_w - log_w.max())
+    points = w.reshape(out * groups, n)
+    weights = col_weights.reshape(1, groups, n).expand(out, groups, n).reshape(out * groups, n)
+    tables = weighted_kmeans(points, weights, k, opts["iters"]).reshape(out, groups, k)
+    tables = tables.half().float()  # codes are chosen against the values that are stored
+    codes, values = assign_codes(w, u, table_nearest(tables, n), opts["block_size"])
+    return tables.half(), codes, values
+
+
+def output_error(weight, approx, hessian) -> float:
+    """Relative output error ‖(W − Ŵ)X‖ / ‖WX‖ on the calibration inputs, from H."""
+    import torch
+
+    w = weight.float()
+    d = w - approx
+    num = torch.einsum("oi,ij,oj->", d, hessian, d)
+    den = torch.einsum("oi,ij,oj->", w, hessian, w)
+    return math.sqrt(max(float(num), 0.0) / max(float(den), 1e-30))
+
+
+class Sketch(Method):
+    """Learn a sketch of every linear weight; every other command reads it decoded.
+
+    Bits per weight: b for the codes plus 16·2^b·G / in for the fp16 tables (4 bits,
+    G 4, 2048 columns: 4.5). Tables dominate small layers: at 96 columns and 16 entries
+    per table each group costs 2.7 bits per weight more, so pick ``groups_per_row`` so
+    that in / G stays at 256 columns or more. ``samples`` rows of ``data`` calibrate
+    (text, truncated to ``max_length`` tokens); calibration runs block by block for the
+    Llama and BERT families (other families: leave out ``data``).
+    """
+
+    name = "sketchtune"
+    kind = "compress"
+    summary = "SketchTune: linear weights as b-bit codes into per-row-group lookup tables"
+    reference = "https://arxiv.org/abs/2410.06364"
+    version = "1"
+    options = (
+        Option(
+            "bits", "int", 4, "bits per code (2, 3 or 4): 2^bits entries per table", check=_bits
+        ),
+        Option("groups_per_row", "int", 4, "tables per row (column groups)", check=positive),
+        Option("data", "str", None, "calibration text (lines or JSONL); none: plain k-means"),
+        Option("samples", "int", 128, "calibration rows used (the first ones)", check=positive),
+        Option(
+            "max_length",
+            "int",
+            512,
+            "tokens per calibration row",
+            check=lambda v: None if v > 1 else "must be at least 2",
+        ),
+        Option("exponent", "float", 4.0, "k-means weights U_jj^-exponent", check=non_negative),
+        Option("damp", "float", 0.01, "λ: H + λ·mean(diag H)·I", check=positive),
+        Option("block_size", "int", 128, "columns per error-feedback block", check=positive),
+        Option("iters", "int", 30, "k-means iterations at most", check=positive),
+    )
+
+    def run(self, job):
+        opts = job.options
+        source = job.inputs[0]
+        if source.content != "model":
+            raise InputError(f"{source.label} holds a {source.content}; sketchtune needs a model")
+        plan = _Plan(source, opts["groups_per_row"])
+        state = _Written(plan, opts)
+        for name in source.names():
+            if name not in plan.layer_of:
+                copy_tensor(job.writer, source, name)
+        if opts["data"]:
+            calibration = _calibrate(job, plan, state)
+        else:
+            calibration = None
+            for layer in job.progress(sorted(plan.by_layer), desc="sketch", unit="layer"):
+                for name in plan.by_layer[layer]:
+                    state.sketch(job.writer, name, source.get(name), None)
+                state.dense_rest(job.writer, layer)
+        return state.manifest(calibration)
+
+    def decode(self, source: TensorSource) -> TensorSource:
+        return DecodedSketch(source)
+
+
+class _Written:
+    """What has been written so far, and the numbers the manifest reports."""
+
+    def __init__(self, plan: _Plan, opts: dict):
+        self.plan, self.opts = plan, opts
+        self.layers: dict[str, dict] = {}
+        self.errors: dict[str, float] = {}
+        self.code_bits = self.table_bits = self.weights = 0
+
+    def sketch(self, writer, name: str, weight, hessian) -> torch.Tensor:
+        """Sketch one weight, write its tables and codes; return Ŵ in the source dtype."""
+        from compressor.quantize import pack_codes
+
+        tables, codes, values = sketch_weight(weight, hessian, self.opts)
+        module = module_of(name)
+        writer.write(f"{module}.sketch", tables)
+        writer.write(f"{module}.codes", pack_codes(codes, self.opts["bits"]))
+        self.layers[name] = {"shape": list(weight.shape), "dtype": str(weight.dtype)[6:]}
+        if hessian is not None:
+            self.errors[name] = output_error(weight, values, hessian)
+        self.weights += weight.numel()
+        self.code_bits += weight.numel() * self.opts["bits"]
+        self.table_bits += tables.numel() * 16
+        return values.to(weight.dtype)
+
+    def dense_rest(self, writer, layer: int) -> None:
+        for name in self.plan.layer_tensors(layer):
+            if name not in self.layers:
+                copy_tensor(writer, self.plan.source, name)
+
+    def manifest(self, calibration: dict | None) -> Manifest:
+        source = self.plan.source
+        source_bytes = sum(i.nbytes for i in source.infos().values())
+        sketched = sum(source.info(n).nbytes for n in self.layers)
+        stored = source_bytes - sketched + (self.code_bits + self.table_bits) // 8
+        bpw = (self.code_bits + self.table_bits) / self.weights
+        metrics = {
+            "bits_per_weight": bpw,
+            "bytes": stored,
+            "ratio": source_bytes / stored,
+            "sketched_weights": self.weights,
+            "sketched_tensors": len(self.layers),
+            "calibrated": calibration is not None,
+        }
+        if self.errors:
+            worst = max(self.errors, key=self.errors.get)
+            metrics["mean_output_error"] = sum(self.errors.values()) / len(self.errors)
+            metrics["worst_output_error"] = self.errors[worst]
+            metrics["worst_tensor"] = worst
+        how = (
+            f"calibrated on {calibration['samples']} rows ({calibration['tokens']} tokens)"
+            if calibration
+            else "no calibration data: plain k-means per group (H = I)"
+        )
+        extra = {
+            "encoding": ENCODING,
+            "bits": self.opts["bits"],
+            "groups_per_row": self.opts["groups_per_row"],
+            "exponent": self.opts["exponent"],
+            "damp": self.opts["damp"],
+            "block_size": self.opts["block_size"],
+            "calibration": calibration,
+            "order": source.names(),
+            "layers": self.layers,
+            "output_errors": self.errors,
+            "summary": [
+                f"{len(self.layers)} linear weights sketched at {self.opts['bits']} bits, "
+                f"{self.opts['groups_per_row']} tables per row: {bpw:.2f} bits per weight; {how}"
+            ],
+        }
+        return Manifest("model", metrics=metrics, extra=extra)
+
+
+def _calibrate(job, plan: _Plan, state: _Written) -> dict:
+    """Block by block: Hessians of each layer's linears, sketch them, and run the sketched
+    layer to make the next layer's inputs (true-sequential)."""
+
+    from compressor.blockwise import run_blockwise, supports
+    from compressor.data import batches, read_examples
+    from compressor.modeling import model_inputs, source_tokenizer
+
+    opts, source, layout = job.options, plan.source, plan.layout
+    if not supports(layout):
+        raise InputError(
+            f"sketchtune calibrates block by block, which the '{layout.model_type}' "
+            "architecture does not support yet; leave out -o data for plain k-means"
+        )
+    rows = read_examples(opts["data"])[: opts["samples"]]
+    if any(e.text is None for e in rows):
+        raise InputError(f"{opts['data']}: calibration needs text rows")
+    tokenizer = source_tokenizer(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    inputs = [
+        model_inputs(b, tokenizer, opts["data"], opts["max_length"])
+        for b in batches(rows, CALIBRATION_BATCH)
+    ]
+    masks = [x["attention_mask"].bool() for x in inputs]
+    tokens = int(sum(m.sum() for m in masks))
+    suffixes = plan.suffixes()
+    acc = _Hessians(masks)
+    prefix = f"{layout.prefix}{layout.layout.layers}."
+
+    def transform(layer: int, block) -> None:
+        modules = dict(block.named_modules())
+        for suffix in suffixes:
+            name = f"{prefix}{layer}.{suffix}.weight"
+            if name not in plan.linear_set:
+                continue
+            weight = source.get(name)
+            approx = state.sketch(job.writer, name, weight, acc.hessian(suffix))
+            modules[suffix].weight.copy_(approx)
+        state.dense_rest(job.writer, layer)
+        acc.clear()
+
+    run_blockwise(
+        layout,
+        inputs,
+        acc.add,
+        tuple(suffixes),
+        transform=transform,
+        progress=job.progress,
+    )
+    digest = hashlib.sha256(Path(opts["data"]).read_bytes()).hexdigest()
+    return {"data": str(opts["data"]), "digest": digest, "samples": len(rows), "tokens": tokens}
+
+
+class _Hessians:
+    """Σ XᵀX per linear of the current layer over the unpadded tokens; linears that read
+    the same tensor (q, k, v; gate, up) share one sum."""
+
+    def __init__(self, masks):
+        self.masks = masks
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._batch = None
+
+    def add(self, _layer: int, suffix: str, batch: int, x) -> None:
+        if batch != self._batch:  # tensors of the last batch are released only now,
+            self._seen, self._batch = {}, batch  # so an address is never reused within one
+        key = (x.data_ptr(), tuple(x.shape))
+        if key in self._seen:
+            self.alias[suffix] = self._seen[key][0]
+            return
+        self._seen[key] = (suffix, x)
+        rows = x[self.masks[batch]].float() if x.dim() == 3 else x.float()
+        xtx = rows.T @ rows
+        if suffix in self.sums:
+            self.sums[suffix] += xtx
+            self.count[suffix] += rows.shape[0]
+        else:
+            self.sums[suffix], self.count[suffix] = xtx, rows.shape[0]
+
+    def hessian(self, suffix: str):
+        owner = self.alias.get(suffix, suffix)
+        return 2 * self.sums[owner] / max(self.count[owner], 1)
+
+    def clear(self) -> None:
+        self.sums, self.count, self._seen, self._batch = {}, {}, {}, None
+
+
+class SketchTrain(Method):
+    """Fine-tune a sketch's tables on data; codes, dense tensors and head stay frozen.
+
+    Trainable parameters: Σ rows × G × 2^b over the sketched linears (about LoRA at rank
+    8·G on the same projections at 4 bits). AdamW without weight decay (the tables are
+    weights, not a correction), clipping 1.0; ``objective`` ce needs the classification
+    head the model was saved with, lm a causal LM. The result holds only the tables; its
+    parent is the sketch, whose codes it decodes with.
+    """
+
+    name = "sketchtune"
+    kind = "train"
+    summary = "SketchTune: fine-tune only a sketch's lookup tables (codes frozen)"
+    reference = "https://arxiv.org/abs/2410.06364"
+    version = "1"
+    reads_raw = (ENCODING,)
+    example_options = {"data": "train.jsonl"}
+    options = (
+        Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
+        Option(
+            "objective",
+            "choice",
+            "auto",
+            "ce on labelled rows, lm on text (auto: ce when rows have labels)",
+            choices=("auto", "ce", "lm"),
+        ),
+        Option("steps", "int", 100, "optimizer steps", check=positive),
+        Option("lr", "float", 1e-4, "AdamW learning rate of the tables", check=positive),
+        Option("batch_size", "int", 16, "rows per step", check=positive),
+        Option("max_length", "int", 128, "tokens per text", check=positive),
+        Option("seed", "int", 0, "seed of the row order and dropout"),
+    )
+
+    def run(self, job):
+        import torch
+
+        from compressor.data import read_examples
+        from compressor.modeling import source_model
+        from compressor.tasks import Task, check_head, objective_for
+        from compressor.training import Trainer, show_loss
+
+        opts, raw = job.options, job.inputs[0]
+        if not opts["data"]:
+            raise OptionError("sketchtune training needs -o data PATH")
+        if raw.manifest.get("encoding") != ENCODING:
+            raise InputError(
+                f"{raw.label} is not a sketch; make one with `compress apply --plugin sketchtune`"
+            )
+        sketch = DecodedSketch(raw)
+        rows = read_examples(opts["data"])
+        objective = objective_for(rows, opts["objective"])
+        torch.manual_seed(opts["seed"])
+        gen = torch.Generator().manual_seed(opts["seed"])
+        losses: list[float] = []
+        with source_model(sketch, "saved") as (net, tokenizer):
+            check_head(net, objective, raw.label)
+            task = Task(objective, net.config, tokenizer, opts["max_length"])
+            split = task.split(rows, opts["data"], opts["batch_size"])
+            tables = swap_in_sketches(net, sketch)
+            trainer = Trainer(list(tables.values()), lr=opts["lr"], weight_decay=0.0, clip=1.0)
+            net.train()
+            order: list[int] = []
+            bar = job.progress(range(opts["steps"]), desc="sketchtune", unit="step")
+            for _ in bar:
+                if len(order) < opts["batch_size"]:
+                    order += torch.randperm(len(rows), generator=gen).tolist()
+                pick, order = order[: opts["batch_size"]], order[opts["batch_size"] :]
+                x, y = task.batch(split, pick)
+
+                def piece(x=x, y=y):
+                    total, n = task.loss(net(**x).logits, x, y)
+                    return total / max(n, 1), 1
+
+                loss, _ = trainer.step([piece])
+                losses.append(loss)
+                show_loss(bar, loss=loss)
+        for name, table in tables.items():
+            job.writer.write(f"{module_of(name)}.sketch", table.detach().float())
+        window = max(1, len(losses) // 10)
+        trainable = sum(t.numel() for t in tables.values())
+        return Manifest(
+            "model",
+            metrics={
+                "steps": opts["steps"],
+                "trainable_parameters": trainable,
+                "loss_first": sum(losses[:window]) / window,
+                "loss_last": sum(losses[-window:]) / window,
+            },
+            extra={
+                "encoding": ENCODING,
+                "tuned": True,
+                "objective": objective,
+                "summary": [
+                    f"{trainable} table entries tuned over {opts['steps']} steps ({objective}); "
+                    "codes and every other tensor are the sketch's"
+                ],
+            },
+        )
+
+
+def _sketched_linear_class():
+    """The table-gather linear module (built on first use: start-up imports no torch)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from compressor.quantize import decode_tables
+
+    class SketchedLinear(torch.nn.Module):
+        """y = x Ŵᵀ + b with Ŵ gathered from trainable tables by frozen codes; Ŵ is
+        rebuilt in forward and again in backward, never kept."""
+
+        def __init__(self, tables, codes, bias, transposed: bool):
+            super().__init__()
+            self.tables = tables
+            self.register_buffer("codes", codes, persistent=False)
+            self.bias = bias
+            self.transposed = transposed  # GPT-2's Conv1D stores (in, out)
+
+        def _run(self, x, tables):
+            w = decode_tables(tables, self.codes).to(x.dtype)
+            if self.transposed:
+                out = x @ w
+                return out + self.bias if self.bias is not None else out
+            return torch.nn.functional.linear(x, w, self.bias)
+
+        def forward(self, x):
+            return checkpoint(self._run, x, self.tables, use_reentrant=False)
+
+    return SketchedLinear
+
+
+def swap_in_sketches(net, sketch: DecodedSketch) -> dict:
+    """Replace each sketched linear of ``net`` by a table-gather module; freeze the rest.
+    Returns the trainable tables by weight name."""
+    import torch
+
+    cls = _sketched_linear_class()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    modules = dict(net.named_modules())
+    tables = {}
+    for name in sketch.layers:
+        path = module_of(name)
+        old = modules.get(path)
+        if old is None:
+            raise InputError(f"{sketch.label}: the model has no module '{path}'")
+        parent_path, _, attr = path.rpartition(".")
+        table = torch.nn.Parameter(sketch.tables(name))
+        bias = getattr(old, "bias", None)
+        if bias is not None:
+            bias.requires_grad_(False)
+        new = cls(table, sketch.codes(name), bias, type(old).__name__ == "Conv1D")
+        setattr(modules[parent_path] if parent_path else net, attr, new)
+        tables[name] = table
+    return tables
+
+
+class DecodedSketch(DecodedSource):
+    """A sketch (or a tune of one) read back as the dense model, one weight at a time.
+
+    A tune stores only its tables; codes and the dense rest come from the sketch it was
+    tuned from (its ``input`` parent, followed through tunes of tunes).
+    """
+
+    content = "model"
+
+    def __init__(self, raw: TensorSource):
+        super().__init__(raw)
+        self.root = _sketch_of(raw)  # the artifact holding codes and dense tensors
+        self.layers = self.root.manifest["layers"]
+        self.bits = self.root.manifest["bits"]
+        for name in self.root.manifest["order"]:
+            if name in self.layers:
+                meta = self.layers[name]
+                shape, dtype = tuple(meta["shape"]), _dtype(meta["dtype"])
+                size = math.prod(shape) * dtype.itemsize
+                self._infos[name] = TensorInfo(name, shape, dtype, 0, size)
+            else:
+                self._infos[name] = self.root.info(name)
+
+    def encoded(self, name: str) -> bool:
+        return name in self.layers
+
+    def get(self, name: str, rows: slice | None = None):
+        if not self.encoded(name):
+            return self.root.get(name, rows)
+        return super().get(name, rows)
+
+    def tables(self, name: str):
+        return self.raw.get(f"{module_of(name)}.sketch").float()
+
+    def codes(self, name: str):
+        from compressor.quantize import unpack_codes
+
+        cols = self.layers[name]["shape"][1]
+        return unpack_codes(self.root.get(f"{module_of(name)}.codes"), self.bits, cols)
+
+    def _decode(self, name: str):
+        from compressor.quantize import decode_tables
+
+        out = decode_tables(self.tables(name), self.codes(name))
+        return out.to(self._infos[name].dtype)
+
+    def verify(self) -> None:
+        self.raw.verify()
+        if self.root is not self.raw:
+            self.root.verify()
+
+    def close(self) -> None:
+        self.raw.close()
+        if self.root is not self.raw:
+            self.root.close()
+
+
+def _sketch_of(raw: TensorSource) -> TensorSource:
+    """The sketch a raw artifact's codes live in: itself, or its tune's input, recursively."""
+    source = raw
+    while source.manifest.get("tuned"):
+        source = source.open_parent("input", raw=(ENCODING,))
+    return source
+
+
+@hookimpl
+def register_methods(register):
+    register(Sketch())
+    register(SketchTrain())
