@@ -1,0 +1,281 @@
+"""SketchTune: code packing, the sketch against independent calculations, tuning only the
+tables, decoding a tune through its sketch, and every refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import artifact_tensors, assert_refused, dir_tensors
+
+from compressor.plugins.sketchtune import sketch_weight, swap_in_sketches
+from compressor.quantize import (
+    assign_codes,
+    decode_tables,
+    inverse_hessian_factor,
+    pack_codes,
+    uniform_nearest,
+    unpack_codes,
+    weighted_kmeans,
+)
+
+OPTS = {"bits": 4, "groups_per_row": 1, "exponent": 4.0, "damp": 0.01, "block_size": 16}
+OPTS["iters"] = 30
+
+
+def _raw(ref: str) -> dict[str, torch.Tensor]:
+    from compressor.refs import resolve
+    from compressor.store import open_store
+
+    store = open_store()
+    try:
+        with resolve(store, ref, raw=("sketchtune",)).source as src:
+            return {n: src.get(n) for n in src.names()}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_round_trip(bits):
+    gen = torch.Generator().manual_seed(bits)
+    for cols in (1, 7, 8, 13, 64):
+        codes = torch.randint(2**bits, (5, cols), generator=gen, dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.shape == (5, -(-cols * bits // 8))
+        assert torch.equal(unpack_codes(packed, bits, cols), codes)
+
+
+def test_packing_layout_is_most_significant_bit_first():
+    four = torch.tensor([[0xA, 0x3, 0xF]], dtype=torch.uint8)
+    assert pack_codes(four, 4).tolist() == [[0xA3, 0xF0]]  # high nibble first
+    two = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)
+    assert pack_codes(two, 2).tolist() == [[0b01101100, 0b11000000]]
+    three = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
+    bits = "".join(f"{c:03b}" for c in three[0].tolist())
+    assert pack_codes(three, 3).tolist() == [[int(bits[i : i + 8], 2) for i in (0, 8, 16)]]
+
+
+def test_plain_codes_are_the_nearest_table_entries():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for hessian in (None, torch.eye(64)):  # H = I: U is diagonal, so no error moves
+        tables, codes, values = sketch_weight(w, hessian, OPTS)
+        t = tables.float()[:, 0, :]  # one group per row
+        nearest = (w[:, :, None] - t[:, None, :]).abs().argmin(-1)
+        assert torch.equal(codes.long(), nearest)
+        assert torch.equal(values, t.gather(1, nearest))
+
+
+def test_kmeans_centroids_are_weighted_means_of_their_points():
+    gen = torch.Generator().manual_seed(1)
+    points, weights = torch.randn(6, 50, generator=gen), torch.rand(6, 50, generator=gen) + 0.1
+    cents = weighted_kmeans(points, weights, 4, iters=200)
+    assert torch.all(cents[:, 1:] >= cents[:, :-1])
+    near = (points[:, :, None] - cents[:, None, :]).abs().argmin(-1)
+    for r in range(6):
+        for k in range(4):
+            sel = near[r] == k
+            if sel.any():
+                mean = (points[r, sel] * weights[r, sel]).sum() / weights[r, sel].sum()
+                assert float(cents[r, k]) == pytest.approx(float(mean), abs=1e-5)
+
+
+def test_table_gradient_is_a_scatter_add_and_matches_finite_differences():
+    gen = torch.Generator().manual_seed(2)
+    tables = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    codes = torch.randint(4, (3, 8), generator=gen, dtype=torch.uint8)
+    upstream = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    (decode_tables(tables, codes) * upstream).sum().backward()
+    expected = torch.zeros(3, 2, 4, dtype=torch.float64)
+    for i in range(3):
+        for j in range(8):
+            expected[i, j // 4, int(codes[i, j])] += upstream[i, j]
+    assert torch.allclose(tables.grad, expected)
+
+    # through the module that training swaps in (checkpointed: Ŵ rebuilt in backward)
+    linear = torch.nn.Linear(8, 3, bias=True).double()
+    net = torch.nn.Sequential(linear)
+
+    class Sketch:
+        label = "test"
+        layers = {"0.weight": {"shape": [3, 8]}}
+
+        def tables(self, name):
+            return tables.detach().clone()
+
+        def codes(self, name):
+            return codes
+
+    params = swap_in_sketches(net, Sketch())
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+
+    def loss():
+        return torch.tanh(net(x)).pow(2).sum()
+
+    loss().backward()
+    t = params["0.weight"]
+    eps = 1e-6
+    for index in [(0, 0, 1), (2, 1, 3), (1, 0, 0)]:
+        with torch.no_grad():
+            t[index] += eps
+            up = float(loss())
+            t[index] -= 2 * eps
+            down = float(loss())
+            t[index] += eps
+        assert float(t.grad[index]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+    assert not linear.bias.requires_grad and linear.bias.grad is None
+
+
+def _gptq_reference(w, h, bits, group):
+    """GPTQ written out column by column (no blocks), on the same static min/max grid."""
+    u, _ = inverse_hessian_factor(h, 0.01)
+    nearest = uniform_nearest(w, bits, group)
+    w = w.clone()
+    q = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        _, q[:, j : j + 1] = nearest(j, j + 1, w[:, j : j + 1])
+        err = (w[:, j] - q[:, j]) / u[j, j]
+        w[:, j + 1 :] -= err[:, None] * u[j, j + 1 :][None, :]
+    return q
+
+
+def test_error_feedback_in_blocks_equals_gptq_column_by_column_and_helps():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 48, generator=gen) @ torch.randn(48, 48, generator=gen)  # correlated
+    h = 2 * x.T @ x / 400
+    w = torch.randn(16, 48, generator=gen)
+    u, _ = inverse_hessian_factor(h, 0.01)
+    _, blocked = assign_codes(w, u, uniform_nearest(w, 3, 16), block=16)
+    assert torch.allclose(blocked, _gptq_reference(w, h, 3, 16), atol=1e-4)
+
+    def out_err(q):
+        d = w - q
+        return float(torch.einsum("oi,ij,oj->", d, h, d))
+
+    _, rtn = assign_codes(w, None, uniform_nearest(w, 3, 16))
+    assert out_err(blocked) < out_err(rtn)
+    plain = sketch_weight(w, None, {**OPTS, "bits": 2})[2]
+    aware = sketch_weight(w, h, {**OPTS, "bits": 2})[2]
+    assert out_err(aware) < out_err(plain)
+
+
+def test_sketch_export_loads_in_transformers_and_equals_the_decoded_tensors(run, models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = models["base-fp32"]
+    r = run("apply", "-p", "sketchtune", base, "-o", "groups_per_row", "2", "-n", "sk")
+    assert r.exit_code == 0, r.output
+    raw = _raw("sk")
+    q = "model.layers.1.self_attn.q_proj"
+    assert raw[f"{q}.sketch"].dtype == torch.float16
+    assert tuple(raw[f"{q}.sketch"].shape) == (64, 2, 16)
+    assert raw[f"{q}.codes"].dtype == torch.uint8 and tuple(raw[f"{q}.codes"].shape) == (64, 32)
+    assert "model.embed_tokens.weight" in raw and "lm_head.weight" in raw  # dense
+    assert f"{q}.weight" not in raw
+    decoded = artifact_tensors("sk")
+    by_hand = decode_tables(raw[f"{q}.sketch"].float(), unpack_codes(raw[f"{q}.codes"], 4, 64))
+    assert torch.equal(decoded[f"{q}.weight"], by_hand)
+    source = dir_tensors(base)
+    assert set(decoded) == set(source)
+    assert torch.equal(decoded["model.norm.weight"], source["model.norm.weight"])
+    rel = (decoded[f"{q}.weight"] - source[f"{q}.weight"]).norm() / source[f"{q}.weight"].norm()
+    assert 0 < float(rel) < 0.2
+
+    show = json.loads(run("store", "show", "sk", "--json").output)
+    m = show["metrics"]
+    assert m["calibrated"] is False and m["sketched_tensors"] == 14
+    shapes = [source[n].shape for n in show["manifest"]["layers"]]
+    bits = sum(o * i * 4 + o * 2 * 16 * 16 for o, i in shapes)  # codes + fp16 tables
+    assert m["bits_per_weight"] == pytest.approx(bits / sum(o * i for o, i in shapes))
+
+    assert run("export", "sk", tmp_path / "out").exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    reference = AutoModelForCausalLM.from_pretrained(base).eval()
+    reference.load_state_dict(decoded)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+def test_calibrated_sketch_records_its_data(run, models, tmp_path):
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(f"beautiful is better than ugly {i} times" for i in range(20)))
+    base = models["base-fp32"]
+    r = run("apply", "-p", "sketchtune", base, "-o", "data", data, "-o", "bits", "3", "-n", "c")
+    assert r.exit_code == 0, r.output
+    show = json.loads(run("store", "show", "c", "--json").output)
+    cal = show["manifest"]["calibration"]
+    assert cal["samples"] == 20 and cal["tokens"] > 20 and len(cal["digest"]) == 64
+    assert show["metrics"]["calibrated"] is True
+    errors = show["manifest"]["output_errors"]
+    assert len(errors) == 14 and all(0 < e < 0.5 for e in errors.values())
+
+
+def test_tune_stores_only_tables_and_decodes_through_its_sketch(run, models, tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(f"now is better than never {i}" for i in range(16)))
+    base = models["base-fp32"]
+    assert run("apply", "-p", "sketchtune", base, "-o", "bits", "2", "-n", "sk").exit_code == 0
+    args = ("-o", "data", data, "-o", "steps", "3", "-o", "lr", "0.01", "-o", "batch_size", "4")
+    r = run("train", "-p", "sketchtune", "sk", *args, "-n", "tune")
+    assert r.exit_code == 0, r.output
+    tuned, sketch = _raw("tune"), _raw("sk")
+    assert all(n.endswith(".sketch") for n in tuned) and len(tuned) == 14
+    decoded = artifact_tensors("tune")
+    q = "model.layers.0.mlp.down_proj"
+    want = decode_tables(tuned[f"{q}.sketch"], unpack_codes(sketch[f"{q}.codes"], 2, 128))
+    assert torch.equal(decoded[f"{q}.weight"], want)
+    assert not torch.equal(tuned[f"{q}.sketch"], sketch[f"{q}.sketch"].float())  # it learned
+    assert torch.equal(decoded["lm_head.weight"], dir_tensors(base)["lm_head.weight"])
+    show = json.loads(run("store", "show", "tune", "--json").output)
+    assert show["parents"][0]["label"] == "sk@1"
+    assert show["metrics"]["trainable_parameters"] == sum(t.numel() for t in tuned.values())
+    assert run("export", "tune", tmp_path / "out").exit_code == 0
+    assert torch.equal(dir_tensors(tmp_path / "out")[f"{q}.weight"], want)
+    # a tune of a tune still finds the codes two parents up
+    assert run("train", "-p", "sketchtune", "tune", *args, "-n", "tune2").exit_code == 0
+    assert artifact_tensors("tune2")[f"{q}.weight"].shape == (64, 128)
+    # removing the sketch would strand its tunes: refused
+    r = run("store", "rm", "sk")
+    assert r.exit_code != 0
+
+
+def test_bad_inputs(run, models, private_store, tmp_path):
+    base = models["base-fp32"]
+    assert_refused(
+        run,
+        private_store,
+        ["apply", "-p", "sketchtune", base, "-o", "bits", "5"],
+        "option 'bits' must be 2, 3 or 4; got '5'",
+        code=2,
+    )
+    assert_refused(
+        run,
+        private_store,
+        ["apply", "-p", "sketchtune", base, "-o", "groups_per_row", "3"],
+        "groups_per_row 3 does not divide the 128 columns of 'model.layers.0.mlp.down_proj'",
+        code=2,
+    )
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert_refused(
+        run,
+        private_store,
+        ["apply", "-p", "sketchtune", base, "-o", "data", empty],
+        f"{empty} holds no examples",
+    )
+    data = tmp_path / "train.txt"
+    data.write_text("one line\n")
+    assert_refused(
+        run,
+        private_store,
+        ["train", "-p", "sketchtune", base, "-o", "data", data],
+        f"{base} is not a sketch; make one with `compress apply --plugin sketchtune`",
+    )
+    assert_refused(
+        run,
+        private_store,
+        ["train", "-p", "sketchtune", base],
+        "sketchtune training needs -o data PATH",
+        code=2,
+    )
