@@ -80,11 +80,17 @@ def run_method(
                 stack.callback(r.source.close)
         if resolved_base is not None:
             check_model(resolved_base, "a base")
+        space = _merge_space(resolved_base, resolved) if kind == "merge" else None
+        job_base, job_inputs, space_extra = space or (
+            resolved_base.source if resolved_base else None,
+            [r.source for r in resolved],
+            {},
+        )
         with st.tmp_dir() as tmp:
             writer = ArtifactWriter(tmp / "out", max_shard_size=max_shard_size)
             job = Job(
-                base=resolved_base.source if resolved_base else None,
-                inputs=[r.source for r in resolved],
+                base=job_base,
+                inputs=job_inputs,
                 options=values,
                 writer=writer,
                 progress=make_progress(quiet),
@@ -110,10 +116,20 @@ def run_method(
                 method_version=method.version,
                 params=values,
                 metrics=manifest.metrics,
-                manifest=manifest.extra,
+                manifest={**manifest.extra, **space_extra},
                 parents=parents,
                 externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
             )
+
+
+def _merge_space(base, experts):
+    """(base, experts, manifest extra) in the space the base's encoding merges in (a sketch's
+    tables), when its method offers one and the experts share it; else None."""
+    encoding = base.source.manifest.get("encoding") if base is not None else None
+    method = get_registry().decoder(encoding) if encoding else None
+    if method is None:
+        return None
+    return method.merge_space(base.source, [e.source for e in experts])
 
 
 def check_model(resolved, role: str) -> None:

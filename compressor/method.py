@@ -188,6 +188,17 @@ class Method:
         """
         raise NotImplementedError(f"method '{self.name}' writes no encoded artifacts")
 
+    def merge_space(self, base, experts: list):
+        """Where merges of this method's artifacts run, when not on the decoded weights.
+
+        For an encoding whose decoded weights are linear in a few stored tensors once the
+        rest is fixed (a sketch's tables, its codes shared by every tune): given the decoded
+        ``base`` and ``experts``, return ``(base, experts, extra)`` as sources of just those
+        tensors plus the manifest extra that makes the merged artifact decode (with the
+        base as its parent ``base``); None when the inputs do not share the rest.
+        """
+        return None
+
     @property
     def decodes(self) -> bool:
         """Whether this method decodes the artifacts it encodes."""

@@ -77,6 +77,11 @@ class TensorSource:
         """The SHA-256 of one of this source's files when it was hashed while read, else None."""
         return None
 
+    def tensor_file(self, name: str) -> Path | None:
+        """The file a tensor is read from, when it is stored as it is (else None): two
+        sources that read a tensor from one store blob share its exact bytes."""
+        return None
+
     def open_parent(self, role: str, raw: tuple[str, ...] = ()) -> TensorSource:
         """The artifact this one was made from in ``role`` (``input``, ``base``...), opened
         through the store; for decoders of artifacts that store only what changed (a tuned
@@ -250,6 +255,9 @@ class SafetensorsShards(TensorSource):
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
+
+    def tensor_file(self, name: str) -> Path | None:
+        return self._where.get(name)
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
         info = self._infos.get(name)

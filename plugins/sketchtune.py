@@ -198,6 +198,58 @@ class Sketch(Method):
     def decode(self, source: TensorSource) -> TensorSource:
         return DecodedSketch(source)
 
+    def merge_space(self, base, experts):
+        """Tunes of the base sketch merge on their tables: they share its codes, and Ŵ is
+        linear in the tables, so task arithmetic there is task arithmetic on the decoded
+        weights (TIES' sign election and disjoint mean too; its trimming counts table
+        entries, not weights) while reading ~1% of the parameters."""
+        if not isinstance(base, DecodedSketch) or base.root is not base.raw:
+            return None
+        codes = f"{module_of(next(iter(base.layers)))}.codes"
+        home = base.raw.tensor_file(codes)
+        for e in experts:
+            if not isinstance(e, DecodedSketch) or e.root.tensor_file(codes) != home:
+                return None
+        extra = {
+            "encoding": ENCODING,
+            "tuned": True,
+            "codes_from": "base",
+            "summary": [
+                f"merged on the tables: {sum(_Tables(base).numels())} entries per expert, "
+                "the codes and every other tensor the base sketch's"
+            ],
+        }
+        return _Tables(base), [_Tables(e) for e in experts], extra
+
+
+class _Tables(TensorSource):
+    """A sketch's (or tune's) tables alone, float32, named ``NAME.sketch``: what merges
+    of tunes read and write."""
+
+    content = "model"
+
+    def __init__(self, sketch: DecodedSketch):
+        import torch
+
+        self.sketch = sketch
+        self.label = sketch.label
+        self.files = sketch.raw.files
+        self.manifest = {}
+        self._infos = {}
+        for name in sketch.layers:
+            stored = f"{module_of(name)}.sketch"
+            shape = tuple(sketch.raw.info(stored).shape)
+            self._infos[stored] = TensorInfo(stored, shape, torch.float32, 0, 4 * math.prod(shape))
+
+    def infos(self):
+        return self._infos
+
+    def numels(self):
+        return [math.prod(i.shape) for i in self._infos.values()]
+
+    def get(self, name: str, rows: slice | None = None):
+        return self.sketch.raw.get(name, rows).float()
+
 
 class _Written:
     """What has been written so far, and the numbers the manifest reports."""
@@ -577,10 +629,11 @@ class DecodedSketch(DecodedSource):
 
 
 def _sketch_of(raw: TensorSource) -> TensorSource:
-    """The sketch a raw artifact's codes live in: itself, or its tune's input, recursively."""
+    """The sketch a raw artifact's codes live in: itself, or the parent a tune (``input``)
+    or a merge of tunes (``base``) was made from, recursively."""
     source = raw
     while source.manifest.get("tuned"):
-        source = source.open_parent("input", raw=(ENCODING,))
+        source = source.open_parent(source.manifest.get("codes_from", "input"), raw=(ENCODING,))
     return source
 
 

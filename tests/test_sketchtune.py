@@ -279,3 +279,51 @@ def test_bad_inputs(run, models, private_store, tmp_path):
         "sketchtune training needs -o data PATH",
         code=2,
     )
+
+
+@pytest.fixture
+def two_tunes(run, models, tmp_path):
+    """A 2-bit sketch of the tiny Llama and two tunes of it on different text."""
+    base = models["base-fp32"]
+    assert run("apply", "-p", "sketchtune", base, "-o", "bits", "2", "-n", "sk").exit_code == 0
+    for i, words in enumerate(["errors should never pass silently", "flat is better than nested"]):
+        data = tmp_path / f"t{i}.txt"
+        data.write_text("\n".join(f"{words} {j}" for j in range(12)))
+        args = ("-o", "data", data, "-o", "steps", "3", "-o", "lr", "0.02", "-o", "seed", str(i))
+        assert run("train", "-p", "sketchtune", "sk", *args, "-n", f"tune{i}").exit_code == 0
+    for ref in ("sk", "tune0", "tune1"):
+        assert run("export", ref, tmp_path / ref).exit_code == 0
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("task-arithmetic", ["-o", "weights", "0.7,0.4", "-o", "scale", "0.9"]),
+        ("ties", ["-o", "density", "1.0"]),  # election and disjoint mean; trimming counts entries
+    ],
+)
+def test_merging_tunes_on_tables_equals_merging_decoded_weights(run, two_tunes, method, options):
+    d = two_tunes
+    r = run("merge", "-p", method, "--base", "sk", "tune0", "tune1", *options, "-n", "tables")
+    assert r.exit_code == 0, r.output
+    stored = _raw("tables")
+    assert all(n.endswith(".sketch") for n in stored) and len(stored) == 14  # only tables
+    dense = [d / "tune0", d / "tune1"]
+    r = run("merge", "-p", method, "--base", d / "sk", *dense, *options, "-n", "weights")
+    assert r.exit_code == 0, r.output
+    got, want = artifact_tensors("tables"), artifact_tensors("weights")
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+    show = json.loads(run("store", "show", "tables", "--json").output)
+    assert [p["role"] for p in show["parents"]] == ["base", "expert", "expert"]
+
+
+def test_merging_a_model_that_is_no_tune_of_the_sketch_uses_decoded_weights(run, two_tunes, models):
+    r = run(
+        "merge", "-p", "task-arithmetic", "--base", "sk", "tune0", models["ft1-fp32"], "-n", "m"
+    )
+    assert r.exit_code == 0, r.output
+    raw = _raw("m")
+    assert "model.layers.0.mlp.down_proj.weight" in raw  # dense: the expert's codes differ
