@@ -173,6 +173,13 @@ class Sketch(Method):
         Option("damp", "float", 0.01, "λ: H + λ·mean(diag H)·I", check=positive),
         Option("block_size", "int", 128, "columns per error-feedback block", check=positive),
         Option("iters", "int", 30, "k-means iterations at most", check=positive),
+        Option(
+            "import",
+            "str",
+            None,
+            "a released SketchTune/LeanQuant file (module → (tables, codes)) to take the "
+            "sketch from instead of learning it; read with torch.load(weights_only=True)",
+        ),
     )
 
     def run(self, job):
@@ -185,7 +192,12 @@ class Sketch(Method):
         for name in source.names():
             if name not in plan.layer_of:
                 copy_tensor(job.writer, source, name)
-        if opts["data"]:
+        if opts["import"]:
+            if opts["data"]:
+                raise OptionError("give -o import FILE or -o data CALIB, not both")
+            calibration = None
+            _import_released(job, plan, state, opts["import"])
+        elif opts["data"]:
             calibration = _calibrate(job, plan, state)
         else:
             calibration = None
@@ -262,19 +274,24 @@ class _Written:
 
     def sketch(self, writer, name: str, weight, hessian) -> torch.Tensor:
         """Sketch one weight, write its tables and codes; return Ŵ in the source dtype."""
+        tables, codes, values = sketch_weight(weight, hessian, self.opts)
+        if hessian is not None:
+            self.errors[name] = output_error(weight, values, hessian)
+        self.put(writer, name, tuple(weight.shape), weight.dtype, tables, codes)
+        return values.to(weight.dtype)
+
+    def put(self, writer, name: str, shape: tuple, dtype, tables, codes) -> None:
+        """Write a weight's tables (fp16) and codes (packed), and count their bits."""
         from compressor.quantize import pack_codes
 
-        tables, codes, values = sketch_weight(weight, hessian, self.opts)
         module = module_of(name)
         writer.write(f"{module}.sketch", tables)
         writer.write(f"{module}.codes", pack_codes(codes, self.opts["bits"]))
-        self.layers[name] = {"shape": list(weight.shape), "dtype": str(weight.dtype)[6:]}
-        if hessian is not None:
-            self.errors[name] = output_error(weight, values, hessian)
-        self.weights += weight.numel()
-        self.code_bits += weight.numel() * self.opts["bits"]
+        self.layers[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+        numel = math.prod(shape)
+        self.weights += numel
+        self.code_bits += numel * self.opts["bits"]
         self.table_bits += tables.numel() * 16
-        return values.to(weight.dtype)
 
     def dense_rest(self, writer, layer: int) -> None:
         for name in self.plan.layer_tensors(layer):
@@ -376,6 +393,60 @@ def _calibrate(job, plan: _Plan, state: _Written) -> dict:
     )
     digest = hashlib.sha256(Path(opts["data"]).read_bytes()).hexdigest()
     return {"data": str(opts["data"]), "digest": digest, "samples": len(rows), "tokens": tokens}
+
+
+def _import_released(job, plan: _Plan, state: _Written, path: str) -> None:
+    """Take the sketch from a released file: a dict of module name → (tables, codes), or
+    one whose ``sketched_params`` entry is that dict. Tables are rows × 2^b (one group per
+    row) or rows × groups × 2^b; codes rows × in (one per byte) or packed as stored here.
+    Only ``torch.load(weights_only=True)``: a file that needs more unpickling is refused
+    and never run."""
+    import pickle
+    import warnings
+
+    import torch
+
+    from compressor.quantize import packed_width, unpack_codes
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"no such file: {file}")
+    try:
+        with warnings.catch_warnings():  # torch's own advice is to unpickle anyway: not ours
+            warnings.simplefilter("ignore")
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        raise InputError(
+            f"{file} is not a plain tensor file: loading it needs arbitrary unpickling, which "
+            "can run code, and compressor never does that"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("sketched_params"), dict):
+        obj = obj["sketched_params"]
+    if not isinstance(obj, dict):
+        raise InputError(f"{file} holds a {type(obj).__name__}, not a dict of module sketches")
+    bits, groups = state.opts["bits"], state.opts["groups_per_row"]
+    for name in plan.linears:
+        module = module_of(name)
+        entry = obj.get(module)
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise InputError(f"{file} has no (tables, codes) pair for '{module}'")
+        tables, codes = (torch.as_tensor(t) for t in entry)
+        rows, cols = plan.source.info(name).shape
+        if tables.dim() == 2:
+            tables = tables[:, None, :]
+        if tuple(tables.shape) != (rows, groups, 2**bits):
+            raise InputError(
+                f"{file}: the tables of '{module}' have shape {list(tables.shape)}; "
+                f"{bits} bits and {groups} groups per row need {[rows, groups, 2**bits]}"
+            )
+        if tuple(codes.shape) == (rows, packed_width(cols, bits)) and codes.dtype == torch.uint8:
+            codes = unpack_codes(codes, bits, cols)
+        if tuple(codes.shape) != (rows, cols) or int(codes.max()) >= 2**bits:
+            raise InputError(f"{file}: the codes of '{module}' do not fit a {rows}x{cols} weight")
+        info = plan.source.info(name)
+        state.put(job.writer, name, info.shape, info.dtype, tables.half(), codes.to(torch.uint8))
+    for layer in sorted(plan.by_layer):
+        state.dense_rest(job.writer, layer)
 
 
 class _Hessians:

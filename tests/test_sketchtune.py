@@ -327,3 +327,50 @@ def test_merging_a_model_that_is_no_tune_of_the_sketch_uses_decoded_weights(run,
     assert r.exit_code == 0, r.output
     raw = _raw("m")
     assert "model.layers.0.mlp.down_proj.weight" in raw  # dense: the expert's codes differ
+
+
+def test_import_of_the_released_format(run, models, tmp_path):
+    base = models["base-fp32"]
+    assert run("apply", "-p", "sketchtune", base, "-n", "ours").exit_code == 0
+    raw = _raw("ours")
+    released = {}
+    for name, t in raw.items():
+        if name.endswith(".sketch"):
+            module = name.removesuffix(".sketch")
+            cols = 128 if "down_proj" in module else 64
+            codes = unpack_codes(raw[f"{module}.codes"], 4, cols)  # one code per byte
+            released[module] = (t.clone(), codes)
+    path = tmp_path / "sketched.pt"
+    torch.save({"sketched_params": released}, path)
+    r = run("apply", "-p", "sketchtune", base, "-o", "import", path, "-n", "imported")
+    assert r.exit_code == 0, r.output
+    got, want = artifact_tensors("imported"), artifact_tensors("ours")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+class _Payload:
+    """Unpickling this runs code: it would create a file named by the test."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_run(
+    run, models, private_store, tmp_path
+):
+    import pickle
+
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"sketched_params": _Payload(target)}))
+    assert_refused(
+        run,
+        private_store,
+        ["apply", "-p", "sketchtune", models["base-fp32"], "-o", "import", path],
+        f"{path} is not a plain tensor file: loading it needs arbitrary unpickling, which can "
+        "run code, and compressor never does that",
+    )
+    assert not target.exists()
