@@ -6,8 +6,9 @@ the model's layer list (attention and MLP projections; embeddings, norms, biases
 head stay dense in the source dtype). Row i of W is split into G contiguous column groups;
 group (i, g) gets a table of 2^b values and each weight a b-bit code, Ŵij = T[i, g(j),
 cij]. With calibration data the model runs block by block (``compressor.blockwise``):
-each linear's H = 2XᵀX/N from its real inputs, the tables by weighted k-means (weights
-U_jj^-exponent from the Cholesky factor U of H⁻¹, as in the authors' LeanQuant), codes
+each linear's H = 2XᵀX/N from its real inputs, the tables by weighted k-means (column
+weights (1/[H⁻¹]_jj)^p, the OBS saliency; LeanQuant's U_jj^-4 from the Cholesky factor
+U of H⁻¹ scored worse on every model we measured, see docs/benchmarks.md), codes
 assigned column block by column block with GPTQ error feedback, and block k+1 calibrated
 on the outputs of the sketched block k. Without data H = I: plain k-means per group.
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
 
 ENCODING = "sketchtune"
-CALIBRATION_BATCH = 8  # calibration rows per forward pass
 
 
 def _bits(v: int) -> str | None:
@@ -56,7 +56,7 @@ def module_of(weight_name: str) -> str:
     return weight_name.removesuffix(".weight")
 
 
-class _Plan:
+class SketchPlan:
     """Which tensors of a source are sketched (every 2-D weight in the layer list)."""
 
     def __init__(self, source: TensorSource, groups: int):
@@ -118,7 +118,10 @@ def sketch_weight(weight, hessian, opts: dict):
     else:
         u, dead = inverse_hessian_factor(hessian, opts["damp"])
         w[:, dead] = 0
-        log_w = -opts["exponent"] * torch.log(torch.diag(u))
+        if opts.get("saliency", "obs") == "obs":  # 1 / [H⁻¹]_jj, with diag(H⁻¹) = diag(UᵀU)
+            log_w = -kmeans_exponent(opts) * torch.log((u * u).sum(0))
+        else:  # LeanQuant's U_jj^-exponent
+            log_w = -kmeans_exponent(opts) * torch.log(torch.diag(u))
         col_weights = torch.exp(log_w - log_w.max())
     points = w.reshape(out * groups, n)
     weights = col_weights.reshape(1, groups, n).expand(out, groups, n).reshape(out * groups, n)
@@ -126,6 +129,16 @@ def sketch_weight(weight, hessian, opts: dict):
     tables = tables.half().float()  # codes are chosen against the values that are stored
     codes, values = assign_codes(w, u, table_nearest(tables, n), opts["block_size"])
     return tables.half(), codes, values
+
+
+AUTO_EXPONENT = {4: 1.0, 3: 1.5, 2: 1.5}  # measured on MiniLM: docs/benchmarks.md
+
+
+def kmeans_exponent(opts: dict) -> float:
+    """The exponent on the k-means weights: the option, or the measured default."""
+    if opts["exponent"] is not None:
+        return opts["exponent"]
+    return AUTO_EXPONENT[opts["bits"]] if opts.get("saliency", "obs") == "obs" else 4.0
 
 
 def output_error(weight, approx, hessian) -> float:
@@ -169,7 +182,21 @@ class Sketch(Method):
             "tokens per calibration row",
             check=lambda v: None if v > 1 else "must be at least 2",
         ),
-        Option("exponent", "float", 4.0, "k-means weights U_jj^-exponent", check=non_negative),
+        Option(
+            "exponent",
+            "float",
+            None,
+            "k-means weight of column j: saliency^exponent (default obs: 1 at 4 bits, "
+            "1.5 at 3 and 2; cholesky: 4)",
+            check=non_negative,
+        ),
+        Option(
+            "saliency",
+            "choice",
+            "obs",
+            "column importance for k-means: obs 1/[H⁻¹]_jj, or cholesky U_jj^-1 (LeanQuant)",
+            choices=("obs", "cholesky"),
+        ),
         Option("damp", "float", 0.01, "λ: H + λ·mean(diag H)·I", check=positive),
         Option("block_size", "int", 128, "columns per error-feedback block", check=positive),
         Option("iters", "int", 30, "k-means iterations at most", check=positive),
@@ -187,7 +214,7 @@ class Sketch(Method):
         source = job.inputs[0]
         if source.content != "model":
             raise InputError(f"{source.label} holds a {source.content}; sketchtune needs a model")
-        plan = _Plan(source, opts["groups_per_row"])
+        plan = SketchPlan(source, opts["groups_per_row"])
         state = _Written(plan, opts)
         for name in source.names():
             if name not in plan.layer_of:
@@ -266,7 +293,7 @@ class _Tables(TensorSource):
 class _Written:
     """What has been written so far, and the numbers the manifest reports."""
 
-    def __init__(self, plan: _Plan, opts: dict):
+    def __init__(self, plan: SketchPlan, opts: dict):
         self.plan, self.opts = plan, opts
         self.layers: dict[str, dict] = {}
         self.errors: dict[str, float] = {}
@@ -326,7 +353,8 @@ class _Written:
             "encoding": ENCODING,
             "bits": self.opts["bits"],
             "groups_per_row": self.opts["groups_per_row"],
-            "exponent": self.opts["exponent"],
+            "exponent": kmeans_exponent(self.opts),
+            "saliency": self.opts["saliency"],
             "damp": self.opts["damp"],
             "block_size": self.opts["block_size"],
             "calibration": calibration,
@@ -341,61 +369,75 @@ class _Written:
         return Manifest("model", metrics=metrics, extra=extra)
 
 
-def _calibrate(job, plan: _Plan, state: _Written) -> dict:
-    """Block by block: Hessians of each layer's linears, sketch them, and run the sketched
-    layer to make the next layer's inputs (true-sequential)."""
+def _calibrate(job, plan: SketchPlan, state: _Written) -> dict:
+    """Sketch every linear on its calibration Hessian, block by block (true-sequential)."""
+    opts = job.options
+    inputs = calibration_batches(plan.source, opts["data"], opts["samples"], opts["max_length"])
 
-    from compressor.blockwise import run_blockwise, supports
+    def quantize(name, weight, hessian):
+        return state.sketch(job.writer, name, weight, hessian)
+
+    calibrate_sequentially(
+        plan, inputs, quantize, lambda k: state.dense_rest(job.writer, k), job.progress
+    )
+    digest = hashlib.sha256(Path(opts["data"]).read_bytes()).hexdigest()
+    tokens = int(sum(int(x["attention_mask"].sum()) for x in inputs))
+    return {"data": str(opts["data"]), "digest": digest, "samples": inputs.rows, "tokens": tokens}
+
+
+class _Batches(list):
+    """Calibration batches (model keyword arguments), and how many rows they hold."""
+
+    rows = 0
+
+
+def calibration_batches(source, data: str, samples: int, max_length: int) -> _Batches:
+    """The first ``samples`` text rows of ``data``, tokenized in batches for the model."""
     from compressor.data import batches, read_examples
     from compressor.modeling import model_inputs, source_tokenizer
 
-    opts, source, layout = job.options, plan.source, plan.layout
+    rows = read_examples(data)[:samples]
+    if any(e.text is None for e in rows):
+        raise InputError(f"{data}: calibration needs text rows")
+    tokenizer = source_tokenizer(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    out = _Batches(model_inputs(b, tokenizer, data, max_length) for b in batches(rows, 8))
+    out.rows = len(rows)
+    return out
+
+
+def calibrate_sequentially(plan: SketchPlan, inputs, quantize, after_layer, progress=None) -> None:
+    """Run ``inputs`` through the model block by block; in each block, hand every linear
+    weight with its Hessian H = 2XᵀX/N (over unpadded tokens) to ``quantize(name, weight,
+    H) -> Ŵ``, put Ŵ in the block, call ``after_layer(k)``, and feed the next block the
+    outputs of the quantised one. Also what the benchmarks' GPTQ baseline runs on."""
+    from compressor.blockwise import run_blockwise, supports
+
+    layout, source = plan.layout, plan.source
     if not supports(layout):
         raise InputError(
             f"sketchtune calibrates block by block, which the '{layout.model_type}' "
             "architecture does not support yet; leave out -o data for plain k-means"
         )
-    rows = read_examples(opts["data"])[: opts["samples"]]
-    if any(e.text is None for e in rows):
-        raise InputError(f"{opts['data']}: calibration needs text rows")
-    tokenizer = source_tokenizer(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    inputs = [
-        model_inputs(b, tokenizer, opts["data"], opts["max_length"])
-        for b in batches(rows, CALIBRATION_BATCH)
-    ]
-    masks = [x["attention_mask"].bool() for x in inputs]
-    tokens = int(sum(m.sum() for m in masks))
     suffixes = plan.suffixes()
-    acc = _Hessians(masks)
+    acc = _Hessians([x["attention_mask"].bool() for x in inputs])
     prefix = f"{layout.prefix}{layout.layout.layers}."
 
     def transform(layer: int, block) -> None:
         modules = dict(block.named_modules())
         for suffix in suffixes:
             name = f"{prefix}{layer}.{suffix}.weight"
-            if name not in plan.linear_set:
-                continue
-            weight = source.get(name)
-            approx = state.sketch(job.writer, name, weight, acc.hessian(suffix))
-            modules[suffix].weight.copy_(approx)
-        state.dense_rest(job.writer, layer)
+            if name in plan.linear_set:
+                approx = quantize(name, source.get(name), acc.hessian(suffix))
+                modules[suffix].weight.copy_(approx)
+        after_layer(layer)
         acc.clear()
 
-    run_blockwise(
-        layout,
-        inputs,
-        acc.add,
-        tuple(suffixes),
-        transform=transform,
-        progress=job.progress,
-    )
-    digest = hashlib.sha256(Path(opts["data"]).read_bytes()).hexdigest()
-    return {"data": str(opts["data"]), "digest": digest, "samples": len(rows), "tokens": tokens}
+    run_blockwise(layout, inputs, acc.add, tuple(suffixes), transform=transform, progress=progress)
 
 
-def _import_released(job, plan: _Plan, state: _Written, path: str) -> None:
+def _import_released(job, plan: SketchPlan, state: _Written, path: str) -> None:
     """Take the sketch from a released file: a dict of module name → (tables, codes), or
     one whose ``sketched_params`` entry is that dict. Tables are rows × 2^b (one group per
     row) or rows × groups × 2^b; codes rows × in (one per byte) or packed as stored here.

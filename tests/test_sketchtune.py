@@ -20,7 +20,7 @@ from compressor.quantize import (
     weighted_kmeans,
 )
 
-OPTS = {"bits": 4, "groups_per_row": 1, "exponent": 4.0, "damp": 0.01, "block_size": 16}
+OPTS = {"bits": 4, "groups_per_row": 1, "exponent": None, "damp": 0.01, "block_size": 16}
 OPTS["iters"] = 30
 
 

@@ -1,0 +1,197 @@
+"""Quality of SketchTune's sketches beside round-to-nearest and GPTQ at equal bits per weight.
+
+    python scripts/bench_sketchtune_quality.py              # MiniLM and the suite's causal LM
+    python scripts/bench_sketchtune_quality.py --write-docs # also update docs/benchmarks.md
+
+Every linear weight in the layer list of two real models is quantised at 4, 3 and 2 bits
+by: round-to-nearest on a min/max grid per group of columns (RTN), GPTQ on the same grid
+(error feedback through the Cholesky factor of H⁻¹, block by block, true-sequential:
+``compressor.quantize.assign_codes``, which a test checks against GPTQ written out column
+by column; llmcompressor does not install beside torch 2.13 here), and sketches with 1, 2
+and 4 tables per row (calibrated, and once without data). Bits per weight count the
+scales: RTN/GPTQ b + (16 + b)/group (an fp16 scale and a b-bit zero per group); sketches
+b + 16·2^b·G/in (fp16 tables). Scores: MiniLM (all-MiniLM-L6-v2, the real pretrained
+encoder) by the mean cosine of its sentence embeddings against the fp32 model's on
+held-out text; the suite's causal LM expert by perplexity on its held-out text.
+Calibration: 128 training lines (max 128 tokens), Hessians from the model quantised so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "suite"))
+import build as suite_build  # noqa: E402
+from bench_foundation import write_docs_section  # noqa: E402
+
+from compressor.plugins.sketchtune import (  # noqa: E402
+    SketchPlan,
+    calibrate_sequentially,
+    calibration_batches,
+    sketch_weight,
+)
+from compressor.quantize import assign_codes, uniform_nearest  # noqa: E402
+from compressor.sources import open_model_dir  # noqa: E402
+
+SKETCH = {"exponent": None, "damp": 0.01, "block_size": 128, "iters": 30}
+
+
+def quantised(source, arm: dict, calib) -> tuple[dict, float]:
+    """{weight name: Ŵ} for every linear of the layer list under one arm, and its bits/weight."""
+    plan = SketchPlan(source, arm.get("groups", 1))
+    out, bits = {}, 0.0
+
+    def one(name, weight, hessian):
+        nonlocal bits
+        o, i = weight.shape
+        if arm["kind"] == "sketch":
+            opts = {**SKETCH, "bits": arm["bits"], "groups_per_row": arm["groups"]}
+            opts["saliency"] = arm.get("saliency", "obs")
+            approx = sketch_weight(weight, hessian, opts)[2]
+            bits += o * i * arm["bits"] + o * arm["groups"] * 16 * 2 ** arm["bits"]
+        else:
+            gs = min(arm["group"], i)
+            grid = uniform_nearest(weight.float(), arm["bits"], gs)
+            u = None
+            if arm["kind"] == "gptq":
+                from compressor.quantize import inverse_hessian_factor
+
+                u = inverse_hessian_factor(hessian, 0.01)[0]
+            approx = assign_codes(weight.float(), u, grid)[1]
+            bits += o * i * arm["bits"] + o * (i // gs) * (16 + arm["bits"])
+        out[name] = approx.to(weight.dtype)
+        return out[name]
+
+    if arm["kind"] == "rtn" or (arm["kind"] == "sketch" and not arm.get("calibrated", True)):
+        for name in plan.linears:
+            one(name, source.get(name), None)
+    else:
+        calibrate_sequentially(plan, calib, one, lambda k: None)
+    weights = sum(math.prod(source.info(n).shape) for n in plan.linears)
+    return out, bits / weights
+
+
+def minilm_scorer(path: Path, texts: list[str]):
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+
+    def embed():
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        return (h * mask).sum(1) / mask.sum(1)
+
+    reference = embed()
+
+    def score(weights: dict) -> float:
+        model.load_state_dict({**state, **weights})
+        got = embed()
+        model.load_state_dict(state)
+        return float(torch.nn.functional.cosine_similarity(got, reference, dim=-1).mean())
+
+    return score, "cosine vs fp32", 1.0
+
+
+def lm_scorer(path: Path, texts: list[str]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def perplexity() -> float:
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for line in texts:
+                ids = tok(line, truncation=True, max_length=128, return_tensors="pt")["input_ids"]
+                if ids.shape[1] < 2:
+                    continue
+                k = ids.shape[1] - 1
+                nll += float(model(input_ids=ids, labels=ids).loss) * k
+                n += k
+        return math.exp(nll / n)
+
+    base = perplexity()
+
+    def score(weights: dict) -> float:
+        model.load_state_dict({**state, **weights})
+        got = perplexity()
+        model.load_state_dict(state)
+        return got
+
+    return score, "perplexity", base
+
+
+ARMS = [("RTN g64", {"kind": "rtn", "group": 64}), ("RTN g32", {"kind": "rtn", "group": 32})]
+ARMS += [("GPTQ g64", {"kind": "gptq", "group": 64}), ("GPTQ g32", {"kind": "gptq", "group": 32})]
+ARMS += [("sketch G1, no data", {"kind": "sketch", "groups": 1, "calibrated": False})]
+ARMS += [("sketch G1, LeanQuant U_jj^-4", {"kind": "sketch", "groups": 1, "saliency": "cholesky"})]
+ARMS += [(f"sketch G{g}", {"kind": "sketch", "groups": g}) for g in (1, 2, 4)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    from compressor.demo_models import minilm_dir
+
+    suite = suite_build.build(suite_build.SMOKE, quiet=True)
+    data = suite / "lm" / "data"
+    calib_file = data / "songs-poems-train.txt"
+    held_out = [x for x in (data / "all-test.txt").read_text().splitlines() if x.strip()]
+    models = [
+        ("MiniLM (real, BERT)", minilm_dir(), minilm_scorer, calib_file),
+        (
+            "suite causal LM expert",
+            suite / "lm" / "experts" / "computers",
+            lm_scorer,
+            data / "computers-train.txt",
+        ),
+    ]
+    lines = []
+    for label, path, make_scorer, calib_path in models:
+        source = open_model_dir(path)
+        calib = calibration_batches(source, str(calib_path), 128, 128)
+        score, what, full = make_scorer(path, held_out)
+        lines += [
+            "",
+            f"**{label}**: {what}; the fp32 model scores {full:.4f}.",
+            "",
+            "| bits | arm | bits/weight | score | time (s) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for b in [int(x) for x in args.bits.split(",")]:
+            for name, arm in ARMS:
+                t0 = time.perf_counter()
+                weights, bpw = quantised(source, {**arm, "bits": b}, calib)
+                took = time.perf_counter() - t0
+                s = score(weights)
+                lines.append(f"| {b} | {name} | {bpw:.2f} | {s:.4f} | {took:.1f} |")
+                print(lines[-1], flush=True)
+        source.close()
+    text = "\n".join(lines).strip()
+    print(text)
+    if args.write_docs:
+        write_docs_section(
+            "sketchtune-quality",
+            "Measured by `python scripts/bench_sketchtune_quality.py --write-docs` "
+            f"({torch.get_num_threads()} threads).\n\n" + text,
+            heading="SketchTune quality: sketches beside RTN and GPTQ at equal bits per weight",
+        )
+
+
+if __name__ == "__main__":
+    main()
