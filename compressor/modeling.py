@@ -141,6 +141,43 @@ def source_model(source, head: str) -> Iterator[tuple]:
         yield model.eval(), tokenizer
 
 
+def checkpoint_names(net, source) -> dict[str, str]:
+    """{parameter name in ``net``: the checkpoint tensor it was loaded from}.
+
+    Most architectures keep the checkpoint's names; some are renamed on load
+    (transformers 5 renames ViT's modules, and saves under the old names again). Then
+    every tensor of the source is stood in for by a constant (its index, broadcast: no
+    memory), the model is loaded once more from those, and each parameter reads back
+    whose index it holds. A parameter built from several tensors (a fused projection)
+    maps to none and is left out.
+    """
+    import torch
+
+    infos = source.infos()
+    params = dict(net.named_parameters())
+    if all(n in infos for n in params):
+        return {n: n for n in params}
+    names = [n for n, i in infos.items() if i.is_float]
+    offset = 1 << 20  # far from any initialiser's constant (ones, zeros); exact in float32
+    markers = {
+        n: torch.tensor(float(offset + k)).expand(tuple(infos[n].shape))
+        for k, n in enumerate(names)
+    }
+    for n, i in infos.items():
+        if not i.is_float:
+            markers[n] = source.get(n)
+    twin = type(net).from_pretrained(
+        None, config=net.config, state_dict=markers, dtype=torch.float32
+    )
+    found = {}
+    for pname, p in twin.named_parameters():
+        k = float(p.reshape(-1)[0]) - offset
+        if k.is_integer() and 0 <= k < len(names) and bool((p == p.reshape(-1)[0]).all()):
+            found[pname] = names[int(k)]
+    del twin
+    return found
+
+
 def check_names_match(net, source, method: str) -> None:
     """Refuse a model whose parameter names differ from its checkpoint's (transformers 5
     renames some architectures' modules, ViT's among them): a method that maps the weights

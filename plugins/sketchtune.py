@@ -96,7 +96,8 @@ class SketchPlan:
 
 
 def sketch_weight(weight, hessian, opts: dict):
-    """(tables fp16 out × G × 2^b, codes uint8 out × in, Ŵ float32) of one weight.
+    """(tables fp16 out × G × 2^b, codes uint8 out × in, Ŵ float32, relative output error
+    or None) of one weight.
 
     ``hessian`` None is H = I (no calibration): weights unweighted, no error feedback.
     """
@@ -127,28 +128,34 @@ def sketch_weight(weight, hessian, opts: dict):
     weights = col_weights.reshape(1, groups, n).expand(out, groups, n).reshape(out * groups, n)
     tables = weighted_kmeans(points, weights, k, opts["iters"]).reshape(out, groups, k)
     tables = tables.half().float()  # codes are chosen against the values that are stored
-    codes, values = assign_codes(w, u, table_nearest(tables, n), opts["block_size"])
-    return tables.half(), codes, values
-
-
-AUTO_EXPONENT = {4: 1.0, 3: 1.5, 2: 1.5}  # measured on MiniLM: docs/benchmarks.md
+    nearest = table_nearest(tables, n)
+    codes, values = assign_codes(w, u, nearest, opts["block_size"])
+    error = None
+    if hessian is not None:  # error feedback can run away on a grid that misses the
+        plain = assign_codes(w, None, nearest)  # pushed weights: keep whichever does better
+        error, plain_error = output_error(w, values, hessian), output_error(w, plain[1], hessian)
+        if plain_error < error:
+            (codes, values), error = plain, plain_error
+    return tables.half(), codes, values, error
 
 
 def kmeans_exponent(opts: dict) -> float:
-    """The exponent on the k-means weights: the option, or the measured default."""
+    """The exponent on the k-means weights: the option, else 1 (obs) or 4 (cholesky).
+
+    Measured on MiniLM (docs/benchmarks.md): obs with 1 is best at 4 bits; 1.5 gains a
+    little at 2 bits but wrecks layers with outlier inputs (a BERT FFN output whose
+    largest H diagonal is 170x the median: output error 0.94 against 0.04)."""
     if opts["exponent"] is not None:
         return opts["exponent"]
-    return AUTO_EXPONENT[opts["bits"]] if opts.get("saliency", "obs") == "obs" else 4.0
+    return 1.0 if opts.get("saliency", "obs") == "obs" else 4.0
 
 
 def output_error(weight, approx, hessian) -> float:
     """Relative output error ‖(W − Ŵ)X‖ / ‖WX‖ on the calibration inputs, from H."""
-    import torch
-
     w = weight.float()
     d = w - approx
-    num = torch.einsum("oi,ij,oj->", d, hessian, d)
-    den = torch.einsum("oi,ij,oj->", w, hessian, w)
+    num = ((d @ hessian) * d).sum()
+    den = ((w @ hessian) * w).sum()
     return math.sqrt(max(float(num), 0.0) / max(float(den), 1e-30))
 
 
@@ -186,8 +193,7 @@ class Sketch(Method):
             "exponent",
             "float",
             None,
-            "k-means weight of column j: saliency^exponent (default obs: 1 at 4 bits, "
-            "1.5 at 3 and 2; cholesky: 4)",
+            "k-means weight of column j: saliency^exponent (default: 1 for obs, 4 for cholesky)",
             check=non_negative,
         ),
         Option(
@@ -301,9 +307,9 @@ class _Written:
 
     def sketch(self, writer, name: str, weight, hessian) -> torch.Tensor:
         """Sketch one weight, write its tables and codes; return Ŵ in the source dtype."""
-        tables, codes, values = sketch_weight(weight, hessian, self.opts)
-        if hessian is not None:
-            self.errors[name] = output_error(weight, values, hessian)
+        tables, codes, values, error = sketch_weight(weight, hessian, self.opts)
+        if error is not None:
+            self.errors[name] = error
         self.put(writer, name, tuple(weight.shape), weight.dtype, tables, codes)
         return values.to(weight.dtype)
 
@@ -663,13 +669,16 @@ def swap_in_sketches(net, sketch: DecodedSketch) -> dict:
     Returns the trainable tables by weight name."""
     import torch
 
+    from compressor.modeling import checkpoint_names
+
     cls = _sketched_linear_class()
     for p in net.parameters():
         p.requires_grad_(False)
     modules = dict(net.named_modules())
+    own_name = {ckpt: param for param, ckpt in checkpoint_names(net, sketch).items()}
     tables = {}
     for name in sketch.layers:
-        path = module_of(name)
+        path = module_of(own_name.get(name, name))
         old = modules.get(path)
         if old is None:
             raise InputError(f"{sketch.label}: the model has no module '{path}'")

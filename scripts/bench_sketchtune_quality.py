@@ -145,17 +145,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the smoke suite (quick, untrained LM)")
     args = ap.parse_args()
     from compressor.demo_models import minilm_dir
 
-    suite = suite_build.build(suite_build.SMOKE, quiet=True)
+    suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
     data = suite / "lm" / "data"
     calib_file = data / "songs-poems-train.txt"
     held_out = [x for x in (data / "all-test.txt").read_text().splitlines() if x.strip()]
     models = [
-        ("MiniLM (real, BERT)", minilm_dir(), minilm_scorer, calib_file),
+        ("MiniLM (real, BERT; 384 and 1536 columns)", minilm_dir(), minilm_scorer, calib_file),
         (
-            "suite causal LM expert",
+            "suite causal LM expert (Llama, 128 and 256 columns)",
             suite / "lm" / "experts" / "computers",
             lm_scorer,
             data / "computers-train.txt",

@@ -59,7 +59,7 @@ def test_packing_layout_is_most_significant_bit_first():
 def test_plain_codes_are_the_nearest_table_entries():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     for hessian in (None, torch.eye(64)):  # H = I: U is diagonal, so no error moves
-        tables, codes, values = sketch_weight(w, hessian, OPTS)
+        tables, codes, values, _ = sketch_weight(w, hessian, OPTS)
         t = tables.float()[:, 0, :]  # one group per row
         nearest = (w[:, :, None] - t[:, None, :]).abs().argmin(-1)
         assert torch.equal(codes.long(), nearest)
@@ -99,6 +99,9 @@ def test_table_gradient_is_a_scatter_add_and_matches_finite_differences():
     class Sketch:
         label = "test"
         layers = {"0.weight": {"shape": [3, 8]}}
+
+        def infos(self):  # the checkpoint's names: the module's own
+            return {"0.weight": None, "0.bias": None}
 
         def tables(self, name):
             return tables.detach().clone()

@@ -1,0 +1,219 @@
+"""Fine-tuning a sketch's tables beside PEFT LoRA at equal trainable parameters.
+
+    python scripts/bench_sketchtune_tuning.py               # the full suite
+    python scripts/bench_sketchtune_tuning.py --write-docs  # also update docs/benchmarks.md
+
+Two tasks of the evaluation suite: the text task (MiniLM with an 8-topic head, every
+topic's training rows; accuracy on the test rows) and the LM task (the suite's Llama on
+one topic's lines; perplexity on its held-out lines). Arms, all trained by the same loop
+(``compressor.training.Trainer``, AdamW, clipping 1.0, the same rows in the same order):
+
+- LoRA (PEFT) at rank 8·G on every linear of the layer list, on the fp32 base;
+- QLoRA-like: the same LoRA on a base rounded to 4 bits (RTN, groups of 64 columns);
+- SketchTune: a 4-bit sketch with G tables per row (calibrated on the training text),
+  tables tuned, codes frozen. Trainable entries Σ rows·G·16 = LoRA's r·(in + out) at
+  r = 8·G on square layers.
+
+Each arm's learning rate is the better of two on the validation rows; heads stay frozen
+in every arm (only the adapter or the tables learn). Base size: what must be stored
+beside the trainable part (fp32; 4-bit codes with fp16 scales; the sketch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "suite"))
+import build as suite_build  # noqa: E402
+from bench_foundation import write_docs_section  # noqa: E402
+
+from compressor.data import read_examples  # noqa: E402
+from compressor.quantize import assign_codes, uniform_nearest  # noqa: E402
+from compressor.tasks import Task  # noqa: E402
+from compressor.training import Trainer  # noqa: E402
+
+LRS = {"lora": (3e-4, 1e-3), "qlora-like": (3e-4, 1e-3), "sketch": (1e-4, 3e-4)}
+
+
+def train(net, params, task, split, steps: int, lr: float, batch: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    trainer = Trainer(params, lr=lr, weight_decay=0.0, clip=1.0)
+    net.train()
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            order += torch.randperm(len(split.rows), generator=gen).tolist()
+        pick, order = order[:batch], order[batch:]
+        x, y = task.batch(split, pick)
+
+        def piece(x=x, y=y):
+            total, n = task.loss(net(**x).logits, x, y)
+            return total / max(n, 1), 1
+
+        trainer.step([piece])
+    net.eval()
+
+
+def lora_arm(base: Path, rank: int, head: str, quantise: bool):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
+    net = cls.from_pretrained(base)
+    linears = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    layered = [n for n in linears if ".layers." in n or ".layer." in n]
+    if quantise:
+        with torch.no_grad():
+            for n in layered:
+                w = net.get_submodule(n).weight
+                gs = min(64, w.shape[1])
+                w.copy_(assign_codes(w.float(), None, uniform_nearest(w.float(), 4, gs))[1])
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=layered, lora_dropout=0.0)
+    net = get_peft_model(net, config)
+    params = [p for p in net.parameters() if p.requires_grad]
+    weights = sum(
+        net.get_submodule(n).base_layer.weight.numel()
+        for n in (f"base_model.model.{x}" for x in layered)
+    )
+    other = sum(p.numel() for p in net.parameters() if not p.requires_grad) - weights
+    base_bytes = other * 4 + (weights * (4 + 20 / 64) / 8 if quantise else weights * 4)
+    return net, params, base_bytes
+
+
+def sketch_arm(base: Path, groups: int, data: Path, store: Path):
+    from compressor import api
+    from compressor.modeling import source_model
+    from compressor.plugins.sketchtune import swap_in_sketches
+    from compressor.refs import resolve
+    from compressor.store import open_store
+
+    opts = {"groups_per_row": groups, "data": str(data), "samples": 128, "max_length": 64}
+    record = api.apply("sketchtune", str(base), options=opts, store=store, name="sketch")
+    st = open_store(store)
+    sketch = resolve(st, "sketch").source
+    ctx = source_model(sketch, "saved")
+    net, _ = ctx.__enter__()
+    params = list(swap_in_sketches(net, sketch).values())
+    return net, params, record.bytes - sum(p.numel() for p in params) * 2
+
+
+def run_task(label, base, head, rows, val, test, steps, arms, work):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    objective = "lm" if head == "lm" else "ce"
+    task = Task(objective, config, tok, max_length=64)
+    train_split = task.split(rows, "train", 16)
+    val_split, test_split = task.split(val, "val", 32), task.split(test, "test", 32)
+    lines = [
+        "",
+        f"**{label}** ({steps} steps of 16 rows):",
+        "",
+        "| arm | trainable | base stored | lr | val | test | time (s) |",
+        "| --- | ---: | ---: | --- | --- | --- | ---: |",
+    ]
+    for name, make in arms:
+        best = None
+        for lr in LRS[name.split()[0]]:
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                net, params, base_bytes = make(Path(tmp))
+                train(net, params, task, train_split, steps, lr, 16, seed=0)
+
+                def fwd(x, net=net):
+                    return net(**x).logits
+
+                v, t = task.metrics(fwd, val_split), task.metrics(fwd, test_split)
+            took = time.perf_counter() - t0
+            score = task.score(v)
+            if best is None or score > best[0]:
+                best = (score, lr, v, t, sum(p.numel() for p in params), base_bytes, took)
+        _, lr, v, t, trainable, base_bytes, took = best
+        key = "accuracy" if objective == "ce" else "perplexity"
+        lines.append(
+            f"| {name} | {trainable:,} | {base_bytes / 1e6:.1f} MB | {lr:g} | "
+            f"{v[key]:.4f} | {t[key]:.4f} | {took:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
+    work = Path(tempfile.mkdtemp(prefix="bench-sketchtune-"))
+    g, rank = args.groups, 8 * args.groups
+    lines = []
+    for label, base, head, data_dir, stem, calib in (
+        (
+            "text task: MiniLM, 8 topics",
+            suite / "text" / "base",
+            "ce",
+            suite / "text" / "data",
+            "all",
+            None,
+        ),
+        (
+            "LM task: suite Llama on computers",
+            suite / "lm" / "base",
+            "lm",
+            suite / "lm" / "data",
+            "computers",
+            None,
+        ),
+    ):
+        if head == "ce":
+            rows = read_examples(data_dir / "all-train.jsonl")
+            val, test = (
+                read_examples(data_dir / "all-val.jsonl"),
+                read_examples(data_dir / "all-test.jsonl"),
+            )
+            calib = work / "calib.txt"
+            calib.write_text("\n".join(r.text for r in rows[:128]) + "\n")
+        else:
+            rows = read_examples(data_dir / f"{stem}-train.txt")
+            held = read_examples(data_dir / f"{stem}-test.txt")
+            val, test = held, held
+            calib = data_dir / f"{stem}-train.txt"
+        arms = [
+            (f"lora r{rank} (fp32 base)", lambda tmp, b=base, h=head: lora_arm(b, rank, h, False)),
+            (
+                f"qlora-like r{rank} (RTN 4-bit base)",
+                lambda tmp, b=base, h=head: lora_arm(b, rank, h, True),
+            ),
+            (
+                f"sketch G{g} (4-bit)",
+                lambda tmp, b=base, c=calib: sketch_arm(b, g, c, tmp / "store"),
+            ),
+        ]
+        lines += run_task(label, base, head, rows, val, test, args.steps, arms, work)
+    text = "\n".join(lines).strip()
+    print(text)
+    if args.write_docs:
+        write_docs_section(
+            "sketchtune-tuning",
+            f"Measured by `python scripts/bench_sketchtune_tuning.py --write-docs` "
+            f"({torch.get_num_threads()} threads).\n\n" + text,
+            heading="SketchTune fine-tuning beside LoRA and a QLoRA-like arm",
+        )
+
+
+if __name__ == "__main__":
+    main()
