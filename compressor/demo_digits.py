@@ -79,8 +79,9 @@ def _train(model, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed
 def build(work: Path, say=print) -> dict[str, Path]:
     """Train the base and the two experts; write each domain's test set as JSONL.
 
-    Returns paths: ``base``, ``finetune-a``, ``finetune-b`` (model directories) and
-    ``test-<domain>`` (data files).
+    Returns paths: ``base``, ``finetune-a``, ``finetune-b`` (model directories),
+    ``test-<domain>`` and ``train-<domain>`` (data files; the training rows the experts
+    learned from, for methods that tune on data).
     """
     from transformers.utils import logging
 
@@ -88,14 +89,15 @@ def build(work: Path, say=print) -> dict[str, Path]:
     logging.disable_progress_bar()
     xtr, ytr, xte, yte = load_digits_split()
     paths: dict[str, Path] = {}
-    for domain in DOMAINS:
-        path = work / f"test-{domain}.jsonl"
-        rows = (
-            {"pixels": [[round(float(v), 4) for v in r] for r in img], "label": int(lab)}
-            for img, lab in zip(_domain(xte, domain), yte, strict=True)
-        )
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths[f"test-{domain}"] = path
+    for split, (x, y) in (("test", (xte, yte)), ("train", (xtr, ytr))):
+        for domain in DOMAINS:
+            path = work / f"{split}-{domain}.jsonl"
+            rows = (
+                {"pixels": [[round(float(v), 4) for v in r] for r in img], "label": int(lab)}
+                for img, lab in zip(_domain(x, domain), y, strict=True)
+            )
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            paths[f"{split}-{domain}"] = path
     say("Training the base ViT on upright digits (1,297 images) ...")
     model = _vit(seed=0)
     _train(model, xtr, ytr, epochs=12, lr=3e-3, seed=0)

@@ -53,6 +53,7 @@ def _size(store: Path, ref: str) -> int:
 
 
 EXPERT_DOMAINS = {"expert-a": "rotated", "expert-b": "inverted"}
+TUNE_DOMAINS = {"sketch-tune-a": "rotated", "sketch-tune-b": "inverted"}
 
 
 def _reading(name: str, table: dict) -> str:
@@ -64,6 +65,20 @@ def _reading(name: str, table: dict) -> str:
     if name in EXPERT_DOMAINS:
         d = EXPERT_DOMAINS[name]
         return f"{gain[d]:+.0f} points on {d} digits over the base: what fine-tuning bought"
+    if name == "base-sketch":
+        return f"the base as 4-bit codes into lookup tables: {gain['upright']:+.1f} points upright"
+    if name in TUNE_DOMAINS:
+        d = TUNE_DOMAINS[name]
+        return f"{gain[d]:+.0f} points on {d} digits, training only the sketch's tables"
+    if name == "sketch-tunes-merged":
+        tuned = [
+            (acc[d] - base[d]) / max(1e-9, table[t][0][d] - base[d])
+            for t, d in TUNE_DOMAINS.items()
+        ]
+        return (
+            f"the two tunes merged on their tables: keeps {100 * tuned[0]:.0f}% and "
+            f"{100 * tuned[1]:.0f}% of their gains"
+        )
     kept = [
         (acc[d] - base[d]) / max(1e-9, table[e][0][d] - base[d]) for e, d in EXPERT_DOMAINS.items()
     ]
@@ -199,6 +214,49 @@ def register(cli):
                 "--name",
                 "merged-half",
             )
+            _step(
+                store,
+                "apply",
+                "--plugin",
+                "sketchtune",
+                base,
+                "-o",
+                "groups_per_row",
+                "1",
+                "--name",
+                "base-sketch",
+            )
+            for tag, domain in (("a", "rotated"), ("b", "inverted")):
+                _step(
+                    store,
+                    "train",
+                    "--plugin",
+                    "sketchtune",
+                    "base-sketch",
+                    "-o",
+                    "data",
+                    data[f"train-{domain}"],
+                    "-o",
+                    "steps",
+                    "80",
+                    "-o",
+                    "lr",
+                    "0.003",
+                    "--name",
+                    f"sketch-tune-{tag}",
+                )
+            _step(
+                store,
+                "merge",
+                "--plugin",
+                "task-arithmetic",
+                "--base",
+                "base-sketch",
+                "sketch-tune-a",
+                "sketch-tune-b",
+                "--name",
+                "sketch-tunes-merged",
+            )
             _step(store, "store", "log", "merged-ties")
             _step(store, "store", "ls")
             _step(store, "export", "expert-a", work / "out" / "expert-a", "--base", base)
@@ -218,6 +276,10 @@ def register(cli):
                     "expert-a-compeft",
                     "expert-a-tucker",
                     "merged-half",
+                    "base-sketch",
+                    "sketch-tune-a",
+                    "sketch-tune-b",
+                    "sketch-tunes-merged",
                 )
             ]
             table = {name: (_scores(store, ref, data, b), size) for name, ref, b, size in rows}
@@ -228,7 +290,8 @@ def register(cli):
                 click.echo(f"| {name} | {size / 1e3:.0f} KB | {cells} | {_reading(name, table)} |")
             click.echo(
                 "\nStored sizes: experts and their compressed forms are task vectors (add them to "
-                "the base with `export --base`); merges and cuts are whole models."
+                "the base with `export --base`); merges and cuts are whole models; sketch tunes "
+                "and their merge hold only tables (they decode with base-sketch's codes)."
             )
             if keep:
                 click.echo(f"Everything is kept in {work}")
