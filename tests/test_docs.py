@@ -55,6 +55,9 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
         "apply --plugin compeft expert-a",
         "apply --plugin tucker expert-a",
         "extract --plugin matformer merged",
+        "apply --plugin sketchtune",
+        "train --plugin sketchtune base-sketch",
+        "merge --plugin task-arithmetic --base base-sketch",
         "store ls",
         "export expert-a",
         "store verify",
@@ -66,6 +69,7 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
         if len(cells) == 6 and cells[2].replace(".", "").isdigit():
             rows[cells[0]] = [float(c) for c in cells[2:5]]
     assert {"base", "expert-a", "merged", "expert-a-compeft", "merged-half"} <= set(rows)
+    assert rows["sketch-tune-a"][1] > rows["base"][1] + 0.3  # tables alone learn rotated digits
     moved = [
         n
         for n, acc in rows.items()
