@@ -220,14 +220,14 @@ class Sketch(Method):
         source = job.inputs[0]
         if source.content != "model":
             raise InputError(f"{source.label} holds a {source.content}; sketchtune needs a model")
+        if opts["import"] and opts["data"]:
+            raise OptionError("give -o import FILE or -o data CALIB, not both")
         plan = SketchPlan(source, opts["groups_per_row"])
         state = _Written(plan, opts)
         for name in source.names():
             if name not in plan.layer_of:
                 copy_tensor(job.writer, source, name)
         if opts["import"]:
-            if opts["data"]:
-                raise OptionError("give -o import FILE or -o data CALIB, not both")
             calibration = None
             _import_released(job, plan, state, opts["import"])
         elif opts["data"]:
@@ -350,11 +350,12 @@ class _Written:
             metrics["mean_output_error"] = sum(self.errors.values()) / len(self.errors)
             metrics["worst_output_error"] = self.errors[worst]
             metrics["worst_tensor"] = worst
-        how = (
-            f"calibrated on {calibration['samples']} rows ({calibration['tokens']} tokens)"
-            if calibration
-            else "no calibration data: plain k-means per group (H = I)"
-        )
+        if calibration:
+            how = f"calibrated on {calibration['samples']} rows ({calibration['tokens']} tokens)"
+        elif self.opts["import"]:
+            how = f"imported from {self.opts['import']}"
+        else:
+            how = "no calibration data: plain k-means per group (H = I)"
         extra = {
             "encoding": ENCODING,
             "bits": self.opts["bits"],

@@ -272,6 +272,13 @@ def test_bad_inputs(run, models, private_store, tmp_path):
     assert_refused(
         run,
         private_store,
+        ["apply", "-p", "sketchtune", base, "-o", "import", data, "-o", "data", data],
+        "give -o import FILE or -o data CALIB, not both",
+        code=2,
+    )
+    assert_refused(
+        run,
+        private_store,
         ["train", "-p", "sketchtune", base, "-o", "data", data],
         f"{base} is not a sketch; make one with `compress apply --plugin sketchtune`",
     )
