@@ -63,19 +63,22 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     diagonal, as GPTQ does). Damping grows tenfold until H is positive definite."""
     import torch
 
-    h = h.double().clone()
+    h = h.float().clone()  # one copy at a time: a 5632-column H is 127 MB in float32
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     mean = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    added = 0.0
     for attempt in range(6):
-        lam = damp * 10**attempt
-        chol, info = torch.linalg.cholesky_ex(h + lam * mean * eye)
+        lam = damp * 10**attempt * mean
+        h.diagonal().add_(lam - added)  # in place: no identity matrix beside H
+        added = lam
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
-                return u.float(), dead
+                return u, dead
     raise ValueError("the calibration Hessian is not positive definite even with damping")
 
 
