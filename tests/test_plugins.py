@@ -46,6 +46,8 @@ def test_builtins_load_through_entry_points():
         ("matformer-train", "train"): "matformer",
         ("tucker", "compress"): "tucker",
         ("lora-tucker", "compress"): "lora_tucker",
+        ("sketchtune", "compress"): "sketchtune",
+        ("sketchtune", "train"): "sketchtune",
     }
 
 
