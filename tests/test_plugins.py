@@ -177,3 +177,21 @@ def test_broken_plugin_is_one_line_from_the_cli(tmp_path):
         "Error: two methods are named 'task-vector': one from plugin "
         "'task_vector', one from plugin 'compressor-clash:compressor_clash'\n"
     )
+
+
+def test_one_family_offers_one_method_per_verb(run, private_store, tmp_path):
+    from conftest import assert_refused
+
+    out = run("plugins", "show", "sketchtune").output
+    assert "sketchtune (compress, version 1" in out and "sketchtune (train, version 1" in out
+    assert "compress train --plugin sketchtune MODEL -o data train.jsonl" in out
+    docs = json.loads(run("plugins", "show", "sketchtune", "--json").output)
+    assert [d["kind"] for d in docs] == ["compress", "train"]
+    assert_refused(
+        run,
+        private_store,
+        ["extract", "-p", "sketchtune", tmp_path],
+        "plugin 'sketchtune' is a compress and a train method; use "
+        "`compress apply --plugin sketchtune` or `compress train --plugin sketchtune`",
+        code=2,
+    )
