@@ -17,6 +17,20 @@ if TYPE_CHECKING:
 LossPiece = Callable[[], "tuple[torch.Tensor, int]"]
 
 
+def row_batches(rows: int, size: int, steps: int, seed: int):
+    """``steps`` lists of ``size`` row indices: seeded shuffles of all rows, one after
+    another, so every row is seen once before any is seen twice."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < size:
+            order += torch.randperm(rows, generator=gen).tolist()
+        pick, order = order[:size], order[size:]
+        yield pick
+
+
 class Trainer:
     """AdamW over ``params`` with clipping; :meth:`step` accumulates gradient over pieces.
 

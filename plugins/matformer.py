@@ -467,7 +467,7 @@ class MatformerTrain(Method):
         from compressor.data import read_examples
         from compressor.modeling import check_names_match, source_model
         from compressor.tasks import Task, check_head, objective_for
-        from compressor.training import Trainer
+        from compressor.training import Trainer, row_batches
 
         opts = job.options
         if not opts["data"]:
@@ -481,7 +481,6 @@ class MatformerTrain(Method):
         rows = read_examples(opts["data"])
         objective = objective_for(rows)
         torch.manual_seed(opts["seed"])
-        gen = torch.Generator().manual_seed(opts["seed"])
         grans = sorted(set(opts["granularities"]))
         history = {g: [] for g in grans}
         with source_model(source, "saved") as (net, tokenizer):
@@ -492,11 +491,10 @@ class MatformerTrain(Method):
             masks = _MaskedWidths(net, layout)
             trainer = Trainer(net.parameters(), lr=opts["lr"], clip=1.0)
             net.train()
-            order: list[int] = []
-            for _ in job.progress(range(opts["steps"]), desc="matformer-train", unit="step"):
-                if len(order) < opts["batch_size"]:
-                    order += torch.randperm(len(rows), generator=gen).tolist()
-                pick, order = order[: opts["batch_size"]], order[opts["batch_size"] :]
+            picks = row_batches(len(rows), opts["batch_size"], opts["steps"], opts["seed"])
+            for pick in job.progress(
+                picks, desc="matformer-train", unit="step", total=opts["steps"]
+            ):
                 x, y = task.batch(split, pick)
 
                 def at(g, x=x, y=y):  # the mean loss with the FFNs cut to g

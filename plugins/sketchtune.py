@@ -573,7 +573,7 @@ class SketchTrain(Method):
         from compressor.data import read_examples
         from compressor.modeling import source_model
         from compressor.tasks import Task, check_head, objective_for
-        from compressor.training import Trainer, show_loss
+        from compressor.training import Trainer, row_batches, show_loss
 
         opts, raw = job.options, job.inputs[0]
         if not opts["data"]:
@@ -586,7 +586,6 @@ class SketchTrain(Method):
         rows = read_examples(opts["data"])
         objective = objective_for(rows, opts["objective"])
         torch.manual_seed(opts["seed"])
-        gen = torch.Generator().manual_seed(opts["seed"])
         losses: list[float] = []
         with source_model(sketch, "saved") as (net, tokenizer):
             check_head(net, objective, raw.label)
@@ -595,12 +594,9 @@ class SketchTrain(Method):
             tables = swap_in_sketches(net, sketch)
             trainer = Trainer(list(tables.values()), lr=opts["lr"], weight_decay=0.0, clip=1.0)
             net.train()
-            order: list[int] = []
-            bar = job.progress(range(opts["steps"]), desc="sketchtune", unit="step")
-            for _ in bar:
-                if len(order) < opts["batch_size"]:
-                    order += torch.randperm(len(rows), generator=gen).tolist()
-                pick, order = order[: opts["batch_size"]], order[opts["batch_size"] :]
+            picks = row_batches(len(rows), opts["batch_size"], opts["steps"], opts["seed"])
+            bar = job.progress(picks, desc="sketchtune", unit="step", total=opts["steps"])
+            for pick in bar:
                 x, y = task.batch(split, pick)
 
                 def piece(x=x, y=y):

@@ -38,21 +38,16 @@ from bench_foundation import write_docs_section  # noqa: E402
 from compressor.data import read_examples  # noqa: E402
 from compressor.quantize import assign_codes, uniform_nearest  # noqa: E402
 from compressor.tasks import Task  # noqa: E402
-from compressor.training import Trainer  # noqa: E402
+from compressor.training import Trainer, row_batches  # noqa: E402
 
 LRS = {"lora": (3e-4, 1e-3), "qlora-like": (3e-4, 1e-3), "sketch": (1e-4, 3e-4)}
 
 
 def train(net, params, task, split, steps: int, lr: float, batch: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     trainer = Trainer(params, lr=lr, weight_decay=0.0, clip=1.0)
     net.train()
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch:
-            order += torch.randperm(len(split.rows), generator=gen).tolist()
-        pick, order = order[:batch], order[batch:]
+    for pick in row_batches(len(split.rows), batch, steps, seed):
         x, y = task.batch(split, pick)
 
         def piece(x=x, y=y):
