@@ -37,6 +37,13 @@ def pytest_sessionstart(session):
     suite_build.build(suite_build.SMOKE, quiet=False)
 
 
+def pytest_configure(config):
+    """One torch thread per xdist worker: two workers on two cores, each with two threads,
+    spend their time waiting on each other (a tiny training ran 6x slower)."""
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def private_store(tmp_path, monkeypatch):
     """Every test gets its own store; nothing touches the user's."""
