@@ -171,3 +171,156 @@ class FfnModel:
 def width_at(d_ff: int, fraction_kept: float) -> int:
     """The FFN width at a granularity: the rule extraction and nested training share."""
     return max(1, round(fraction_kept * d_ff))
+
+
+# -- widths that morph: NeuMeta's generated part ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class WidthAxis:
+    """One dimension of a tensor that a width group indexes.
+
+    ``pool`` says how neurons merge when the group narrows: "mean" for the neurons' own
+    parameters (rows of an in-projection, a channel's filters and norms), "sum" where a
+    tensor reads the group (a down projection's columns, the next conv's in-channels), so
+    merged neurons add up their contributions.
+    """
+
+    group: str
+    dim: int
+    pool: str  # "mean" | "sum"
+
+
+@dataclass(frozen=True)
+class WidthTensor:
+    """A tensor whose shape follows one or more width groups."""
+
+    name: str
+    family: str  # tensors of one family share a generator (and their fixed dims)
+    layer: int
+    axes: tuple[WidthAxis, ...]
+    statistic: bool = False  # a normalisation's running statistics: resampled, not learned
+
+
+class WidthLayout:
+    """The part of a model that changes with its width: groups of coupled neurons or
+    channels, each with its full width, and the tensors each group indexes.
+
+    Transformers (the MatFormer families): one group per FFN, its hidden neurons.
+    transformers' ResNet (basic blocks): one group per stage, its channels, coupled
+    through the stage's residual stream, its shortcut and the next stage's input.
+    """
+
+    def __init__(self, source, method: str = "neumeta"):
+        config = source.config()
+        if config is None:
+            raise InputError(f"{source.label} has no config.json; {method} needs one")
+        self.source = source
+        self.config = config
+        self.groups: dict[str, int] = {}
+        self.tensors: dict[str, WidthTensor] = {}
+        if config.get("model_type") == "resnet":
+            self._resnet(source, method)
+        else:
+            self._ffn(FfnModel(source, method), method)
+        self.num_layers = 1 + max(t.layer for t in self.tensors.values())
+
+    def _ffn(self, model: FfnModel, method: str) -> None:
+        if model.layout.family == "gemma3n":
+            raise InputError(f"{method} does not morph Gemma 3n yet (its per-layer inputs)")
+        self.ffn = model
+        for layer, members in model.ffn.items():
+            group = f"ffn.{layer}"
+            self.groups[group] = model.d_ff[layer]
+            for name, member in members.items():
+                if member.fused:
+                    raise InputError(
+                        f"{model.source.label}: {method} does not morph fused gate-up "
+                        f"projections ({name}) yet"
+                    )
+                pool = "sum" if member.role == "out" else "mean"
+                axis = WidthAxis(group, member.dim, pool)
+                self.tensors[name] = WidthTensor(name, member.rest, layer, (axis,))
+
+    def _resnet(self, source, method: str) -> None:
+        if self.config.get("layer_type", "bottleneck") != "basic":
+            raise InputError(
+                f"{source.label}: {method} morphs ResNets of basic blocks; this one has "
+                f"'{self.config.get('layer_type')}' layers"
+            )
+        self.ffn = None
+        sizes = list(self.config["hidden_sizes"])
+        depths = list(self.config["depths"])
+        for s, width in enumerate(sizes):
+            self.groups[f"stage.{s}"] = width
+        pattern = re.compile(
+            r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.[01])\."
+            r"(convolution|normalization)\.(weight|bias|running_mean|running_var)$"
+        )
+        infos = source.infos()
+        blocks = [sum(depths[:s]) for s in range(len(depths))]  # first block of each stage
+        for name in infos:
+            m = pattern.match(name)
+            if name == "classifier.1.weight":
+                axis = WidthAxis(f"stage.{len(sizes) - 1}", 1, "sum")
+                self.tensors[name] = WidthTensor(name, "classifier", sum(depths), (axis,))
+                continue
+            if not m:
+                continue
+            s, j, part, module, param = int(m[1]), int(m[2]), m[3], m[4], m[5]
+            axes = [WidthAxis(f"stage.{s}", 0, "mean")]
+            reads_previous = j == 0 and part in ("shortcut", "layer.0")
+            if module == "convolution" and not (reads_previous and s == 0):
+                group = f"stage.{s - 1}" if reads_previous else f"stage.{s}"
+                axes.append(WidthAxis(group, 1, "sum"))
+            fixed = "x".join(str(d) for d in infos[name].shape[len(axes) :])
+            family = f"{part}.{module}.{param}/{len(axes)}/{fixed}"
+            statistic = param.startswith("running_")
+            self.tensors[name] = WidthTensor(
+                name, family, blocks[s] + j, tuple(axes), statistic=statistic
+            )
+        for s in range(len(sizes)):
+            if f"resnet.encoder.stages.{s}.layers.0.shortcut.convolution.weight" not in infos:
+                raise InputError(
+                    f"{source.label}: stage {s} of this ResNet has no shortcut convolution "
+                    f"(its channels are the previous stage's); {method} cannot morph it"
+                )
+        self.downsample_first = bool(self.config.get("downsample_in_first_stage", True))
+        self.embedding = int(self.config["embedding_size"])
+
+    def widths_at(self, fraction: float) -> dict[str, int]:
+        """Every group's width at a fraction of its full width (MatFormer's rounding)."""
+        return self.fit({g: width_at(w, fraction) for g, w in self.groups.items()})
+
+    def fit(self, widths: dict[str, int]) -> dict[str, int]:
+        """Widths the architecture can take: a ResNet's first stage (stride 1) may not
+        match the stem's channels, or transformers would build it without the shortcut
+        the source has; it moves one channel up."""
+        if self.ffn is None and not self.downsample_first and widths["stage.0"] == self.embedding:
+            widths = {**widths, "stage.0": widths["stage.0"] + 1}
+        return widths
+
+    def shape(self, name: str, widths: dict[str, int]) -> tuple[int, ...]:
+        """The shape of a width tensor at the given group widths."""
+        shape = list(self.source.info(name).shape)
+        for axis in self.tensors[name].axes:
+            shape[axis.dim] = widths[axis.group]
+        return tuple(shape)
+
+    def resized_config(self, widths: dict[str, int]) -> dict:
+        """The source's config.json with its width keys set to ``widths``."""
+        import json
+
+        config = json.loads(json.dumps(self.config))
+        if self.ffn is None:
+            config["hidden_sizes"] = [widths[f"stage.{s}"] for s in range(len(self.groups))]
+            return config
+        values = {widths[f"ffn.{i}"] for i in range(len(self.groups))}
+        if len(values) > 1:
+            raise InputError(
+                f"{self.ffn.layout.family} models take one FFN width for every layer; "
+                f"got {sorted(values)}"
+            )
+        text = config.get("text_config") or config
+        text[self.ffn.layout.width_key] = values.pop()
+        return config

@@ -91,12 +91,7 @@ def build(work: Path, say=print) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for split, (x, y) in (("test", (xte, yte)), ("train", (xtr, ytr))):
         for domain in DOMAINS:
-            path = work / f"{split}-{domain}.jsonl"
-            rows = (
-                {"pixels": [[round(float(v), 4) for v in r] for r in img], "label": int(lab)}
-                for img, lab in zip(_domain(x, domain), y, strict=True)
-            )
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            path = write_rows(work / f"{split}-{domain}.jsonl", _domain(x, domain), y)
             paths[f"{split}-{domain}"] = path
     say("Training the base ViT on upright digits (1,297 images) ...")
     model = _vit(seed=0)
@@ -111,3 +106,35 @@ def build(work: Path, say=print) -> dict[str, Path]:
         expert.save_pretrained(work / f"finetune-{tag}")
         paths[f"finetune-{tag}"] = work / f"finetune-{tag}"
     return paths
+
+
+def write_rows(path: Path, x: torch.Tensor, y: torch.Tensor) -> Path:
+    """Digit images and labels as JSONL rows ({"pixels": 8x8, "label": k})."""
+    rows = (
+        {"pixels": [[round(float(v), 4) for v in r] for r in img], "label": int(lab)}
+        for img, lab in zip(x, y, strict=True)
+    )
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)
+
+
+def save_digits_resnet(path: Path, epochs: int = 8, seed: int = 0) -> Path:
+    """A small transformers ResNet (basic blocks, 32 and 64 channels) trained on upright
+    digits: a real 4-D conv model with BatchNorm, for the methods that morph channels."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=1,
+        embedding_size=16,
+        hidden_sizes=[32, 64],
+        depths=[1, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        num_labels=10,
+    )
+    model = ResNetForImageClassification(config)
+    xtr, ytr, _, _ = load_digits_split()
+    _train(model, xtr, ytr, epochs=epochs, lr=3e-3, seed=seed)
+    model.save_pretrained(path)
+    return Path(path)
