@@ -58,6 +58,9 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
         "apply --plugin sketchtune",
         "train --plugin sketchtune base-sketch",
         "merge --plugin task-arithmetic --base base-sketch",
+        "train --plugin neumeta",
+        "sample --plugin neumeta base-neumeta -o width 0.5",
+        "sample --plugin neumeta base-neumeta -o width 0.25",
         "store ls",
         "export expert-a",
         "store verify",
@@ -70,6 +73,7 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
             rows[cells[0]] = [float(c) for c in cells[2:5]]
     assert {"base", "expert-a", "merged", "expert-a-compeft", "merged-half"} <= set(rows)
     assert rows["sketch-tune-a"][1] > rows["base"][1] + 0.3  # tables alone learn rotated digits
+    assert rows["base-width-0.5"][0] > 0.5  # a sampled half-width ViT still reads digits
     moved = [
         n
         for n, acc in rows.items()

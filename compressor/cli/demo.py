@@ -79,6 +79,11 @@ def _reading(name: str, table: dict) -> str:
             f"the two tunes merged on their tables: keeps {100 * tuned[0]:.0f}% and "
             f"{100 * tuned[1]:.0f}% of their gains"
         )
+    if name.startswith("base-width-"):
+        return (
+            f"the base at {name.removeprefix('base-width-')} of its FFN width, sampled from "
+            f"NeuMeta's generator: {gain['upright']:+.1f} points upright"
+        )
     kept = [
         (acc[d] - base[d]) / max(1e-9, table[e][0][d] - base[d]) for e, d in EXPERT_DOMAINS.items()
     ]
@@ -257,6 +262,35 @@ def register(cli):
                 "--name",
                 "sketch-tunes-merged",
             )
+            _step(
+                store,
+                "train",
+                "--plugin",
+                "neumeta",
+                base,
+                "-o",
+                "data",
+                data["train-upright"],
+                "-o",
+                "steps",
+                "80",
+                "--name",
+                "base-neumeta",
+            )
+            for width in ("0.5", "0.25"):
+                _step(
+                    store,
+                    "sample",
+                    "--plugin",
+                    "neumeta",
+                    "base-neumeta",
+                    "-o",
+                    "width",
+                    width,
+                    "--name",
+                    f"base-width-{width}",
+                )
+            _step(store, "eval", "base-width-0.25", "-o", "data", data["test-upright"])
             _step(store, "store", "log", "merged-ties")
             _step(store, "store", "ls")
             _step(store, "export", "expert-a", work / "out" / "expert-a", "--base", base)
@@ -280,6 +314,8 @@ def register(cli):
                     "sketch-tune-a",
                     "sketch-tune-b",
                     "sketch-tunes-merged",
+                    "base-width-0.5",
+                    "base-width-0.25",
                 )
             ]
             table = {name: (_scores(store, ref, data, b), size) for name, ref, b, size in rows}
@@ -290,8 +326,9 @@ def register(cli):
                 click.echo(f"| {name} | {size / 1e3:.0f} KB | {cells} | {_reading(name, table)} |")
             click.echo(
                 "\nStored sizes: experts and their compressed forms are task vectors (add them to "
-                "the base with `export --base`); merges and cuts are whole models; sketch tunes "
-                "and their merge hold only tables (they decode with base-sketch's codes)."
+                "the base with `export --base`); merges, cuts and sampled widths are whole models; "
+                "sketch tunes and their merge hold only tables (they decode with base-sketch's "
+                "codes)."
             )
             if keep:
                 click.echo(f"Everything is kept in {work}")
