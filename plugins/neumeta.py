@@ -110,7 +110,7 @@ class NeumetaTrain(Method):
 
         from compressor.architectures import WidthLayout
         from compressor.data import read_examples
-        from compressor.modeling import checkpoint_names, source_model
+        from compressor.modeling import source_model
         from compressor.morphing import COORDINATES, WidthGenerator, permute
         from compressor.tasks import Task, check_head, objective_for
         from compressor.training import Trainer, functional_forward, row_batches, show_loss
@@ -129,7 +129,7 @@ class NeumetaTrain(Method):
             check_head(net, objective, source.label)
             task = Task(objective, net.config, tokenizer, opts["max_length"])
             split = task.split(rows, opts["data"], opts["batch_size"])
-            module_name = _module_names(net, source, layout, checkpoint_names)
+            module_name = _module_names(net, source, layout)
             perms = smoothing_orders(layout, opts["smoothing"], opts["tsp_seconds"], job)
             src = {n: permute(source.get(n).float(), s, perms) for n, s in layout.tensors.items()}
             scales = {n: _scale(t) for n, t in src.items()}
@@ -222,8 +222,11 @@ def _scale(t) -> float:
     return float(t.std()) if t.numel() > 1 and float(t.std()) > 0 else 1.0
 
 
-def _module_names(net, source, layout, checkpoint_names) -> dict[str, str]:
-    """{checkpoint name: the name functional_call takes} for every width tensor."""
+def _module_names(net, source, layout) -> dict[str, str]:
+    """{checkpoint name: the name functional_call takes} for every width tensor (they
+    differ where transformers renames modules on load: ViT)."""
+    from compressor.modeling import checkpoint_names
+
     own = {ckpt: param for param, ckpt in checkpoint_names(net, source).items()}
     buffers = dict(net.named_buffers())
     found = {}
