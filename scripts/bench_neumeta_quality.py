@@ -5,11 +5,12 @@
     python scripts/bench_neumeta_quality.py --write-docs
     python scripts/bench_neumeta_quality.py --only image  # or text
 
-Text: the suite's MiniLM with its 8-topic head, FFN widths. At each width (1/8 ... 1):
-NeuMeta trained on all topics at widths 1/4-1 and sampled there; MatFormer extraction of
-the source by activation order (256 training texts); the source after nested
-`matformer-train` (granularities 1/8, 1/4, 1/2, 1), cut in stored order; and the
-activation-order cut fine-tuned at that width for the same number of steps.
+Text: the suite's "tech" expert (MiniLM fully fine-tuned on two fortunes topics), FFN
+widths, scored on its 100 test rows. At each width (1/8 ... 1): NeuMeta trained on the
+expert's training rows at widths 1/4-1 and sampled there; MatFormer extraction of the
+source by activation order (256 training texts); the source after nested
+`matformer-train` (granularities 1/8, 1/4, 1/2, 1; the same steps), cut in stored order;
+and the activation-order cut fine-tuned at that width for the same number of steps.
 Image: the suite's digits ResNet, stage channel widths. NeuMeta the same way (BatchNorm
 statistics re-estimated on 256 training rows at every width); MatFormer does not cut
 ResNets, so the extraction baseline is L1 channel pruning (the channels whose filters
@@ -33,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 WIDTHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 TRAINED = "0.25,1"
+TEXT_EXPERT = "tech"  # the suite's MiniLM fine-tuned on two topics (computers, science)
 CALIBRATION_ROWS = 256
 
 
@@ -45,17 +47,12 @@ def text_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[st
     from compressor.api import evaluate
 
     data = suite / "text" / "data"
-    base = str(suite / "text" / "base")
-    train, test = (
-        str(data / "all-train.jsonl"),
-        {"data": str(data / "all-test.jsonl"), "max_length": 64},
-    )
+    base = str(suite / "text" / "experts" / TEXT_EXPERT)  # a trained classifier: the source
+    train = str(data / f"{TEXT_EXPERT}-train.jsonl")
+    test = {"data": str(data / f"{TEXT_EXPERT}-test.jsonl"), "max_length": 64}
     calib = work / "calibration.txt"
     calib.write_text(
-        "".join(
-            r["text"].replace("\n", " ") + "\n"
-            for r in _rows(data / "all-train.jsonl")[::6][:CALIBRATION_ROWS]
-        )
+        "".join(r["text"].replace("\n", " ") + "\n" for r in _rows(Path(train))[:CALIBRATION_ROWS])
     )
     common = {"data": train, "steps": steps, "max_length": 64}
     scores, notes, cost = {}, [], {}
@@ -276,7 +273,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--only", choices=("text", "image"))
-    ap.add_argument("--text-steps", type=int, default=300)
+    ap.add_argument("--text-steps", type=int, default=60)
     ap.add_argument("--image-steps", type=int, default=600)
     args = ap.parse_args()
 
