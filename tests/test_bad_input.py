@@ -307,7 +307,7 @@ def test_verb_without_methods_of_its_kind(run, models, populated):
         populated,
         ["sample", "-p", "nope", "tv"],
         2,
-        "unknown plugin 'nope': no installed plugin provides a sample method yet",
+        "unknown plugin 'nope' (available: neumeta)",
     )
 
 

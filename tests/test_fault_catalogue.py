@@ -342,10 +342,11 @@ CASES = [
         2,
     ),
     (
-        "no sample method",
-        ["sample", "-p", "neumeta", "tv"],
-        "unknown plugin 'neumeta': no installed plugin provides a sample method yet",
-        2,
+        "sample from what no generator made",
+        ["sample", "-p", "neumeta", "tv", "-o", "width", "0.5"],
+        "tv@1 is not a NeuMeta generator; train one with "
+        "`compress train --plugin neumeta MODEL -o data PATH`",
+        1,
     ),
     (
         "unknown option",

@@ -48,6 +48,8 @@ def test_builtins_load_through_entry_points():
         ("lora-tucker", "compress"): "lora_tucker",
         ("sketchtune", "compress"): "sketchtune",
         ("sketchtune", "train"): "sketchtune",
+        ("neumeta", "train"): "neumeta",
+        ("neumeta", "sample"): "neumeta",
     }
 
 
