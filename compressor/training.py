@@ -17,6 +17,27 @@ if TYPE_CHECKING:
 LossPiece = Callable[[], "tuple[torch.Tensor, int]"]
 
 
+def training_options(steps: int, lr: float, trained: str) -> tuple:
+    """The options of a method that learns from ``-o data``: data, objective, steps, lr,
+    batch_size and max_length (``trained`` says what the learning rate moves)."""
+    from .method import Option, positive
+
+    return (
+        Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
+        Option(
+            "objective",
+            "choice",
+            "auto",
+            "ce on labelled rows, lm on text (auto: ce when rows have labels)",
+            choices=("auto", "ce", "lm"),
+        ),
+        Option("steps", "int", steps, "optimizer steps", check=positive),
+        Option("lr", "float", lr, f"AdamW learning rate of {trained}", check=positive),
+        Option("batch_size", "int", 16, "rows per step", check=positive),
+        Option("max_length", "int", 128, "tokens per text", check=positive),
+    )
+
+
 def row_batches(rows: int, size: int, steps: int, seed: int):
     """``steps`` lists of ``size`` row indices: seeded shuffles of all rows, one after
     another, so every row is seen once before any is seen twice."""

@@ -26,6 +26,7 @@ from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction, non_negative, positive
 from compressor.sources import DecodedSource, TensorSource, copy_tensor
+from compressor.training import training_options
 
 ENCODING = "neumeta"
 SMOOTHING = ("greedy", "tsp", "none")
@@ -56,14 +57,7 @@ class NeumetaTrain(Method):
     version = "1"
     example_options = {"data": "train.jsonl"}
     options = (
-        Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
-        Option(
-            "objective",
-            "choice",
-            "auto",
-            "ce on labelled rows, lm on text (auto: ce when rows have labels)",
-            choices=("auto", "ce", "lm"),
-        ),
+        *training_options(steps=200, lr=1e-3, trained="the generator"),
         Option(
             "widths",
             "floats",
@@ -71,11 +65,7 @@ class NeumetaTrain(Method):
             "the width fractions trained on: LOW,HIGH",
             check=_width_range,
         ),
-        Option("steps", "int", 200, "optimizer steps", check=positive),
-        Option("lr", "float", 1e-3, "AdamW learning rate of the generator", check=positive),
         Option("weight_decay", "float", 1e-4, "AdamW weight decay", check=non_negative),
-        Option("batch_size", "int", 16, "rows per step", check=positive),
-        Option("max_length", "int", 128, "tokens per text", check=positive),
         Option("hidden", "int", 64, "the generator MLPs' hidden size", check=positive),
         Option("depth", "int", 2, "residual blocks per generator MLP", check=non_negative),
         Option("fourier", "int", 6, "Fourier frequencies per coordinate", check=non_negative),

@@ -34,6 +34,7 @@ from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.safetensors_format import TensorInfo
 from compressor.sources import DecodedSource, TensorSource, copy_tensor
+from compressor.training import training_options
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -552,18 +553,7 @@ class SketchTrain(Method):
     reads_raw = (ENCODING,)
     example_options = {"data": "train.jsonl"}
     options = (
-        Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
-        Option(
-            "objective",
-            "choice",
-            "auto",
-            "ce on labelled rows, lm on text (auto: ce when rows have labels)",
-            choices=("auto", "ce", "lm"),
-        ),
-        Option("steps", "int", 100, "optimizer steps", check=positive),
-        Option("lr", "float", 1e-4, "AdamW learning rate of the tables", check=positive),
-        Option("batch_size", "int", 16, "rows per step", check=positive),
-        Option("max_length", "int", 128, "tokens per text", check=positive),
+        *training_options(steps=100, lr=1e-4, trained="the tables"),
         Option("seed", "int", 0, "seed of the row order and dropout"),
     )
 
