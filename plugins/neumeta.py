@@ -20,6 +20,7 @@ read from MODEL, its parent. It decodes to the full-width model (``export``, ``e
 
 from __future__ import annotations
 
+import math
 import time
 
 from compressor.errors import InputError, OptionError
@@ -367,7 +368,9 @@ class NeumetaSample(Method):
             held = {}
             # trained with batch statistics: re-estimate them (at full width, when data is
             # given; without it the source's fit there)
-            norms = raw.manifest.get("batch_norm") and (opts["data"] or widths != layout.groups)
+            norms = bool(raw.manifest.get("batch_norm")) and (
+                bool(opts["data"]) or widths != layout.groups
+            )
             if norms and not opts["data"]:
                 raise OptionError(
                     "this model normalises with BatchNorm, whose statistics at a new width are "
@@ -389,7 +392,7 @@ class NeumetaSample(Method):
                 info.numel
                 for n, info in parent.infos().items()
                 if info.is_float and n not in layout.tensors
-            ) + sum(_numel(layout.shape(n, widths)) for n, s in layout.tensors.items())
+            ) + sum(math.prod(layout.shape(n, widths)) for n in layout.tensors)
             source_params = sum(i.numel for i in parent.infos().values() if i.is_float)
         finally:
             model.close()
@@ -409,7 +412,9 @@ class NeumetaSample(Method):
                 "batch_norm_statistics": "re-estimated" if norms else "generated",
                 "summary": [
                     "widths: " + ", ".join(f"{g} {widths[g]}/{full[g]}" for g in full),
-                    f"{'clean coordinates' if opts['samples'] == 1 else str(opts['samples']) + ' noisy generations averaged'}",
+                    "clean coordinates"
+                    if opts["samples"] == 1
+                    else f"{opts['samples']} noisy generations averaged",
                 ],
             },
         )
@@ -470,13 +475,6 @@ def recalibrate_norms(config: dict, parent, tensors: dict, opts: dict, job) -> d
         for n, m in norms.items()
         for stat in ("running_mean", "running_var")
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @hookimpl
