@@ -212,14 +212,11 @@ class WidthLayout:
     """
 
     def __init__(self, source, method: str = "neumeta"):
-        config = source.config()
-        if config is None:
-            raise InputError(f"{source.label} has no config.json; {method} needs one")
         self.source = source
-        self.config = config
+        self.config = source.config() or {}  # FfnModel refuses a model without one
         self.groups: dict[str, int] = {}
         self.tensors: dict[str, WidthTensor] = {}
-        if config.get("model_type") == "resnet":
+        if self.config.get("model_type") == "resnet":
             self._resnet(source, method)
         else:
             self._ffn(FfnModel(source, method), method)

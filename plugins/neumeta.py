@@ -121,15 +121,16 @@ class NeumetaTrain(Method):
             task = Task(objective, net.config, tokenizer, opts["max_length"])
             split = task.split(rows, opts["data"], opts["batch_size"])
             module_name = _module_names(net, source, layout)
-            perms = smoothing_orders(layout, opts["smoothing"], opts["tsp_seconds"], job)
-            src = {n: permute(source.get(n).float(), s, perms) for n, s in layout.tensors.items()}
+            src = {n: source.get(n).float() for n in layout.tensors}
+            perms = smoothing_orders(layout, src, opts["smoothing"], opts["tsp_seconds"], job)
+            src = {n: permute(t, layout.tensors[n], perms) for n, t in src.items()}
             scales = {n: _scale(t) for n, t in src.items()}
             torch.manual_seed(opts["seed"])
             gen = WidthGenerator(layout, opts["hidden"], opts["depth"], opts["fourier"])
             for p in net.parameters():
                 p.requires_grad_(False)
             norms = _batch_norms(net)
-            for m in norms:
+            for m in norms.values():
                 m.train()  # batch statistics; the running ones are regenerated every step
             trainer = Trainer(gen.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"])
             rng = torch.Generator().manual_seed(opts["seed"])
@@ -203,14 +204,17 @@ class NeumetaTrain(Method):
         )
 
 
-def _batch_norms(net) -> list:
+def _batch_norms(net) -> dict:
+    """{module name: module} of every BatchNorm layer of ``net``."""
     import torch
 
-    return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norm = torch.nn.modules.batchnorm._BatchNorm
+    return {n: m for n, m in net.named_modules() if isinstance(m, norm)}
 
 
 def _scale(t) -> float:
-    return float(t.std()) if t.numel() > 1 and float(t.std()) > 0 else 1.0
+    std = float(t.std()) if t.numel() > 1 else 0.0
+    return std if std > 0 else 1.0
 
 
 def _module_names(net, source, layout) -> dict[str, str]:
@@ -228,27 +232,20 @@ def _module_names(net, source, layout) -> dict[str, str]:
     return found
 
 
-def smoothing_orders(layout, how: str, seconds: float, job) -> dict:
-    """Each group's smoothing permutation, computed from the source's coupled tensors."""
+def smoothing_orders(layout, tensors: dict, how: str, seconds: float, job) -> dict:
+    """Each group's smoothing permutation, from the source's width ``tensors`` (by name)."""
     from compressor.morphing import neuron_features, smoothing_order
 
-    orders = {}
-    for group in job.progress(list(layout.groups), desc="neumeta: smoothing order"):
-        members = {
-            n: layout.source.get(n)
-            for n, s in layout.tensors.items()
-            if any(a.group == group for a in s.axes) and not s.statistic
-        }
-        orders[group] = smoothing_order(neuron_features(layout, members, group), how, seconds)
-    return orders
+    return {
+        group: smoothing_order(neuron_features(layout, tensors, group), how, seconds)
+        for group in job.progress(list(layout.groups), desc="neumeta: smoothing order")
+    }
 
 
 class NeumetaModel:
     """A trained NeuMeta artifact, opened: its parent, layout, generator and permutations."""
 
     def __init__(self, raw: TensorSource):
-        import torch
-
         from compressor.architectures import WidthLayout
         from compressor.morphing import WidthGenerator
 
@@ -268,23 +265,24 @@ class NeumetaModel:
         self.perms = {g: raw.get(f"perm.{g}").long() for g in self.layout.groups}
         self.scales = m["scales"]
         self.noise = float(m["noise"])
-        self._torch = torch
 
     def generate(self, name: str, widths: dict, samples: int = 1, gen=None):
         """A width tensor at ``widths``: clean coordinates, or the mean of ``samples``
         generations with the training's coordinate noise."""
+        import torch
+
         from compressor.morphing import permute
 
         spec = self.layout.tensors[name]
         src = permute(self.parent.get(name).float(), spec, self.perms)
-        with self._torch.no_grad():
+        with torch.no_grad():
             if samples <= 1:
                 return self.generator.tensor(spec, src, self.scales[name], widths)
             draws = [
                 self.generator.tensor(spec, src, self.scales[name], widths, self.noise, gen)
                 for _ in range(samples)
             ]
-            return self._torch.stack(draws).mean(0)
+            return torch.stack(draws).mean(0)
 
     def close(self) -> None:
         self.parent.close()
@@ -458,23 +456,32 @@ def recalibrate_norms(config: dict, parent, tensors: dict, opts: dict, job) -> d
         net = _auto_class(cfg, "saved")(cfg)
     state = {n: tensors[n] if n in tensors else parent.get(n) for n in parent.names()}
     net.load_state_dict(state, assign=True, strict=True)
-    norms = {n: m for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    for m in norms.values():
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the calibration batches
     task = Task("entropy", cfg, None, opts["max_length"])
     split = task.split(rows, opts["data"], opts["batch_size"])
-    net.eval()
-    for m in norms.values():
-        m.train()
-    with torch.no_grad():
-        for x, _ in job.progress(task.batches(split), desc="neumeta: BatchNorm statistics"):
-            net(**x)
+    batches = job.progress(task.batches(split), desc="neumeta: BatchNorm statistics")
+    reestimate_batch_norms(net, (x for x, _ in batches))
     return {
         f"{n}.{stat}": getattr(m, stat).detach().clone()
-        for n, m in norms.items()
+        for n, m in _batch_norms(net).items()
         for stat in ("running_mean", "running_var")
     }
+
+
+def reestimate_batch_norms(net, inputs) -> None:
+    """Every BatchNorm's running statistics, anew: the cumulative average over ``inputs``
+    (model input dicts) run without gradients; the model is left in eval mode."""
+    import torch
+
+    norms = _batch_norms(net).values()
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average, not an exponential one
+        m.train()
+    with torch.no_grad():
+        for x in inputs:
+            net(**x)
+    net.eval()
 
 
 @hookimpl

@@ -42,6 +42,20 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def _train_generator(store, model: str, options: dict):
+    """Train NeuMeta on ``model``; the artifact and its cost (time, sizes)."""
+    import compressor
+
+    t0 = time.time()
+    gen = compressor.train("neumeta", model, options=options, store=store)
+    cost = {
+        "train_s": time.time() - t0,
+        "inr": gen.metrics["inr_parameters"],
+        "width_params": gen.metrics["width_parameters"],
+    }
+    return gen, cost
+
+
 def text_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[str], dict]:
     import compressor
     from compressor.api import evaluate
@@ -55,7 +69,7 @@ def text_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[st
         "".join(r["text"].replace("\n", " ") + "\n" for r in _rows(Path(train))[:CALIBRATION_ROWS])
     )
     common = {"data": train, "steps": steps, "max_length": 64}
-    scores, notes, cost = {}, [], {}
+    scores, notes = {}, []
     scores["source", 1.0] = evaluate(base, test, store=store)["accuracy"]
 
     def cut(model: str, width: float, order: str) -> str:
@@ -64,11 +78,7 @@ def text_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[st
             opts.update(data=str(calib), max_length=64)
         return compressor.extract("matformer", model, options=opts, store=store).id
 
-    t0 = time.time()
-    gen = compressor.train("neumeta", base, options={**common, "widths": TRAINED}, store=store)
-    cost["train_s"] = time.time() - t0
-    cost["inr"] = gen.metrics["inr_parameters"]
-    cost["width_params"] = gen.metrics["width_parameters"]
+    gen, cost = _train_generator(store, base, {**common, "widths": TRAINED})
     notes.append(f"NeuMeta {steps} steps of 16 rows at widths {TRAINED}: {cost['train_s']:.0f} s")
     t0 = time.time()
     nested = compressor.train(
@@ -113,16 +123,10 @@ def _accuracy(model, rows) -> float:
 def _recalibrate(model, rows) -> None:
     import torch
 
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
+    from compressor.plugins.neumeta import reestimate_batch_norms
+
     x = torch.tensor([r["pixels"] for r in rows[:CALIBRATION_ROWS]]).unsqueeze(1)
-    with torch.no_grad():
-        for chunk in x.split(64):
-            model(pixel_values=chunk)
-    model.eval()
+    reestimate_batch_norms(model, ({"pixel_values": chunk} for chunk in x.split(64)))
 
 
 def pruned_resnet(directory: Path, width: float):
@@ -187,23 +191,10 @@ def image_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[s
     data = suite / "image" / "data"
     base = suite / "image" / "base"
     train_rows, test_rows = _rows(data / "clean-train.jsonl"), _rows(data / "clean-test.jsonl")
-    scores, notes, cost = {}, [], {}
+    scores, notes = {}, []
     scores["source", 1.0] = _accuracy(ResNetForImageClassification.from_pretrained(base), test_rows)
-    t0 = time.time()
-    gen = compressor.train(
-        "neumeta",
-        str(base),
-        options={
-            "data": str(data / "clean-train.jsonl"),
-            "steps": steps,
-            "lr": 3e-3,
-            "widths": TRAINED,
-        },
-        store=store,
-    )
-    cost["train_s"] = time.time() - t0
-    cost["inr"] = gen.metrics["inr_parameters"]
-    cost["width_params"] = gen.metrics["width_parameters"]
+    opts = {"data": str(data / "clean-train.jsonl"), "steps": steps, "lr": 3e-3, "widths": TRAINED}
+    gen, cost = _train_generator(store, str(base), opts)
     notes.append(f"NeuMeta {steps} steps of 16 rows at widths {TRAINED}: {cost['train_s']:.0f} s")
     sample_s = []
     for w in WIDTHS:
