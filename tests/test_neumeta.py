@@ -341,8 +341,9 @@ def test_bad_inputs(run, private_store, digits, llama, tmp_path):
     )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    r = run("--quiet", *train, digits["resnet"], "-o", "data", empty)
-    assert r.exit_code != 0 and r.output.count("\n") == 1
+    assert_refused(
+        run, store, [*train, digits["resnet"], "-o", "data", empty], f"{empty} holds no examples"
+    )
     # sampling
     run("--quiet", "store", "import", llama["model"], "--name", "plain")
     assert_refused(
