@@ -18,6 +18,7 @@ from .alignment import ModelFromDelta
 from .contents import content_rules, describe_content
 from .errors import CompressorError, UsageError
 from .integrity import check_digest
+from .merging import TensorMerge
 from .method import Job
 from .peft_adapter import CONFIG_FILE, PeftAdapter
 from .plugin_manager import get_registry
@@ -55,22 +56,28 @@ def run_method(
     store: Store | str | Path | None = None,
     quiet: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: str | None = None,
+    values: dict | None = None,
+    build=None,
+    extra: dict | None = None,
 ) -> ArtifactRecord:
-    """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact."""
+    """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact.
+
+    ``dtype`` casts the written float tensors. For ``compress merge --config``:
+    ``values`` are options already checked, and ``build(base, inputs)`` turns the
+    resolved inputs into the job's (base, inputs, layer positions), e.g. layers
+    restacked by slices; ``extra`` goes into the artifact's manifest.
+    """
     method = get_registry().method(plugin, kind)
-    values = method.parse_options(options or {})
+    if values is None and isinstance(method, TensorMerge):  # options may name experts (@N)
+        values = method.parse_options(options or {}, method.input_labels(list(inputs), base))
+    elif values is None:
+        values = method.parse_options(options or {})
+    out_dtype = dtype_from_name(dtype) if dtype is not None else None
     if method.needs_base and base is None:
         raise UsageError(f"method '{plugin}' needs --base BASE")
-    noun = "expert" if method.kind == "merge" else "input"
-    if len(inputs) < method.min_inputs:
-        raise UsageError(
-            f"method '{plugin}' needs at least {_count(method.min_inputs, noun)}; "
-            f"got {len(inputs) or 'none'}"
-        )
-    if method.max_inputs is not None and len(inputs) > method.max_inputs:
-        raise UsageError(
-            f"method '{plugin}' takes at most {_count(method.max_inputs, noun)}; got {len(inputs)}"
-        )
+    if build is None:
+        _check_count(method, plugin, len(inputs))
     name = check_name(name if name is not None else _default_name(method.name, list(inputs)))
     with opened_store(store) as st, contextlib.ExitStack() as stack:
         resolved_base = resolve(st, base) if base is not None else None
@@ -86,8 +93,12 @@ def run_method(
             [r.source for r in resolved],
             {},
         )
+        positions = None
+        if build is not None:
+            job_base, job_inputs, positions = build(job_base, job_inputs)
+            _check_count(method, plugin, len(job_inputs))
         with st.tmp_dir() as tmp:
-            writer = ArtifactWriter(tmp / "out", max_shard_size=max_shard_size)
+            writer = ArtifactWriter(tmp / "out", max_shard_size=max_shard_size, dtype=out_dtype)
             job = Job(
                 base=job_base,
                 inputs=job_inputs,
@@ -95,9 +106,10 @@ def run_method(
                 writer=writer,
                 progress=make_progress(quiet),
                 warn=warn,
+                positions=positions,
             )
             manifest = method.run(job)
-            carry_from = job.base if kind == "merge" else job.inputs[0]
+            carry_from = job.base if kind == "merge" and job.base else job.inputs[0]
             _carry_files(writer, carry_from, manifest.content)
             files = writer.finish()
             for r in [resolved_base, *resolved]:
@@ -116,10 +128,23 @@ def run_method(
                 method_version=method.version,
                 params=values,
                 metrics=manifest.metrics,
-                manifest={**manifest.extra, **space_extra},
+                manifest={**manifest.extra, **space_extra, **(extra or {})},
                 parents=parents,
                 externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
             )
+
+
+def _check_count(method, plugin: str, n: int) -> None:
+    """Refuse fewer or more inputs than the method takes."""
+    noun = "expert" if method.kind == "merge" else "input"
+    if n < method.min_inputs:
+        raise UsageError(
+            f"method '{plugin}' needs at least {_count(method.min_inputs, noun)}; got {n or 'none'}"
+        )
+    if method.max_inputs is not None and n > method.max_inputs:
+        raise UsageError(
+            f"method '{plugin}' takes at most {_count(method.max_inputs, noun)}; got {n}"
+        )
 
 
 def _merge_space(base, experts):

@@ -8,11 +8,12 @@ depend on a sort's tie order), found with the histogram threshold of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import OptionError
-from .method import Option
+from .method import Manifest, Method, Option
 from .selection import magnitude_bits, topk_threshold_bits
+from .sources import row_blocks
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -21,21 +22,29 @@ WEIGHTS_OPTION = Option(
     "weights",
     "floats",
     None,
-    "per-expert weights w_t, comma-separated, in the order the experts are given (default: 1 each)",
+    "per-expert weights w_t: comma-separated in the order the experts are given, or per "
+    "expert as weights@N (default: 1 each)",
 )
 SCALE_OPTION = Option("scale", "float", 1.0, "λ, the factor on the merged task vector")
 
 
-def expert_weights(job) -> list[float]:
-    """The ``weights`` option, one per expert (default 1 each)."""
-    weights = job.options["weights"] or [1.0] * len(job.inputs)
-    if len(weights) != len(job.inputs):
-        experts = len(job.inputs)
-        raise OptionError(
-            f"option 'weights' has {len(weights)} values for {experts} "
-            f"expert{'s' if experts != 1 else ''}"
-        )
-    return weights
+def expert_weights(values: list) -> list[float]:
+    """The per-expert ``weights`` of one tensor, 1 where unset."""
+    return [1.0 if w is None else w for w in values]
+
+
+def weighted_sum(deltas: list, weights: list, normalize: bool) -> torch.Tensor | None:
+    """Σ w_t·τ_t over the present τ (None for all absent), divided by Σ w_t with
+    ``normalize`` (by 1 where |Σ w_t| < 1e-8, as mergekit does)."""
+    weights = expert_weights(weights)
+    mixed = None
+    for d, w in zip(deltas, weights, strict=True):
+        if d is not None:
+            mixed = d.mul_(w) if mixed is None else mixed.add_(d, alpha=w)
+    if mixed is not None and normalize:
+        total = sum(weights)
+        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    return mixed
 
 
 def keep_mask(tau: torch.Tensor, threshold: int, ties: int) -> tuple[torch.Tensor, int]:
@@ -103,3 +112,149 @@ def sign_consensus(
         divisor[divisor == 0] = 1
         mixed.div_(divisor)
     return mixed
+
+
+@dataclass
+class TensorCall:
+    """What a merge rule gets for one output tensor (or a block of its rows).
+
+    ``base`` is the base in float32 (None for methods without one); ``tensors`` the
+    inputs in float32: task vectors τ_t (``space delta``, None where τ is zero) or
+    weights θ_t (``space weights``). ``shared`` and ``per`` hold the options' values
+    for this tensor (per-expert options as one value per input, None where unset).
+    """
+
+    name: str
+    base: torch.Tensor | None
+    tensors: list
+    shared: dict
+    per: dict
+    state: object = None
+    index: int = 0  # position of this tensor among the merged ones
+
+
+class TensorMerge(Method):
+    """The streaming merge loop every merge method shares; subclasses write ``merge``.
+
+    Per tensor of the reference model (the base, else the first input), in its order:
+    non-float tensors are carried; float ones are read from every input (whole, or
+    in row blocks for ``elementwise`` rules), merged by ``merge`` and written in
+    the reference's dtype. Options are resolved per tensor and per expert
+    (:mod:`compressor.merge_params`), so every option takes per-expert values,
+    layer gradients and name filters.
+
+    ``base_is_input``: the base, when given, is one more input after the experts
+    (mergekit adds ``base_model`` to a linear or Karcher merge this way).
+    """
+
+    kind = "merge"
+    needs_base = True
+    max_inputs = None
+    space = "delta"  # or "weights"
+    elementwise = False
+    base_is_input = False
+    per_expert: frozenset[str] = frozenset({"weights"})
+
+    def parse_options(self, pairs, labels=None):
+        """Check ``-o`` pairs; keys may name an expert (``@N``) and a filter (``:TEXT``)."""
+        from .merge_params import parse_merge_options
+
+        labels = list(labels) if labels is not None else []
+        return parse_merge_options(
+            self.options, self.per_expert, pairs, labels, f"method '{self.name}'"
+        )
+
+    def input_labels(self, inputs: list[str], base: str | None) -> list[str]:
+        """The labels ``@EXPERT`` selectors refer to, in input order."""
+        return [*inputs, base] if self.base_is_input and base is not None else list(inputs)
+
+    def prepare(self, job, views):
+        """State for the merge pass (whole-model statistics, counters), or None.
+
+        ``views`` read the inputs: ``read(name, rows)`` → float32 τ_t or θ_t (None: zero).
+        """
+        return None
+
+    def merge(self, call: TensorCall) -> torch.Tensor:
+        """The merged float32 tensor (or rows) for one output tensor."""
+        raise NotImplementedError
+
+    def metrics(self, job, state) -> dict:
+        """The artifact's metrics (the loop adds the expert count)."""
+        return {}
+
+    def run(self, job):
+        from .merge_params import TensorParameters, layer_positions
+
+        base, inputs = job.base, list(job.inputs)
+        if self.base_is_input and base is not None:
+            inputs, base = [*inputs, base], None
+            reference_base = job.base
+        else:
+            reference_base = base
+        reference = base if base is not None else inputs[0]
+        views = _input_views(self, reference_base, base, inputs, job)
+        params = TensorParameters(job.options, self.per_expert, len(inputs))
+        names = reference.names()
+        positions = job.positions or layer_positions(names)
+        state = self.prepare(job, views)
+        index = 0
+        for name in job.progress(names, desc=self.name):
+            info = reference.info(name)
+            if not info.is_float:
+                job.writer.write(name, reference.get(name))
+                continue
+            shared, per = params.at(name, positions.get(name, 0.0))
+            blocks = row_blocks(info) if self.elementwise else [None]
+            job.writer.begin(name, info.shape, info.dtype)
+            for rows in blocks:
+                b = base.get(name, rows).float() if base is not None else None
+                tensors = [read(name, rows, b) for read in views]
+                call = TensorCall(name, b, tensors, shared, per, state, index)
+                job.writer.write_rows(self.merge(call).to(info.dtype))
+            job.writer.end()
+            index += 1
+        return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
+
+
+def _input_views(method, reference_base, base, inputs, job):
+    """One reader per input: ``read(name, rows, base_rows)`` → float32 τ_t or θ_t."""
+    from .alignment import TaskVectorView
+    from .errors import UsageError
+
+    if method.space == "delta" and base is None:
+        raise UsageError(f"method '{method.name}' needs --base BASE")
+    readers = []
+    for source in inputs:
+        if reference_base is None and source.content != "model":
+            raise UsageError(
+                f"{source.label} is not a full model; method '{method.name}' needs --base BASE "
+                "to read it"
+            )
+        if source is reference_base or (base is None and source is inputs[0]):
+            readers.append(_direct(source))
+            continue
+        view = TaskVectorView(reference_base or inputs[0], source, job.warn)
+        if method.space == "delta":
+            readers.append(view.delta)
+        elif source.content == "model":
+            readers.append(_direct(source))
+        else:
+            readers.append(_rebuilt(view, reference_base))
+    return readers
+
+
+def _direct(source):
+    def read(name, rows, base_rows=None):
+        return source.get(name, rows).float()
+
+    return read
+
+
+def _rebuilt(view, base):
+    def read(name, rows, base_rows=None):
+        b = base_rows if base_rows is not None else base.get(name, rows).float()
+        d = view.delta(name, rows, b)
+        return b.clone() if d is None else d.add_(b)
+
+    return read

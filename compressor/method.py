@@ -157,6 +157,7 @@ class Job:
     writer: Any  # ArtifactWriter
     progress: Callable  # progress(iterable, desc=..., total=...) -> iterable
     warn: Callable[[str], None]
+    positions: dict | None = None  # merges: each tensor's layer position t (else from names)
 
 
 class Method:

@@ -1,11 +1,15 @@
-"""ties, dare-linear, dare-ties: sparsify each task vector, then add or sign-elect.
+"""Sparsify each task vector, then add or sign-elect: mergekit's generalized task arithmetic.
 
 TIES (Yadav et al. 2023, https://arxiv.org/abs/2306.01708) trims each τ to its
 largest entries, elects a sign per parameter and averages the agreeing values.
 DARE (Yu et al. 2024, https://arxiv.org/abs/2311.03099) drops entries at
 random and rescales the rest, then sums (dare-linear) or elects (dare-ties).
-Semantics follow mergekit's ``ties``/``dare_linear``/``dare_ties`` by default;
-options give the TIES paper's global trim and PEFT's count normalisation.
+Model Breadcrumbs (https://arxiv.org/abs/2312.06795) drops the largest outliers
+and the smallest entries; DELLA (https://arxiv.org/abs/2406.11617) drops at random
+with a probability falling with magnitude; SCE (https://arxiv.org/abs/2408.07990)
+keeps the entries that vary most across experts and weights experts by energy.
+Semantics follow mergekit's methods of the same names by default; options give
+the TIES paper's global trim and PEFT's count normalisation.
 
 Each tensor is merged whole: memory holds the experts' τ of one tensor, the
 base tensor and the result (experts + 2 tensors).
@@ -16,18 +20,19 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from compressor.alignment import TaskVectorView
+from compressor import merge_rules
 from compressor.hookspecs import hookimpl
 from compressor.merging import (
     SCALE_OPTION,
     WEIGHTS_OPTION,
+    TensorMerge,
     expert_weights,
     keep_mask,
     sign_consensus,
     top_k_mask,
     trim_count,
 )
-from compressor.method import Manifest, Method, Option, fraction
+from compressor.method import Option, fraction, non_negative
 from compressor.selection import TopKThreshold
 from compressor.sources import block_shape, row_blocks
 
@@ -61,54 +66,41 @@ def _dare_seed(seed: int, expert: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class _SparsifyMerge(Method):
-    """Sparsify every expert's τ of a tensor, then combine: the shared run loop."""
+class _SparsifyMerge(TensorMerge):
+    """Sparsify every expert's τ of a tensor, then sum or sign-elect: mergekit's
+    generalized task arithmetic, one tensor at a time."""
 
-    kind = "merge"
-    needs_base = True
-    max_inputs = None
     version = "1"
     consensus = True
-
-    def run(self, job):
-        import torch
-
-        weights = expert_weights(job)
-        opts = job.options
-        views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
-        state = self.prepare(job, views)
-        kept = total = 0
-        for name in job.progress(job.base.names(), desc=self.name):
-            info = job.base.info(name)
-            if not info.is_float:
-                job.writer.write(name, job.base.get(name))
-                continue
-            base = job.base.get(name).float()
-            deltas = []
-            for t, view in enumerate(views):
-                d = view.delta(name, None, base)
-                if d is not None:
-                    d = self.sparsify(state, t, name, d.reshape(-1), job)
-                    kept += int(torch.count_nonzero(d))
-                deltas.append(d)
-                total += info.numel
-            if self.consensus:
-                mixed = sign_consensus(deltas, weights, opts["election"], opts["normalize"])
-            else:
-                mixed = _linear(deltas, weights, opts["normalize"])
-            if mixed is not None:
-                base.add_(mixed.reshape(info.shape), alpha=opts["scale"])
-            job.writer.write(name, base.to(info.dtype))
-        return Manifest(
-            "model",
-            metrics={"experts": len(job.inputs), "kept": kept / total if total else 0.0},
-        )
+    per_expert = frozenset({"weights", "density", "gamma", "epsilon"})
 
     def prepare(self, job, views):
-        """Whole-model statistics before the merge pass (TIES' global trim), or None."""
-        return None
+        return {"kept": 0, "total": 0}
 
-    def sparsify(self, state, t: int, name: str, tau: torch.Tensor, job) -> torch.Tensor:
+    def merge(self, call):
+        import torch
+
+        deltas = []
+        for t, d in enumerate(call.tensors):
+            if d is not None:
+                d = self.sparsify(call, t, d.reshape(-1))
+                call.state["kept"] += int(torch.count_nonzero(d))
+            call.state["total"] += call.base.numel()
+            deltas.append(d)
+        weights = expert_weights(call.per["weights"])
+        opts = call.shared
+        if self.consensus:
+            mixed = sign_consensus(deltas, weights, opts["election"], opts["normalize"])
+        else:
+            mixed = _linear(deltas, weights, opts["normalize"])
+        if mixed is not None:
+            call.base.add_(mixed.reshape(call.base.shape), alpha=opts["scale"])
+        return call.base
+
+    def metrics(self, job, state):
+        return {"kept": state["kept"] / state["total"] if state["total"] else 0.0}
+
+    def sparsify(self, call, t: int, tau: torch.Tensor) -> torch.Tensor:
         """Expert t's flat float32 τ of one tensor, sparsified (in place allowed)."""
         raise NotImplementedError
 
@@ -127,14 +119,18 @@ def _linear(deltas, weights, normalize: str) -> torch.Tensor | None:
     return mixed.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
 
 
+def _density(default: float, help: str = "fraction of each τ's entries kept") -> Option:
+    return Option("density", "float", default, help, check=fraction)
+
+
 class Ties(_SparsifyMerge):
     """TIES: trim each τ to its largest entries, elect signs, take the disjoint mean.
 
     ``scope tensor`` (mergekit, the default) keeps the top ``density`` fraction of
     each tensor of each τ; ``scope global`` keeps the top fraction of each whole τ
-    (the TIES paper), found in two streaming passes before the merge. Exactly
-    k = int(density·n) entries are kept (at least one); ties at the threshold are
-    taken in flat order.
+    (the TIES paper), found in two streaming passes before the merge (one density
+    per expert: filters and gradients do not apply there). Exactly k = int(density·n)
+    entries are kept (at least one); ties at the threshold are taken in flat order.
     """
 
     name = "ties"
@@ -143,7 +139,7 @@ class Ties(_SparsifyMerge):
     options = (
         WEIGHTS_OPTION,
         SCALE_OPTION,
-        Option("density", "float", 0.2, "fraction of each τ's entries kept", check=fraction),
+        _density(0.2),
         Option(
             "scope",
             "choice",
@@ -157,49 +153,67 @@ class Ties(_SparsifyMerge):
 
     def prepare(self, job, views):
         """With ``scope global``: per expert, [threshold bits, tied entries still to keep]."""
+        from compressor.merge_params import TensorParameters
+
+        state = super().prepare(job, views)
         if job.options["scope"] != "global":
-            return None
+            return state
+        densities = TensorParameters(job.options, self.per_expert, len(views)).at("", 0.0)[1]
         budgets = []
         names = [n for n in job.base.names() if job.base.info(n).is_float]
         for t, view in enumerate(views):
+            density = densities["density"][t]
             finder = TopKThreshold()
             desc = f"ties: threshold of expert {t + 1}"
             for block in job.progress(_tau_blocks(job, view, names), desc=desc, unit="block"):
                 finder.add_high(block)
-            k = trim_count(job.options["density"], finder.total)
-            if job.options["density"] < 1 and finder.start_refine(k):
+            k = trim_count(density, finder.total)
+            if density < 1 and finder.start_refine(k):
                 for block in _tau_blocks(job, view, names):
                     finder.add_low(block)
                 threshold = finder.threshold()
                 budgets.append([threshold, k - finder.above])
             else:
                 budgets.append(None)  # keep everything
-        return budgets
+        return {**state, "budgets": budgets}
 
-    def sparsify(self, state, t, name, tau, job):
-        density = job.options["density"]
-        if state is not None:
-            budget = state[t]
+    def sparsify(self, call, t, tau):
+        budgets = call.state.get("budgets")
+        if budgets is not None:
+            budget = budgets[t]
             if budget is None:
                 return tau
             mask, used = keep_mask(tau, budget[0], budget[1])
             budget[1] -= used
-        elif density >= 1:
+            return tau.mul_(mask)
+        density = call.per["density"][t]
+        if density >= 1:
             return tau
-        else:
-            mask = top_k_mask(tau, trim_count(density, tau.numel()))
-        return tau.mul_(mask)
+        return tau.mul_(top_k_mask(tau, trim_count(density, tau.numel())))
 
 
-def _tau_blocks(job, view: TaskVectorView, names: list[str]):
+def _tau_blocks(job, read, names: list[str]):
     """Every row block of an expert's τ, zeros where it has none (an adapter's other tensors)."""
     import torch
 
     for name in names:
         info = job.base.info(name)
         for rows in row_blocks(info):
-            d = view.delta(name, rows)
+            d = read(name, rows)
             yield d if d is not None else torch.zeros(block_shape(info, rows))
+
+
+def _seeded(call, t: int):
+    import torch
+
+    return torch.Generator().manual_seed(_dare_seed(call.shared["seed"], t, call.name))
+
+
+def _rescaled(tau, kept, how: str, density: float):
+    """Kept entries rescaled: to τ's L1 norm (``l1``), by 1/density (``density``) or not."""
+    if how == "l1":
+        return merge_rules.rescale_to(tau, kept, "l1")
+    return kept.div_(density) if how == "density" else kept
 
 
 class _Dare(_SparsifyMerge):
@@ -207,44 +221,36 @@ class _Dare(_SparsifyMerge):
 
     reference = "https://arxiv.org/abs/2311.03099"
 
-    def sparsify(self, state, t, name, tau, job):
+    def sparsify(self, call, t, tau):
         import torch
 
-        density = job.options["density"]
+        density = call.per["density"][t]
         if density >= 1:
             return tau
-        gen = torch.Generator().manual_seed(_dare_seed(job.options["seed"], t, name))
-        keep = torch.rand(tau.shape, generator=gen) < density
-        rescale = job.options["rescale"]
-        if rescale == "l1":  # mergekit: match the L1 norm of the unpruned τ
-            before = float(tau.abs().sum())
-            tau = tau.mul_(keep)
-            after = float(tau.abs().sum())
-            return tau.mul_(before / after) if before >= 1e-7 and after >= 1e-7 else tau
-        tau = tau.mul_(keep)
-        return tau.div_(density) if rescale == "density" else tau
+        keep = torch.rand(tau.shape, generator=_seeded(call, t)) < density
+        return _rescaled(tau, tau * keep, call.shared["rescale"], density)
+
+
+SEED = Option("seed", "int", 0, "random seed of the drop masks")
+
+
+def _rescale(default: str, choices=("density", "l1", "none")) -> Option:
+    return Option(
+        "rescale",
+        "choice",
+        default,
+        "rescale kept entries by 1/density (the paper, PEFT), to τ's L1 norm (mergekit), or not",
+        choices=choices,
+    )
 
 
 def _dare_options(normalize: str, consensus: bool) -> tuple[Option, ...]:
     return (
         WEIGHTS_OPTION,
         SCALE_OPTION,
-        Option(
-            "density",
-            "float",
-            0.5,
-            "probability of keeping each entry of τ (1 − the drop rate p)",
-            check=fraction,
-        ),
-        Option("seed", "int", 0, "random seed of the drop masks"),
-        Option(
-            "rescale",
-            "choice",
-            "density",
-            "rescale kept entries by 1/density (the paper, PEFT), to τ's L1 norm (mergekit), "
-            "or not",
-            choices=("density", "l1", "none"),
-        ),
+        _density(0.5, "probability of keeping each entry of τ (1 − the drop rate p)"),
+        SEED,
+        _rescale("density"),
         _normalize(normalize),
         *((ELECTION,) if consensus else ()),
     )
@@ -267,8 +273,119 @@ class DareTies(_Dare):
     options = _dare_options("none", consensus=True)
 
 
+GAMMA = Option(
+    "gamma", "float", 0.01, "fraction of the largest |τ| dropped as outliers", check=non_negative
+)
+
+
+class Breadcrumbs(_SparsifyMerge):
+    """Model Breadcrumbs: drop each τ's largest outliers and smallest entries, then add."""
+
+    name = "breadcrumbs"
+    summary = "Model Breadcrumbs: drop outliers and small entries of each τ, add (weighted sum)"
+    reference = "https://arxiv.org/abs/2312.06795"
+    consensus = False
+    options = (WEIGHTS_OPTION, SCALE_OPTION, _density(0.9), GAMMA, _normalize("none"))
+
+    def sparsify(self, call, t, tau):
+        return merge_rules.breadcrumbs(tau, call.per["density"][t], call.per["gamma"][t])
+
+
+class BreadcrumbsTies(Breadcrumbs):
+    """Model Breadcrumbs, then TIES' sign election."""
+
+    name = "breadcrumbs-ties"
+    summary = "Model Breadcrumbs then TIES sign election and disjoint sum"
+    consensus = True
+    options = (WEIGHTS_OPTION, SCALE_OPTION, _density(0.9), GAMMA, _normalize("none"), ELECTION)
+
+
+EPSILON = Option(
+    "epsilon",
+    "float",
+    0.15,
+    "keep probabilities spread from density − ε (smallest |τ| of a row) to density + ε",
+    check=non_negative,
+)
+
+
+class Della(_SparsifyMerge):
+    """DELLA: magnitude-ranked random drop per row, rescale, elect signs, add."""
+
+    name = "della"
+    summary = "DELLA: drop τ entries at random, less often the larger they are; elect signs"
+    reference = "https://arxiv.org/abs/2406.11617"
+    options = (
+        WEIGHTS_OPTION,
+        SCALE_OPTION,
+        _density(0.7, "mean probability of keeping an entry of τ"),
+        EPSILON,
+        SEED,
+        _rescale("l1", ("l1", "none")),
+        _normalize("weights"),
+        ELECTION,
+    )
+
+    def sparsify(self, call, t, tau):
+        density = call.per["density"][t]
+        if density >= 1:
+            return tau
+        shaped = tau.reshape(call.base.shape)
+        kept = merge_rules.della(shaped, density, call.per["epsilon"][t], _seeded(call, t))
+        return _rescaled(shaped, kept, call.shared["rescale"], density).reshape(-1)
+
+
+class DellaLinear(Della):
+    """DELLA's drop, then a weighted sum."""
+
+    name = "della-linear"
+    summary = "DELLA's magnitude-ranked random drop, then a weighted sum of the task vectors"
+    consensus = False
+    options = (
+        WEIGHTS_OPTION,
+        SCALE_OPTION,
+        _density(0.7, "mean probability of keeping an entry of τ"),
+        EPSILON,
+        SEED,
+        _rescale("l1", ("l1", "none")),
+        _normalize("none"),
+    )
+
+
+class Sce(TensorMerge):
+    """SCE: select the entries that vary most across experts, weight experts by the energy
+    of their τ, erase minority signs, average."""
+
+    name = "sce"
+    summary = "SCE: keep high-variance entries, weight experts by τ energy, elect signs, average"
+    reference = "https://arxiv.org/abs/2408.07990"
+    version = "1"
+    options = (
+        Option(
+            "select_topk",
+            "float",
+            1.0,
+            "fraction of entries kept: those whose τ varies most across experts",
+            check=fraction,
+        ),
+        SCALE_OPTION,
+    )
+    per_expert = frozenset()
+
+    def merge(self, call):
+        import torch
+
+        taus = [torch.zeros_like(call.base) if d is None else d for d in call.tensors]
+        mask = merge_rules.sce_select(taus, call.shared["select_topk"])
+        if mask is not None:
+            taus = [tau.mul_(mask) for tau in taus]
+        weights = merge_rules.sce_weights(taus)
+        mixed = sign_consensus(taus, weights, "unweighted", "weights")
+        return call.base.add_(mixed, alpha=call.shared["scale"])
+
+
 @hookimpl
 def register_methods(register):
-    register(Ties())
-    register(DareLinear())
-    register(DareTies())
+    for method in (Ties, DareLinear, DareTies, Breadcrumbs, BreadcrumbsTies, Della, DellaLinear):
+        register(method())
+    register(Sce())

@@ -153,7 +153,7 @@ USAGE_CASES = {
     "unknown option": (
         [*MERGE, "-o", "lambda", "2"],
         2,
-        "unknown option 'lambda' for method 'task-arithmetic' (options: scale, weights)",
+        "unknown option 'lambda' for method 'task-arithmetic' (options: normalize, scale, weights)",
     ),
     "ill-typed option": (
         [*MERGE, "-o", "scale", "big"],

@@ -351,7 +351,7 @@ CASES = [
     (
         "unknown option",
         TA + ["-o", "nope", "1"],
-        "unknown option 'nope' for method 'task-arithmetic' (options: scale, weights)",
+        "unknown option 'nope' for method 'task-arithmetic' (options: normalize, scale, weights)",
         2,
     ),
     (

@@ -41,6 +41,20 @@ def test_builtins_load_through_entry_points():
         ("ties", "merge"): "ties_dare",
         ("dare-linear", "merge"): "ties_dare",
         ("dare-ties", "merge"): "ties_dare",
+        ("breadcrumbs", "merge"): "ties_dare",
+        ("breadcrumbs-ties", "merge"): "ties_dare",
+        ("della", "merge"): "ties_dare",
+        ("della-linear", "merge"): "ties_dare",
+        ("sce", "merge"): "ties_dare",
+        ("linear", "merge"): "interpolation",
+        ("slerp", "merge"): "interpolation",
+        ("nuslerp", "merge"): "interpolation",
+        ("multislerp", "merge"): "interpolation",
+        ("karcher", "merge"): "interpolation",
+        ("nearswap", "merge"): "interpolation",
+        ("model-stock", "merge"): "model_stock",
+        ("arcee-fusion", "merge"): "arcee_fusion",
+        ("passthrough", "merge"): "passthrough",
         ("atlas", "merge"): "atlas",
         ("matformer", "extract"): "matformer",
         ("matformer-train", "train"): "matformer",
@@ -55,7 +69,7 @@ def test_builtins_load_through_entry_points():
 
 def test_register_methods(run):
     out = run("plugins").output
-    assert "task-vector      compress  Store a fine-tune as its task vector" in out
+    assert "task-vector       compress  Store a fine-tune as its task vector" in out
     data = json.loads(run("plugins", "--json").output)
     ta = next(m for m in data["methods"] if m["name"] == "task-arithmetic")
     assert ta["kind"] == "merge" and ta["reference"].startswith("https://arxiv.org/")
@@ -89,7 +103,7 @@ def test_third_party_plugin_from_the_cli(tmp_path, models):
         return subprocess.run([*cmd, *map(str, args)], env=env, capture_output=True, text=True)
 
     listing = compress("plugins")
-    assert "scale            compress  Multiply every float tensor by a factor" in listing.stdout
+    assert "scale             compress  Multiply every float tensor by a factor" in listing.stdout
     assert "st-file" in listing.stdout
     assert compress("hello").stdout == "hello from compressor-scale\n"  # register_commands
     r = compress("apply", "-p", "scale", st, "-o", "factor", "2", "-n", "doubled", "--json")

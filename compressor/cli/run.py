@@ -62,10 +62,14 @@ def option_pairs(help: str):
     )
 
 
+def _plugin_option(required: bool = True):
+    return click.option(
+        "--plugin", "-p", required=required, help="The method to run (see `compress plugins`)."
+    )
+
+
 _common = [
-    click.option(
-        "--plugin", "-p", required=True, help="The method to run (see `compress plugins`)."
-    ),
+    _plugin_option(),
     option_pairs("A method option; repeatable. `compress plugins show NAME` lists them."),
     click.option("--name", "-n", help="Artifact name (a new version if it exists)."),
     click.option("--json", "as_json", is_flag=True, help="Print the artifact as one JSON object."),
@@ -78,8 +82,10 @@ _common = [
 ]
 
 
-def _with_common(f):
+def _with_common(f, plugin_required: bool = True):
     for decorator in reversed(_common):
+        if decorator is _common[0] and not plugin_required:
+            decorator = _plugin_option(required=False)
         f = decorator(f)
     return f
 
@@ -116,13 +122,43 @@ def register(cli):
         _run(ctx, "compress", plugin, list(inputs), base, options, name, as_json, max_shard_size)
 
     @cli.command()
-    @_with_common
-    @click.option("--base", "-b", required=True, help="The base model REF the experts share.")
+    @lambda f: _with_common(f, plugin_required=False)
+    @click.option(
+        "--base",
+        "-b",
+        help="The base model REF the experts share (methods on task vectors need it).",
+    )
+    @click.option(
+        "--config",
+        "config",
+        type=click.Path(dir_okay=False),
+        help="Run a mergekit YAML config as it is (instead of --plugin, --base and EXPERTs).",
+    )
     @click.argument("experts", nargs=-1, metavar="EXPERT...")
     @click.pass_context
-    def merge(ctx, plugin, options, name, as_json, max_shard_size, base, experts):
-        """Merge EXPERTs (models, task vectors, adapters) into one model."""
-        _run(ctx, "merge", plugin, list(experts), base, options, name, as_json, max_shard_size)
+    def merge(ctx, plugin, options, name, as_json, max_shard_size, base, config, experts):
+        """Merge EXPERTs (models, task vectors, adapters) into one model.
+
+        With --config, run a mergekit config (every document a stage, stored by name).
+        """
+        if config is None:
+            if plugin is None:
+                raise click.UsageError("Missing option '--plugin' / '-p'.")
+            _run(ctx, "merge", plugin, list(experts), base, options, name, as_json, max_shard_size)
+            return
+        given = [f for f, v in (("--plugin", plugin), ("--base", base), ("-o", options)) if v]
+        if experts:
+            given.append("EXPERT arguments")
+        if given:
+            raise click.UsageError(f"--config takes no {', '.join(given)}: the config says them")
+        from compressor.mergekit_config import run_config
+
+        state = ctx.obj
+        records = run_config(
+            config, name=name, store=state.store, quiet=state.quiet, max_shard_size=max_shard_size
+        )
+        for record in records:
+            print_record(record, as_json)
 
     @cli.command()
     @_with_common

@@ -1,0 +1,211 @@
+"""Every merge method mergekit has, against mergekit's own result on the same tiny Llamas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import artifact_tensors, dir_tensors
+
+from compressor.demo_models import save_finetune
+from compressor.merge_params import layer_positions
+
+
+@pytest.fixture(scope="module")
+def trio(models, tmp_path_factory):
+    """The fp32 base, its two fine-tunes and a third one."""
+    base = models["base-fp32"]
+    ft3 = save_finetune(base, tmp_path_factory.mktemp("ft3") / "ft3", seed=4)
+    return {"base": base, "e1": models["ft1-fp32"], "e2": models["ft2-fp32"], "e3": ft3}
+
+
+def _ours(run, plugin, base, experts, options=()):
+    args = ["merge", "-p", plugin, *(["--base", base] if base else []), *experts]
+    r = run(*args, *options, "-n", "m")
+    assert r.exit_code == 0, r.output
+    return artifact_tensors("m")
+
+
+def _theirs(trio, method, ids, base, parameters):
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    return merge_state_dicts(
+        {i: dir_tensors(trio[i]) for i in ids}, method, base=base, parameters=parameters
+    )
+
+
+def _same(ours, theirs, atol=1e-5):
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype, name
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=atol, msg=name)
+
+
+# (our plugin, our options, mergekit method, mergekit parameters, base, experts)
+CASES = [
+    ("linear", ["-o", "weights", "0.3,0.7"], "linear", {"weight": [0.3, 0.7]}, None, "e1 e2"),
+    (
+        "linear",
+        ["-o", "weights", "1,2,0.5", "-o", "normalize", "false"],
+        "linear",
+        {"weight": [1.0, 2.0, 0.5], "normalize": False},
+        "base",
+        "e1 e2",
+    ),
+    ("slerp", ["-o", "t", "0.3"], "slerp", {"t": 0.3}, "base", "e1"),
+    ("nuslerp", ["-o", "weights", "0.4,0.6"], "nuslerp", {"weight": [0.4, 0.6]}, None, "e1 e2"),
+    (
+        "nuslerp",
+        ["-o", "weights", "1,3", "-o", "flatten", "false", "-o", "row_wise", "true"],
+        "nuslerp",
+        {"weight": [1.0, 3.0], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+        "base",
+        "e1 e2",
+    ),
+    (
+        "multislerp",
+        ["-o", "weights", "1,2,1"],
+        "multislerp",
+        {"weight": [1, 2, 1]},
+        None,
+        "e1 e2 e3",
+    ),
+    ("multislerp", [], "multislerp", {"weight": [1.0, 1.0]}, "base", "e1 e2"),
+    ("karcher", [], "karcher", {}, None, "e1 e2 e3"),
+    ("karcher", ["-o", "max_iter", "3"], "karcher", {"max_iter": 3}, "base", "e1 e2"),
+    ("model-stock", [], "model_stock", {}, "base", "e1 e2 e3"),
+    (
+        "model-stock",
+        ["-o", "filter_wise", "true"],
+        "model_stock",
+        {"filter_wise": True},
+        "base",
+        "e1 e2",
+    ),
+    ("nearswap", ["-o", "t", "0.002"], "nearswap", {"t": 0.002}, "base", "e1"),
+    ("arcee-fusion", [], "arcee_fusion", {}, "base", "e1"),
+    ("sce", [], "sce", {}, "base", "e1 e2 e3"),
+    ("sce", ["-o", "select_topk", "0.3"], "sce", {"select_topk": 0.3}, "base", "e1 e2"),
+    (
+        "breadcrumbs",
+        ["-o", "density", "0.8", "-o", "gamma", "0.05", "-o", "weights", "0.5,1"],
+        "breadcrumbs",
+        {"density": 0.8, "gamma": 0.05, "weight": [0.5, 1.0]},
+        "base",
+        "e1 e2",
+    ),
+    (
+        "breadcrumbs-ties",
+        ["-o", "density", "0.6", "-o", "gamma", "0.02", "-o", "scale", "0.9"],
+        "breadcrumbs_ties",
+        {"density": 0.6, "gamma": 0.02, "weight": 1.0, "lambda": 0.9},
+        "base",
+        "e1 e2",
+    ),
+    (
+        "task-arithmetic",
+        ["-o", "weights", "0.5,1.5", "-o", "normalize", "true"],
+        "task_arithmetic",
+        {"weight": [0.5, 1.5], "normalize": True},
+        "base",
+        "e1 e2",
+    ),
+]
+
+
+@pytest.mark.parametrize("plugin, options, method, parameters, base, experts", CASES)
+def test_matches_mergekit(run, trio, plugin, options, method, parameters, base, experts):
+    experts = experts.split()
+    ids = [*experts, *([base] if base else [])]
+    ours = _ours(run, plugin, trio[base] if base else None, [trio[e] for e in experts], options)
+    theirs = _theirs(trio, method, ids, base, parameters)
+    _same(ours, theirs)
+
+
+def test_per_expert_density_and_filtered_weights_match_mergekit_per_tensor(run, trio):
+    """density@N per expert and weights:FILTER per tensor name, against mergekit with the
+    same values written per tensor group (PerGroupValues)."""
+    from mergekit.merge_methods.base import PerGroupValues
+
+    options = ["-o", "density@1", "0.3", "-o", "density@2", "0.6"]
+    options += ["-o", "weights:self_attn", "0.5", "-o", "weights@2:mlp", "2"]
+    ours = _ours(run, "ties", trio["base"], [trio["e1"], trio["e2"]], options)
+    names = list(dir_tensors(trio["base"]))
+
+    def weight(name, expert):
+        if expert == "e2" and "mlp" in name:
+            return 2.0
+        return 0.5 if "self_attn" in name else 1.0
+
+    theirs = _theirs(
+        trio,
+        "ties",
+        ["e1", "e2", "base"],
+        "base",
+        {
+            "density": {"e1": 0.3, "e2": 0.6},
+            "weight": PerGroupValues([{e: weight(n, e) for e in ("e1", "e2")} for n in names]),
+        },
+    )
+    _same(ours, theirs)
+
+
+def test_slerp_gradient_over_layers(run, trio):
+    """t 0,1 over the two layers: layer 0 is the base, layer 1 the expert, the rest t = 0."""
+    from mergekit.merge_methods.base import PerGroupValues
+
+    ours = _ours(run, "slerp", trio["base"], [trio["e1"]], ["-o", "t", "0,1"])
+    names = list(dir_tensors(trio["base"]))
+    positions = layer_positions(names)
+    assert positions["model.layers.1.mlp.up_proj.weight"] == 1.0
+    assert positions["lm_head.weight"] == 0.0
+    theirs = _theirs(
+        trio, "slerp", ["base", "e1"], "base", {"t": PerGroupValues([positions[n] for n in names])}
+    )
+    _same(ours, theirs)
+    base, e1 = dir_tensors(trio["base"]), dir_tensors(trio["e1"])
+    assert torch.equal(
+        ours["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"]
+    )
+    torch.testing.assert_close(
+        ours["model.layers.1.mlp.up_proj.weight"], e1["model.layers.1.mlp.up_proj.weight"]
+    )
+
+
+def test_della_keeps_density_on_average_favours_large_entries_and_is_seeded(run, trio):
+    """DELLA is random: the kept fraction, the rank-dependent keep rate and the L1 rescale
+    are checked on one expert; the seed makes the result reproducible."""
+    options = ["-o", "density", "0.5", "-o", "epsilon", "0.3", "-o", "weights", "1"]
+    a = _ours(run, "della-linear", trio["base"], [trio["e1"]], options)
+    again = _ours(run, "della-linear", trio["base"], [trio["e1"]], options)
+    other = _ours(run, "della-linear", trio["base"], [trio["e1"]], [*options, "-o", "seed", "1"])
+    base, e1 = dir_tensors(trio["base"]), dir_tensors(trio["e1"])
+    name = "model.layers.0.mlp.down_proj.weight"  # 64 x 128
+    assert torch.equal(a[name], again[name]) and not torch.equal(a[name], other[name])
+    tau, merged = e1[name] - base[name], a[name] - base[name]
+    kept = merged != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5
+    ranks = tau.abs().argsort(dim=1).argsort(dim=1)
+    small, large = ranks < 32, ranks >= 96  # per row: the smallest and largest quarter
+    # keep probability 0.2 + 0.6·rank/127: about 0.27 in the smallest quarter, 0.73 in the largest
+    assert abs(kept[small].float().mean().item() - 0.27) < 0.04
+    assert abs(kept[large].float().mean().item() - 0.73) < 0.04
+    torch.testing.assert_close(merged.abs().sum(), tau.abs().sum(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        merged[kept] / tau[kept],
+        torch.full((int(kept.sum()),), float(tau.abs().sum() / tau[kept].abs().sum())),
+        rtol=1e-3,
+        atol=0,
+    )
+
+
+def test_della_epsilon_outside_the_range_is_refused(run, trio, private_store):
+    from conftest import assert_refused
+
+    assert_refused(
+        run,
+        private_store,
+        ["merge", "-p", "della", "--base", trio["base"], trio["e1"], "-o", "density", "0.9"],
+        "della needs density ± epsilon inside (0, 1); got density 0.9, epsilon 0.15",
+        code=2,
+    )
