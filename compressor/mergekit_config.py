@@ -1,0 +1,489 @@
+"""``compress merge --config``: a mergekit YAML config, run as it is.
+
+Supported keys: ``merge_method``, ``base_model``, ``models`` (``model`` and
+``parameters`` each), ``slices`` (``sources`` with ``model``, ``layer_range`` and
+``parameters``; a slice's own ``base_model`` and ``parameters``), global
+``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` and, in a
+multi-document file (mergekit-multi), ``name``: each document is a stage stored
+under its name, which later stages use as a model. Any other key is refused,
+naming it. Parameters take mergekit's forms (a value, a gradient list, ``filter``
+and ``value`` conditions) and mergekit's defaults; they become the same per-tensor
+rules ``-o`` builds (:mod:`compressor.merge_params`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from .errors import InputError, UsageError
+from .merge_params import POST_SLOT, Rule, is_pre_layers, layer_index, parse_scalar, renamed
+from .sources import TensorSource
+
+METHODS = {
+    "task_arithmetic": "task-arithmetic",
+    "ties": "ties",
+    "dare_ties": "dare-ties",
+    "dare_linear": "dare-linear",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs-ties",
+    "della": "della",
+    "della_linear": "della-linear",
+    "sce": "sce",
+    "linear": "linear",
+    "slerp": "slerp",
+    "nuslerp": "nuslerp",
+    "multislerp": "multislerp",
+    "karcher": "karcher",
+    "model_stock": "model-stock",
+    "nearswap": "nearswap",
+    "arcee_fusion": "arcee-fusion",
+    "passthrough": "passthrough",
+}
+
+_BOOL_TO_NORMALIZE = {True: "weights", False: "none"}
+_TIES_FAMILY = {"ties", "dare-ties", "dare-linear", "breadcrumbs", "breadcrumbs-ties"}
+_TIES_FAMILY |= {"della", "della-linear"}
+
+# mergekit parameter → our option, per method family (a converter where the value differs)
+_COMMON = {"weight": "weights", "lambda": "scale"}
+PARAMETERS = {
+    "task-arithmetic": {**_COMMON, "normalize": "normalize"},
+    **{
+        m: {**_COMMON, "density": "density", "normalize": ("normalize", _BOOL_TO_NORMALIZE)}
+        for m in _TIES_FAMILY
+    },
+    "sce": {"select_topk": "select_topk"},
+    "linear": {"weight": "weights", "normalize": "normalize"},
+    "slerp": {"t": "t"},
+    "nuslerp": {"weight": "weights", "nuslerp_row_wise": "row_wise", "nuslerp_flatten": "flatten"},
+    "multislerp": {"weight": "weights", "normalize_weights": "normalize_weights"},
+    "karcher": {"max_iter": "max_iter", "tol": "tol"},
+    "model-stock": {"filter_wise": "filter_wise"},
+    "nearswap": {"t": "t"},
+    "arcee-fusion": {},
+    "passthrough": {"scale": "scale"},
+}
+for _m in ("dare-ties", "dare-linear", "della", "della-linear"):
+    PARAMETERS[_m]["rescale"] = ("rescale", {True: "l1", False: "none"})
+for _m in ("breadcrumbs", "breadcrumbs-ties"):
+    PARAMETERS[_m]["gamma"] = "gamma"
+for _m in ("della", "della-linear"):
+    PARAMETERS[_m]["epsilon"] = "epsilon"
+# flags that change only how mergekit stores a mask, never the result
+NO_EFFECT = {"int8_mask"}
+
+# mergekit's defaults where ours differ (a config means mergekit's)
+MERGEKIT_DEFAULTS = {
+    "ties": {"density": 1.0},
+    "dare-ties": {"density": 1.0, "rescale": "l1"},
+    "dare-linear": {"density": 1.0, "rescale": "l1"},
+    "breadcrumbs": {"density": 1.0},
+    "breadcrumbs-ties": {"density": 1.0},
+    "della": {"density": 1.0},
+    "della-linear": {"density": 1.0},
+}
+
+TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "name",
+}
+_SOURCE_KEYS = {"model", "layer_range", "parameters"}
+_SLICE_KEYS = {"sources", "base_model", "parameters"}
+
+
+def load_stages(path: str | Path) -> list[dict]:
+    """The documents of a mergekit config file, checked to be mappings."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise InputError(f"{path} is not valid YAML{at}") from None
+    if not docs:
+        raise InputError(f"{path} holds no merge configuration")
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise InputError(f"{_where(path, i, len(docs))} is not a mapping of config keys")
+    return docs
+
+
+def _where(path, i: int, n: int) -> str:
+    return f"{path}" if n == 1 else f"{path} (document {i + 1})"
+
+
+def _refuse_keys(obj: dict, allowed: set[str], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise UsageError(f"{where}: key '{key}' is not supported by compress merge --config")
+
+
+def _model_ref(value, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{where}: model must be a path, store reference or hub id")
+    if "+" in value and not Path(value).exists():
+        raise UsageError(
+            f"{where}: '{value}' applies a LoRA (model+lora), which is not supported; give "
+            "the adapter as a model with base_model set"
+        )
+    return value
+
+
+def _settings(setting, where: str) -> list[tuple[object, str | None]]:
+    """A mergekit parameter setting as (value, filter) pairs, in mergekit's order."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and setting and all(isinstance(s, dict) for s in setting):
+        out = []
+        for cond in setting:
+            _refuse_keys(cond, {"value", "filter"}, where)
+            if "value" not in cond:
+                raise UsageError(f"{where}: a condition needs a value")
+            out.append((cond["value"], cond.get("filter")))
+        return out
+    return [(setting, None)]
+
+
+class _Translator:
+    """Turns one stage's parameters into our method's option values (rules)."""
+
+    def __init__(self, method, where: str):
+        self.method = method
+        self.where = where
+        self.table = PARAMETERS[method.name]
+        self.options = {o.name: o for o in method.options}
+        self.rules: dict[str, list[Rule]] = {}
+
+    def add(self, params, expert: int | None, layers: tuple[int, int] | None, where: str):
+        if params is None:
+            return
+        if not isinstance(params, dict):
+            raise UsageError(f"{where}: parameters must be a mapping")
+        for key, setting in params.items():
+            if key in NO_EFFECT:
+                continue
+            target = self.table.get(key)
+            if target is None:
+                raise UsageError(
+                    f"{where}: parameter '{key}' is not supported for {self.method.name}"
+                )
+            name, convert = target if isinstance(target, tuple) else (target, None)
+            if expert is not None and name not in self.method.per_expert:
+                raise UsageError(
+                    f"{where}: parameter '{key}' applies to the whole merge, not to one model"
+                )
+            for value, filt in _settings(setting, f"{where}: parameter '{key}'"):
+                self.rules.setdefault(name, []).append(
+                    Rule(self._checked(name, value, convert, key, where), expert, filt, layers)
+                )
+
+    def _checked(self, name, value, convert, key, where):
+        option = self.options[name]
+
+        def one(v):
+            if convert is not None:
+                if v not in convert:
+                    raise UsageError(f"{where}: parameter '{key}' must be true or false; got {v!r}")
+                v = convert[v]
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            try:
+                return parse_scalar(option, str(v))
+            except UsageError as e:
+                raise UsageError(f"{where}: {e}".replace("option", "parameter", 1)) from None
+
+        if isinstance(value, list):
+            if not value:
+                raise UsageError(f"{where}: parameter '{key}' has an empty gradient")
+            return [one(v) for v in value]
+        return one(value)
+
+    def values(self) -> dict:
+        values = {o.name: o.default for o in self.method.options}
+        values.update(MERGEKIT_DEFAULTS.get(self.method.name, {}))
+        for name, rules in self.rules.items():
+            values[name] = [r.to_json() for r in rules]
+        return values
+
+
+def run_config(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    store=None,
+    quiet: bool = True,
+    max_shard_size=None,
+) -> list:
+    """Run every stage of a mergekit config in order; return the stored artifacts."""
+    from .api import run_method
+    from .plugin_manager import get_registry
+    from .store import check_name
+
+    stages = load_stages(path)
+    plans = [_plan(stage, path, i, len(stages), get_registry()) for i, stage in enumerate(stages)]
+    for i, plan in enumerate(plans[:-1]):
+        if not plan["name"]:
+            raise UsageError(
+                f"{_where(path, i, len(plans))} needs a name: later stages refer to it by name"
+            )
+    kw = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    records = []
+    for i, plan in enumerate(plans):
+        last = i == len(plans) - 1
+        stage_name = name if last and name is not None else plan["name"] or "merge"
+        records.append(
+            run_method(
+                "merge",
+                plan["plugin"],
+                plan["inputs"],
+                base=plan["base"],
+                name=check_name(stage_name),
+                store=store,
+                quiet=quiet,
+                dtype=plan["dtype"],
+                values=plan["values"],
+                build=plan["build"],
+                extra={"mergekit_config": plan["config"], **plan["extra"]},
+                **kw,
+            )
+        )
+    return records
+
+
+def _plan(stage: dict, path, i: int, n: int, registry) -> dict:
+    where = _where(path, i, n)
+    _refuse_keys(stage, TOP_KEYS, where)
+    if "merge_method" not in stage:
+        raise UsageError(f"{where}: merge_method is missing")
+    mk_name = stage["merge_method"]
+    plugin = METHODS.get(mk_name)
+    if plugin is None:
+        known = ", ".join(sorted(METHODS))
+        raise UsageError(f"{where}: merge_method '{mk_name}' is not supported (supported: {known})")
+    method = registry.method(plugin, "merge")
+    if ("models" in stage) == ("slices" in stage):
+        raise UsageError(f"{where}: give exactly one of models or slices")
+    base = (
+        _model_ref(stage["base_model"], f"{where}: base_model") if stage.get("base_model") else None
+    )
+    translator = _Translator(method, where)
+    tokenizer = stage.get("tokenizer_source")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise UsageError(f"{where}: tokenizer_source must be base, union or a model")
+    if "models" in stage:
+        inputs, job_base, build = _models_plan(stage, method, base, translator, where)
+    else:
+        inputs, job_base, build = _slices_plan(stage, method, base, translator, where)
+    translator.add(stage.get("parameters"), None, None, f"{where}: parameters")
+    dtype = stage.get("out_dtype") or stage.get("dtype")
+    return {
+        "name": stage.get("name"),
+        "plugin": plugin,
+        "inputs": inputs,
+        "base": job_base,
+        "values": translator.values(),
+        "dtype": dtype,
+        "build": _with_tokenizer(build, tokenizer, where),
+        "config": stage,
+        "extra": {"tokenizer_source": tokenizer or "base"},
+    }
+
+
+def _models_plan(stage, method, base, translator, where):
+    models = stage["models"]
+    if not isinstance(models, list) or not models:
+        raise UsageError(f"{where}: models must be a non-empty list")
+    entries = []
+    for j, entry in enumerate(models):
+        w = f"{where}: models[{j}]"
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise UsageError(f"{w} needs a model")
+        _refuse_keys(entry, {"model", "parameters"}, w)
+        entries.append((_model_ref(entry["model"], w), entry.get("parameters"), w))
+    experts = [e for e in entries if e[0] != base]
+    base_entry = [e for e in entries if e[0] == base]
+    if method.name == "passthrough" and base is not None:
+        raise UsageError(f"{where}: passthrough takes no base_model")
+    positions = list(experts)
+    if method.base_is_input and base is not None:
+        positions.append(base_entry[0] if base_entry else (base, None, f"{where}: base_model"))
+    for k, (_, params, w) in enumerate(positions):
+        translator.add(params, k, None, f"{w}: parameters")
+    # the base's own parameters matter only where it is an input (mergekit ignores the rest)
+    return [e[0] for e in experts], base, None
+
+
+def _slices_plan(stage, method, base, translator, where):
+    slices = stage["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise UsageError(f"{where}: slices must be a non-empty list")
+    layout = []  # per slice: (base source or None, [expert sources]); a source: (ref, start, end)
+    out_layer = 0
+    for j, sl in enumerate(slices):
+        w = f"{where}: slices[{j}]"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise UsageError(f"{w} needs a list of sources")
+        _refuse_keys(sl, _SLICE_KEYS, w)
+        slice_base = (
+            _model_ref(sl["base_model"], f"{w}: base_model") if sl.get("base_model") else base
+        )
+        sources = []
+        for k, src in enumerate(sl["sources"]):
+            ws = f"{w}.sources[{k}]"
+            if not isinstance(src, dict) or "model" not in src:
+                raise UsageError(f"{ws} needs a model")
+            _refuse_keys(src, _SOURCE_KEYS, ws)
+            rng = src.get("layer_range")
+            if (
+                not isinstance(rng, list)
+                or len(rng) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+                or not 0 <= rng[0] < rng[1]
+            ):
+                raise UsageError(f"{ws}: layer_range must be [start, end] with 0 <= start < end")
+            sources.append(
+                (_model_ref(src["model"], ws), rng[0], rng[1], src.get("parameters"), ws)
+            )
+        lengths = {s[2] - s[1] for s in sources}
+        if len(lengths) != 1:
+            raise UsageError(f"{w}: every source of a slice must have the same number of layers")
+        length = lengths.pop()
+        base_src = [s for s in sources if s[0] == slice_base] if slice_base else []
+        others = [s for s in sources if s not in base_src]
+        if method.base_is_input:
+            others, base_src = others + base_src, []
+        if method.needs_base and not base_src:
+            raise UsageError(f"{w}: {method.name} needs the base model among the slice's sources")
+        first, last = j == 0, j == len(slices) - 1
+        lo = -1 if first else out_layer
+        hi = POST_SLOT + 1 if last else out_layer + length
+        for k, s in enumerate(others):
+            translator.add(s[3], k, (lo, hi), f"{s[4]}: parameters")
+        translator.add(sl.get("parameters"), None, (lo, hi), f"{w}: parameters")
+        layout.append((base_src[0] if base_src else None, others, out_layer, length))
+        out_layer += length
+    counts = {len(entry[1]) for entry in layout}
+    if len(counts) != 1:
+        raise UsageError(f"{where}: every slice must have the same number of non-base sources")
+    refs = list(dict.fromkeys(s[0] for _, others, _, _ in layout for s in others))
+    base_refs = {b[0] for b, _, _, _ in layout if b is not None}
+    if len(base_refs) > 1:
+        raise UsageError(f"{where}: slices with different base models are not supported")
+    job_base = base_refs.pop() if base_refs else None
+
+    def build(base_source, input_sources):
+        by_ref = dict(zip(refs, input_sources, strict=True))
+        if job_base is not None:
+            by_ref[job_base] = base_source
+        return _stacked(layout, by_ref, out_layer)
+
+    return refs, job_base, build
+
+
+def _stacked(layout, by_ref: dict, layers: int):
+    """Stacked sources for the slices: the base (or None) and one per expert position,
+    with each output tensor's layer position t within its slice."""
+    n_experts = len(layout[0][1])
+    first_slice, last_slice = layout[0], layout[-1]
+
+    def stack(pick):
+        mapping = {}
+        for entry in layout:
+            src = pick(entry)
+            source = by_ref[src[0]]
+            start, out_start = src[1], entry[2]
+            for name in source.names():
+                i = layer_index(name)
+                if i is None:
+                    owner = first_slice if is_pre_layers(name) else last_slice
+                    if entry is owner:
+                        mapping[name] = (source, name)
+                elif start <= i < src[2]:
+                    out = renamed(name, out_start + i - start)
+                    mapping[out] = (source, name)
+        first = by_ref[pick(first_slice)[0]]
+        return StackedSource(mapping, first, layers)
+
+    base = stack(lambda e: e[0]) if layout[0][0] is not None else None
+    experts = [stack(lambda e, k=k: e[1][k]) for k in range(n_experts)]
+    positions = {}
+    for _, _, out_start, length in layout:
+        for off in range(length):
+            positions[out_start + off] = off / (length - 1) if length > 1 else 1.0
+    reference = base or experts[0]
+    t = {}
+    for name in reference.names():
+        i = layer_index(name)
+        t[name] = 0.0 if i is None else positions[i]
+    return base, experts, t
+
+
+class StackedSource(TensorSource):
+    """Output tensors read from layers of other sources (a slice config's restacking);
+    ``config.json`` says the new layer count."""
+
+    def __init__(self, mapping: dict, first: TensorSource, layers: int):
+        self.mapping = mapping
+        self.label = first.label
+        self.content = "model"
+        self.manifest = {}
+        self._first = first
+        self.files = dict(first.files)
+        config = first.config()
+        if config is not None and config.get("num_hidden_layers") != layers:
+            config["num_hidden_layers"] = layers
+            for key in ("layer_types",):  # per-layer lists follow the count
+                if isinstance(config.get(key), list):
+                    config[key] = (config[key] * layers)[:layers]
+            self._tmp = tempfile.TemporaryDirectory(prefix="compress-config-")
+            path = Path(self._tmp.name) / "config.json"
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            self.files["config.json"] = path
+        self._infos = {out: src.info(name) for out, (src, name) in mapping.items()}
+
+    def infos(self):
+        return self._infos
+
+    def get(self, name, rows=None):
+        source, in_name = self.mapping[name]
+        return source.get(in_name, rows)
+
+
+def _with_tokenizer(build, tokenizer: str | None, where: str):
+    """Check the tokenizer choice: with every model's tokenizer the same, any choice is that
+    tokenizer; differing vocabularies are refused (no embedding permutation yet)."""
+
+    def checked(base_source, input_sources):
+        sources = [s for s in [base_source, *input_sources] if s is not None]
+        files = {}
+        for s in sources:
+            for rel in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json"):
+                if rel in s.files:
+                    files.setdefault(rel, set()).add(Path(s.files[rel]).read_bytes())
+        differ = [rel for rel, contents in files.items() if len(contents) > 1]
+        if differ:
+            raise UsageError(
+                f"{where}: the models' tokenizers differ ({differ[0]}); merging models with "
+                "different vocabularies is not supported yet"
+            )
+        if tokenizer not in (None, "base", "union"):
+            pass  # a named model: its tokenizer is the shared one
+        if build is None:
+            return base_source, input_sources, None
+        return build(base_source, input_sources)
+
+    return checked
