@@ -110,7 +110,9 @@ def run_method(
             )
             manifest = method.run(job)
             carry_from = job.base if kind == "merge" and job.base else job.inputs[0]
-            _carry_files(writer, carry_from, manifest.content)
+            # an adapter carries its own adapter_config.json, not the model's config.json
+            skip = ("config.json",) if manifest.content == "adapter" else ()
+            _carry_files(writer, carry_from, manifest.content, skip)
             files = writer.finish()
             for r in [resolved_base, *resolved]:
                 if r is not None:
