@@ -143,7 +143,7 @@ USAGE_CASES = {
     "unknown plugin": (
         ["apply", "-p", "zip", "--base", BASE, FT],
         2,
-        "unknown plugin 'zip' (available: compeft, lora-tucker, sketchtune, task-vector, tucker)",
+        "unknown plugin 'zip' (available: compeft, lora-extract, lora-tucker, sketchtune, task-vector, tucker)",
     ),
     "plugin of another kind": (
         ["apply", "-p", "task-arithmetic", FT],

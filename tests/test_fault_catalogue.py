@@ -332,7 +332,7 @@ CASES = [
     (
         "unknown plugin",
         ["apply", "-p", "nope", "{ft}"],
-        "unknown plugin 'nope' (available: compeft, lora-tucker, sketchtune, task-vector, tucker)",
+        "unknown plugin 'nope' (available: compeft, lora-extract, lora-tucker, sketchtune, task-vector, tucker)",
         2,
     ),
     (

@@ -55,6 +55,7 @@ def test_builtins_load_through_entry_points():
         ("model-stock", "merge"): "model_stock",
         ("arcee-fusion", "merge"): "arcee_fusion",
         ("passthrough", "merge"): "passthrough",
+        ("lora-extract", "compress"): "lora_extract",
         ("atlas", "merge"): "atlas",
         ("matformer", "extract"): "matformer",
         ("matformer-train", "train"): "matformer",

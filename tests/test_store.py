@@ -61,7 +61,7 @@ def test_lineage_json(run, two_versions):
 
 def test_lineage_text(run, two_versions, models):
     out = run("store", "log", "merged").output.splitlines()
-    assert out[0].startswith("merged@1  ") and "merge task-arithmetic  scale=1.0" in out[0]
+    assert out[0].startswith("merged@1  ") and "merge task-arithmetic  normalize=False scale=1.0" in out[0]
     assert out[1].startswith("├── base: " + str(models["base-fp32"]))
     assert out[2].startswith("├── expert: tv@1")
     assert out[3].startswith("│   ├── base: ")
@@ -93,7 +93,7 @@ def test_ls_show(run, two_versions):
         "tokenizer.json",
         "tokenizer_config.json",
     ]
-    assert shown["params"] == {"scale": 1.0, "weights": None}
+    assert shown["params"] == {"normalize": False, "scale": 1.0, "weights": None}
     text = run("store", "show", "tv@1").output
     assert "plugin: task-vector" in text and "parent (base):" in text
 
