@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import OptionError
-from .method import PARSERS, Option
+from .method import PARSERS, Option, known_option, option_text
 
 LAYER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks)\.)(\d+)(\.)")
 POST_SLOT = 1 << 30  # the slot of tensors after the layers (final norm, head)
@@ -186,13 +186,8 @@ def parse_merge_options(
     items = list(pairs.items() if isinstance(pairs, dict) else pairs)
     for order, (key, raw) in enumerate(items):
         name, selector, filt = split_key(key)
-        option = by_name.get(name)
-        if option is None:
-            known = ", ".join(sorted(by_name)) or "none"
-            raise OptionError(f"unknown option '{name}' for {owner} (options: {known})")
-        if isinstance(raw, (list, tuple)):
-            raw = ",".join(str(x) for x in raw)
-        raw = str(raw)
+        option = known_option(by_name, name, owner)
+        raw = option_text(raw)
         if selector is not None and name not in per_expert:
             raise OptionError(f"option '{name}' is not per expert; '{key}' names an expert")
         expert = expert_position(selector, labels, name) if selector is not None else None

@@ -128,14 +128,22 @@ def parse_options(
     values = {o.name: o.default for o in options}
     items = pairs.items() if isinstance(pairs, dict) else pairs
     for key, raw in items:
-        option = by_name.get(key)
-        if option is None:
-            known = ", ".join(sorted(by_name)) or "none"
-            raise OptionError(f"unknown option '{key}' for {owner} (options: {known})")
-        if isinstance(raw, (list, tuple)):
-            raw = ",".join(str(x) for x in raw)
-        values[key] = option.parse(str(raw))
+        values[key] = known_option(by_name, key, owner).parse(option_text(raw))
     return values
+
+
+def known_option(by_name: dict[str, Option], key: str, owner: str) -> Option:
+    """The option named ``key``, or an OptionError listing the known ones."""
+    option = by_name.get(key)
+    if option is None:
+        known = ", ".join(sorted(by_name)) or "none"
+        raise OptionError(f"unknown option '{key}' for {owner} (options: {known})")
+    return option
+
+
+def option_text(raw) -> str:
+    """An option's value as command-line text (a list from the API joined by commas)."""
+    return ",".join(str(x) for x in raw) if isinstance(raw, (list, tuple)) else str(raw)
 
 
 @dataclass

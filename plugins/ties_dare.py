@@ -309,22 +309,26 @@ EPSILON = Option(
 )
 
 
-class Della(_SparsifyMerge):
-    """DELLA: magnitude-ranked random drop per row, rescale, elect signs, add."""
-
-    name = "della"
-    summary = "DELLA: drop τ entries at random, less often the larger they are; elect signs"
-    reference = "https://arxiv.org/abs/2406.11617"
-    options = (
+def _della_options(normalize: str, consensus: bool) -> tuple[Option, ...]:
+    return (
         WEIGHTS_OPTION,
         SCALE_OPTION,
         _density(0.7, "mean probability of keeping an entry of τ"),
         EPSILON,
         SEED,
         _rescale("l1", ("l1", "none")),
-        _normalize("weights"),
-        ELECTION,
+        _normalize(normalize),
+        *((ELECTION,) if consensus else ()),
     )
+
+
+class Della(_SparsifyMerge):
+    """DELLA: magnitude-ranked random drop per row, rescale, elect signs, add."""
+
+    name = "della"
+    summary = "DELLA: drop τ entries at random, less often the larger they are; elect signs"
+    reference = "https://arxiv.org/abs/2406.11617"
+    options = _della_options("weights", consensus=True)
 
     def sparsify(self, call, t, tau):
         density = call.per["density"][t]
@@ -341,15 +345,7 @@ class DellaLinear(Della):
     name = "della-linear"
     summary = "DELLA's magnitude-ranked random drop, then a weighted sum of the task vectors"
     consensus = False
-    options = (
-        WEIGHTS_OPTION,
-        SCALE_OPTION,
-        _density(0.7, "mean probability of keeping an entry of τ"),
-        EPSILON,
-        SEED,
-        _rescale("l1", ("l1", "none")),
-        _normalize("none"),
-    )
+    options = _della_options("none", consensus=False)
 
 
 class Sce(TensorMerge):

@@ -61,7 +61,10 @@ def test_lineage_json(run, two_versions):
 
 def test_lineage_text(run, two_versions, models):
     out = run("store", "log", "merged").output.splitlines()
-    assert out[0].startswith("merged@1  ") and "merge task-arithmetic  normalize=False scale=1.0" in out[0]
+    assert (
+        out[0].startswith("merged@1  ")
+        and "merge task-arithmetic  normalize=False scale=1.0" in out[0]
+    )
     assert out[1].startswith("├── base: " + str(models["base-fp32"]))
     assert out[2].startswith("├── expert: tv@1")
     assert out[3].startswith("│   ├── base: ")
