@@ -180,6 +180,12 @@ def register(cli):
                 "--name",
                 "merged-dare",
             )
+            stock = work / "model-stock.yml"  # a mergekit config, run as it is
+            stock.write_text(
+                f"merge_method: model_stock\nbase_model: {base}\n"
+                "models:\n  - model: expert-a\n  - model: expert-b\ndtype: float32\n"
+            )
+            _step(store, "merge", "--config", stock, "--name", "merged-stock")
             _step(
                 store,
                 "apply",
@@ -307,6 +313,7 @@ def register(cli):
                     "merged",
                     "merged-ties",
                     "merged-dare",
+                    "merged-stock",
                     "expert-a-compeft",
                     "expert-a-tucker",
                     "merged-half",
