@@ -480,8 +480,6 @@ def _with_tokenizer(build, tokenizer: str | None, where: str):
                 f"{where}: the models' tokenizers differ ({differ[0]}); merging models with "
                 "different vocabularies is not supported yet"
             )
-        if tokenizer not in (None, "base", "union"):
-            pass  # a named model: its tokenizer is the shared one
         if build is None:
             return base_source, input_sources, None
         return build(base_source, input_sources)

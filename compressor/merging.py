@@ -33,17 +33,18 @@ def expert_weights(values: list) -> list[float]:
     return [1.0 if w is None else w for w in values]
 
 
-def weighted_sum(deltas: list, weights: list, normalize: bool) -> torch.Tensor | None:
-    """Σ w_t·τ_t over the present τ (None for all absent), divided by Σ w_t with
-    ``normalize`` (by 1 where |Σ w_t| < 1e-8, as mergekit does)."""
+def weighted_sum(deltas: list, weights: list, normalize: str = "none") -> torch.Tensor | None:
+    """Σ w_t·τ_t over the present τ (None when all are absent), divided by Σ w_t
+    (``weights``; by 1 where |Σ w_t| < 1e-8, as mergekit does), by the expert count
+    (``count``) or not at all (``none``). Unset weights are 1; the τ are reused."""
     weights = expert_weights(weights)
     mixed = None
     for d, w in zip(deltas, weights, strict=True):
         if d is not None:
             mixed = d.mul_(w) if mixed is None else mixed.add_(d, alpha=w)
-    if mixed is not None and normalize:
-        total = sum(weights)
-        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    if mixed is not None and normalize != "none":
+        divisor = sum(weights) if normalize == "weights" else len(weights)
+        mixed.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
     return mixed
 
 
@@ -130,7 +131,6 @@ class TensorCall:
     shared: dict
     per: dict
     state: object = None
-    index: int = 0  # position of this tensor among the merged ones
 
 
 class TensorMerge(Method):
@@ -198,7 +198,6 @@ class TensorMerge(Method):
         names = reference.names()
         positions = job.positions or layer_positions(names)
         state = self.prepare(job, views)
-        index = 0
         for name in job.progress(names, desc=self.name):
             info = reference.info(name)
             if not info.is_float:
@@ -210,10 +209,9 @@ class TensorMerge(Method):
             for rows in blocks:
                 b = base.get(name, rows).float() if base is not None else None
                 tensors = [read(name, rows, b) for read in views]
-                call = TensorCall(name, b, tensors, shared, per, state, index)
+                call = TensorCall(name, b, tensors, shared, per, state)
                 job.writer.write_rows(self.merge(call).to(info.dtype))
             job.writer.end()
-            index += 1
         return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
 
 

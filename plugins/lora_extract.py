@@ -57,6 +57,10 @@ class LoraExtract(Method):
         config = base.config() or {}
         transposed = config.get("model_type") == "gpt2"  # Conv1D weights are in × out
         infos = {n: base.info(n) for n in base.names()}
+        members: dict[str, list[str]] = {}  # module → its float tensors
+        for n, i in infos.items():
+            if i.is_float:
+                members.setdefault(_module(n), []).append(n)
         full = set()  # modules saved whole
         for name, info in infos.items():  # changed 1-D tensors: norms, biases
             if info.is_float and len(info.shape) == 1 and _changed(view.delta(name)):
@@ -69,18 +73,18 @@ class LoraExtract(Method):
             module = _module(name)
             if not info.is_float:
                 continue
-            d = view.delta(name)
+            if module in saved:
+                continue  # written whole with its module
+            d = None if module in full else view.delta(name)
             if module in full or (_is_embedding(name) and _changed(d)):
-                if module not in saved:
-                    saved.append(module)
-                    full.add(module)
-                    for other in infos:  # the module's every tensor, as fine-tuned
-                        if _module(other) == module and infos[other].is_float:
-                            b = base.get(other).float()
-                            od = view.delta(other, None, b)
-                            t = b if od is None else b.add_(od)
-                            job.writer.write(f"{PREFIX}{other}", t.to(infos[other].dtype))
-                            full_params += infos[other].numel
+                saved.append(module)
+                full.add(module)
+                for other in members[module]:  # every tensor of it, as fine-tuned
+                    b = base.get(other).float()
+                    od = view.delta(other, None, b)
+                    t = b if od is None else b.add_(od)
+                    job.writer.write(f"{PREFIX}{other}", t.to(infos[other].dtype))
+                    full_params += infos[other].numel
                 continue
             if len(info.shape) != 2 or not name.endswith(".weight") or not _changed(d):
                 continue

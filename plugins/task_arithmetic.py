@@ -22,7 +22,8 @@ class TaskArithmetic(TensorMerge):
     )
 
     def merge(self, call):
-        mixed = weighted_sum(call.tensors, call.per["weights"], call.shared["normalize"])
+        normalize = "weights" if call.shared["normalize"] else "none"
+        mixed = weighted_sum(call.tensors, call.per["weights"], normalize)
         if mixed is None:
             return call.base
         return call.base.add_(mixed, alpha=call.shared["scale"])

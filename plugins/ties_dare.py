@@ -31,6 +31,7 @@ from compressor.merging import (
     sign_consensus,
     top_k_mask,
     trim_count,
+    weighted_sum,
 )
 from compressor.method import Option, fraction, non_negative
 from compressor.selection import TopKThreshold
@@ -92,7 +93,7 @@ class _SparsifyMerge(TensorMerge):
         if self.consensus:
             mixed = sign_consensus(deltas, weights, opts["election"], opts["normalize"])
         else:
-            mixed = _linear(deltas, weights, opts["normalize"])
+            mixed = weighted_sum(deltas, weights, opts["normalize"])
         if mixed is not None:
             call.base.add_(mixed.reshape(call.base.shape), alpha=opts["scale"])
         return call.base
@@ -103,20 +104,6 @@ class _SparsifyMerge(TensorMerge):
     def sparsify(self, call, t: int, tau: torch.Tensor) -> torch.Tensor:
         """Expert t's flat float32 τ of one tensor, sparsified (in place allowed)."""
         raise NotImplementedError
-
-
-def _linear(deltas, weights, normalize: str) -> torch.Tensor | None:
-    """Σ w_t·τ_t, divided by Σ w_t (``weights``), by the expert count (``count``) or not."""
-    import torch
-
-    present = [(d, w) for d, w in zip(deltas, weights, strict=True) if d is not None]
-    if not present:
-        return None
-    mixed = torch.zeros_like(present[0][0])
-    for d, w in present:
-        mixed.add_(d, alpha=w)
-    divisor = {"weights": sum(weights), "count": len(weights), "none": 1.0}[normalize]
-    return mixed.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
 
 
 def _density(default: float, help: str = "fraction of each τ's entries kept") -> Option:
