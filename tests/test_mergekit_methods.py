@@ -209,3 +209,36 @@ def test_della_epsilon_outside_the_range_is_refused(run, trio, private_store):
         "della needs density ± epsilon inside (0, 1); got density 0.9, epsilon 0.15",
         code=2,
     )
+
+
+@pytest.mark.parametrize(
+    "plugin, options, message",
+    [
+        ("ties", ["-o", "density@3", "0.5"], "option 'density@3' names expert 3; there are 2"),
+        (
+            "ties",
+            ["-o", "density@nope", "0.5"],
+            "option 'density@nope': 'nope' is not one of the experts ({e1}, {e2})",
+        ),
+        ("slerp", ["-o", "t@1", "0.5"], "option 't' is not per expert; 't@1' names an expert"),
+        ("ties", ["-o", "weights", "1,2,3"], "option 'weights' has 3 values for 2 experts"),
+        (
+            "linear",
+            ["-o", "weights", "1,-1"],
+            "linear: the weights sum to 0; give other weights or normalize false",
+        ),
+    ],
+    ids=["expert out of range", "unknown expert", "shared option per expert", "count", "zero sum"],
+)
+def test_bad_merge_options_are_refused(run, trio, private_store, plugin, options, message):
+    from conftest import assert_refused
+
+    experts = [trio["e1"]] if plugin == "slerp" else [trio["e1"], trio["e2"]]
+    base = [] if plugin == "linear" else ["--base", trio["base"]]
+    assert_refused(
+        run,
+        private_store,
+        ["merge", "-p", plugin, *base, *experts, *options],
+        message.format(e1=trio["e1"], e2=trio["e2"]),
+        code=2,
+    )
