@@ -3,7 +3,8 @@
 Supported keys: ``merge_method``, ``base_model``, ``models`` (``model`` and
 ``parameters`` each), ``slices`` (``sources`` with ``model``, ``layer_range`` and
 ``parameters``; a slice's own ``base_model`` and ``parameters``), global
-``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` and, in a
+``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (or a ``tokenizer``
+``source`` and ``pad_to_multiple_of``: :mod:`compressor.vocabulary`) and, in a
 multi-document file (mergekit-multi), ``name``: each document is a stage stored
 under its name, which later stages use as a model. Any other key is refused,
 naming it. Parameters take mergekit's forms (a value, a gradient list, ``filter``
@@ -94,8 +95,10 @@ TOP_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
     "name",
 }
+_TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
 _SOURCE_KEYS = {"model", "layer_range", "parameters"}
 _SLICE_KEYS = {"sources", "base_model", "parameters"}
 
@@ -281,9 +284,7 @@ def _plan(stage: dict, path, i: int, n: int, registry) -> dict:
         _model_ref(stage["base_model"], f"{where}: base_model") if stage.get("base_model") else None
     )
     translator = _Translator(method, where)
-    tokenizer = stage.get("tokenizer_source")
-    if tokenizer is not None and not isinstance(tokenizer, str):
-        raise UsageError(f"{where}: tokenizer_source must be base, union or a model")
+    choice, pad = _tokenizer_choice(stage, where)
     if "models" in stage:
         inputs, job_base, build = _models_plan(stage, method, base, translator, where)
     else:
@@ -297,9 +298,9 @@ def _plan(stage: dict, path, i: int, n: int, registry) -> dict:
         "base": job_base,
         "values": translator.values(),
         "dtype": dtype,
-        "build": _with_tokenizer(build, tokenizer, where),
+        "build": _with_tokenizer(build, choice, pad, [job_base, *inputs], where),
         "config": stage,
-        "extra": {"tokenizer_source": tokenizer or "base"},
+        "extra": {"tokenizer_source": choice or "base"},
     }
 
 
@@ -463,25 +464,63 @@ class StackedSource(TensorSource):
         return source.get(in_name, rows)
 
 
-def _with_tokenizer(build, tokenizer: str | None, where: str):
-    """Check the tokenizer choice: with every model's tokenizer the same, any choice is that
-    tokenizer; differing vocabularies are refused (no embedding permutation yet)."""
+def _tokenizer_choice(stage: dict, where: str) -> tuple[str | None, int | None]:
+    """(tokenizer source or None, pad_to_multiple_of) from ``tokenizer_source`` or a
+    ``tokenizer`` block (whose source defaults to ``union``, as in mergekit)."""
+    if "tokenizer_source" in stage and "tokenizer" in stage:
+        raise UsageError(f"{where}: give tokenizer_source or tokenizer, not both")
+    pad = None
+    if "tokenizer" in stage:
+        block = stage["tokenizer"]
+        if not isinstance(block, dict):
+            raise UsageError(f"{where}: tokenizer must be a mapping (source, pad_to_multiple_of)")
+        _refuse_keys(block, _TOKENIZER_KEYS, f"{where}: tokenizer")
+        choice = block.get("source", "union")
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise UsageError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer")
+    else:
+        choice = stage.get("tokenizer_source")
+    if choice is not None and (not isinstance(choice, str) or not choice.strip()):
+        raise UsageError(f"{where}: tokenizer_source must be base, union or a model")
+    return choice, pad
+
+
+def _with_tokenizer(build, choice: str | None, pad: int | None, refs: list, where: str):
+    """The job's sources seen through one vocabulary. Without a tokenizer source the
+    models' tokenizers must be the same (rows are merged by token id as they are); with
+    one, every token-indexed tensor is moved to its vocabulary
+    (:mod:`compressor.vocabulary`). ``refs`` name the base (or None) and the inputs."""
+    from .vocabulary import TOKENIZER_FILES, aligned_sources
+
+    if choice not in (None, "base", "union") and choice not in refs:
+        raise UsageError(f"{where}: tokenizer_source '{choice}' is not one of the models")
 
     def checked(base_source, input_sources):
-        sources = [s for s in [base_source, *input_sources] if s is not None]
-        files = {}
-        for s in sources:
-            for rel in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json"):
-                if rel in s.files:
-                    files.setdefault(rel, set()).add(Path(s.files[rel]).read_bytes())
-        differ = [rel for rel, contents in files.items() if len(contents) > 1]
-        if differ:
-            raise UsageError(
-                f"{where}: the models' tokenizers differ ({differ[0]}); merging models with "
-                "different vocabularies is not supported yet"
-            )
+        sources = [base_source, *input_sources]
+        models = [s for s in sources if s is not None]
+        if choice is None:
+            files = {}
+            for s in models:
+                for rel in TOKENIZER_FILES:
+                    if rel in s.files:
+                        files.setdefault(rel, set()).add(Path(s.files[rel]).read_bytes())
+            differ = [rel for rel, contents in files.items() if len(contents) > 1]
+            if differ:
+                raise UsageError(
+                    f"{where}: the models' tokenizers differ ({differ[0]}); set "
+                    "tokenizer_source (base, union or one of the models) to merge them"
+                )
         if build is None:
-            return base_source, input_sources, None
-        return build(base_source, input_sources)
+            job = base_source, input_sources, None
+        else:
+            job = build(base_source, input_sources)
+        if choice is None:
+            return job
+        picked = choice
+        if choice not in ("base", "union"):
+            picked = models.index(sources[refs.index(choice)])
+        base, inputs = aligned_sources(job[0], job[1], models, base_source, picked, where, pad)
+        return base, inputs, job[2]
 
     return checked

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_refused, dir_tensors
 
-from compressor.demo_models import save_finetune, save_tiny_llama
+from compressor.demo_models import save_finetune, save_tiny_llama, save_word_tokenizer, zen_lines
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +295,7 @@ def test_bad_configs_are_refused(run, private_store, tmp_path, config, message):
     _refuses(run, private_store, tmp_path, config, message, code=code)
 
 
-def test_differing_tokenizers_are_refused(run, private_store, zoo, tmp_path):
+def test_differing_tokenizers_without_a_source_are_refused(run, private_store, zoo, tmp_path):
     other = shutil.copytree(zoo / "e1", tmp_path / "other")
     tok = json.loads((other / "tokenizer.json").read_text())
     tok["model"]["vocab"]["zzz-new-token"] = 10_000
@@ -306,9 +306,177 @@ def test_differing_tokenizers_are_refused(run, private_store, zoo, tmp_path):
         private_store,
         tmp_path,
         config,
-        "{path}: the models' tokenizers differ (tokenizer.json); merging models with "
-        "different vocabularies is not supported yet",
+        "{path}: the models' tokenizers differ (tokenizer.json); set tokenizer_source (base, "
+        "union or one of the models) to merge them",
     )
+
+
+@pytest.fixture(scope="module")
+def polyglot(tmp_path_factory) -> Path:
+    """A tiny Llama base and two fine-tunes whose word-level tokenizers differ: each has
+    words the others lack, and all share most of the base's."""
+    root = tmp_path_factory.mktemp("polyglot")
+    lines = zen_lines()
+    base = save_tiny_llama(root / "base", seed=0, layers=2)
+    save_finetune(base, root / "e1", seed=1)
+    save_word_tokenizer(root / "e1", lines[5:] + ["alpha beta gamma shared"], 512)
+    save_finetune(base, root / "e2", seed=2)
+    save_word_tokenizer(root / "e2", lines[8:] + ["delta epsilon shared beta"], 512)
+    return root
+
+
+TOKENIZER_CONFIGS = {
+    "ties-union": """
+merge_method: ties
+base_model: ./base
+models:
+  - model: ./e1
+    parameters: {density: 0.5, weight: 0.6}
+  - model: ./e2
+    parameters: {density: 0.7, weight: 0.4}
+tokenizer_source: union
+dtype: float32
+""",
+    "linear-model-tokenizer": """
+merge_method: linear
+models:
+  - model: ./e1
+    parameters: {weight: 0.3}
+  - model: ./e2
+    parameters: {weight: 0.7}
+  - model: ./base
+    parameters: {weight: 0.5}
+tokenizer_source: ./e1
+dtype: float32
+""",
+    "task-arithmetic-base": """
+merge_method: task_arithmetic
+base_model: ./base
+models:
+  - model: ./e1
+    parameters: {weight: 0.5}
+  - model: ./e2
+    parameters: {weight: 0.5}
+tokenizer_source: base
+dtype: float32
+""",
+    "slices-union-padded": """
+slices:
+  - sources:
+      - {model: ./e1, layer_range: [0, 2], parameters: {weight: 0.3}}
+      - {model: ./base, layer_range: [0, 2], parameters: {weight: 0.7}}
+  - sources:
+      - {model: ./e2, layer_range: [0, 2], parameters: {weight: 0.6}}
+      - {model: ./e1, layer_range: [0, 2], parameters: {weight: 0.4}}
+merge_method: linear
+tokenizer: {source: union, pad_to_multiple_of: 64}
+dtype: float32
+""",
+}
+
+
+def _by_token(tensors: dict, vocab: dict[str, int], tokens: list[str]) -> dict:
+    """Token-indexed tensors reordered by token (the tools may number tokens differently),
+    padding rows kept after them."""
+    order = torch.tensor([vocab[t] for t in tokens])
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            t = torch.cat([t[order], t[len(vocab) :]])
+        out[name] = t
+    return out
+
+
+@pytest.mark.parametrize("config", list(TOKENIZER_CONFIGS))
+def test_differing_tokenizers_match_mergekit_yaml(run, polyglot, tmp_path, config):
+    """Every row of every tensor equals mergekit's, token by token; the output's tokenizer
+    has mergekit's tokens and config.json its vocab_size; transformers loads both."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = TOKENIZER_CONFIGS[config]
+    theirs = _mergekit_yaml(polyglot, text, tmp_path / "mk")
+    ours = _ours(run, polyglot, text, tmp_path)
+    mk_vocab = AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    our_vocab = tokenizer.get_vocab()
+    assert set(our_vocab) == set(mk_vocab)
+    tokens = sorted(mk_vocab)
+    theirs, ours = _by_token(theirs, mk_vocab, tokens), _by_token(ours, our_vocab, tokens)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].shape == theirs[name].shape, name
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-5, msg=name)
+    mk_config = json.loads((tmp_path / "mk" / "config.json").read_text())
+    our_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert our_config["vocab_size"] == mk_config["vocab_size"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = tokenizer("beautiful is better than ugly alpha", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == our_config["vocab_size"]
+    record = json.loads(run("store", "show", "m", "--json").output)
+    wanted = {"ties-union": "union", "linear-model-tokenizer": f"{polyglot}/e1"}
+    wanted |= {"task-arithmetic-base": "base", "slices-union-padded": "union"}
+    assert record["manifest"]["tokenizer_source"] == wanted[config]
+
+
+def test_union_rows_follow_mergekits_rule_by_hand(run, polyglot, tmp_path):
+    """A linear merge over the union, computed by hand: a token only e1 has gets e1's row in
+    both models, so the merge keeps it; a shared token mixes each model's own row."""
+    from transformers import AutoTokenizer
+
+    config = """
+merge_method: linear
+models:
+  - model: ./e1
+    parameters: {weight: 0.25}
+  - model: ./e2
+    parameters: {weight: 0.75}
+tokenizer_source: union
+dtype: float32
+"""
+    ours = _ours(run, polyglot, config, tmp_path)
+    out = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    v1 = AutoTokenizer.from_pretrained(polyglot / "e1").get_vocab()
+    v2 = AutoTokenizer.from_pretrained(polyglot / "e2").get_vocab()
+    e1, e2 = dir_tensors(polyglot / "e1"), dir_tensors(polyglot / "e2")
+    name = "model.embed_tokens.weight"
+    assert "alpha" in v1 and "alpha" not in v2 and "delta" in v2 and "delta" not in v1
+    assert torch.allclose(ours[name][out["alpha"]], e1[name][v1["alpha"]], atol=1e-6)
+    assert torch.allclose(ours[name][out["delta"]], e2[name][v2["delta"]], atol=1e-6)
+    mixed = 0.25 * e1[name][v1["shared"]] + 0.75 * e2[name][v2["shared"]]
+    assert torch.allclose(ours[name][out["shared"]], mixed, atol=1e-6)
+    assert ours[name].shape[0] == len(out) == len(set(v1) | set(v2))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            "merge_method: linear\nmodels: [{model: ./e1}, {model: ./e2}]\n"
+            "tokenizer_source: /nowhere/other\n",
+            "{path}: tokenizer_source '/nowhere/other' is not one of the models",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: ./e1}, {model: ./e2}]\n"
+            "tokenizer: {source: union, tokens: {x: {source: ./e1}}}\n",
+            "{path}: tokenizer: key 'tokens' is not supported by compress merge --config",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: ./e1}, {model: ./e2}]\n"
+            "tokenizer: {pad_to_multiple_of: 0}\n",
+            "{path}: tokenizer.pad_to_multiple_of must be a positive integer",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: ./e1}, {model: ./e2}]\n"
+            "tokenizer: {source: union}\ntokenizer_source: base\n",
+            "{path}: give tokenizer_source or tokenizer, not both",
+        ),
+    ],
+    ids=["unknown model", "tokens", "bad padding", "both keys"],
+)
+def test_bad_tokenizer_settings_are_refused(
+    run, private_store, polyglot, tmp_path, config, message
+):
+    _refuses(run, private_store, tmp_path, config.replace("./", f"{polyglot}/"), message)
 
 
 def test_config_and_plugin_together_are_refused(run, private_store, tmp_path):
