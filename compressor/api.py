@@ -60,8 +60,15 @@ def run_method(
     values: dict | None = None,
     build=None,
     extra: dict | None = None,
-) -> ArtifactRecord:
+    reuse: bool = False,
+    publish: bool = False,
+) -> ArtifactRecord | PendingArtifact:
     """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact.
+
+    ``reuse`` returns an artifact the same method version made from the same inputs
+    with the same options instead of running again (plans do this). ``publish``
+    stores the blobs but not the catalog rows, and returns what the one catalog
+    writer (a plan's driver) commits with :meth:`PendingArtifact.commit`.
 
     ``dtype`` casts the written float tensors. For ``compress merge --config``:
     ``values`` are options already checked, and ``build(base, inputs)`` turns the
@@ -87,6 +94,11 @@ def run_method(
                 stack.callback(r.source.close)
         if resolved_base is not None:
             check_model(resolved_base, "a base")
+        if reuse and dtype is None and extra is None:  # hashes external inputs up front
+            parents = _parents(kind, resolved_base, resolved)
+            same = st.find_same(method.kind, method.name, method.version, values, parents)
+            if same is not None:
+                return same
         space = _merge_space(resolved_base, resolved) if kind == "merge" else None
         job_base, job_inputs, space_extra = space or (
             resolved_base.source if resolved_base else None,
@@ -117,11 +129,8 @@ def run_method(
             for r in [resolved_base, *resolved]:
                 if r is not None:
                     r.source.verify()  # a damaged stored input must not become a result
-            role = "expert" if kind == "merge" else "input"
-            parents = ([(resolved_base.artifact_id, "base")] if resolved_base else []) + [
-                (r.artifact_id, role) for r in resolved
-            ]
-            return st.commit(
+            parents = _parents(kind, resolved_base, resolved)  # inputs hashed while read
+            pending = PendingArtifact(
                 files,
                 kind=method.kind,
                 content=manifest.content,
@@ -134,6 +143,33 @@ def run_method(
                 parents=parents,
                 externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
             )
+            if publish:
+                pending.files = st.publish(files)
+                return pending
+            return pending.commit(st)
+
+
+def _parents(kind: str, base, inputs) -> list[tuple[str, str]]:
+    """(artifact id, role) of a run's base and inputs, in order."""
+    role = "expert" if kind == "merge" else "input"
+    return ([(base.artifact_id, "base")] if base else []) + [(r.artifact_id, role) for r in inputs]
+
+
+class PendingArtifact:
+    """An artifact whose blobs are stored (or about to be) and whose catalog rows are not:
+    the files and every :meth:`Store.commit` argument."""
+
+    def __init__(self, files, **commit):
+        self.files = files
+        self.fields = commit
+
+    @property
+    def name(self) -> str | None:
+        return self.fields.get("name")
+
+    def commit(self, st: Store) -> ArtifactRecord:
+        """Add the artifact to the catalog (its blobs are moved in if not yet stored)."""
+        return st.commit(self.files, **self.fields)
 
 
 def _check_count(method, plugin: str, n: int) -> None:
@@ -242,10 +278,18 @@ def train(plugin: str, model: str, **kw) -> ArtifactRecord:
 
 
 def evaluate(
-    ref: str, options=None, *, base: str | None = None, store=None, quiet: bool = True
+    ref: str,
+    options=None,
+    *,
+    base: str | None = None,
+    store=None,
+    quiet: bool = True,
+    record: bool = True,
 ) -> dict:
     """Score REF (added to BASE, for a task vector or adapter) on data (``compress eval``);
-    store the scores as its metrics (``NAME:DATA``) and return them."""
+    store the scores as its metrics (``NAME:DATA``) and return them. Without ``record``
+    nothing is stored: the result's ``metrics_for`` holds (artifact id, metrics,
+    externals) for the catalog's writer to store."""
     from .evaluate import check_request, score
     from .modeling import model_source
 
@@ -262,12 +306,13 @@ def evaluate(
         stem = Path(values["data"]).stem
         if resolved.select is not None:  # one adapter of a joint artifact: say which
             stem += f"#{resolved.select}"
-        st.set_metrics(
-            resolved.artifact_id,
-            {f"{k}:{stem}": v for k, v in metrics.items()},
-            externals=[resolved.external] if resolved.external else [],
-        )
-    return {"task": task, "data": str(values["data"]), **metrics}
+        keyed = {f"{k}:{stem}": v for k, v in metrics.items()}
+        externals = [resolved.external] if resolved.external else []
+        result = {"task": task, "data": str(values["data"]), **metrics}
+        if not record:
+            return {**result, "metrics_for": (resolved.artifact_id, keyed, externals)}
+        st.set_metrics(resolved.artifact_id, keyed, externals=externals)
+    return result
 
 
 def export(

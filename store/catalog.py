@@ -254,8 +254,7 @@ class Store:
             "path": None,
         }
         with self.lock(exclusive=False):
-            for f in files:
-                self.blobs.put(f.path, f.digest)
+            self._publish(files)
             with self._transaction():
                 for ext in externals:
                     self._upsert_external(ext, row["created"])
@@ -279,6 +278,40 @@ class Store:
                     for i, (pid, role) in enumerate(parents)
                 )
         return self.get(artifact_id)
+
+    def publish(self, files: list[StoredFile]) -> list[StoredFile]:
+        """Move finished files into blobs without cataloguing them (a plan's worker does
+        this; the driver commits the returned files later). Until then they are
+        unreferenced blobs, which gc keeps for its grace period."""
+        with self.lock(exclusive=False):
+            self._publish(files)
+        return [StoredFile(f.relpath, self.blobs.path(f.digest), f.digest, f.bytes) for f in files]
+
+    def _publish(self, files: list[StoredFile]) -> None:
+        for f in files:
+            if Path(f.path) != self.blobs.path(f.digest):
+                self.blobs.put(f.path, f.digest)
+            elif not self.blobs.exists(f.digest):
+                raise StoreError(f"blob {f.digest} of {f.relpath} is missing: it was never stored")
+
+    def find_same(
+        self, kind: str, plugin: str, method_version: str | None, params: dict, parents
+    ) -> ArtifactRecord | None:
+        """The newest artifact made by the same method version from the same parents (ids and
+        roles, in order) with the same parameters: a plan step that would remake it reuses it."""
+        rows = self.conn.execute(
+            "SELECT id FROM artifacts WHERE kind = ? AND plugin = ? AND method_version IS ? "
+            "AND params = ? ORDER BY created DESC",
+            [kind, plugin, method_version, _dumps(params or {})],
+        ).fetchall()
+        want = [(pid, role) for pid, role in parents]
+        for (artifact_id,) in rows:
+            have = self.conn.execute(
+                "SELECT parent, role FROM parents WHERE child = ? ORDER BY position", [artifact_id]
+            ).fetchall()
+            if [tuple(r) for r in have] == want:
+                return self.get(artifact_id)
+        return None
 
     def _put_manifest(self, row: dict, files, parents, externals) -> StoredFile:
         """Store the artifact's self-description as its ``manifest.json`` blob.

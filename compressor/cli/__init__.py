@@ -122,9 +122,9 @@ def cli(ctx, store_dir, quiet):
 
 
 def _add_commands() -> None:
-    from . import demo, evaluation, export, plugins, run, store
+    from . import demo, evaluation, export, plan, plugins, run, store
 
-    for module in (run, export, evaluation, plugins, store, demo):
+    for module in (run, export, evaluation, plan, plugins, store, demo):
         module.register(cli)
 
 

@@ -1,0 +1,310 @@
+"""Running a plan's steps: workers run methods and store blobs; the driver alone writes
+the catalog.
+
+A worker (a local process, or a Ray task) opens the store to read its inputs,
+runs the step with :func:`compressor.api.run_method` (``publish``: blobs stored,
+no catalog rows) and returns a :class:`~compressor.api.PendingArtifact`; the
+driver commits it. A worker killed mid-step leaves at most unreferenced blobs
+(``store gc`` keeps them for its grace period, then removes them) and its step is
+run again. Steps whose inputs failed are not run; the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import CompressorError, UsageError
+from .plans import Step
+
+RETRIES = 3  # runs of a step whose worker died, before it counts as failed
+
+
+@dataclasses.dataclass
+class StepResult:
+    """How a step ended: ``done``, ``reused``, ``failed`` or ``blocked`` (an input failed)."""
+
+    name: str
+    verb: str
+    status: str
+    artifact: str | None = None  # label (NAME@V) of the artifact made, reused or scored
+    artifact_id: str | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    attempts: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _arg(x, ids: dict[str, str]):
+    """A step reference as the worker resolves it: an earlier step's artifact id."""
+    return ids[x[1]] if isinstance(x, tuple) else x
+
+
+def task_of(step: Step, ids: dict[str, str]) -> dict:
+    """What a worker needs to run ``step`` (picklable), earlier steps' ids filled in."""
+    return {
+        "name": step.name,
+        "verb": step.verb,
+        "kind": step.kind,
+        "plugin": step.plugin,
+        "inputs": [_arg(x, ids) for x in step.inputs],
+        "base": _arg(step.base, ids) if step.base is not None else None,
+        "ref": _arg(step.ref, ids) if step.ref is not None else None,
+        "out": step.out,
+        "dtype": step.dtype,
+        "options": dict(step.options),
+    }
+
+
+def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
+    """Run one step in a worker: ``{"ok": PendingArtifact | record | eval result}`` or
+    ``{"error": message}``. Nothing here writes the catalog."""
+    from . import api
+    from .store import open_store
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        st = open_store(store_root)
+        try:
+            if task["kind"] is not None:
+                out = api.run_method(
+                    task["kind"],
+                    task["plugin"],
+                    task["inputs"],
+                    base=task["base"],
+                    options=task["options"],
+                    name=task["name"],
+                    store=st,
+                    reuse=True,
+                    publish=True,
+                )
+            elif task["verb"] == "eval":
+                out = _eval(st, task)
+            else:
+                out = api.export(
+                    task["ref"],
+                    task["out"],
+                    base=task["base"],
+                    dtype=task["dtype"],
+                    store=st,
+                    force=True,
+                )
+        finally:
+            st.close()
+    except CompressorError as e:
+        return {"error": str(e)}
+    except Exception as e:  # a crash is this step's failure, not the plan's
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"ok": out}
+
+
+def _eval(st, task: dict) -> dict:
+    """Score the step's ref unless it already holds scores on this data file."""
+    from . import api
+    from .refs import resolve
+
+    data = task["options"].get("data")
+    if data:
+        resolved = resolve(st, task["ref"])
+        resolved.source.close()
+        if resolved.stored_id is not None:
+            stem = Path(data).stem
+            have = st.get(resolved.stored_id).metrics
+            if any(k.endswith(f":{stem}") for k in have):
+                return {"reused": True, "artifact_id": resolved.stored_id}
+    return api.evaluate(task["ref"], task["options"], base=task["base"], store=st, record=False)
+
+
+class Driver:
+    """Runs steps in dependency order on an executor and commits what workers return."""
+
+    def __init__(self, store, steps: list[Step], submit, on_event: Callable | None = None):
+        self.store = store
+        self.steps = steps
+        self.submit = submit  # (task) -> handle; see LocalExecutor / RayExecutor
+        self.on_event = on_event or (lambda result, done, total: None)
+
+    def commit(self, step: Step, out: dict, started: float, attempts: int) -> StepResult:
+        from .api import PendingArtifact
+
+        took = time.monotonic() - started
+        res = StepResult(step.name, step.verb, "done", seconds=took, attempts=attempts)
+        if "error" in out:
+            res.status, res.error = "failed", out["error"]
+            return res
+        value = out["ok"]
+        if isinstance(value, PendingArtifact):
+            record = value.commit(self.store)
+        elif isinstance(value, dict) and "metrics_for" in value:
+            artifact_id, metrics, externals = value["metrics_for"]
+            self.store.set_metrics(artifact_id, metrics, externals=externals)
+            record = self.store.get(artifact_id)
+            res.metrics = metrics
+        elif isinstance(value, dict) and value.get("reused"):
+            record = self.store.get(value["artifact_id"])
+            res.status = "reused"
+        elif isinstance(value, Path):
+            res.artifact = str(value)
+            return res
+        else:  # an artifact the same method made from the same inputs before
+            record = value
+            res.status = "reused"
+        res.artifact, res.artifact_id = record.label, record.id
+        if not res.metrics:
+            res.metrics = dict(record.metrics)
+        return res
+
+
+def run_steps(executor, store, steps: list[Step], on_event=None) -> list[StepResult]:
+    """Run every step, each when its inputs are done, as many at once as the executor
+    takes; return their results in plan order."""
+    driver = Driver(store, steps, executor.submit, on_event)
+    results: dict[str, StepResult] = {}
+    ids: dict[str, str] = {}
+    waiting = list(steps)
+    running = {}  # handle -> (step, started, attempts)
+    total = len(steps)
+
+    def finish(res: StepResult):
+        results[res.name] = res
+        if res.artifact_id:
+            ids[res.name] = res.artifact_id
+        driver.on_event(res, len(results), total)
+
+    while waiting or running:
+        for step in list(waiting):
+            bad = [d for d in step.after if d in results and d not in ids]
+            if bad:
+                waiting.remove(step)
+                finish(StepResult(step.name, step.verb, "blocked", error=f"{bad[0]} failed"))
+            elif all(d in ids for d in step.after) and executor.has_room(len(running)):
+                waiting.remove(step)
+                handle = executor.submit(task_of(step, ids))
+                running[handle] = (step, time.monotonic(), 1)
+        if not running:
+            continue
+        for handle, out in executor.wait(list(running)):
+            step, started, attempts = running.pop(handle)
+            if out is None:  # the worker died: run the step again
+                if attempts < RETRIES:
+                    running[executor.submit(task_of(step, ids))] = (step, started, attempts + 1)
+                    continue
+                out = {"error": f"its worker died {attempts} times"}
+            try:
+                res = driver.commit(step, out, started, attempts)
+            except CompressorError as e:  # the catalog refused it: this step failed
+                res = StepResult(step.name, step.verb, "failed", error=str(e), attempts=attempts)
+            finish(res)
+    return [results[s.name] for s in steps]
+
+
+class LocalExecutor:
+    """``-j N`` worker processes on this machine (spawned: no state shared with the driver),
+    each with its share of the CPU threads."""
+
+    def __init__(self, store_root: Path, jobs: int):
+        self.store_root = str(store_root)
+        self.jobs = jobs
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self._pool = None
+
+    def _new_pool(self):
+        ctx = multiprocessing.get_context("spawn")
+        self._pool = concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=ctx)
+
+    def has_room(self, running: int) -> bool:
+        return running < self.jobs
+
+    def submit(self, task: dict):
+        if self._pool is None:
+            self._new_pool()
+        try:
+            return self._pool.submit(run_task, self.store_root, task, self.threads)
+        except concurrent.futures.process.BrokenProcessPool:
+            self._new_pool()
+            return self._pool.submit(run_task, self.store_root, task, self.threads)
+
+    def wait(self, handles):
+        """(handle, result or None if its worker died) for the handles that finished."""
+        done, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
+        out = []
+        broken = False
+        for f in done:
+            try:
+                out.append((f, f.result()))
+            except concurrent.futures.process.BrokenProcessPool:
+                broken = True
+                out.append((f, None))
+        if broken:  # every step still on the dead pool is lost with it: run those again
+            for f in handles:
+                if f not in done:
+                    f.cancel()
+                    out.append((f, None))
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        return out
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayExecutor:
+    """Each step a Ray task (``num_cpus`` 1, memory hinted from the inputs' sizes) on an
+    existing cluster (``address``) or on one started for the run on this machine."""
+
+    def __init__(self, store_root: Path, address: str | None, jobs: int | None):
+        try:
+            import ray
+        except ImportError:
+            raise UsageError("the ray executor needs Ray: pip install 'compressor[ray]'") from None
+        self.ray = ray
+        self.store_root = str(store_root)
+        self._started = not ray.is_initialized()
+        if self._started:
+            kw = {"address": address} if address else {"num_cpus": jobs or os.cpu_count()}
+            ray.init(include_dashboard=False, log_to_driver=False, **kw)
+        self.slots = int(ray.cluster_resources().get("CPU", 1))
+        self._remote = ray.remote(num_cpus=1, max_retries=RETRIES)(run_task)
+
+    def has_room(self, running: int) -> bool:
+        return running < self.slots
+
+    def submit(self, task: dict):
+        return self._remote.options(memory=_memory_hint(task)).remote(self.store_root, task, 1)
+
+    def wait(self, handles):
+        ready, _ = self.ray.wait(handles, num_returns=1)
+        out = []
+        for ref in ready:
+            try:
+                out.append((ref, self.ray.get(ref)))
+            except self.ray.exceptions.RayError as e:  # retries used up
+                out.append((ref, {"error": f"its Ray task failed: {type(e).__name__}"}))
+        return out
+
+    def close(self):
+        if self._started:
+            self.ray.shutdown()
+
+
+def _memory_hint(task: dict) -> int | None:
+    """Bytes a step may hold: twice its largest local input (None when unknown)."""
+    sizes = []
+    for ref in [*task["inputs"], task["base"], task["ref"]]:
+        if isinstance(ref, str) and Path(ref).exists():
+            p = Path(ref)
+            files = [p] if p.is_file() else list(p.glob("*.safetensors"))
+            sizes.append(sum(f.stat().st_size for f in files))
+    return 2 * max(sizes) + (256 << 20) if sizes else None
