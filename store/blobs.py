@@ -11,6 +11,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# unreferenced blobs younger than this are kept by gc: uploads awaiting their commit
+GC_GRACE_SECONDS = 900
+
 
 class LocalBlobStore:
     """Blobs as read-only files at ``ROOT/sha256/ab/<hex>``."""
@@ -33,10 +36,16 @@ class LocalBlobStore:
         dest = self.path(digest)
         if dest.exists():
             os.unlink(src)
+            os.utime(dest)  # stored again now: gc's grace period starts over
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(src, 0o444)
+        os.utime(src)  # the time it was stored, for gc's grace period
         os.replace(src, dest)
+
+    def stored_at(self, digest: str) -> float:
+        """When the blob was last stored (seconds since the epoch)."""
+        return self.path(digest).stat().st_mtime
 
     def list(self) -> Iterator[str]:
         """Digests of all blobs present."""

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import sqlite_utils
 
 from compressor.errors import RefError, StoreError
 from compressor.integrity import sha256_file
-from compressor.store.blobs import LocalBlobStore
+from compressor.store.blobs import GC_GRACE_SECONDS, LocalBlobStore
 from compressor.store.migrations import migrations
 from compressor.writer import StoredFile
 
@@ -508,13 +509,16 @@ class Store:
             self.conn.execute("DELETE FROM parents WHERE child = ?", [artifact_id])
             self.conn.execute("DELETE FROM artifacts WHERE id = ?", [artifact_id])
 
-    def gc(self, force: bool = False) -> dict:
+    def gc(self, force: bool = False, grace: float = GC_GRACE_SECONDS) -> dict:
         """Delete unreferenced blobs and temp directories of dead processes.
 
+        A blob stored less than ``grace`` seconds ago is kept even when no artifact
+        lists it: it may be a plan worker's upload its driver has not committed yet.
         With an empty catalog and blobs present the store looks damaged, not
         emptied, and gc refuses unless ``force``.
         """
-        freed = blobs = tmps = 0
+        freed = blobs = tmps = young = 0
+        cutoff = time.time() - grace
         with self.lock(exclusive=True):
             known = self.conn.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0]
             stored = list(self.blobs.list())
@@ -531,10 +535,19 @@ class Store:
                     tmps += 1
             used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
             for digest in stored:
-                if digest not in used:
-                    freed += self.blobs.delete(digest)
-                    blobs += 1
-        return {"blobs_removed": blobs, "bytes_freed": freed, "tmp_dirs_removed": tmps}
+                if digest in used:
+                    continue
+                if grace > 0 and self.blobs.stored_at(digest) > cutoff:
+                    young += 1
+                    continue
+                freed += self.blobs.delete(digest)
+                blobs += 1
+        return {
+            "blobs_removed": blobs,
+            "bytes_freed": freed,
+            "tmp_dirs_removed": tmps,
+            "blobs_kept_young": young,
+        }
 
     def verify(self) -> list[str]:
         """Re-hash every referenced blob; return a list of problems (empty if sound)."""

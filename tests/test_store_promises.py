@@ -168,7 +168,7 @@ def test_gc_refuses_empty_catalog_with_blobs_unless_forced(run, tv):
     )
     r = run("--quiet", "store", "verify")
     assert r.exit_code == 1 and "the catalog lists none" in r.output
-    assert run("store", "gc", "--force").output.startswith(f"Removed {n} blobs")
+    assert run("store", "gc", "--force", "--grace", "0").output.startswith(f"Removed {n} blobs")
 
 
 # -- 4. verify parses every catalog row -----------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from compressor.errors import RefError, StoreError
+from compressor.store.blobs import GC_GRACE_SECONDS
 
 from .run import format_bytes, print_record, strict_json
 
@@ -145,14 +146,27 @@ def register(cli):
     @click.option(
         "--force", is_flag=True, help="Delete blobs even when the catalog lists no artifact."
     )
+    @click.option(
+        "--grace",
+        type=click.FloatRange(min=0),
+        default=GC_GRACE_SECONDS,
+        show_default=True,
+        help="Keep unreferenced blobs stored fewer seconds ago (uploads a plan has not "
+        "committed yet); 0 deletes them.",
+    )
     @click.pass_obj
-    def gc(state, force):
+    def gc(state, force, grace):
         """Delete blobs no artifact references and temp files of dead processes."""
-        result = state.store.gc(force=force)
+        result = state.store.gc(force=force, grace=grace)
         click.echo(
             f"Removed {result['blobs_removed']} blobs ({format_bytes(result['bytes_freed'])}) "
             f"and {result['tmp_dirs_removed']} abandoned temp directories"
         )
+        if result["blobs_kept_young"]:
+            click.echo(
+                f"Kept {result['blobs_kept_young']} unreferenced blob(s) stored less than "
+                f"{grace:g} s ago (--grace 0 deletes them)"
+            )
 
     @store.command()
     @click.pass_obj
