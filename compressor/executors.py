@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import CompressorError, UsageError
 from .plans import Step
 
-RETRIES = 3  # runs of a step whose worker died, before it counts as failed
+RETRIES = 3  # new runs of a step whose worker died, before it counts as failed
 
 
 @dataclasses.dataclass
@@ -166,9 +166,12 @@ class Driver:
         return res
 
 
-def run_steps(executor, store, steps: list[Step], on_event=None) -> list[StepResult]:
+def run_steps(
+    executor, store, steps: list[Step], on_event=None, retries: int = RETRIES
+) -> list[StepResult]:
     """Run every step, each when its inputs are done, as many at once as the executor
-    takes; return their results in plan order."""
+    takes; a step whose worker died runs again, up to ``retries`` times; return the
+    results in plan order."""
     driver = Driver(store, steps, executor.submit, on_event)
     results: dict[str, StepResult] = {}
     ids: dict[str, str] = {}
@@ -197,7 +200,7 @@ def run_steps(executor, store, steps: list[Step], on_event=None) -> list[StepRes
         for handle, out in executor.wait(list(running)):
             step, started, attempts = running.pop(handle)
             if out is None:  # the worker died: run the step again
-                if attempts < RETRIES:
+                if attempts <= retries:
                     running[executor.submit(task_of(step, ids))] = (step, started, attempts + 1)
                     continue
                 out = {"error": f"its worker died {attempts} times"}
@@ -264,7 +267,9 @@ class RayExecutor:
     """Each step a Ray task (``num_cpus`` 1, memory hinted from the inputs' sizes) on an
     existing cluster (``address``) or on one started for the run on this machine."""
 
-    def __init__(self, store_root: Path, address: str | None, jobs: int | None):
+    def __init__(
+        self, store_root: Path, address: str | None, jobs: int | None, retries: int = RETRIES
+    ):
         try:
             import ray
         except ImportError:
@@ -276,13 +281,15 @@ class RayExecutor:
             kw = {"address": address} if address else {"num_cpus": jobs or os.cpu_count()}
             ray.init(include_dashboard=False, log_to_driver=False, **kw)
         self.slots = int(ray.cluster_resources().get("CPU", 1))
-        self._remote = ray.remote(num_cpus=1, max_retries=RETRIES)(run_task)
+        self._remote = ray.remote(num_cpus=1, max_retries=retries)(run_task)
 
     def has_room(self, running: int) -> bool:
         return running < self.slots
 
     def submit(self, task: dict):
-        return self._remote.options(memory=_memory_hint(task)).remote(self.store_root, task, 1)
+        memory = _memory_hint(task)
+        remote = self._remote.options(memory=memory) if memory else self._remote
+        return remote.remote(self.store_root, task, 1)
 
     def wait(self, handles):
         ready, _ = self.ray.wait(handles, num_returns=1)

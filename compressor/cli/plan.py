@@ -54,9 +54,16 @@ def register(cli):
         help="local: worker processes on this machine; ray: a Ray cluster.",
     )
     @click.option("--ray-address", help="An existing Ray cluster (default: start one here).")
+    @click.option(
+        "--retries",
+        type=click.IntRange(min=0),
+        default=3,
+        show_default=True,
+        help="Runs again of a step whose worker died.",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
     @click.pass_obj
-    def run_plan(state, plan, dry_run, jobs, executor, ray_address, as_json):
+    def run_plan(state, plan, dry_run, jobs, executor, ray_address, retries, as_json):
         """Run the steps of PLAN (YAML): apply, merge, extract, train, sample, eval, export.
 
         Steps run when the steps they read are done, several at once; a step whose
@@ -84,7 +91,7 @@ def register(cli):
             return
         st = state.store
         if executor == "ray":
-            ex = RayExecutor(st.root, ray_address, jobs if jobs > 1 else None)
+            ex = RayExecutor(st.root, ray_address, jobs if jobs > 1 else None, retries)
         else:
             ex = LocalExecutor(st.root, jobs)
 
@@ -94,7 +101,7 @@ def register(cli):
                 click.echo(f"[{done}/{total}] {res.status} {res.name}: {what}", err=True)
 
         try:
-            results = run_steps(ex, st, steps, event)
+            results = run_steps(ex, st, steps, event, retries)
         finally:
             ex.close()
         if as_json:

@@ -1,0 +1,366 @@
+"""compress run PLAN.yaml: a DAG of steps on worker processes or Ray, the same blobs as
+the commands run one by one, reuse on a second run, failures kept to their dependents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_refused, store_snapshot
+
+from compressor.demo_models import save_finetune, save_tiny_llama, zen_lines
+
+PLAN = """
+steps:
+  - name: small-{expert}-{density}
+    matrix: {expert: ./experts/*, density: [0.05, 0.1]}
+    apply: {plugin: compeft, base: ./base, inputs: ["{expert}"], options: {density: "{density}"}}
+  - name: merged-{density}
+    matrix: {density: [0.05, 0.1]}
+    merge: {plugin: ties, base: ./base, inputs: ["small-*-{density}"], options: {density: 0.5}}
+  - name: score-{density}
+    matrix: {density: [0.05, 0.1]}
+    eval: {ref: "merged-{density}", options: {data: test.txt}}
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Path:
+    """A tiny Llama base, four fine-tunes under experts/, a text file and the plan."""
+    root = tmp_path_factory.mktemp("fleet")
+    base = save_tiny_llama(root / "base", seed=0, layers=2)
+    for i in range(1, 5):
+        save_finetune(base, root / "experts" / f"e{i}", seed=i)
+    (root / "test.txt").write_text("\n".join(zen_lines()[:8]) + "\n")
+    (root / "plan.yaml").write_text(PLAN)
+    return root
+
+
+def _blobs(store: Path) -> dict:
+    """(artifact name, file) -> blob for every artifact file but its manifest (which holds
+    ids and times), and name -> metrics."""
+    conn = sqlite3.connect(store / "store.db")
+    files = dict(
+        conn.execute(
+            "SELECT a.name || '/' || f.path, f.blob FROM files f JOIN artifacts a "
+            "ON a.id = f.artifact WHERE f.path != 'manifest.json' AND a.kind != 'external'"
+        )
+    )
+    metrics = {n: json.loads(m) for n, m in conn.execute("SELECT name, metrics FROM artifacts")}
+    conn.close()
+    return files, metrics
+
+
+def _plan(run, plan: Path, *args) -> tuple[int, list[dict]]:
+    r = run("--quiet", "run", str(plan), "--json", *args)
+    lines = r.output.strip().splitlines()
+    return r.exit_code, json.loads(lines[0]) if lines and lines[0].startswith("[") else r.output
+
+
+def test_plan_equals_the_commands_one_by_one(run, fleet, private_store, tmp_path):
+    """Twelve steps on two worker processes: the same blob hashes and scores as the twelve
+    commands run by hand into another store."""
+    code, results = _plan(run, fleet / "plan.yaml", "-j", "2")
+    assert code == 0, results
+    assert [r["status"] for r in results] == ["done"] * 12
+    by_hand = tmp_path / "by-hand"
+    base = str(fleet / "base")
+    for d in ("0.05", "0.1"):
+        for i in range(1, 5):
+            expert = str(fleet / "experts" / f"e{i}")
+            args = ["apply", "-p", "compeft", "--base", base, expert, "-o", "density", d]
+            assert run("--store", by_hand, "--quiet", *args, "-n", f"small-e{i}-{d}").exit_code == 0
+        smalls = [f"small-e{i}-{d}" for i in range(1, 5)]
+        args = ["merge", "-p", "ties", "--base", base, *smalls, "-o", "density", "0.5"]
+        assert run("--store", by_hand, "--quiet", *args, "-n", f"merged-{d}").exit_code == 0
+        data = str(fleet / "test.txt")
+        assert run("--store", by_hand, "eval", f"merged-{d}", "-o", "data", data).exit_code == 0
+    assert _blobs(private_store) == _blobs(by_hand)
+    assert results[-1]["metrics"]["perplexity:test"] > 1
+    assert run("store", "verify").exit_code == 0
+
+
+def test_plan_run_again_reuses_every_step(run, fleet, private_store):
+    assert _plan(run, fleet / "plan.yaml", "-j", "2")[0] == 0
+    before = store_snapshot(private_store)
+    code, results = _plan(run, fleet / "plan.yaml")
+    assert code == 0
+    assert [r["status"] for r in results] == ["reused"] * 12
+    assert results[8]["artifact"] == "merged-0.05@1"
+    after = store_snapshot(private_store)
+    assert after["files"] == before["files"]
+    for table in ("artifacts", "files", "parents"):
+        assert after["rows"][table] == before["rows"][table]
+
+
+def test_failed_step_blocks_only_the_steps_that_read_it(run, fleet, private_store, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        PLAN.replace("./", f"{fleet}/")
+        .replace("test.txt", f"{fleet}/test.txt")
+        .replace("[0.05, 0.1]", "[0.05, 2]")
+    )
+    r = run("--quiet", "run", str(plan))
+    assert r.exit_code == 1, r.output
+    rows = {line.split()[0]: line.split()[1] for line in r.output.splitlines()[1:-1]}
+    assert [rows[f"small-e{i}-0.05"] for i in range(1, 5)] == ["done"] * 4
+    assert [rows[f"small-e{i}-2"] for i in range(1, 5)] == ["failed"] * 4
+    assert rows["merged-0.05"] == "done" and rows["score-0.05"] == "done"
+    assert rows["merged-2"] == "blocked" and rows["score-2"] == "blocked"
+    assert r.output.splitlines()[-1] == (
+        "Error: 6 of 12 steps did not finish (small-e1-2: option 'density' must be in (0, 1]; "
+        "got '2')"
+    )
+
+
+def test_dry_run_prints_the_order_and_touches_no_store(run, fleet, private_store):
+    r = run("run", str(fleet / "plan.yaml"), "--dry-run")
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert len(lines) == 12
+    assert lines[0] == (
+        f"  1. small-e1-0.05: apply compeft {fleet}/experts/e1 (base {fleet}/base) density=0.05"
+    )
+    assert lines[8].startswith("  9. merged-0.05: merge ties <small-e1-0.05>, <small-e2-0.05>")
+    assert lines[8].endswith("after small-e1-0.05, small-e2-0.05, small-e3-0.05, small-e4-0.05")
+    assert not private_store.exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- a\n", "{path}: a plan is a mapping with a non-empty list of steps"),
+        (
+            "steps: [{name: a, apply: {plugin: x, inputs: [m]}}]\nextra: 1\n",
+            "{path}: key 'extra' is not a plan key (steps)",
+        ),
+        (
+            "steps: [{name: a, apply: {plugin: x, inputs: [m]}, merge: {plugin: y}}]\n",
+            "{path}: steps[0] needs exactly one of apply, merge, extract, train, sample, eval, "
+            "export",
+        ),
+        (
+            "steps: [{name: a, apply: {plugin: x, inputs: [m], opts: {}}}]\n",
+            "{path}: steps[0]: apply takes no 'opts' (keys: base, inputs, options, plugin)",
+        ),
+        (
+            "steps: [{name: a, apply: {plugin: x, inputs: [m]}}, {name: a, eval: {ref: a}}]\n",
+            "{path}: two steps are named 'a'",
+        ),
+        (
+            "steps: [{name: 'a-{x}', apply: {plugin: x, inputs: [m]}}]\n",
+            "{path}: steps[0]: '{{x}}' is not a matrix key",
+        ),
+        (
+            "steps: [{name: a, merge: {plugin: x, inputs: [b]}}, "
+            "{name: b, merge: {plugin: x, inputs: [a]}}]\n",
+            "{path}: the steps depend on each other in a cycle (a, b)",
+        ),
+        (
+            "steps: [{name: a, matrix: {e: ./nowhere/*}, apply: {plugin: x, inputs: ['{e}']}}]\n",
+            "{path}: steps[0]: matrix.e: './nowhere/*' matches no file",
+        ),
+        (
+            "steps: [{name: a, apply: {plugin: x, inputs: [zz-*]}}]\n",
+            "{path}: step 'a': 'zz-*' matches no step and no file",
+        ),
+        (
+            "steps: [{name: 'bad name', apply: {plugin: x, inputs: [m]}}]\n",
+            "{path}: steps[0]: 'bad name' is not a valid artifact name",
+        ),
+        ("steps: [\n", "{path} is not valid YAML (line 2)"),
+    ],
+    ids=[
+        "not a mapping",
+        "plan key",
+        "two verbs",
+        "verb key",
+        "same name",
+        "template",
+        "cycle",
+        "matrix glob",
+        "input glob",
+        "name",
+        "yaml",
+    ],
+)
+def test_bad_plans_are_refused(run, private_store, tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code = 1 if "YAML" in message else 2
+    assert_refused(run, private_store, ["run", str(path)], message.format(path=path), code=code)
+
+
+def test_gc_keeps_an_upload_awaiting_its_commit(run, fleet, private_store, tmp_path):
+    """A worker's published blob that no artifact lists yet survives gc's grace period."""
+    from compressor.store import StoredFile, open_store, sha256_file
+
+    assert run("store", "import", str(fleet / "base")).exit_code == 0
+    f = tmp_path / "upload.bin"
+    f.write_bytes(b"a shard a worker stored")
+    digest = sha256_file(f)
+    st = open_store(private_store)
+    st.publish([StoredFile("model.safetensors", f, digest, f.stat().st_size)])
+    st.close()
+    r = run("store", "gc")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        "Removed 0 blobs (0 B) and 0 abandoned temp directories",
+        "Kept 1 unreferenced blob(s) stored less than 900 s ago (--grace 0 deletes them)",
+    ]
+    assert run("store", "gc", "--grace", "0").output.startswith("Removed 1 blobs")
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_same_blobs(run, fleet, private_store, tmp_path):
+    """On a real local Ray cluster (2 CPUs): the blobs the local executor makes."""
+    code, results = _plan(run, fleet / "plan.yaml", "--executor", "ray", "-j", "2")
+    assert code == 0, results
+    assert [r["status"] for r in results] == ["done"] * 12
+    local = tmp_path / "local"
+    assert run("--store", local, "--quiet", "run", str(fleet / "plan.yaml")).exit_code == 0
+    assert _blobs(private_store) == _blobs(local)
+    assert run("store", "verify").exit_code == 0
+
+
+# -- faults: killed workers and a killed driver ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_fleet(tmp_path_factory) -> Path:
+    """Experts large enough (a 4-layer, 256-wide Llama) that a step runs long enough to
+    be killed in the middle."""
+    root = tmp_path_factory.mktemp("slow-fleet")
+    base = save_tiny_llama(root / "base", seed=0, layers=4, hidden=256)
+    for i in range(1, 4):
+        save_finetune(base, root / "experts" / f"e{i}", seed=i)
+    return root
+
+
+def _compress(store: Path, *args) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("compress")
+    return subprocess.Popen(
+        [str(exe), "--store", str(store), "--quiet", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_plan(slow_fleet: Path, tmp_path: Path, steps: int, kills: int, find_workers, *args):
+    """Run a plan of ``steps`` ComPEFT steps and SIGKILL ``kills`` workers while they run
+    steps; the plan must still complete with every step done exactly once."""
+    plan = tmp_path / "plan.yaml"
+    densities = ", ".join(f"0.{i + 10}" for i in range(steps // 3))
+    plan.write_text(
+        "steps:\n  - name: s-{e}-{d}\n"
+        f"    matrix: {{e: {slow_fleet}/experts/*, d: [{densities}]}}\n"
+        f"    apply: {{plugin: compeft, base: {slow_fleet}/base, inputs: ['{{e}}'], "
+        "options: {density: '{d}'}}\n"
+    )
+    store = tmp_path / "store"
+    proc = _compress(store, "run", str(plan), "--json", "--retries", str(kills + 3), *args)
+    killed = set()
+    deadline = time.monotonic() + 600
+    while len(killed) < kills and proc.poll() is None and time.monotonic() < deadline:
+        for pid in find_workers(store, proc.pid):
+            if pid not in killed:
+                time.sleep(0.05)  # into the step, not at its first line
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.add(pid)
+                break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert len(killed) >= kills
+    results = json.loads(out)
+    assert [r["status"] for r in results] == ["done"] * steps
+    conn = sqlite3.connect(store / "store.db")
+    names = [r[0] for r in conn.execute("SELECT name FROM artifacts WHERE kind != 'external'")]
+    conn.close()
+    assert sorted(names) == sorted(r["name"] for r in results)  # each committed once
+    verify = subprocess.run(
+        [str(Path(sys.executable).with_name("compress")), "--store", str(store), "store", "verify"],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout
+
+
+def _local_workers(store: Path, driver: int) -> list[int]:
+    """Worker processes busy in a step: each holds a temp directory named by its pid."""
+    tmp = store / "tmp"
+    if not tmp.is_dir():
+        return []
+    pids = {int(d.name.split("-")[0]) for d in tmp.iterdir() if d.name.split("-")[0].isdigit()}
+    return sorted(p for p in pids if p != driver)
+
+
+@pytest.mark.slow
+def test_killed_local_workers_steps_run_again(slow_fleet, tmp_path):
+    """20 SIGKILLed workers mid-step: every step is retried, the plan completes, each
+    artifact is committed once, nothing partial is visible, the store verifies."""
+    _kill_plan(slow_fleet, tmp_path, 24, 20, _local_workers, "-j", "2")
+
+
+def _ray_workers(store: Path, driver: int) -> list[int]:
+    """Ray worker processes running a step (Ray titles them ray::run_task)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::run_task"):
+            out.append(p.pid)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_ray_workers_tasks_run_again(slow_fleet, tmp_path):
+    _kill_plan(slow_fleet, tmp_path, 24, 20, _ray_workers, "--executor", "ray", "-j", "2")
+
+
+@pytest.mark.slow
+def test_killed_driver_rerun_skips_what_was_committed(slow_fleet, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "steps:\n  - name: s-{e}-{d}\n"
+        f"    matrix: {{e: {slow_fleet}/experts/*, d: [0.1, 0.2, 0.3]}}\n"
+        f"    apply: {{plugin: compeft, base: {slow_fleet}/base, inputs: ['{{e}}'], "
+        "options: {density: '{d}'}}\n"
+    )
+    store = tmp_path / "store"
+    proc = _compress(store, "run", str(plan), "-j", "1")
+    committed = 0
+    while committed < 3 and proc.poll() is None:
+        time.sleep(0.05)
+        if (store / "store.db").exists():
+            conn = sqlite3.connect(store / "store.db")
+            try:
+                committed = conn.execute(
+                    "SELECT COUNT(*) FROM artifacts WHERE kind = 'compress'"
+                ).fetchone()[0]
+            except sqlite3.OperationalError:
+                committed = 0
+            conn.close()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    again = _compress(store, "run", str(plan), "--json")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    statuses = [r["status"] for r in json.loads(out)]
+    assert statuses.count("reused") >= 3 and set(statuses) <= {"done", "reused"}
+    conn = sqlite3.connect(store / "store.db")
+    names = [r[0] for r in conn.execute("SELECT name FROM artifacts WHERE kind = 'compress'")]
+    conn.close()
+    assert len(names) == len(set(names)) == 9
