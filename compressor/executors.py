@@ -224,7 +224,9 @@ class LocalExecutor:
 
     def _new_pool(self):
         ctx = multiprocessing.get_context("spawn")
-        self._pool = concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=ctx)
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            self.jobs, mp_context=ctx, initializer=_die_with, initargs=(os.getpid(),)
+        )
 
     def has_room(self, running: int) -> bool:
         return running < self.jobs
@@ -261,6 +263,25 @@ class LocalExecutor:
     def close(self):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _die_with(driver: int) -> None:
+    """In a worker: exit when the driver dies (a killed driver leaves no worker behind,
+    holding its pipes or a half-done step)."""
+    import ctypes
+    import threading
+
+    try:  # Linux: the kernel sends SIGKILL when the parent exits
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == driver:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class RayExecutor:

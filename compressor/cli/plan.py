@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import click
 
@@ -100,10 +102,13 @@ def register(cli):
                 what = res.artifact or res.error or ""
                 click.echo(f"[{done}/{total}] {res.status} {res.name}: {what}", err=True)
 
-        try:
-            results = run_steps(ex, st, steps, event, retries)
-        finally:
-            ex.close()
+        # Ray prints its cluster's messages (a worker died, a task retried) on stdout:
+        # sent to stderr, stdout keeps only the table or the JSON
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                results = run_steps(ex, st, steps, event, retries)
+            finally:
+                ex.close()
         if as_json:
             click.echo(strict_json([r.to_json() for r in results]))
         else:
