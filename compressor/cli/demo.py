@@ -186,6 +186,15 @@ def register(cli):
                 "models:\n  - model: expert-a\n  - model: expert-b\ndtype: float32\n"
             )
             _step(store, "merge", "--config", stock, "--name", "merged-stock")
+            plan = work / "plan.yaml"  # many runs as one job, on two worker processes
+            plan.write_text(
+                "steps:\n  - name: small-{e}-{d}\n"
+                "    matrix: {e: [expert-a, expert-b], d: [0.1, 0.3]}\n"
+                "    apply: {plugin: compeft, inputs: ['{e}'], options: {density: '{d}'}}\n"
+                "  - name: soup-{d}\n    matrix: {d: [0.1, 0.3]}\n"
+                f"    merge: {{plugin: ties, base: {base}, inputs: ['small-*-{{d}}']}}\n"
+            )
+            _step(store, "run", plan, "-j", "2")
             _step(
                 store,
                 "apply",
