@@ -163,10 +163,6 @@ class PendingArtifact:
         self.files = files
         self.fields = commit
 
-    @property
-    def name(self) -> str | None:
-        return self.fields.get("name")
-
     def commit(self, st: Store) -> ArtifactRecord:
         """Add the artifact to the catalog (its blobs are moved in if not yet stored)."""
         return st.commit(self.files, **self.fields)

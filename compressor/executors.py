@@ -16,7 +16,6 @@ import dataclasses
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CompressorError, UsageError
@@ -126,44 +125,36 @@ def _eval(st, task: dict) -> dict:
     return api.evaluate(task["ref"], task["options"], base=task["base"], store=st, record=False)
 
 
-class Driver:
-    """Runs steps in dependency order on an executor and commits what workers return."""
+def commit_result(store, step: Step, out: dict, started: float, attempts: int) -> StepResult:
+    """The driver's half of a step: commit what its worker returned, or record its error."""
+    from .api import PendingArtifact
 
-    def __init__(self, store, steps: list[Step], submit, on_event: Callable | None = None):
-        self.store = store
-        self.steps = steps
-        self.submit = submit  # (task) -> handle; see LocalExecutor / RayExecutor
-        self.on_event = on_event or (lambda result, done, total: None)
-
-    def commit(self, step: Step, out: dict, started: float, attempts: int) -> StepResult:
-        from .api import PendingArtifact
-
-        took = time.monotonic() - started
-        res = StepResult(step.name, step.verb, "done", seconds=took, attempts=attempts)
-        if "error" in out:
-            res.status, res.error = "failed", out["error"]
-            return res
-        value = out["ok"]
-        if isinstance(value, PendingArtifact):
-            record = value.commit(self.store)
-        elif isinstance(value, dict) and "metrics_for" in value:
-            artifact_id, metrics, externals = value["metrics_for"]
-            self.store.set_metrics(artifact_id, metrics, externals=externals)
-            record = self.store.get(artifact_id)
-            res.metrics = metrics
-        elif isinstance(value, dict) and value.get("reused"):
-            record = self.store.get(value["artifact_id"])
-            res.status = "reused"
-        elif isinstance(value, Path):
-            res.artifact = str(value)
-            return res
-        else:  # an artifact the same method made from the same inputs before
-            record = value
-            res.status = "reused"
-        res.artifact, res.artifact_id = record.label, record.id
-        if not res.metrics:
-            res.metrics = dict(record.metrics)
+    took = time.monotonic() - started
+    res = StepResult(step.name, step.verb, "done", seconds=took, attempts=attempts)
+    if "error" in out:
+        res.status, res.error = "failed", out["error"]
         return res
+    value = out["ok"]
+    if isinstance(value, PendingArtifact):
+        record = value.commit(store)
+    elif isinstance(value, dict) and "metrics_for" in value:
+        artifact_id, metrics, externals = value["metrics_for"]
+        store.set_metrics(artifact_id, metrics, externals=externals)
+        record = store.get(artifact_id)
+        res.metrics = metrics
+    elif isinstance(value, dict) and value.get("reused"):
+        record = store.get(value["artifact_id"])
+        res.status = "reused"
+    elif isinstance(value, Path):
+        res.artifact = str(value)
+        return res
+    else:  # an artifact the same method made from the same inputs before
+        record = value
+        res.status = "reused"
+    res.artifact, res.artifact_id = record.label, record.id
+    if not res.metrics:
+        res.metrics = dict(record.metrics)
+    return res
 
 
 def run_steps(
@@ -172,7 +163,7 @@ def run_steps(
     """Run every step, each when its inputs are done, as many at once as the executor
     takes; a step whose worker died runs again, up to ``retries`` times; return the
     results in plan order."""
-    driver = Driver(store, steps, executor.submit, on_event)
+    on_event = on_event or (lambda result, done, total: None)
     results: dict[str, StepResult] = {}
     ids: dict[str, str] = {}
     waiting = list(steps)
@@ -183,7 +174,7 @@ def run_steps(
         results[res.name] = res
         if res.artifact_id:
             ids[res.name] = res.artifact_id
-        driver.on_event(res, len(results), total)
+        on_event(res, len(results), total)
 
     while waiting or running:
         for step in list(waiting):
@@ -205,7 +196,7 @@ def run_steps(
                     continue
                 out = {"error": f"its worker died {attempts} times"}
             try:
-                res = driver.commit(step, out, started, attempts)
+                res = commit_result(store, step, out, started, attempts)
             except CompressorError as e:  # the catalog refused it: this step failed
                 res = StepResult(step.name, step.verb, "failed", error=str(e), attempts=attempts)
             finish(res)

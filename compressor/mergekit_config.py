@@ -14,13 +14,11 @@ rules ``-o`` builds (:mod:`compressor.merge_params`).
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 from .errors import InputError, UsageError
 from .merge_params import POST_SLOT, Rule, is_pre_layers, layer_index, parse_scalar, renamed
-from .sources import TensorSource
+from .sources import RewrittenConfig, TensorSource
 
 METHODS = {
     "task_arithmetic": "task-arithmetic",
@@ -450,10 +448,8 @@ class StackedSource(TensorSource):
             for key in ("layer_types",):  # per-layer lists follow the count
                 if isinstance(config.get(key), list):
                     config[key] = (config[key] * layers)[:layers]
-            self._tmp = tempfile.TemporaryDirectory(prefix="compress-config-")
-            path = Path(self._tmp.name) / "config.json"
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            self.files["config.json"] = path
+            self._config = RewrittenConfig(config)
+            self.files["config.json"] = self._config.path
         self._infos = {out: src.info(name) for out, (src, name) in mapping.items()}
 
     def infos(self):

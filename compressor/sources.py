@@ -108,6 +108,18 @@ class TensorSource:
         self.close()
 
 
+class RewrittenConfig:
+    """A ``config.json`` with changed values, written to a temporary file that lives as
+    long as this object: the file a source carries in place of its own."""
+
+    def __init__(self, config: dict):
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="compress-config-")
+        self.path = Path(self._tmp.name) / "config.json"
+        self.path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def row_blocks(info: TensorInfo, max_elems: int = DEFAULT_BLOCK_ELEMS) -> Iterator[slice | None]:
     """Split a tensor into blocks of whole rows of at most ``max_elems`` elements.
 

@@ -16,7 +16,6 @@ See https://github.com/arcee-ai/mergekit/blob/main/mergekit/tokenizer/embed.py
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .sources import TensorSource
+from .sources import RewrittenConfig, TensorSource
 
 # files that make up a saved Hugging Face tokenizer; replaced by the output tokenizer's
 TOKENIZER_FILES = (
@@ -219,11 +218,8 @@ class VocabAlignedSource(TensorSource):
                 self.files[path.name] = path
         config = source.config()
         if config is not None:
-            config["vocab_size"] = vocab.rows
-            self._tmp = tempfile.TemporaryDirectory(prefix="compress-config-")
-            path = Path(self._tmp.name) / "config.json"
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            self.files["config.json"] = path
+            self._config = RewrittenConfig({**config, "vocab_size": vocab.rows})
+            self.files["config.json"] = self._config.path
 
     def infos(self):
         return self._infos
