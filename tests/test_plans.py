@@ -385,3 +385,14 @@ def test_killed_driver_rerun_skips_what_was_committed(slow_fleet, tmp_path):
     names = [r[0] for r in conn.execute("SELECT name FROM artifacts WHERE kind = 'compress'")]
     conn.close()
     assert len(names) == len(set(names)) == 9
+
+
+def test_ray_executor_without_ray_names_the_extra(run, fleet, private_store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    assert_refused(
+        run,
+        private_store,
+        ["run", str(fleet / "plan.yaml"), "--executor", "ray"],
+        "the ray executor needs Ray: pip install 'compressor[ray]'",
+        code=2,
+    )
