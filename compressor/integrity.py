@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
 
 _BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 23
+RANGED_CATCH_UP = 1 << 20  # a remote blob's gap hashed on the way (a header); more is skipped
 
 
 def verify_reads() -> bool:
@@ -41,6 +42,27 @@ def expected_digest(path: Path) -> str | None:
     ):
         return name
     return None
+
+
+_REMOTE_BLOBS: dict[Path, object] = {}  # cache root -> the remote blob store it mirrors
+
+
+def register_remote_blobs(cache: Path, blobs) -> None:
+    """Blob paths below ``cache`` name objects of ``blobs`` (an FsspecBlobStore): a path
+    not copied there yet is read from the backend, by ranges."""
+    _REMOTE_BLOBS[Path(cache)] = blobs
+
+
+def open_read(path: Path):
+    """``(file, size, ranged)`` for a path to read: a local file, or a remote blob's object
+    (``ranged``: reads fetch only their bytes, so skipping over a gap costs nothing)."""
+    path = Path(path)
+    digest = expected_digest(path)
+    if digest is not None and not path.is_file():
+        blobs = _REMOTE_BLOBS.get(path.parent.parent.parent)
+        if blobs is not None:
+            return blobs.open(digest), blobs.size(digest), True
+    return open(path, "rb"), path.stat().st_size, False
 
 
 class DamagedBlobError(StoreError):
@@ -87,8 +109,7 @@ class HashedFile:
         self.path = Path(path)
         self.hashing = hashing
         self.name = str(path)
-        self.file = open(path, "rb")
-        self.size = self.path.stat().st_size
+        self.file, self.size, self.ranged = open_read(path)
         self._hash = hashlib.sha256()
         self._done = 0  # bytes [0, _done) are in the hash
         self._digest: str | None = None
@@ -96,7 +117,10 @@ class HashedFile:
     def read_into(self, offset: int, buf: torch.Tensor) -> int:
         """Read ``buf.numel()`` bytes at ``offset`` into a uint8 tensor; return the count."""
         if self.hashing and offset > self._done:
-            self._catch_up(offset)
+            if self.ranged and offset - self._done > RANGED_CATCH_UP:
+                self.hashing = False  # fetching the gap to hash it would move its bytes twice
+            else:
+                self._catch_up(offset)
         self.file.seek(offset)
         n = self.file.readinto(buf.numpy()) if buf.numel() else 0
         end = offset + n
@@ -114,8 +138,11 @@ class HashedFile:
             self._hash.update(block)
             self._done += len(block)
 
-    def finish(self) -> str:
-        """Hash whatever was not read yet; return the file's SHA-256."""
+    def finish(self) -> str | None:
+        """Hash whatever was not read yet; return the file's SHA-256. A remote blob read
+        in part is not fetched whole to be hashed: None (``store verify`` checks it)."""
+        if self.ranged and (not self.hashing or self._done < self.size):
+            return None
         if self._digest is None:
             self._catch_up(self.size)
             self._digest = self._hash.hexdigest()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
+from .integrity import open_read
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -104,8 +105,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; return tensor infos and metadata."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        f, size, _ = open_read(path)
+        with f:
             head = f.read(8)
             if len(head) < 8:
                 raise InputError(f"{path} is not a safetensors file (only {size} bytes)")

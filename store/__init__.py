@@ -1,5 +1,6 @@
 """The artifact store: content-addressed blobs and a SQLite catalog of lineage."""
 
+from compressor.integrity import sha256_file
 from compressor.store.catalog import (
     ArtifactRecord,
     Store,
@@ -9,7 +10,6 @@ from compressor.store.catalog import (
     derive_name,
     open_store,
     opened_store,
-    sha256_file,
 )
 
 __all__ = [

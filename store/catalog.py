@@ -26,8 +26,8 @@ from pathlib import Path
 import sqlite_utils
 
 from compressor.errors import RefError, StoreError
-from compressor.integrity import sha256_file
-from compressor.store.blobs import GC_GRACE_SECONDS, LocalBlobStore
+from compressor.integrity import CHUNK, register_remote_blobs
+from compressor.store.blobs import GC_GRACE_SECONDS, FsspecBlobStore, LocalBlobStore
 from compressor.store.migrations import migrations
 from compressor.writer import StoredFile
 
@@ -37,6 +37,7 @@ JSON_COLUMNS = ("params", "metrics", "manifest")
 MANIFEST_FILE = "manifest.json"  # every artifact's self-description, among its files
 MANIFEST_FORMAT = "compressor-artifact/1"
 MAX_MANIFEST_BYTES = 64 << 20
+CONFIG_FILE = "config.json"  # the store's settings: where its blobs live
 ARTIFACT_COLUMNS = (
     "id",
     "name",
@@ -141,9 +142,9 @@ def derive_name(text: str, fallback: str = "artifact") -> str:
 class Store:
     """An on-disk artifact store: ``store.db``, ``blobs/`` and ``tmp/``."""
 
-    def __init__(self, root: Path, recovering: bool = False):
+    def __init__(self, root: Path, recovering: bool = False, blobs: str | None = None):
         self.root = Path(root)
-        self.blobs = LocalBlobStore(self.root / "blobs")
+        self.blobs = self._blob_store(blobs)
         self.tmp_root = self.root / "tmp"
         self.lock_path = self.root / "lock"
         db_path = self.root / "store.db"
@@ -173,6 +174,38 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _blob_store(self, url: str | None):
+        """The store's blob storage: its ``blobs/`` directory, or the fsspec URL its
+        config names. A URL given to a store that has none is recorded in its config,
+        unless blobs are stored locally already (a store keeps one blob storage)."""
+        local = LocalBlobStore(self.root / "blobs")
+        config_path = self.root / CONFIG_FILE
+        try:
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        except (OSError, ValueError) as e:
+            raise StoreError(f"the store's {config_path} cannot be read: {e}") from None
+        if url and "://" not in url:
+            url = str(Path(url).expanduser().resolve())
+        configured = config.get("blobs")
+        if url and configured and url != configured:
+            raise StoreError(f"the store at {self.root} keeps its blobs at {configured}, not {url}")
+        if url and not configured:
+            if next(local.list(), None) is not None:
+                raise StoreError(
+                    f"the store at {self.root} keeps its blobs in {local.root}; its blob "
+                    "storage is chosen when it is created (use a new --store for --blobs)"
+                )
+        if not (url or configured):
+            return local
+        remote = FsspecBlobStore(url or configured, self.root / "blobcache")
+        if not configured:  # recorded once the URL opened (its extra is installed)
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = config_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**config, "blobs": url}, indent=2) + "\n")
+            os.replace(tmp, config_path)
+        register_remote_blobs(remote.cache, remote)
+        return remote
 
     # -- locking and temp space -------------------------------------------------
 
@@ -476,9 +509,16 @@ class Store:
         raise RefError(f"no artifact or path matches '{ref}'")
 
     def files(self, artifact_id: str) -> dict[str, Path]:
-        """Relative path -> blob path for every file of an artifact."""
+        """Relative path -> blob path for every file of an artifact.
+
+        With remote blob storage, safetensors files stay there (their tensors are read
+        by byte ranges); the small files beside them are copied to a local cache."""
         return {
-            r["path"]: self.blobs.path(r["blob"])
+            r["path"]: (
+                self.blobs.path(r["blob"])
+                if r["path"].endswith(".safetensors")
+                else self.blobs.local(r["blob"])
+            )
             for r in self.db["files"].rows_where("artifact = ?", [artifact_id], order_by="path")
         }
 
@@ -533,6 +573,7 @@ class Store:
                 if _abandoned(d):
                     shutil.rmtree(d, ignore_errors=True)
                     tmps += 1
+            tmps += self.blobs.sweep_uploads(cutoff)
             used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
             for digest in stored:
                 if digest in used:
@@ -562,15 +603,13 @@ class Store:
                 except StoreError as e:
                     problems.append(str(e).removesuffix(" (run `compress store verify`)"))
         for r in self.db.query("SELECT DISTINCT blob, bytes FROM files ORDER BY blob"):
-            p = self.blobs.path(r["blob"])
-            if not p.is_file():
-                problems.append(f"missing blob {r['blob']}")
-            elif p.stat().st_size != r["bytes"]:
-                problems.append(
-                    f"blob {r['blob']} has {p.stat().st_size} bytes, expected {r['bytes']}"
-                )
-            elif sha256_file(p) != r["blob"]:
-                problems.append(f"blob {r['blob']} does not match its hash")
+            digest = r["blob"]
+            if not self.blobs.exists(digest):
+                problems.append(f"missing blob {digest}")
+            elif (size := self.blobs.size(digest)) != r["bytes"]:
+                problems.append(f"blob {digest} has {size} bytes, expected {r['bytes']}")
+            elif self._hash_blob(digest) != digest:
+                problems.append(f"blob {digest} does not match its hash")
         unknown = self.unreferenced_blobs()
         if unknown and not self.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone():
             problems.append(
@@ -618,13 +657,22 @@ class Store:
                         )
         return {"artifacts": len(docs), "missing_blobs": missing}
 
+    def _hash_blob(self, digest: str) -> str:
+        """SHA-256 of a blob's bytes as its storage holds them, read in chunks."""
+        h = hashlib.sha256()
+        with self.blobs.open(digest) as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+        return h.hexdigest()
+
     def _read_manifest(self, digest: str) -> dict | None:
         """A blob's manifest document, or None when the blob is something else."""
-        path = self.blobs.path(digest)
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
+        if self.blobs.size(digest) > MAX_MANIFEST_BYTES:
             return None
-        with open(path, "rb") as f:
-            data = f.read()
+        with self.blobs.open(digest) as f:
+            if f.read(1) != b"{":  # a JSON object; safetensors files start with a length
+                return None
+            data = b"{" + f.read()
         if MANIFEST_FORMAT.encode() not in data[:4096] and MANIFEST_FORMAT.encode() not in data:
             return None
         try:
@@ -680,12 +728,15 @@ def _dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def open_store(root: Path | str | None = None, recovering: bool = False) -> Store:
+def open_store(
+    root: Path | str | None = None, recovering: bool = False, blobs: str | None = None
+) -> Store:
     """Open (creating and migrating) the store at ROOT, $COMPRESSOR_STORE, or the user data dir.
 
-    ``recovering`` opens a store whose catalog was lost, for :meth:`Store.recover`.
+    ``recovering`` opens a store whose catalog was lost, for :meth:`Store.recover`;
+    ``blobs`` (an fsspec URL) is where a new store keeps its blobs.
     """
-    return Store(Path(root) if root else default_store_dir(), recovering)
+    return Store(Path(root) if root else default_store_dir(), recovering, blobs)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from compressor.cli import cli
-from compressor.demo_models import minilm_dir, save_finetune, save_tiny_llama
+from compressor.demo_models import minilm_dir, save_finetune, save_tiny_llama, zen_lines
 from compressor.plugin_manager import reset_registry
 
 
@@ -51,6 +51,7 @@ def private_store(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSOR_STORE", str(store))
     monkeypatch.delenv("COMPRESSOR_PLUGINS", raising=False)
     monkeypatch.delenv("COMPRESSOR_DEBUG", raising=False)
+    monkeypatch.delenv("COMPRESSOR_BLOBS", raising=False)
     reset_registry()
     yield store
     reset_registry()
@@ -172,3 +173,52 @@ def assert_refused(run, store: Path, args, message: str, code: int = 1) -> None:
     r = run("--quiet", *args)  # a progress bar drawn on a slow machine is not the message
     assert (r.exit_code, r.output) == (code, f"Error: {message}\n")
     assert store_snapshot(store) == before
+
+
+# twelve steps: ComPEFT of four experts at two densities, two TIES merges, two evals
+PLAN = """
+steps:
+  - name: small-{expert}-{density}
+    matrix: {expert: ./experts/*, density: [0.05, 0.1]}
+    apply: {plugin: compeft, base: ./base, inputs: ["{expert}"], options: {density: "{density}"}}
+  - name: merged-{density}
+    matrix: {density: [0.05, 0.1]}
+    merge: {plugin: ties, base: ./base, inputs: ["small-*-{density}"], options: {density: 0.5}}
+  - name: score-{density}
+    matrix: {density: [0.05, 0.1]}
+    eval: {ref: "merged-{density}", options: {data: test.txt}}
+"""
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory) -> Path:
+    """A tiny Llama base, four fine-tunes under experts/, a text file and the plan."""
+    root = tmp_path_factory.mktemp("fleet")
+    base = save_tiny_llama(root / "base", seed=0, layers=2)
+    for i in range(1, 5):
+        save_finetune(base, root / "experts" / f"e{i}", seed=i)
+    (root / "test.txt").write_text("\n".join(zen_lines()[:8]) + "\n")
+    (root / "plan.yaml").write_text(PLAN)
+    return root
+
+
+def plan_blobs(store: Path) -> dict:
+    """(artifact name, file) -> blob for every artifact file but its manifest (which holds
+    ids and times), and name -> metrics."""
+    conn = sqlite3.connect(store / "store.db")
+    files = dict(
+        conn.execute(
+            "SELECT a.name || '/' || f.path, f.blob FROM files f JOIN artifacts a "
+            "ON a.id = f.artifact WHERE f.path != 'manifest.json' AND a.kind != 'external'"
+        )
+    )
+    metrics = {n: json.loads(m) for n, m in conn.execute("SELECT name, metrics FROM artifacts")}
+    conn.close()
+    return files, metrics
+
+
+def run_plan(run, plan: Path, *args) -> tuple[int, list[dict]]:
+    """Run a plan with --json: the exit code and the steps' results (else the output)."""
+    r = run("--quiet", "run", str(plan), "--json", *args)
+    found = [line for line in r.output.splitlines() if line.startswith("[{")]  # Ray logs too
+    return r.exit_code, json.loads(found[0]) if found else r.output

@@ -13,61 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_refused, store_snapshot
+from conftest import PLAN, assert_refused, plan_blobs, run_plan, store_snapshot
 
-from compressor.demo_models import save_finetune, save_tiny_llama, zen_lines
-
-PLAN = """
-steps:
-  - name: small-{expert}-{density}
-    matrix: {expert: ./experts/*, density: [0.05, 0.1]}
-    apply: {plugin: compeft, base: ./base, inputs: ["{expert}"], options: {density: "{density}"}}
-  - name: merged-{density}
-    matrix: {density: [0.05, 0.1]}
-    merge: {plugin: ties, base: ./base, inputs: ["small-*-{density}"], options: {density: 0.5}}
-  - name: score-{density}
-    matrix: {density: [0.05, 0.1]}
-    eval: {ref: "merged-{density}", options: {data: test.txt}}
-"""
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory) -> Path:
-    """A tiny Llama base, four fine-tunes under experts/, a text file and the plan."""
-    root = tmp_path_factory.mktemp("fleet")
-    base = save_tiny_llama(root / "base", seed=0, layers=2)
-    for i in range(1, 5):
-        save_finetune(base, root / "experts" / f"e{i}", seed=i)
-    (root / "test.txt").write_text("\n".join(zen_lines()[:8]) + "\n")
-    (root / "plan.yaml").write_text(PLAN)
-    return root
-
-
-def _blobs(store: Path) -> dict:
-    """(artifact name, file) -> blob for every artifact file but its manifest (which holds
-    ids and times), and name -> metrics."""
-    conn = sqlite3.connect(store / "store.db")
-    files = dict(
-        conn.execute(
-            "SELECT a.name || '/' || f.path, f.blob FROM files f JOIN artifacts a "
-            "ON a.id = f.artifact WHERE f.path != 'manifest.json' AND a.kind != 'external'"
-        )
-    )
-    metrics = {n: json.loads(m) for n, m in conn.execute("SELECT name, metrics FROM artifacts")}
-    conn.close()
-    return files, metrics
-
-
-def _plan(run, plan: Path, *args) -> tuple[int, list[dict]]:
-    r = run("--quiet", "run", str(plan), "--json", *args)
-    found = [line for line in r.output.splitlines() if line.startswith("[{")]  # Ray logs too
-    return r.exit_code, json.loads(found[0]) if found else r.output
+from compressor.demo_models import save_finetune, save_tiny_llama
 
 
 def test_plan_equals_the_commands_one_by_one(run, fleet, private_store, tmp_path):
     """Twelve steps on two worker processes: the same blob hashes and scores as the twelve
     commands run by hand into another store."""
-    code, results = _plan(run, fleet / "plan.yaml", "-j", "2")
+    code, results = run_plan(run, fleet / "plan.yaml", "-j", "2")
     assert code == 0, results
     assert [r["status"] for r in results] == ["done"] * 12
     by_hand = tmp_path / "by-hand"
@@ -82,15 +36,15 @@ def test_plan_equals_the_commands_one_by_one(run, fleet, private_store, tmp_path
         assert run("--store", by_hand, "--quiet", *args, "-n", f"merged-{d}").exit_code == 0
         data = str(fleet / "test.txt")
         assert run("--store", by_hand, "eval", f"merged-{d}", "-o", "data", data).exit_code == 0
-    assert _blobs(private_store) == _blobs(by_hand)
+    assert plan_blobs(private_store) == plan_blobs(by_hand)
     assert results[-1]["metrics"]["perplexity:test"] > 1
     assert run("store", "verify").exit_code == 0
 
 
 def test_plan_run_again_reuses_every_step(run, fleet, private_store):
-    assert _plan(run, fleet / "plan.yaml", "-j", "2")[0] == 0
+    assert run_plan(run, fleet / "plan.yaml", "-j", "2")[0] == 0
     before = store_snapshot(private_store)
-    code, results = _plan(run, fleet / "plan.yaml")
+    code, results = run_plan(run, fleet / "plan.yaml")
     assert code == 0
     assert [r["status"] for r in results] == ["reused"] * 12
     assert results[8]["artifact"] == "merged-0.05@1"
@@ -219,14 +173,14 @@ def test_gc_keeps_an_upload_awaiting_its_commit(run, fleet, private_store, tmp_p
 
 
 @pytest.mark.slow
-def test_ray_executor_gives_the_same_blobs(run, fleet, private_store, tmp_path):
+def test_ray_executor_gives_the_sameplan_blobs(run, fleet, private_store, tmp_path):
     """On a real local Ray cluster (2 CPUs): the blobs the local executor makes."""
-    code, results = _plan(run, fleet / "plan.yaml", "--executor", "ray", "-j", "2")
+    code, results = run_plan(run, fleet / "plan.yaml", "--executor", "ray", "-j", "2")
     assert code == 0, results
     assert [r["status"] for r in results] == ["done"] * 12
     local = tmp_path / "local"
     assert run("--store", local, "--quiet", "run", str(fleet / "plan.yaml")).exit_code == 0
-    assert _blobs(private_store) == _blobs(local)
+    assert plan_blobs(private_store) == plan_blobs(local)
     assert run("store", "verify").exit_code == 0
 
 
@@ -254,7 +208,7 @@ def _compress(store: Path, *args) -> subprocess.Popen:
     )
 
 
-def _kill_plan(slow_fleet: Path, tmp_path: Path, steps: int, kills: int, find_workers, *args):
+def _killrun_plan(slow_fleet: Path, tmp_path: Path, steps: int, kills: int, find_workers, *args):
     """Run a plan of ``steps`` ComPEFT steps and SIGKILL ``kills`` workers while they run
     steps; the plan must still complete with every step done exactly once."""
     plan = tmp_path / "plan.yaml"
@@ -325,7 +279,7 @@ def _local_workers(store: Path, driver: int) -> list[int]:
 def test_killed_local_workers_steps_run_again(slow_fleet, tmp_path):
     """20 SIGKILLed workers mid-step: every step is retried, the plan completes, each
     artifact is committed once, nothing partial is visible, the store verifies."""
-    _kill_plan(slow_fleet, tmp_path, 36, 20, _local_workers, "-j", "2")
+    _killrun_plan(slow_fleet, tmp_path, 36, 20, _local_workers, "-j", "2")
 
 
 def _ray_workers(store: Path, driver: int) -> list[int]:
@@ -348,7 +302,7 @@ def _ray_workers(store: Path, driver: int) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_ray_workers_tasks_run_again(slow_fleet, tmp_path):
-    _kill_plan(slow_fleet, tmp_path, 24, 20, _ray_workers, "--executor", "ray", "-j", "2")
+    _killrun_plan(slow_fleet, tmp_path, 24, 20, _ray_workers, "--executor", "ray", "-j", "2")
 
 
 @pytest.mark.slow

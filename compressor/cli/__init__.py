@@ -27,8 +27,9 @@ class CLIError(click.ClickException):
 class State:
     """Global options, and the store opened on first use."""
 
-    def __init__(self, store_dir: Path | None, quiet: bool):
+    def __init__(self, store_dir: Path | None, quiet: bool, blobs: str | None = None):
         self.store_dir = store_dir
+        self.blobs = blobs
         self.quiet = quiet
         self._store = None
 
@@ -37,7 +38,7 @@ class State:
         if self._store is None:
             from compressor.store import open_store
 
-            self._store = open_store(self.store_dir)
+            self._store = open_store(self.store_dir, blobs=self.blobs)
         return self._store
 
     def close(self):
@@ -106,9 +107,16 @@ def _one_line(e: Exception) -> tuple[str, int]:
     envvar="COMPRESSOR_STORE",
     help="Store directory (default: $COMPRESSOR_STORE, else the user data directory).",
 )
+@click.option(
+    "--blobs",
+    envvar="COMPRESSOR_BLOBS",
+    metavar="URL",
+    help="Where a new store keeps its blobs: an fsspec URL (s3://bucket/prefix, gs://..., "
+    "a shared directory); recorded in the store, its local blobs/ by default.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
-def cli(ctx, store_dir, quiet):
+def cli(ctx, store_dir, blobs, quiet):
     """Compress, merge and reshape neural-network weights.
 
     Every result is a versioned artifact in a store, with its parents,
@@ -116,7 +124,7 @@ def cli(ctx, store_dir, quiet):
     """
     if store_dir is not None and not store_dir.strip():
         raise click.BadParameter("the store directory must not be empty", param_hint="--store")
-    state = State(Path(store_dir) if store_dir is not None else None, quiet)
+    state = State(Path(store_dir) if store_dir is not None else None, quiet, blobs or None)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

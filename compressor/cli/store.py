@@ -174,7 +174,7 @@ def register(cli):
         """Rebuild a lost catalog (store.db) from the manifests stored with every artifact."""
         from compressor.store import open_store
 
-        st = open_store(state.store_dir, recovering=True)
+        st = open_store(state.store_dir, recovering=True, blobs=state.blobs)
         try:
             result = st.recover()
         finally:
