@@ -1,8 +1,9 @@
 """Running a plan's steps: workers run methods and store blobs; the driver alone writes
 the catalog.
 
-A worker (a local process, or a Ray task) opens the store to read its inputs,
-runs the step with :func:`compressor.api.run_method` (``publish``: blobs stored,
+The driver gives each step's worker (a local process, or a Ray task) the catalog rows
+the step reads (:meth:`Store.catalog_slice`: its inputs, their ancestors, what was made
+from them) and where blobs live; the worker never opens ``store.db``. It runs the step with :func:`compressor.api.run_method` (``publish``: blobs stored,
 no catalog rows) and returns a :class:`~compressor.api.PendingArtifact`; the
 driver commits it. A worker killed mid-step leaves at most unreferenced blobs
 (``store gc`` keeps them for its grace period, then removes them) and its step is
@@ -42,39 +43,61 @@ class StepResult:
         return dataclasses.asdict(self)
 
 
-def _arg(x, ids: dict[str, str]):
-    """A step reference as the worker resolves it: an earlier step's artifact id."""
-    return ids[x[1]] if isinstance(x, tuple) else x
+def task_of(step: Step, ids: dict[str, str], store) -> dict:
+    """What a worker needs to run ``step`` (picklable): store references resolved to ids
+    (earlier steps' too), the catalog rows they lead to, and the blob storage's URL."""
+    stored: list[str] = []
+    paths: list[str] = []
 
+    def arg(x):
+        if isinstance(x, tuple):  # an earlier step
+            stored.append(ids[x[1]])
+            return ids[x[1]]
+        path = Path(x).expanduser()
+        if path.exists():  # an input seen before has a row (its id if its files are unchanged)
+            paths.append(str(path.resolve()))
+            seen = store.external_at(paths[-1])
+            stored.extend([seen] if seen else [])
+            return x
+        name, mark, pick = x.rpartition("#") if "#" in x else (x, "", "")
+        try:
+            found = store.resolve(name).id
+        except CompressorError:  # not in the store: the worker says what it is not
+            return x
+        stored.append(found)
+        return found + mark + pick
 
-def task_of(step: Step, ids: dict[str, str]) -> dict:
-    """What a worker needs to run ``step`` (picklable), earlier steps' ids filled in."""
-    return {
+    task = {
         "name": step.name,
         "verb": step.verb,
         "kind": step.kind,
         "plugin": step.plugin,
-        "inputs": [_arg(x, ids) for x in step.inputs],
-        "base": _arg(step.base, ids) if step.base is not None else None,
-        "ref": _arg(step.ref, ids) if step.ref is not None else None,
+        "inputs": [arg(x) for x in step.inputs],
+        "base": arg(step.base) if step.base is not None else None,
+        "ref": arg(step.ref) if step.ref is not None else None,
         "out": step.out,
         "dtype": step.dtype,
         "options": dict(step.options),
     }
+    task["catalog"] = store.catalog_slice(stored, paths)
+    task["blobs"] = store.blobs.url if store.blobs.remote else None
+    return task
 
 
 def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
     """Run one step in a worker: ``{"ok": PendingArtifact | record | eval result}`` or
-    ``{"error": message}``. Nothing here writes the catalog."""
+    ``{"error": message}``. The catalog it reads is the slice the task carries; nothing
+    here writes one. ``store_root`` is the store (for its local blobs and temp space)
+    or, with remote blobs, any scratch directory."""
     from . import api
-    from .store import open_store
+    from .store import Store
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     try:
-        st = open_store(store_root)
+        st = Store.worker_view(Path(store_root), task["blobs"], task["catalog"])
         try:
             if task["kind"] is not None:
                 out = api.run_method(
@@ -184,7 +207,7 @@ def run_steps(
                 finish(StepResult(step.name, step.verb, "blocked", error=f"{bad[0]} failed"))
             elif all(d in ids for d in step.after) and executor.has_room(len(running)):
                 waiting.remove(step)
-                handle = executor.submit(task_of(step, ids))
+                handle = executor.submit(task_of(step, ids, store))
                 running[handle] = (step, time.monotonic(), 1)
         if not running:
             continue
@@ -192,7 +215,11 @@ def run_steps(
             step, started, attempts = running.pop(handle)
             if out is None:  # the worker died: run the step again
                 if attempts <= retries:
-                    running[executor.submit(task_of(step, ids))] = (step, started, attempts + 1)
+                    running[executor.submit(task_of(step, ids, store))] = (
+                        step,
+                        started,
+                        attempts + 1,
+                    )
                     continue
                 out = {"error": f"its worker died {attempts} times"}
             try:

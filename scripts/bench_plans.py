@@ -1,6 +1,7 @@
 """Plans past one process: a 16-step ComPEFT plan on 1 and 2 workers (local processes and
-Ray), the driver's commit rate, Ray's per-step overhead against a direct run, and a
-1,000-expert estimate from the measured figures.
+Ray), the driver's commit rate, Ray's per-step overhead against a direct run, the same
+plan with its blobs on an S3 endpoint (moto's server on 127.0.0.1) and the bytes a merge
+and a one-tensor read fetch from it, and a 1,000-expert estimate from the figures.
 
     python scripts/bench_plans.py                 # the real MiniLM, 8 experts x 2 densities
     python scripts/bench_plans.py --write-docs
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -94,6 +97,73 @@ def _commit_rate(n: int = 200) -> float:
     return rate
 
 
+def _s3_figures(plan: Path) -> dict | None:
+    """The plan on 2 workers with its blobs on S3 (moto's standalone server on 127.0.0.1,
+    needs the test extra); then, in this process, the bytes fetched from S3 by a TIES merge
+    of the 8 density-0.1 artifacts and by a read of one tensor of its result."""
+    try:
+        import boto3
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        return None
+    from compressor import api
+    from compressor.demo_models import minilm_dir
+    from compressor.refs import resolve
+    from compressor.store import open_store
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(  # the compress processes started below inherit these
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    try:
+        with tempfile.TemporaryDirectory() as store:
+            args = [EXE, "--store", store, "--blobs", "s3://bench/plan", "--quiet", "run"]
+            wall = _timed([*args, str(plan), "-j", "2"])
+            st = open_store(store)
+            smalls = [r for r in st.list() if r.name.endswith("-0.1")]
+            stored = sum(r.bytes for r in smalls)
+            st.blobs.fetched = 0
+            t = time.perf_counter()
+            merged = api.merge(
+                "ties",
+                [r.id for r in smalls],
+                base=str(minilm_dir()),
+                store=st,
+                options={"density": 0.5},
+                name="merged",
+            )
+            merge_s = time.perf_counter() - t
+            merge_fetched = st.blobs.fetched
+            source = resolve(st, merged.id).source
+            name = max(source.names(), key=lambda n: source.info(n).nbytes)
+            shard = source.tensor_file(name)
+            st.blobs.fetched = 0
+            source.get(name)
+            source.close()
+            one = {
+                "tensor": source.info(name).nbytes,
+                "fetched": st.blobs.fetched,
+                "file": st.blobs.size(shard.name),
+            }
+            st.close()
+    finally:
+        server.stop()
+    return {
+        "wall": wall,
+        "stored": stored,
+        "merge_s": merge_s,
+        "merge_fetched": merge_fetched,
+        "one": one,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", type=int, default=8)
@@ -108,8 +178,7 @@ def main() -> None:
         local2 = _plan(plan, "-j", "2")
         ray1 = _plan(plan, "--executor", "ray", "-j", "1")
         ray2 = _plan(plan, "--executor", "ray", "-j", "2")
-        empty = root / "one.yaml"
-        empty.write_text(plan.read_text().replace("d: [0.05, 0.1]", "d: [0.05]"))
+        s3 = _s3_figures(plan)
     rate = _commit_rate()
     rows = [
         ("16 `compress apply` commands, one by one", direct, 1.0),
@@ -118,6 +187,10 @@ def main() -> None:
         ("plan, Ray, 1 CPU", ray1, direct / ray1),
         ("plan, Ray, 2 CPUs", ray2, direct / ray2),
     ]
+    if s3:
+        rows.append(
+            ("plan, local, -j 2, blobs on S3 (moto, 127.0.0.1)", s3["wall"], direct / s3["wall"])
+        )
     lines = [
         f"{steps} ComPEFT steps (MiniLM, 22M parameters, {args.experts} experts x 2 densities), "
         "fresh store each, wall time including start-up:",
@@ -138,6 +211,19 @@ def main() -> None:
         f"- Driver commit rate: {rate:.0f} commits/s (small artifacts into one SQLite "
         "catalog, WAL, one transaction each).",
     ]
+    if s3:
+        one = s3["one"]
+        lines += [
+            f"- Blobs on S3 cost {(s3['wall'] - local2) / steps:+.2f} s a step beside local "
+            "blobs (moto's server is a Python process on the same 2 cores, so this is an "
+            "upper bound on the client's share, not S3's latency).",
+            f"- A TIES merge of the 8 density-0.1 artifacts read from S3 fetched "
+            f"{s3['merge_fetched'] / 1e6:.1f} MB for {s3['stored'] / 1e6:.1f} MB stored "
+            f"({s3['merge_fetched'] / s3['stored']:.2f}x) in {s3['merge_s']:.1f} s; one "
+            f"{one['tensor'] / 1e6:.1f} MB tensor of its {one['file'] / 1e6:.1f} MB result "
+            f"fetched {one['fetched'] / 1e6:.2f} MB ({one['fetched'] / one['file']:.3f} of "
+            "the file).",
+        ]
     body = "\n".join(lines)
     print(body)
     print(
@@ -149,6 +235,7 @@ def main() -> None:
                 "ray1": ray1,
                 "ray2": ray2,
                 "commit_rate": rate,
+                "s3": s3,
             }
         )
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 import sqlite_utils
 
 from compressor.errors import RefError, StoreError
-from compressor.integrity import CHUNK, register_remote_blobs
+from compressor.integrity import CHUNK, expected_digest, register_remote_blobs
 from compressor.store.blobs import GC_GRACE_SECONDS, FsspecBlobStore, LocalBlobStore
 from compressor.store.migrations import migrations
 from compressor.writer import StoredFile
@@ -142,6 +142,8 @@ def derive_name(text: str, fallback: str = "artifact") -> str:
 class Store:
     """An on-disk artifact store: ``store.db``, ``blobs/`` and ``tmp/``."""
 
+    view = False  # a worker's in-memory slice of the catalog (see :meth:`worker_view`)
+
     def __init__(self, root: Path, recovering: bool = False, blobs: str | None = None):
         self.root = Path(root)
         self.blobs = self._blob_store(blobs)
@@ -179,7 +181,6 @@ class Store:
         """The store's blob storage: its ``blobs/`` directory, or the fsspec URL its
         config names. A URL given to a store that has none is recorded in its config,
         unless blobs are stored locally already (a store keeps one blob storage)."""
-        local = LocalBlobStore(self.root / "blobs")
         config_path = self.root / CONFIG_FILE
         try:
             config = json.loads(config_path.read_text()) if config_path.exists() else {}
@@ -190,22 +191,77 @@ class Store:
         configured = config.get("blobs")
         if url and configured and url != configured:
             raise StoreError(f"the store at {self.root} keeps its blobs at {configured}, not {url}")
-        if url and not configured:
-            if next(local.list(), None) is not None:
-                raise StoreError(
-                    f"the store at {self.root} keeps its blobs in {local.root}; its blob "
-                    "storage is chosen when it is created (use a new --store for --blobs)"
-                )
-        if not (url or configured):
-            return local
-        remote = FsspecBlobStore(url or configured, self.root / "blobcache")
-        if not configured:  # recorded once the URL opened (its extra is installed)
+        local = self.root / "blobs"
+        if url and not configured and next(LocalBlobStore(local).list(), None) is not None:
+            raise StoreError(
+                f"the store at {self.root} keeps its blobs in {local}; its blob storage is "
+                "chosen when it is created (use a new --store for --blobs)"
+            )
+        blobs = _blob_backend(self.root, url or configured)
+        if blobs.remote and not configured:  # recorded once the URL opened (extra installed)
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = config_path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({**config, "blobs": url}, indent=2) + "\n")
             os.replace(tmp, config_path)
-        register_remote_blobs(remote.cache, remote)
-        return remote
+        return blobs
+
+    @classmethod
+    def worker_view(cls, root: Path, blobs: str | None, rows: dict[str, list[dict]]) -> Store:
+        """A plan worker's store: the catalog rows its step reads (:meth:`catalog_slice`)
+        in memory, blobs from the driver's storage, temp space under ``root``. It never
+        opens ``store.db`` and cannot commit; with remote blobs ``root`` is any scratch
+        directory of the worker's machine."""
+        st = cls.__new__(cls)
+        st.view = True
+        st.root = Path(root)
+        st.root.mkdir(parents=True, exist_ok=True)
+        st.blobs = _blob_backend(st.root, blobs)
+        st.tmp_root = st.root / "tmp"
+        st.lock_path = st.root / "lock"
+        st.conn = sqlite3.connect(":memory:", isolation_level=None)
+        st.db = sqlite_utils.Database(st.conn)
+        migrations.apply(st.db)
+        for table, table_rows in rows.items():
+            st.db[table].insert_all(table_rows)
+        return st
+
+    def catalog_slice(self, ids: list[str], paths: list[str] = ()) -> dict[str, list[dict]]:
+        """The rows a worker's step over these artifacts reads: the artifacts and their
+        ancestors (decoding opens parents), the artifacts made from all of them together
+        (the step may remake one: reuse), and the digests known for files under ``paths``."""
+        keep: set[str] = set()
+        frontier = list(ids)
+        while frontier:
+            artifact_id = frontier.pop()
+            if artifact_id not in keep:
+                keep.add(artifact_id)
+                frontier += [
+                    r[0]
+                    for r in self.conn.execute(
+                        "SELECT parent FROM parents WHERE child = ?", [artifact_id]
+                    )
+                ]
+        if ids:
+            made = set(self.children(ids[0]))
+            for artifact_id in ids[1:]:
+                made &= set(self.children(artifact_id))
+            keep |= made
+        marks = ",".join("?" * len(keep))
+        rows = {
+            "artifacts": self.db.query(
+                f"SELECT * FROM artifacts WHERE id IN ({marks})", list(keep)
+            ),
+            "files": self.db.query(f"SELECT * FROM files WHERE artifact IN ({marks})", list(keep)),
+            "parents": self.db.query(f"SELECT * FROM parents WHERE child IN ({marks})", list(keep)),
+            "input_digests": [
+                r
+                for p in paths
+                for r in self.db.query(
+                    "SELECT * FROM input_digests WHERE path = ? OR path LIKE ?", [p, f"{p}/%"]
+                )
+            ],
+        }
+        return {table: list(found) for table, found in rows.items()}
 
     # -- locking and temp space -------------------------------------------------
 
@@ -269,6 +325,8 @@ class Store:
         ``parents`` are (artifact id, role) pairs; ``externals`` are input paths
         (objects with id, path, fingerprint, content, bytes) recorded alongside.
         """
+        if self.view:
+            raise StoreError("a plan worker's view of the catalog cannot commit")
         if name is not None:
             check_name(name)
         artifact_id = uuid.uuid4().hex
@@ -322,8 +380,10 @@ class Store:
         return [StoredFile(f.relpath, self.blobs.path(f.digest), f.digest, f.bytes) for f in files]
 
     def _publish(self, files: list[StoredFile]) -> None:
+        """Store finished files; a file already published (a worker's, named by its
+        digest, wherever that worker kept it) must be in blob storage."""
         for f in files:
-            if Path(f.path) != self.blobs.path(f.digest):
+            if expected_digest(Path(f.path)) != f.digest:
                 self.blobs.put(f.path, f.digest)
             elif not self.blobs.exists(f.digest):
                 raise StoreError(f"blob {f.digest} of {f.relpath} is missing: it was never stored")
@@ -508,6 +568,15 @@ class Store:
             return self.get(rows[0]["id"])
         raise RefError(f"no artifact or path matches '{ref}'")
 
+    def external_at(self, path: str) -> str | None:
+        """The id of the external input last recorded at this absolute path, if any."""
+        row = self.conn.execute(
+            "SELECT id FROM artifacts WHERE kind = 'external' AND path = ? "
+            "ORDER BY created DESC LIMIT 1",
+            [path],
+        ).fetchone()
+        return row[0] if row else None
+
     def files(self, artifact_id: str) -> dict[str, Path]:
         """Relative path -> blob path for every file of an artifact.
 
@@ -689,6 +758,15 @@ class Store:
         """Digests of blobs no artifact lists (left by `store rm` until the next gc)."""
         used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
         return [d for d in self.blobs.list() if d not in used]
+
+
+def _blob_backend(root: Path, url: str | None) -> LocalBlobStore | FsspecBlobStore:
+    """The blobs of the store at ``root``: its ``blobs/`` directory, or objects at ``url``."""
+    if not url:
+        return LocalBlobStore(root / "blobs")
+    remote = FsspecBlobStore(url, root / "blobcache")
+    register_remote_blobs(remote.cache, remote)
+    return remote
 
 
 def _abandoned(tmp: Path) -> bool:

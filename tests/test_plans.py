@@ -173,7 +173,7 @@ def test_gc_keeps_an_upload_awaiting_its_commit(run, fleet, private_store, tmp_p
 
 
 @pytest.mark.slow
-def test_ray_executor_gives_the_sameplan_blobs(run, fleet, private_store, tmp_path):
+def test_ray_executor_gives_the_same_blobs(run, fleet, private_store, tmp_path):
     """On a real local Ray cluster (2 CPUs): the blobs the local executor makes."""
     code, results = run_plan(run, fleet / "plan.yaml", "--executor", "ray", "-j", "2")
     assert code == 0, results

@@ -269,3 +269,34 @@ def test_blobs_url_without_its_filesystem_is_one_line(run, private_store, url, m
     r = run("--blobs", url, "store", "ls")
     assert (r.exit_code, r.output) == (2, f"Error: {message}\n")
     assert not private_store.exists()
+
+
+def test_a_worker_elsewhere_needs_no_catalog(run, fleet, s3, private_store, tmp_path):
+    """Each step run by a worker whose directory is not the store's (another machine's
+    scratch space: no store.db, no blobs) from the task the driver hands it, then
+    committed by the driver: the same blobs and scores as `compress run` on a local store,
+    and the worker's directory never held a catalog."""
+    import time
+
+    from compressor.executors import commit_result, run_task, task_of
+    from compressor.plans import load_plan
+    from compressor.store import open_store
+
+    elsewhere = tmp_path / "worker-machine"
+    store = open_store(private_store, blobs=s3["url"])
+    ids = {}
+    try:
+        for step in load_plan(fleet / "plan.yaml"):
+            task = task_of(step, ids, store)
+            out = run_task(str(elsewhere), task)
+            res = commit_result(store, step, out, time.monotonic(), 1)
+            assert res.status == "done", res.error
+            ids[step.name] = res.artifact_id
+    finally:
+        store.close()
+    assert not (elsewhere / "store.db").exists() and not (elsewhere / "blobs").exists()
+    local = tmp_path / "local-store"
+    r = run("--store", local, "--quiet", "run", str(fleet / "plan.yaml"), "-j", "2")
+    assert r.exit_code == 0, r.output
+    assert plan_blobs(private_store) == plan_blobs(local)
+    assert run("store", "verify").exit_code == 0
