@@ -8,6 +8,10 @@ that transformers loads, or to a plain ``.safetensors`` file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +31,7 @@ from .refs import adapter_count, resolve
 from .safetensors_format import dtype_from_name
 from .sources import TensorSource, copy_tensor
 from .store import ArtifactRecord, Store, check_name, derive_name, opened_store
-from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
+from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter, StoredFile
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -62,6 +66,7 @@ def run_method(
     extra: dict | None = None,
     reuse: bool = False,
     publish: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> ArtifactRecord | PendingArtifact:
     """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact.
 
@@ -74,6 +79,10 @@ def run_method(
     ``values`` are options already checked, and ``build(base, inputs)`` turns the
     resolved inputs into the job's (base, inputs, layer positions), e.g. layers
     restacked by slices; ``extra`` goes into the artifact's manifest.
+
+    ``part`` (k, n) runs part k of a merge split by tensor (a plan's ``split``): its
+    artifact holds one shard (named the Hugging Face way) and the carried files, and
+    :func:`join_parts` makes the n parts one artifact.
     """
     method = get_registry().method(plugin, kind)
     if values is None and isinstance(method, TensorMerge):  # options may name experts (@N)
@@ -85,6 +94,12 @@ def run_method(
         raise UsageError(f"method '{plugin}' needs --base BASE")
     if build is None:
         _check_count(method, plugin, len(inputs))
+    if part is not None and (not isinstance(method, TensorMerge) or build is not None):
+        raise UsageError(
+            f"method '{plugin}' cannot be split by tensor (it is not a merge of each tensor on its own)"
+        )
+    if part is not None:
+        max_shard_size = 1 << 62  # the part is the shard
     name = check_name(name if name is not None else _default_name(method.name, list(inputs)))
     with opened_store(store) as st, contextlib.ExitStack() as stack:
         resolved_base = resolve(st, base) if base is not None else None
@@ -119,6 +134,7 @@ def run_method(
                 progress=make_progress(quiet),
                 warn=warn,
                 positions=positions,
+                part=part,
             )
             manifest = method.run(job)
             carry_from = job.base if kind == "merge" and job.base else job.inputs[0]
@@ -143,8 +159,10 @@ def run_method(
                 parents=parents,
                 externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
             )
+            if part is not None:
+                pending.part = _part_of(files, writer, part)
             if publish:
-                pending.files = st.publish(files)
+                pending.files = st.publish(pending.files)
                 return pending
             return pending.commit(st)
 
@@ -157,15 +175,74 @@ def _parents(kind: str, base, inputs) -> list[tuple[str, str]]:
 
 class PendingArtifact:
     """An artifact whose blobs are stored (or about to be) and whose catalog rows are not:
-    the files and every :meth:`Store.commit` argument."""
+    the files and every :meth:`Store.commit` argument (and, for part of a split merge,
+    ``part``: k, n, the tensor names its shard holds and their bytes)."""
 
     def __init__(self, files, **commit):
         self.files = files
         self.fields = commit
+        self.part: dict | None = None
 
     def commit(self, st: Store) -> ArtifactRecord:
         """Add the artifact to the catalog (its blobs are moved in if not yet stored)."""
         return st.commit(self.files, **self.fields)
+
+
+def _part_of(files: list, writer: ArtifactWriter, part: tuple[int, int]) -> dict:
+    """Rename a part's one shard ``model-0000k-of-0000n.safetensors`` (in place: a store
+    file's name is only its catalog row); what its tensors are, for the index."""
+    k, n = part
+    shard = f"model-{k:05d}-of-{n:05d}.safetensors"
+    for i, f in enumerate(files):
+        if f.relpath == "model.safetensors":
+            files[i] = dataclasses.replace(f, relpath=shard)
+    entries = writer.entries()
+    return {
+        "k": k,
+        "n": n,
+        "shard": shard,
+        "names": [e.name for e in entries],
+        "bytes": sum(e.nbytes for e in entries),
+        "numel": sum(e.numel for e in entries),
+    }
+
+
+def join_parts(parts: list[PendingArtifact], tmp: Path) -> PendingArtifact:
+    """One artifact from the n parts of a split merge: their shards, an index, the first
+    part's other files. Metrics are the parts' means weighted by their elements (exact
+    for fractions such as TIES' ``kept``; counts such as ``experts`` agree). The index
+    is written in ``tmp`` (the store's temp space: committing moves it into place)."""
+    parts = sorted(parts, key=lambda p: p.part["k"])
+    first = parts[0]
+    shards = [f for p in parts for f in p.files if f.relpath == p.part["shard"]]
+    carried = [f for f in first.files if not f.relpath.endswith(".safetensors")]
+    weight_map = {name: p.part["shard"] for p in parts for name in p.part["names"]}
+    index = {
+        "metadata": {"total_size": sum(p.part["bytes"] for p in parts)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    path = Path(tmp) / f"index-{os.getpid()}-{os.urandom(4).hex()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    index_file = StoredFile("model.safetensors.index.json", path, digest, len(data))
+    numel = sum(p.part["numel"] for p in parts) or 1
+    metrics = {}
+    for key, value in first.fields["metrics"].items():
+        values = [p.fields["metrics"].get(key) for p in parts]
+        if all(v == value for v in values) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            metrics[key] = value
+        else:
+            weighted = zip(values, parts, strict=True)
+            metrics[key] = sum(v * p.part["numel"] for v, p in weighted) / numel
+    fields = {**first.fields, "metrics": metrics}
+    fields["manifest"] = {**first.fields["manifest"], "parts": len(parts)}
+    return PendingArtifact(
+        sorted([*shards, index_file, *carried], key=lambda f: f.relpath), **fields
+    )
 
 
 def _check_count(method, plugin: str, n: int) -> None:

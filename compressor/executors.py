@@ -110,6 +110,7 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
                     store=st,
                     reuse=True,
                     publish=True,
+                    part=task.get("part"),
                 )
             elif task["verb"] == "eval":
                 out = _eval(st, task)
@@ -180,17 +181,33 @@ def commit_result(store, step: Step, out: dict, started: float, attempts: int) -
     return res
 
 
+def joined(store, outs: list[dict]) -> dict:
+    """The worker results of a split merge's parts as one: the first error, else an
+    artifact a part reused, else the parts joined into one artifact (index and shards)."""
+    from .api import PendingArtifact, join_parts
+
+    for out in outs:
+        if "error" in out:
+            return out
+    for out in outs:
+        if not isinstance(out["ok"], PendingArtifact):
+            return out
+    return {"ok": join_parts([out["ok"] for out in outs], store.tmp_root)}
+
+
 def run_steps(
     executor, store, steps: list[Step], on_event=None, retries: int = RETRIES
 ) -> list[StepResult]:
     """Run every step, each when its inputs are done, as many at once as the executor
-    takes; a step whose worker died runs again, up to ``retries`` times; return the
-    results in plan order."""
+    takes (a merge with ``split`` as that many tasks, one per group of tensors); a task
+    whose worker died runs again, up to ``retries`` times; return the results in plan
+    order."""
     on_event = on_event or (lambda result, done, total: None)
     results: dict[str, StepResult] = {}
     ids: dict[str, str] = {}
     waiting = list(steps)
-    running = {}  # handle -> (step, started, attempts)
+    running = {}  # handle -> (step, part, started, attempts)
+    parts: dict[str, dict] = {}  # split step -> {part k: worker result}
     total = len(steps)
 
     def finish(res: StepResult):
@@ -198,6 +215,12 @@ def run_steps(
         if res.artifact_id:
             ids[res.name] = res.artifact_id
         on_event(res, len(results), total)
+
+    def submit(step: Step, part: int | None, started: float, attempts: int):
+        task = task_of(step, ids, store)
+        if part is not None:
+            task["part"] = (part, step.split)
+        running[executor.submit(task)] = (step, part, started, attempts)
 
     while waiting or running:
         for step in list(waiting):
@@ -207,21 +230,28 @@ def run_steps(
                 finish(StepResult(step.name, step.verb, "blocked", error=f"{bad[0]} failed"))
             elif all(d in ids for d in step.after) and executor.has_room(len(running)):
                 waiting.remove(step)
-                handle = executor.submit(task_of(step, ids, store))
-                running[handle] = (step, time.monotonic(), 1)
+                started = time.monotonic()
+                if step.split > 1:
+                    parts[step.name] = {}
+                    for k in range(1, step.split + 1):
+                        submit(step, k, started, 1)
+                else:
+                    submit(step, None, started, 1)
         if not running:
             continue
         for handle, out in executor.wait(list(running)):
-            step, started, attempts = running.pop(handle)
-            if out is None:  # the worker died: run the step again
+            step, part, started, attempts = running.pop(handle)
+            if out is None:  # the worker died: run the task again
                 if attempts <= retries:
-                    running[executor.submit(task_of(step, ids, store))] = (
-                        step,
-                        started,
-                        attempts + 1,
-                    )
+                    submit(step, part, started, attempts + 1)
                     continue
                 out = {"error": f"its worker died {attempts} times"}
+            if part is not None:
+                parts[step.name][part] = out
+                if len(parts[step.name]) < step.split:
+                    continue
+                got = parts.pop(step.name)
+                out = joined(store, [got[k] for k in range(1, step.split + 1)])
             try:
                 res = commit_result(store, step, out, started, attempts)
             except CompressorError as e:  # the catalog refused it: this step failed

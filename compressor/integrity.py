@@ -53,15 +53,16 @@ def register_remote_blobs(cache: Path, blobs) -> None:
     _REMOTE_BLOBS[Path(cache)] = blobs
 
 
-def open_read(path: Path):
+def open_read(path: Path, ahead: bool = True):
     """``(file, size, ranged)`` for a path to read: a local file, or a remote blob's object
-    (``ranged``: reads fetch only their bytes, so skipping over a gap costs nothing)."""
+    (``ranged``: reads fetch only their bytes, so skipping over a gap costs nothing; without
+    ``ahead`` not a byte more, for reads that are not followed by the next bytes)."""
     path = Path(path)
     digest = expected_digest(path)
     if digest is not None and not path.is_file():
         blobs = _REMOTE_BLOBS.get(path.parent.parent.parent)
         if blobs is not None:
-            return blobs.open(digest), blobs.size(digest), True
+            return blobs.open(digest, ahead), blobs.size(digest), True
     return open(path, "rb"), path.stat().st_size, False
 
 

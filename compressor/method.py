@@ -166,6 +166,7 @@ class Job:
     progress: Callable  # progress(iterable, desc=..., total=...) -> iterable
     warn: Callable[[str], None]
     positions: dict | None = None  # merges: each tensor's layer position t (else from names)
+    part: tuple[int, int] | None = None  # merges run in parts: (k, n), this run writes part k
 
 
 class Method:

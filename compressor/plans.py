@@ -44,6 +44,7 @@ ARTIFACT_VERBS = {
 VERBS = (*ARTIFACT_VERBS, "eval", "export")
 _VERB_KEYS = {
     **{v: {"plugin", "base", "inputs", "options"} for v in ARTIFACT_VERBS},
+    "merge": {"plugin", "base", "inputs", "options", "split"},
     "eval": {"ref", "base", "options"},
     "export": {"ref", "out", "base", "dtype"},
 }
@@ -69,6 +70,7 @@ class Step:
     dtype: str | None = None
     options: dict = dataclasses.field(default_factory=dict)
     after: list[str] = dataclasses.field(default_factory=list)
+    split: int = 1  # a merge run as this many parts, each a group of tensors on its worker
 
     @property
     def kind(self) -> str | None:
@@ -88,6 +90,8 @@ class Step:
             text += f" (base {show(self.base)})"
         if self.options:
             text += " " + " ".join(f"{k}={v}" for k, v in self.options.items())
+        if self.split > 1:
+            text += f" in {self.split} parts"
         return text
 
 
@@ -178,6 +182,9 @@ def _expand(entry, where: str, here: Path) -> list[Step]:
         if not isinstance(options, dict):
             raise UsageError(f"{where}: options must be a mapping")
         out = b.get("out")
+        split = b.get("split", 1)
+        if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+            raise UsageError(f"{where}: split must be a whole number of parts (1 or more)")
         steps.append(
             Step(
                 name=name,
@@ -189,6 +196,7 @@ def _expand(entry, where: str, here: Path) -> list[Step]:
                 out=str(here / out) if out is not None else None,
                 dtype=b.get("dtype"),
                 options={k: _option_path(_option_text(v), here) for k, v in options.items()},
+                split=split,
             )
         )
     return steps

@@ -105,7 +105,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; return tensor infos and metadata."""
     path = Path(path)
     try:
-        f, size, _ = open_read(path)
+        f, size, _ = open_read(path, ahead=False)  # the header, then nothing
         with f:
             head = f.read(8)
             if len(head) < 8:

@@ -173,6 +173,10 @@ class ArtifactWriter:
 
     # -- finishing ------------------------------------------------------------------
 
+    def entries(self) -> list[TensorInfo]:
+        """Every tensor written so far into closed shards, in order."""
+        return [e for *_, entries in self._done_shards for e in entries]
+
     def finish(self) -> list[StoredFile]:
         """Close the last shard, name shards the Hugging Face way, write the index."""
         if self._open_tensor is not None:

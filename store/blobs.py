@@ -44,7 +44,7 @@ class LocalBlobStore:
         """A local file holding the blob's bytes (here: the blob itself)."""
         return self.path(digest)
 
-    def open(self, digest: str):
+    def open(self, digest: str, ahead: bool = True):
         return open(self.path(digest), "rb")
 
     def exists(self, digest: str) -> bool:
@@ -130,17 +130,15 @@ class FsspecBlobStore:
             os.replace(tmp, dest)
         return dest
 
-    def open(self, digest: str):
-        """A seekable read-only file over the object; each read fetches its own range."""
-        f = self._call(
-            "read",
-            digest,
-            self.fs.open,
-            self.key(digest),
-            "rb",
-            block_size=READ_BLOCK,
-            cache_type="readahead",
+    def open(self, digest: str, ahead: bool = True):
+        """A seekable read-only file over the object; each read fetches its own range (and,
+        with ``ahead``, up to READ_BLOCK bytes beyond it for the reads that follow)."""
+        cache = (
+            {"block_size": READ_BLOCK, "cache_type": "readahead"}
+            if ahead
+            else {"cache_type": "none"}
         )
+        f = self._call("read", digest, self.fs.open, self.key(digest), "rb", **cache)
         return _CountedFile(f, self)
 
     def exists(self, digest: str) -> bool:

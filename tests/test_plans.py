@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import PLAN, assert_refused, plan_blobs, run_plan, store_snapshot
 
 from compressor.demo_models import save_finetune, save_tiny_llama
@@ -130,6 +131,10 @@ def test_dry_run_prints_the_order_and_touches_no_store(run, fleet, private_store
             "{path}: steps[0]: 'bad name' is not a valid artifact name",
         ),
         ("steps: [\n", "{path} is not valid YAML (line 2)"),
+        (
+            "steps: [{name: a, merge: {plugin: ties, inputs: [m], split: 0}}]\n",
+            "{path}: steps[0]: split must be a whole number of parts (1 or more)",
+        ),
     ],
     ids=[
         "not a mapping",
@@ -143,6 +148,7 @@ def test_dry_run_prints_the_order_and_touches_no_store(run, fleet, private_store
         "input glob",
         "name",
         "yaml",
+        "split",
     ],
 )
 def test_bad_plans_are_refused(run, private_store, tmp_path, text, message):
@@ -170,6 +176,92 @@ def test_gc_keeps_an_upload_awaiting_its_commit(run, fleet, private_store, tmp_p
         "Kept 1 unreferenced blob(s) stored less than 900 s ago (--grace 0 deletes them)",
     ]
     assert run("store", "gc", "--grace", "0").output.startswith("Removed 1 blobs")
+
+
+SPLIT_PLAN = """
+steps:
+  - name: parts
+    merge: {plugin: ties, base: ./base, inputs: [./experts/e1, ./experts/e2, ./experts/e3],
+            options: {density: 0.5}, split: 3}
+  - name: score
+    eval: {ref: parts, options: {data: test.txt}}
+"""
+
+
+def test_merge_split_in_parts_equals_the_merge_in_one(run, fleet, private_store, tmp_path):
+    """A TIES merge split in three tensor groups on two workers: one artifact with three
+    shards and an index, the same tensors and kept fraction as the merge run whole, an
+    export transformers loads; run again, it is reused."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    plan = fleet / "split.yaml"
+    plan.write_text(SPLIT_PLAN)
+    code, results = run_plan(run, plan, "-j", "2")
+    assert code == 0, results
+    assert [r["status"] for r in results] == ["done", "done"]
+    files = run("store", "show", "parts", "--json")
+    shown = json.loads(files.output)
+    assert shown["files"] == [
+        "config.json",
+        "generation_config.json",
+        "manifest.json",
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert shown["manifest"]["parts"] == 3
+    whole = tmp_path / "whole"
+    experts = [str(fleet / "experts" / f"e{i}") for i in (1, 2, 3)]
+    args = ["--store", whole, "--quiet", "merge", "-p", "ties", "--base", str(fleet / "base")]
+    assert run(*args, *experts, "-o", "density", "0.5", "-n", "whole").exit_code == 0
+    assert run("--quiet", "export", "parts", tmp_path / "parts-out").exit_code == 0
+    args = ["--store", whole, "--quiet", "export", "whole", tmp_path / "whole-out"]
+    assert run(*args).exit_code == 0
+    from compressor.store import open_store
+
+    store = open_store(private_store)
+    stored = store.files(store.resolve("parts").id)
+    store.close()
+    index = json.loads(stored["model.safetensors.index.json"].read_text())
+    assert sorted(set(index["weight_map"].values())) == [
+        f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)
+    ]
+    want = {}
+    with safe_open(tmp_path / "whole-out" / "model.safetensors", "pt") as f:
+        want = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "parts-out").state_dict()
+    assert set(index["weight_map"]) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    conn = sqlite3.connect(whole / "store.db")
+    (metrics,) = conn.execute("SELECT metrics FROM artifacts WHERE name = 'whole'").fetchone()
+    conn.close()
+    kept = json.loads(metrics)["kept"]
+    assert shown["metrics"]["kept"] == pytest.approx(kept, rel=1e-9)
+    assert shown["metrics"]["experts"] == 3
+    assert results[1]["metrics"]["perplexity:test"] > 1
+    assert run("store", "verify").exit_code == 0
+    code, again = run_plan(run, plan)
+    assert [r["status"] for r in again] == ["reused", "reused"]
+
+
+def test_split_refused_for_a_method_that_is_not_per_tensor(run, fleet, private_store, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    e1, e2 = fleet / "experts" / "e1", fleet / "experts" / "e2"
+    plan.write_text(
+        f"steps:\n  - name: fused\n    merge: {{plugin: atlas, base: {fleet / 'base'}, "
+        f"inputs: [{e1}, {e2}], split: 2}}\n"
+    )
+    r = run("--quiet", "run", str(plan))
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-1] == (
+        "Error: 1 of 1 steps did not finish (fused: method 'atlas' cannot be split by tensor "
+        "(it is not a merge of each tensor on its own))"
+    )
 
 
 @pytest.mark.slow
