@@ -122,24 +122,28 @@ def _s3_figures(plan: Path) -> dict | None:
         AWS_DEFAULT_REGION="us-east-1",
     )
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+
+    def timed_merge(st):
+        smalls = [r.id for r in st.list() if r.name.endswith("-0.1")]
+        t = time.perf_counter()
+        merged = api.merge(
+            "ties", smalls, base=str(minilm_dir()), store=st, options={"density": 0.5}, name="m"
+        )
+        return merged, time.perf_counter() - t
+
     try:
+        with tempfile.TemporaryDirectory() as store:  # the same merge with local blobs
+            _timed([EXE, "--store", store, "--quiet", "run", str(plan), "-j", "2"])
+            st = open_store(store)
+            _, local_merge_s = timed_merge(st)
+            st.close()
         with tempfile.TemporaryDirectory() as store:
             args = [EXE, "--store", store, "--blobs", "s3://bench/plan", "--quiet", "run"]
             wall = _timed([*args, str(plan), "-j", "2"])
             st = open_store(store)
-            smalls = [r for r in st.list() if r.name.endswith("-0.1")]
-            stored = sum(r.bytes for r in smalls)
+            stored = sum(r.bytes for r in st.list() if r.name.endswith("-0.1"))
             st.blobs.fetched = 0
-            t = time.perf_counter()
-            merged = api.merge(
-                "ties",
-                [r.id for r in smalls],
-                base=str(minilm_dir()),
-                store=st,
-                options={"density": 0.5},
-                name="merged",
-            )
-            merge_s = time.perf_counter() - t
+            merged, merge_s = timed_merge(st)
             merge_fetched = st.blobs.fetched
             source = resolve(st, merged.id).source
             name = max(source.names(), key=lambda n: source.info(n).nbytes)
@@ -159,9 +163,27 @@ def _s3_figures(plan: Path) -> dict | None:
         "wall": wall,
         "stored": stored,
         "merge_s": merge_s,
+        "local_merge_s": local_merge_s,
         "merge_fetched": merge_fetched,
         "one": one,
     }
+
+
+def _split_figures(root: Path) -> dict:
+    """A TIES merge of the 8 full fine-tunes run whole on 1 worker, and split in 2 parts
+    on 2 workers (fresh store each, wall time including start-up)."""
+    from compressor.demo_models import minilm_dir
+
+    out = {}
+    for label, split, jobs in (("whole", 1, "1"), ("split", 2, "2")):
+        plan = root / f"merge-{label}.yaml"
+        plan.write_text(
+            "steps:\n  - name: soup\n"
+            f"    merge: {{plugin: ties, base: {minilm_dir()}, inputs: ['{root}/experts/*'], "
+            f"options: {{density: 0.5}}, split: {split}}}\n"
+        )
+        out[label] = _plan(plan, "-j", jobs)
+    return out
 
 
 def main() -> None:
@@ -179,6 +201,7 @@ def main() -> None:
         ray1 = _plan(plan, "--executor", "ray", "-j", "1")
         ray2 = _plan(plan, "--executor", "ray", "-j", "2")
         s3 = _s3_figures(plan)
+        split = _split_figures(root)
     rate = _commit_rate()
     rows = [
         ("16 `compress apply` commands, one by one", direct, 1.0),
@@ -211,6 +234,11 @@ def main() -> None:
         f"- Driver commit rate: {rate:.0f} commits/s (small artifacts into one SQLite "
         "catalog, WAL, one transaction each).",
     ]
+    lines.append(
+        f"- One TIES merge of the {args.experts} experts: whole on 1 worker {split['whole']:.1f} s, "
+        f"split in 2 parts on 2 workers {split['split']:.1f} s "
+        f"({split['whole'] / split['split']:.2f}x)."
+    )
     if s3:
         one = s3["one"]
         lines += [
@@ -219,7 +247,8 @@ def main() -> None:
             "upper bound on the client's share, not S3's latency).",
             f"- A TIES merge of the 8 density-0.1 artifacts read from S3 fetched "
             f"{s3['merge_fetched'] / 1e6:.1f} MB for {s3['stored'] / 1e6:.1f} MB stored "
-            f"({s3['merge_fetched'] / s3['stored']:.2f}x) in {s3['merge_s']:.1f} s; one "
+            f"({s3['merge_fetched'] / s3['stored']:.2f}x) in {s3['merge_s']:.1f} s "
+            f"({s3['local_merge_s']:.1f} s from local blobs); one "
             f"{one['tensor'] / 1e6:.1f} MB tensor of its {one['file'] / 1e6:.1f} MB result "
             f"fetched {one['fetched'] / 1e6:.2f} MB ({one['fetched'] / one['file']:.3f} of "
             "the file).",
@@ -236,6 +265,7 @@ def main() -> None:
                 "ray2": ray2,
                 "commit_rate": rate,
                 "s3": s3,
+                "split": split,
             }
         )
     )

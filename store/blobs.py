@@ -110,6 +110,8 @@ class FsspecBlobStore:
         self.url = url.rstrip("/")
         self.cache = Path(cache)
         self.fs, self.prefix = filesystem(self.url)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.mounted = "file" in protocols  # a directory (a shared mount): it has real dirs
         self.fetched = 0  # bytes read from the backend by this process (benchmarks)
 
     def key(self, digest: str) -> str:
@@ -153,11 +155,16 @@ class FsspecBlobStore:
         final = self.key(digest)
         if not self.exists(digest):
             tmp = f"{self.prefix}/tmp/{digest}.{uuid.uuid4().hex}"
+            if self.mounted:  # object stores have no directories to make
+                self.fs.makedirs(f"{self.prefix}/tmp", exist_ok=True)
+                self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             self._call("store", digest, self.fs.put_file, str(src), tmp)
-            try:
-                self._call("store", digest, self.fs.copy, tmp, final)
-            finally:
-                self.fs.rm_file(tmp)
+            try:  # a rename on a mount; on object storage a server-side copy, then delete
+                self._call("store", digest, self.fs.mv, tmp, final)
+            except BaseException:
+                if self.fs.exists(tmp):  # else gc sweeps it
+                    self.fs.rm_file(tmp)
+                raise
         os.unlink(src)
 
     def stored_at(self, digest: str) -> float:

@@ -300,3 +300,26 @@ def test_a_worker_elsewhere_needs_no_catalog(run, fleet, s3, private_store, tmp_
     assert r.exit_code == 0, r.output
     assert plan_blobs(private_store) == plan_blobs(local)
     assert run("store", "verify").exit_code == 0
+
+
+def test_blobs_in_a_shared_directory(run, models, private_store, tmp_path):
+    """A plain directory (a shared mount) as blob storage, through fsspec's local
+    filesystem: objects under its sha256/, none under the store, uploads renamed into
+    place, the export equal to the one from a store with local blobs."""
+    shared = tmp_path / "mount" / "blobs"
+    args = ["--quiet", "merge", "-p", "linear", models["ft1-fp32"], models["ft2-fp32"]]
+    assert run("--blobs", shared, *args, "-n", "soup").exit_code == 0
+    assert json.loads((private_store / "config.json").read_text()) == {"blobs": str(shared)}
+    assert not (private_store / "blobs").exists()
+    stored = sorted(p.name for p in (shared / "sha256").rglob("*") if p.is_file())
+    assert stored == sorted(_referenced(private_store))
+    assert not list((shared / "tmp").iterdir())
+    assert run("store", "verify").exit_code == 0
+    assert run("--quiet", "export", "soup", tmp_path / "a.safetensors").exit_code == 0
+    local = tmp_path / "local"
+    assert run("--store", local, *args, "-n", "soup").exit_code == 0
+    assert (
+        run("--store", local, "--quiet", "export", "soup", tmp_path / "b.safetensors").exit_code
+        == 0
+    )
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
