@@ -334,7 +334,9 @@ def _die_with(driver: int) -> None:
 
 class RayExecutor:
     """Each step a Ray task (``num_cpus`` 1, memory hinted from the inputs' sizes) on an
-    existing cluster (``address``) or on one started for the run on this machine."""
+    existing cluster (``address``) or on one started for the run on this machine (with
+    ``jobs`` CPUs, else all of them). At most ``jobs`` tasks (else one per CPU of the
+    cluster) are in flight."""
 
     def __init__(
         self, store_root: Path, address: str | None, jobs: int | None, retries: int = RETRIES
@@ -349,7 +351,8 @@ class RayExecutor:
         if self._started:
             kw = {"address": address} if address else {"num_cpus": jobs or os.cpu_count()}
             ray.init(include_dashboard=False, log_to_driver=False, **kw)
-        self.slots = int(ray.cluster_resources().get("CPU", 1))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.slots = min(jobs, cpus) if jobs else cpus
         self._remote = ray.remote(num_cpus=1, max_retries=retries)(run_task)
 
     def has_room(self, running: int) -> bool:
@@ -376,10 +379,16 @@ class RayExecutor:
 
 
 def _memory_hint(task: dict) -> int | None:
-    """Bytes a step may hold: twice its largest local input (None when unknown)."""
+    """Bytes a step may hold: twice its largest input (a path's safetensors files, or a
+    stored artifact's bytes from the catalog rows the task carries); None when unknown."""
+    stored = {row["id"]: row["bytes"] or 0 for row in task["catalog"]["artifacts"]}
     sizes = []
     for ref in [*task["inputs"], task["base"], task["ref"]]:
-        if isinstance(ref, str) and Path(ref).exists():
+        if not isinstance(ref, str):
+            continue
+        if ref.split("#")[0] in stored:
+            sizes.append(stored[ref.split("#")[0]])
+        elif Path(ref).exists():
             p = Path(ref)
             files = [p] if p.is_file() else list(p.glob("*.safetensors"))
             sizes.append(sum(f.stat().st_size for f in files))

@@ -442,3 +442,26 @@ def test_ray_executor_without_ray_names_the_extra(run, fleet, private_store, mon
         "the ray executor needs Ray: pip install 'compressor[ray]'",
         code=2,
     )
+
+
+def test_ray_memory_hint_counts_stored_and_path_inputs(run, fleet, private_store):
+    """The memory a step's Ray task asks for: twice its largest input, a stored artifact's
+    bytes from the catalog rows its task carries, or a path's safetensors files."""
+    from compressor.executors import _memory_hint, task_of
+    from compressor.plans import Step
+    from compressor.store import open_store
+
+    expert = fleet / "experts" / "e1"
+    args = ["--quiet", "apply", "-p", "compeft", "--base", fleet / "base", expert, "-n", "small"]
+    assert run(*args).exit_code == 0
+    store = open_store(private_store)
+    try:
+        small = store.resolve("small")
+        step = Step(name="m", verb="merge", plugin="linear", inputs=["small"])
+        assert _memory_hint(task_of(step, {}, store)) == 2 * small.bytes + (256 << 20)
+        step = Step(name="m", verb="merge", plugin="linear", inputs=["small", str(expert)])
+        size = (expert / "model.safetensors").stat().st_size
+        assert size > small.bytes
+        assert _memory_hint(task_of(step, {}, store)) == 2 * size + (256 << 20)
+    finally:
+        store.close()

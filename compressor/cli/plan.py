@@ -44,9 +44,9 @@ def register(cli):
         "-j",
         "--jobs",
         type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="Steps run at once (local worker processes, or Ray CPUs when Ray is started here).",
+        default=None,
+        help="Steps run at once: local worker processes (default 1), or Ray tasks (default: "
+        "the cluster's CPUs; a cluster started here gets this many).",
     )
     @click.option(
         "--executor",
@@ -93,9 +93,9 @@ def register(cli):
             return
         st = state.store
         if executor == "ray":
-            ex = RayExecutor(st.root, ray_address, jobs if jobs > 1 else None, retries)
+            ex = RayExecutor(st.root, ray_address, jobs, retries)
         else:
-            ex = LocalExecutor(st.root, jobs)
+            ex = LocalExecutor(st.root, jobs or 1)
 
         def event(res, done, total):
             if not state.quiet:
