@@ -96,7 +96,8 @@ def run_method(
         _check_count(method, plugin, len(inputs))
     if part is not None and (not isinstance(method, TensorMerge) or build is not None):
         raise UsageError(
-            f"method '{plugin}' cannot be split by tensor (it is not a merge of each tensor on its own)"
+            f"method '{plugin}' cannot be split by tensor "
+            "(it is not a merge of each tensor on its own)"
         )
     if part is not None:
         max_shard_size = 1 << 62  # the part is the shard

@@ -3,9 +3,9 @@ the catalog.
 
 The driver gives each step's worker (a local process, or a Ray task) the catalog rows
 the step reads (:meth:`Store.catalog_slice`: its inputs, their ancestors, what was made
-from them) and where blobs live; the worker never opens ``store.db``. It runs the step with :func:`compressor.api.run_method` (``publish``: blobs stored,
-no catalog rows) and returns a :class:`~compressor.api.PendingArtifact`; the
-driver commits it. A worker killed mid-step leaves at most unreferenced blobs
+from them) and where blobs live; the worker never opens ``store.db``. It runs the step
+with :func:`compressor.api.run_method` (``publish``: blobs stored, no catalog rows) and
+returns a :class:`~compressor.api.PendingArtifact`; the driver commits it. A worker killed mid-step leaves at most unreferenced blobs
 (``store gc`` keeps them for its grace period, then removes them) and its step is
 run again. Steps whose inputs failed are not run; the others go on.
 """
