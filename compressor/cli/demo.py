@@ -192,7 +192,7 @@ def register(cli):
                 "    matrix: {e: [expert-a, expert-b], d: [0.1, 0.3]}\n"
                 "    apply: {plugin: compeft, inputs: ['{e}'], options: {density: '{d}'}}\n"
                 "  - name: soup-{d}\n    matrix: {d: [0.1, 0.3]}\n"
-                f"    merge: {{plugin: ties, base: {base}, inputs: ['small-*-{{d}}']}}\n"
+                f"    merge: {{plugin: ties, base: {base}, inputs: ['small-*-{{d}}'], split: 2}}\n"
             )
             _step(store, "run", plan, "-j", "2")
             _step(
