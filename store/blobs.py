@@ -92,6 +92,10 @@ class LocalBlobStore:
         """Uploads a crash left behind (none here: local blobs are staged in ``tmp/``)."""
         return 0
 
+    def prune_cache(self) -> int:
+        """Damaged local copies of remote blobs (none here: there is no cache)."""
+        return 0
+
 
 class FsspecBlobStore:
     """Blobs as objects at ``URL/sha256/ab/<hex>`` on any fsspec filesystem.
@@ -185,6 +189,18 @@ class FsspecBlobStore:
         self._call("delete", digest, self.fs.rm_file, self.key(digest))
         self.path(digest).unlink(missing_ok=True)
         return size
+
+    def prune_cache(self) -> int:
+        """Delete cached copies whose bytes no longer match their name (fetched again when
+        next needed); return how many."""
+        from compressor.integrity import sha256_file
+
+        pruned = 0
+        for copy in sorted(self.cache.glob("sha256/*/*")):
+            if copy.is_file() and sha256_file(copy) != copy.name:
+                copy.unlink()
+                pruned += 1
+        return pruned
 
     def sweep_uploads(self, cutoff: float) -> int:
         """Delete temporary upload keys older than ``cutoff`` (left by a crashed worker)."""

@@ -188,6 +188,7 @@ class Store:
             raise StoreError(f"the store's {config_path} cannot be read: {e}") from None
         if url and "://" not in url:
             url = str(Path(url).expanduser().resolve())
+        url = url.rstrip("/") if url else url
         configured = config.get("blobs")
         if url and configured and url != configured:
             raise StoreError(f"the store at {self.root} keeps its blobs at {configured}, not {url}")
@@ -679,6 +680,7 @@ class Store:
                 problems.append(f"blob {digest} has {size} bytes, expected {r['bytes']}")
             elif self._hash_blob(digest) != digest:
                 problems.append(f"blob {digest} does not match its hash")
+        self.blobs.prune_cache()  # a damaged local copy of a remote blob is dropped, not reported
         unknown = self.unreferenced_blobs()
         if unknown and not self.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone():
             problems.append(

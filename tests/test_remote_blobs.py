@@ -323,3 +323,32 @@ def test_blobs_in_a_shared_directory(run, models, private_store, tmp_path):
         == 0
     )
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_damaged_cached_copy_is_refused_then_dropped_by_verify(
+    run, models, s3, private_store, tmp_path
+):
+    """The local copy of a remote config.json is damaged: reading it is refused like a damaged
+    blob; `store verify` (the objects are sound) drops the copy, and the next read fetches it."""
+    args = ["--blobs", s3["url"], "--quiet", "merge", "-p", "linear", models["ft1-fp32"]]
+    assert run(*args, models["ft2-fp32"], "-n", "soup").exit_code == 0
+    assert run("--quiet", "export", "soup", tmp_path / "first").exit_code == 0
+    config_copy = next(
+        p
+        for p in (private_store / "blobcache").rglob("*")
+        if p.is_file() and p.read_bytes().startswith(b"{") and b"LlamaForCausalLM" in p.read_bytes()
+    )
+    config_copy.chmod(0o644)
+    config_copy.write_bytes(config_copy.read_bytes().replace(b"Llama", b"Llamb"))
+    r = run("--quiet", "export", "soup", tmp_path / "second")
+    assert r.exit_code == 1
+    assert r.output == (
+        "Error: soup@1: the stored file config.json is damaged (its bytes do not match their "
+        "hash); run `compress store verify`\n"
+    )
+    assert run("store", "verify").exit_code == 0
+    assert not config_copy.exists()
+    assert run("--quiet", "export", "soup", tmp_path / "second").exit_code == 0
+    assert (tmp_path / "second" / "config.json").read_bytes() == (
+        tmp_path / "first" / "config.json"
+    ).read_bytes()
