@@ -118,6 +118,20 @@ class FsspecBlobStore:
         self.mounted = "file" in protocols  # a directory (a shared mount): it has real dirs
         self.fetched = 0  # bytes read from the backend by this process (benchmarks)
 
+    def check_reachable(self) -> None:
+        """Raise StoreError in one line unless the URL's bucket (or mount) is there and
+        this process may list it (a store's URL is checked once, when it is recorded)."""
+        root = self.prefix if self.mounted else self.prefix.split("/", 1)[0]
+        try:
+            found = self.fs.exists(root) if not self.mounted else True
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot reach the blob storage at {self.url}: {e}") from None
+        if not found:
+            raise StoreError(
+                f"the blob storage at {self.url} cannot be used: its bucket '{root}' does not "
+                "exist (create it first)"
+            )
+
     def key(self, digest: str) -> str:
         return f"{self.prefix}/{blob_key(digest)}"
 

@@ -200,6 +200,7 @@ class Store:
             )
         blobs = _blob_backend(self.root, url or configured)
         if blobs.remote and not configured:  # recorded once the URL opened (extra installed)
+            blobs.check_reachable()
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = config_path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({**config, "blobs": url}, indent=2) + "\n")

@@ -258,6 +258,16 @@ def test_store_refuses_another_blobs_url_than_its_own(run, s3, private_store):
     )
 
 
+def test_blobs_url_of_a_missing_bucket_is_refused(run, s3, private_store):
+    r = run("--blobs", "s3://no-such-bucket/x", "store", "ls")
+    assert (r.exit_code, r.output) == (
+        1,
+        "Error: the blob storage at s3://no-such-bucket/x cannot be used: its bucket "
+        "'no-such-bucket' does not exist (create it first)\n",
+    )
+    assert not private_store.exists()
+
+
 @pytest.mark.parametrize(
     "url, message",
     [
