@@ -363,8 +363,9 @@ def evaluate(
     """Score REF (added to BASE, for a task vector or adapter) on data (``compress eval``);
     store the scores as its metrics (``NAME:DATA``) and return them. Without ``record``
     nothing is stored: the result's ``metrics_for`` holds (artifact id, metrics,
-    externals) for the catalog's writer to store."""
-    from .evaluate import check_request, score
+    externals, requests) for the catalog's writer to store; ``requests`` maps DATA to
+    :func:`~compressor.evaluate.request_digest` (which scores a rerun may reuse)."""
+    from .evaluate import check_request, request_digest, score
     from .modeling import model_source
 
     values, examples, task = check_request(options)
@@ -382,10 +383,11 @@ def evaluate(
             stem += f"#{resolved.select}"
         keyed = {f"{k}:{stem}": v for k, v in metrics.items()}
         externals = [resolved.external] if resolved.external else []
+        requests = {stem: request_digest(values, base)}
         result = {"task": task, "data": str(values["data"]), **metrics}
         if not record:
-            return {**result, "metrics_for": (resolved.artifact_id, keyed, externals)}
-        st.set_metrics(resolved.artifact_id, keyed, externals=externals)
+            return {**result, "metrics_for": (resolved.artifact_id, keyed, externals, requests)}
+        st.set_metrics(resolved.artifact_id, keyed, externals=externals, requests=requests)
     return result
 
 

@@ -9,6 +9,8 @@ on the artifact as ``NAME:DATA`` (``accuracy:test``), so ``store ls`` and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
 from .method import Option, parse_options, positive
@@ -66,6 +68,18 @@ def check_request(options) -> tuple[dict, list[Example], str]:
     if task == "embed" and not values["reference"]:
         raise OptionError("task 'embed' needs -o reference REF")
     return values, examples, task
+
+
+def request_digest(values: dict, base: str | None = None) -> str:
+    """What a score depends on besides the model: the data file's bytes, every option and
+    the base, hashed (a plan's eval step reuses scores only of the same request)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(Path(values["data"]).read_bytes())
+    rest = {k: str(v) for k, v in values.items() if k != "data"}
+    h.update(json.dumps({"options": rest, "base": base}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def score(source, task: str, examples, values: dict, progress, reference=None) -> dict:

@@ -133,19 +133,23 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
 
 
 def _eval(st, task: dict) -> dict:
-    """Score the step's ref unless it already holds scores on this data file."""
+    """Score the step's ref unless it holds scores of the same request: the same data
+    (by content), options and base."""
     from . import api
+    from .evaluate import EVAL_OPTIONS, request_digest
+    from .method import parse_options
     from .refs import resolve
 
-    data = task["options"].get("data")
-    if data:
-        resolved = resolve(st, task["ref"])
+    values = parse_options(EVAL_OPTIONS, task["options"], "eval")
+    if values["data"] is not None and Path(values["data"]).is_file():
+        resolved = resolve(st, task["ref"])  # an input path is known by its content's id
         resolved.source.close()
-        if resolved.stored_id is not None:
-            stem = Path(data).stem
-            have = st.get(resolved.stored_id).metrics
-            if any(k.endswith(f":{stem}") for k in have):
-                return {"reused": True, "artifact_id": resolved.stored_id}
+        try:
+            scored = st.get(resolved.artifact_id).manifest.get("scored", {})
+        except CompressorError:  # an input never scored (or seen) before
+            scored = {}
+        if scored.get(Path(values["data"]).stem) == request_digest(values, task["base"]):
+            return {"reused": True, "artifact_id": resolved.artifact_id}
     return api.evaluate(task["ref"], task["options"], base=task["base"], store=st, record=False)
 
 
@@ -162,8 +166,8 @@ def commit_result(store, step: Step, out: dict, started: float, attempts: int) -
     if isinstance(value, PendingArtifact):
         record = value.commit(store)
     elif isinstance(value, dict) and "metrics_for" in value:
-        artifact_id, metrics, externals = value["metrics_for"]
-        store.set_metrics(artifact_id, metrics, externals=externals)
+        artifact_id, metrics, externals, requests = value["metrics_for"]
+        store.set_metrics(artifact_id, metrics, externals=externals, requests=requests)
         record = store.get(artifact_id)
         res.metrics = metrics
     elif isinstance(value, dict) and value.get("reused"):

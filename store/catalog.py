@@ -485,15 +485,23 @@ class Store:
             }
         )
 
-    def set_metrics(self, artifact_id: str, metrics: dict, externals: list = ()) -> None:
-        """Merge metrics into an artifact's record (e.g. after ``eval``)."""
+    def set_metrics(
+        self, artifact_id: str, metrics: dict, externals: list = (), requests: dict | None = None
+    ) -> None:
+        """Merge metrics into an artifact's record (e.g. after ``eval``); ``requests`` (data
+        name -> digest of what was scored) go into its catalog manifest's ``scored``."""
         with self._transaction():
             for ext in externals:
                 self._upsert_external(ext)
-            current = _loads(self._row(artifact_id), "metrics")
+            row = self._row(artifact_id)
+            current = _loads(row, "metrics")
             current.update(metrics)
+            manifest = _loads(row, "manifest")
+            if requests:
+                manifest["scored"] = {**manifest.get("scored", {}), **requests}
             self.conn.execute(
-                "UPDATE artifacts SET metrics = ? WHERE id = ?", [_dumps(current), artifact_id]
+                "UPDATE artifacts SET metrics = ?, manifest = ? WHERE id = ?",
+                [_dumps(current), _dumps(manifest), artifact_id],
             )
 
     # -- reading ------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import PLAN, assert_refused, plan_blobs, run_plan, store_snapshot
 
-from compressor.demo_models import save_finetune, save_tiny_llama
+from compressor.demo_models import save_finetune, save_tiny_llama, zen_lines
 
 
 def test_plan_equals_the_commands_one_by_one(run, fleet, private_store, tmp_path):
@@ -465,3 +465,29 @@ def test_ray_memory_hint_counts_stored_and_path_inputs(run, fleet, private_store
         assert _memory_hint(task_of(step, {}, store)) == 2 * size + (256 << 20)
     finally:
         store.close()
+
+
+def test_eval_step_scores_again_when_its_data_changes(run, fleet, private_store, tmp_path):
+    """An eval step reuses scores only of the same request: the same data file content and
+    options. Changing the file's lines, or an option, scores again; the same file again
+    does not."""
+    data = tmp_path / "held-out.txt"
+    data.write_text("\n".join(zen_lines()[:6]) + "\n")
+    plan = tmp_path / "plan.yaml"
+    text = (
+        f"steps:\n  - name: score\n    eval: {{ref: {fleet / 'experts' / 'e1'}, "
+        "options: {data: held-out.txt}}\n"
+    )
+    plan.write_text(text)
+    code, first = run_plan(run, plan)
+    assert code == 0 and first[0]["status"] == "done", first
+    assert run_plan(run, plan)[1][0]["status"] == "reused"
+    data.write_text("\n".join(zen_lines()[6:12]) + "\n")
+    code, changed = run_plan(run, plan)
+    assert changed[0]["status"] == "done"
+    assert (
+        changed[0]["metrics"]["perplexity:held-out"] != first[0]["metrics"]["perplexity:held-out"]
+    )
+    plan.write_text(text.replace("data: held-out.txt", "data: held-out.txt, max_length: 8"))
+    assert run_plan(run, plan)[1][0]["status"] == "done"
+    assert run_plan(run, plan)[1][0]["status"] == "reused"
