@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -349,6 +350,25 @@ def test_non_finite_weights_refused_naming_the_tensor(run, models, tv, tmp_path)
         f"{d}: tensor {name} holds 5 NaN or infinite values; a method cannot give meaningful "
         "results from it",
     )
+
+
+@pytest.mark.parametrize(
+    "values, finite",
+    [
+        ([1.0, -2.0, 3.0], True),
+        ([3e38, 3e38, 3e38, -1.0], True),  # the sum overflows; every entry is finite
+        ([1.0, float("inf"), 2.0], False),
+        ([float("inf"), float("-inf")], False),  # the sum is NaN
+        ([0.0, float("nan")], False),
+        ([], True),
+    ],
+)
+def test_all_finite_against_an_entry_by_entry_check(values, finite):
+    from compressor.alignment import all_finite
+
+    t = torch.tensor(values, dtype=torch.float32)
+    assert all_finite(t) is finite
+    assert finite is all(math.isfinite(v) for v in values)
 
 
 def test_json_is_strict(run, tv):
