@@ -29,6 +29,9 @@ WEIGHTS_OPTION = Option(
 SCALE_OPTION = Option("scale", "float", 1.0, "λ, the factor on the merged task vector")
 
 
+CONSENSUS_CHUNK = 1 << 22  # entries per pass of sign election (16 MB a float32 temporary)
+
+
 def expert_weights(values: list) -> list[float]:
     """The per-expert ``weights`` of one tensor, 1 where unset."""
     return [1.0 if w is None else w for w in values]
@@ -80,6 +83,7 @@ def sign_consensus(
     weights: list[float],
     election: str = "weighted",
     normalize: str = "weights",
+    chunk: int = CONSENSUS_CHUNK,
 ) -> torch.Tensor | None:
     """TIES' elect-and-disjoint-mean over (trimmed) task vectors of one tensor.
 
@@ -89,12 +93,27 @@ def sign_consensus(
     the agreeing experts, divided by their summed weights (``normalize weights``,
     mergekit), by their number (``count``, PEFT), or not at all (``none``);
     where no expert agrees the divisor is 1. ``None`` deltas are zero.
-    """
-    import torch
 
+    Every step is per entry, so it runs over ``chunk`` entries at a time and writes
+    the result into the first present τ: the temporaries (vote, signs, divisor) take
+    a chunk each, not a tensor each.
+    """
     present = [(d, w) for d, w in zip(deltas, weights, strict=True) if d is not None]
     if not present:
         return None
+    shape = present[0][0].shape
+    flat = [(d.reshape(-1), w) for d, w in present]
+    out = flat[0][0]
+    for start in range(0, out.numel(), chunk):
+        part = [(d[start : start + chunk], w) for d, w in flat]
+        out[start : start + chunk] = _consensus_chunk(part, election, normalize)
+    return out.reshape(shape)
+
+
+def _consensus_chunk(present: list, election: str, normalize: str) -> torch.Tensor:
+    """:func:`sign_consensus` of one chunk of entries (a new tensor)."""
+    import torch
+
     vote = torch.zeros_like(present[0][0])
     for d, w in present:
         vote.add_(d, alpha=w if election == "weighted" else 1.0)

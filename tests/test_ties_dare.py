@@ -251,3 +251,26 @@ def test_readme_worked_example_against_mergekit_and_peft():
     ):
         torch.testing.assert_close(got, theirs, rtol=0, atol=1e-6)
         torch.testing.assert_close(got, torch.tensor(by_hand), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("election", ["weighted", "unweighted"])
+@pytest.mark.parametrize("normalize", ["weights", "count", "none"])
+def test_sign_consensus_in_chunks_equals_it_in_one(election, normalize):
+    """Sign election runs over chunks of entries (bounded temporaries) and writes into the
+    first τ; any chunk size gives the same entries as one pass over the whole tensor, to
+    the bit, zeros and a missing τ included."""
+    from compressor.merging import sign_consensus
+
+    gen = torch.Generator().manual_seed(5)
+    taus = [torch.randn(13, 11, generator=gen) for _ in range(3)]
+    taus[1][taus[1].abs() < 0.5] = 0  # trimmed entries
+    weights = [1.0, -0.5, 2.0]
+    whole = sign_consensus(
+        [t.clone() for t in taus] + [None], [*weights, 1.0], election, normalize, 1 << 30
+    )
+    for chunk in (1, 7, 64, 143):
+        got = sign_consensus(
+            [t.clone() for t in taus] + [None], [*weights, 1.0], election, normalize, chunk
+        )
+        assert got.shape == (13, 11)
+        assert torch.equal(got, whole), chunk
