@@ -40,9 +40,10 @@ def breadcrumbs(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)  # fewer outliers dropped when density asks for more
     order = torch.sort(tau.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=tau.dtype)
-    mask[order[bottom : bottom + keep]] = 1
-    return tau * mask.reshape(tau.shape)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[bottom : bottom + keep]] = True
+    del order
+    return tau.mul_(mask.reshape(tau.shape))  # in place: τ is the caller's to reuse
 
 
 def della(

@@ -215,7 +215,14 @@ class _Dare(_SparsifyMerge):
         if density >= 1:
             return tau
         keep = torch.rand(tau.shape, generator=_seeded(call, t)) < density
-        return _rescaled(tau, tau * keep, call.shared["rescale"], density)
+        how = call.shared["rescale"]
+        before = float(tau.abs().sum()) if how == "l1" else 0.0  # τ's norm, before the drop
+        kept = tau.mul_(keep)  # in place: no second tensor-sized copy
+        del keep
+        if how == "l1":
+            after = float(kept.abs().sum())
+            return kept if before < 1e-7 or after < 1e-7 else kept.mul_(before / after)
+        return kept.div_(density) if how == "density" else kept
 
 
 SEED = Option("seed", "int", 0, "random seed of the drop masks")
