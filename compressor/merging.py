@@ -73,6 +73,39 @@ def top_k_mask(tau: torch.Tensor, k: int) -> torch.Tensor:
     return keep_mask(tau, threshold, k - above)[0]
 
 
+def _chunks(tau: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    flat = tau.view(-1)  # a view: writes reach τ
+    return [flat[start : start + chunk] for start in range(0, flat.numel(), chunk)]
+
+
+def keep_above_(tau: torch.Tensor, threshold: int, ties: int, chunk: int = CONSENSUS_CHUNK) -> int:
+    """Zero, in place, the entries of τ at or below the threshold (int32 bits)
+    but the first ``ties`` equal to it (flat order); chunk by chunk, so the temporaries are a
+    chunk's. Returns how many tied entries were kept: the same as :func:`keep_mask`."""
+    if not tau.is_contiguous():  # no flat view to write through
+        mask, used = keep_mask(tau, threshold, ties)
+        tau.mul_(mask.reshape(tau.shape))
+        return used
+    used = 0
+    for part in _chunks(tau, chunk):
+        mask, took = keep_mask(part, threshold, ties - used)
+        part.mul_(mask)
+        used += took
+    return used
+
+
+def keep_top_k_(tau: torch.Tensor, k: int, chunk: int = CONSENSUS_CHUNK) -> torch.Tensor:
+    """Zero, in place, all but the k entries of largest |τ| (ties in flat order): the same
+    entries as :func:`top_k_mask`, found and applied chunk by chunk."""
+    if not tau.is_contiguous():  # no flat view to write through
+        return tau.mul_(top_k_mask(tau, k).reshape(tau.shape))
+    parts = _chunks(tau, chunk)
+    threshold = topk_threshold_bits(parts, k)
+    above = sum(int((magnitude_bits(p) > threshold).sum()) for p in parts)
+    keep_above_(tau, threshold, k - above, chunk)
+    return tau
+
+
 def trim_count(density: float, numel: int) -> int:
     """mergekit's and PEFT's k: ``int(density * n)``, at least one entry."""
     return max(1, int(density * numel))

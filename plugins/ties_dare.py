@@ -27,9 +27,9 @@ from compressor.merging import (
     WEIGHTS_OPTION,
     TensorMerge,
     expert_weights,
-    keep_mask,
+    keep_above_,
+    keep_top_k_,
     sign_consensus,
-    top_k_mask,
     trim_count,
     weighted_sum,
 )
@@ -170,13 +170,12 @@ class Ties(_SparsifyMerge):
             budget = budgets[t]
             if budget is None:
                 return tau
-            mask, used = keep_mask(tau, budget[0], budget[1])
-            budget[1] -= used
-            return tau.mul_(mask)
+            budget[1] -= keep_above_(tau, budget[0], budget[1])
+            return tau
         density = call.per["density"][t]
         if density >= 1:
             return tau
-        return tau.mul_(top_k_mask(tau, trim_count(density, tau.numel())))
+        return keep_top_k_(tau, trim_count(density, tau.numel()))
 
 
 def _tau_blocks(job, read, names: list[str]):

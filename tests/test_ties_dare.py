@@ -274,3 +274,28 @@ def test_sign_consensus_in_chunks_equals_it_in_one(election, normalize):
         )
         assert got.shape == (13, 11)
         assert torch.equal(got, whole), chunk
+
+
+@pytest.mark.parametrize("k", [1, 5, 17, 40, 64])
+def test_top_k_in_chunks_keeps_the_entries_top_k_mask_keeps(k):
+    """TIES' trim runs chunk by chunk in place (bounded temporaries); with many tied
+    magnitudes (zeros, repeated values) it keeps exactly the entries the whole-tensor mask
+    keeps, ties in flat order across chunk boundaries."""
+    from compressor.merging import keep_top_k_, top_k_mask
+
+    gen = torch.Generator().manual_seed(k)
+    tau = torch.randint(-3, 4, (8, 8), generator=gen).float() * 0.5  # ties everywhere
+    want = tau.reshape(-1) * top_k_mask(tau, k)
+    for chunk in (1, 3, 10, 64, 1000):
+        got = keep_top_k_(tau.clone(), k, chunk)
+        assert torch.equal(got.reshape(-1), want), chunk
+    assert torch.equal(
+        keep_top_k_(tau.clone().t(), k).reshape(-1), tau.t().reshape(-1) * top_k_mask(tau.t(), k)
+    )
+    from compressor.merging import keep_above_, keep_mask, topk_threshold_bits
+
+    threshold = topk_threshold_bits([tau.t()], k)
+    mask, used = keep_mask(tau.t(), threshold, 2)
+    strided = tau.clone().t()  # not contiguous: the whole-tensor path
+    assert keep_above_(strided, threshold, 2) == used
+    assert torch.equal(strided.reshape(-1), tau.t().reshape(-1) * mask)
