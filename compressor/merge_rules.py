@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 from .errors import OptionError
+from .merging import keep_top_k_
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -19,38 +20,37 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
 # --- sparsification of one task vector ------------------------------------------------
 
 
-def rescale_to(tau: torch.Tensor, kept: torch.Tensor, norm: str | None) -> torch.Tensor:
-    """``kept`` (τ masked) scaled to τ's L1 norm (``l1``) or left as it is (None)."""
-    if norm is None:
-        return kept
-    before, after = float(tau.abs().sum()), float(kept.abs().sum())
-    if before < 1e-7 or after < 1e-7:
-        return kept
-    return kept.mul_(before / after)
+def rescale_kept_(kept: torch.Tensor, how: str, density: float, before: float) -> torch.Tensor:
+    """Kept entries of τ (masked in place) rescaled in place: to τ's L1 norm ``before`` the
+    drop (``l1``, mergekit), by 1/density (``density``, the DARE paper, PEFT) or not."""
+    if how == "l1":
+        after = float(kept.abs().sum())
+        return kept if before < 1e-7 or after < 1e-7 else kept.mul_(before / after)
+    return kept.div_(density) if how == "density" else kept
 
 
 def breadcrumbs(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``gamma`` fraction of largest |τ| (outliers) and the
-    smallest, keeping int(density·n) entries (https://arxiv.org/abs/2312.06795)."""
-    import torch
+    smallest, keeping int(density·n) entries (https://arxiv.org/abs/2312.06795).
 
+    mergekit sorts |τ|; the same ranks are found here by threshold, in place and chunk by
+    chunk (entries tied at a cut are taken in flat order, where a sort's order is its own).
+    """
     if density >= 1:
         return tau
     n = tau.numel()
-    keep, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep - top)  # fewer outliers dropped when density asks for more
-    order = torch.sort(tau.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[bottom : bottom + keep]] = True
-    del order
-    return tau.mul_(mask.reshape(tau.shape))  # in place: τ is the caller's to reuse
+    keep = int(density * n)
+    outliers = min(int(gamma * n), n - keep)  # fewer dropped when density asks for more
+    return keep_top_k_(tau, outliers + keep, drop=outliers)
 
 
-def della(
+def della_(
     tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """DELLA's MagPrune: keep each entry with a probability rising with its magnitude's
-    rank in its row, from density − ε to density + ε (https://arxiv.org/abs/2406.11617)."""
+    """DELLA's MagPrune, in place: keep each entry with a probability rising with its
+    magnitude's rank in its row, from density − ε to density + ε
+    (https://arxiv.org/abs/2406.11617). Rows are independent, so a caller may pass τ's rows
+    in chunks; the draws then come in the same order as for the whole tensor."""
     import torch
 
     if density >= 1:
@@ -60,13 +60,13 @@ def della(
             f"della needs density ± epsilon inside (0, 1); got density {density:g}, "
             f"epsilon {epsilon:g}"
         )
-    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float() + 1
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau.view(tau.shape[0], -1)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float().add_(1)
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    spread = (ranks - low) / (high - low)
-    probs = (density - epsilon) + spread.clamp_(0, 1) * (2 * epsilon)
-    keep = torch.rand(probs.shape, generator=generator) < probs
-    return (rows * keep).reshape(tau.shape)
+    spread = ranks.sub_(low).div_(high - low)  # in place: ranks are not needed again
+    probs = spread.clamp_(0, 1).mul_(2 * epsilon).add_(density - epsilon)
+    rows.mul_(torch.rand(probs.shape, generator=generator) < probs)
+    return tau
 
 
 # --- combining task vectors --------------------------------------------------------------
@@ -74,19 +74,27 @@ def della(
 
 def sce_select(taus: list[torch.Tensor], fraction: float) -> torch.Tensor | None:
     """SCE's select step: the mask of the ``fraction`` of entries (of those that vary at
-    all) whose task vectors vary most across experts; None keeps everything."""
+    all) whose task vectors vary most across experts; None keeps everything.
+
+    The variance is accumulated expert by expert (no stack of all τ) and the top entries
+    found by threshold (ties in flat order, where mergekit's topk has its own)."""
     import torch
 
     if fraction >= 1:
         return None
-    stacked = torch.stack(taus)
-    var = stacked.var(dim=0, unbiased=False)
-    del stacked
+    mean = torch.zeros_like(taus[0])
+    for tau in taus:
+        mean.add_(tau)
+    mean.div_(len(taus))
+    var = torch.zeros_like(mean)
+    for tau in taus:
+        gap = tau - mean
+        var.addcmul_(gap, gap)
+        del gap
+    del mean
+    var.div_(len(taus))
     k = int(int(torch.count_nonzero(var)) * fraction)
-    mask = torch.zeros_like(var)
-    if k > 0:
-        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
-    return mask
+    return keep_top_k_(var, k).ne_(0)  # 1.0 where kept, in var's dtype
 
 
 def sce_weights(taus: list[torch.Tensor]) -> list[float]:

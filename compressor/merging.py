@@ -73,8 +73,11 @@ def top_k_mask(tau: torch.Tensor, k: int) -> torch.Tensor:
     return keep_mask(tau, threshold, k - above)[0]
 
 
-def _chunks(tau: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    flat = tau.view(-1)  # a view: writes reach τ
+def flat_chunks(tau: torch.Tensor, chunk: int = CONSENSUS_CHUNK) -> list[torch.Tensor]:
+    """A contiguous τ as flat views of ``chunk`` entries (writes reach τ); a strided τ whole."""
+    if not tau.is_contiguous():
+        return [tau]
+    flat = tau.view(-1)
     return [flat[start : start + chunk] for start in range(0, flat.numel(), chunk)]
 
 
@@ -87,22 +90,42 @@ def keep_above_(tau: torch.Tensor, threshold: int, ties: int, chunk: int = CONSE
         tau.mul_(mask.reshape(tau.shape))
         return used
     used = 0
-    for part in _chunks(tau, chunk):
+    for part in flat_chunks(tau, chunk):
         mask, took = keep_mask(part, threshold, ties - used)
         part.mul_(mask)
         used += took
     return used
 
 
-def keep_top_k_(tau: torch.Tensor, k: int, chunk: int = CONSENSUS_CHUNK) -> torch.Tensor:
-    """Zero, in place, all but the k entries of largest |τ| (ties in flat order): the same
-    entries as :func:`top_k_mask`, found and applied chunk by chunk."""
-    if not tau.is_contiguous():  # no flat view to write through
-        return tau.mul_(top_k_mask(tau, k).reshape(tau.shape))
-    parts = _chunks(tau, chunk)
+def _rank_cut(parts: list[torch.Tensor], k: int) -> tuple[int, int]:
+    """The threshold (int32 bits) of the k largest |τ| over the parts, and how many entries
+    tied at it the top k takes."""
     threshold = topk_threshold_bits(parts, k)
-    above = sum(int((magnitude_bits(p) > threshold).sum()) for p in parts)
-    keep_above_(tau, threshold, k - above, chunk)
+    return threshold, k - sum(int((magnitude_bits(p) > threshold).sum()) for p in parts)
+
+
+def keep_top_k_(
+    tau: torch.Tensor, k: int, drop: int = 0, chunk: int = CONSENSUS_CHUNK
+) -> torch.Tensor:
+    """Zero, in place, all but the k entries of largest |τ|, and of those the ``drop``
+    largest too (ties in flat order): the entries of :func:`top_k_mask` (k) less those of
+    ``top_k_mask(drop)``, found and applied chunk by chunk."""
+    if not tau.is_contiguous():  # no flat view to write through
+        mask = top_k_mask(tau, k)
+        if drop > 0:
+            mask &= ~top_k_mask(tau, drop)
+        return tau.mul_(mask.reshape(tau.shape))
+    parts = flat_chunks(tau, chunk)
+    if drop <= 0:
+        keep_above_(tau, *_rank_cut(parts, k), chunk)
+        return tau
+    (keep_at, keep_ties), (drop_at, drop_ties) = _rank_cut(parts, k), _rank_cut(parts, drop)
+    for part in parts:
+        keep, took = keep_mask(part, keep_at, keep_ties)
+        keep_ties -= took
+        dropped, took = keep_mask(part, drop_at, drop_ties)
+        drop_ties -= took
+        part.mul_(keep.logical_and_(dropped.logical_not_()))
     return tau
 
 

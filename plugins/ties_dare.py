@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 from compressor import merge_rules
 from compressor.hookspecs import hookimpl
 from compressor.merging import (
+    CONSENSUS_CHUNK,
     SCALE_OPTION,
     WEIGHTS_OPTION,
     TensorMerge,
     expert_weights,
+    flat_chunks,
     keep_above_,
     keep_top_k_,
     sign_consensus,
@@ -195,11 +197,14 @@ def _seeded(call, t: int):
     return torch.Generator().manual_seed(_dare_seed(call.shared["seed"], t, call.name))
 
 
-def _rescaled(tau, kept, how: str, density: float):
-    """Kept entries rescaled: to τ's L1 norm (``l1``), by 1/density (``density``) or not."""
-    if how == "l1":
-        return merge_rules.rescale_to(tau, kept, "l1")
-    return kept.div_(density) if how == "density" else kept
+def _row_chunks(tau, chunk: int = CONSENSUS_CHUNK):
+    """A contiguous τ as views of whole rows, about CONSENSUS_CHUNK entries each (one view
+    of a vector): writes reach τ, and each chunk's draws in turn are the whole tensor's."""
+    if tau.dim() < 2:
+        return [tau]
+    rows = tau.view(tau.shape[0], -1)
+    step = max(1, chunk // max(1, rows.shape[1]))
+    return [rows[start : start + step] for start in range(0, rows.shape[0], step)]
 
 
 class _Dare(_SparsifyMerge):
@@ -213,15 +218,12 @@ class _Dare(_SparsifyMerge):
         density = call.per["density"][t]
         if density >= 1:
             return tau
-        keep = torch.rand(tau.shape, generator=_seeded(call, t)) < density
         how = call.shared["rescale"]
         before = float(tau.abs().sum()) if how == "l1" else 0.0  # τ's norm, before the drop
-        kept = tau.mul_(keep)  # in place: no second tensor-sized copy
-        del keep
-        if how == "l1":
-            after = float(kept.abs().sum())
-            return kept if before < 1e-7 or after < 1e-7 else kept.mul_(before / after)
-        return kept.div_(density) if how == "density" else kept
+        generator = _seeded(call, t)
+        for part in flat_chunks(tau):  # the same draws as one torch.rand of τ's shape
+            part.mul_(torch.rand(part.shape, generator=generator) < density)
+        return merge_rules.rescale_kept_(tau, how, density, before)
 
 
 SEED = Option("seed", "int", 0, "random seed of the drop masks")
@@ -327,9 +329,12 @@ class Della(_SparsifyMerge):
         density = call.per["density"][t]
         if density >= 1:
             return tau
-        shaped = tau.reshape(call.base.shape)
-        kept = merge_rules.della(shaped, density, call.per["epsilon"][t], _seeded(call, t))
-        return _rescaled(shaped, kept, call.shared["rescale"], density).reshape(-1)
+        shaped = tau.reshape(call.base.shape).contiguous()  # a view of τ when it can be
+        how, generator = call.shared["rescale"], _seeded(call, t)
+        before = float(shaped.abs().sum()) if how == "l1" else 0.0
+        for rows in _row_chunks(shaped):  # bounded temporaries; the same draws as whole
+            merge_rules.della_(rows, density, call.per["epsilon"][t], generator)
+        return merge_rules.rescale_kept_(shaped, how, density, before).reshape(-1)
 
 
 class DellaLinear(Della):

@@ -287,11 +287,18 @@ def test_top_k_in_chunks_keeps_the_entries_top_k_mask_keeps(k):
     tau = torch.randint(-3, 4, (8, 8), generator=gen).float() * 0.5  # ties everywhere
     want = tau.reshape(-1) * top_k_mask(tau, k)
     for chunk in (1, 3, 10, 64, 1000):
-        got = keep_top_k_(tau.clone(), k, chunk)
+        got = keep_top_k_(tau.clone(), k, chunk=chunk)
         assert torch.equal(got.reshape(-1), want), chunk
     assert torch.equal(
         keep_top_k_(tau.clone().t(), k).reshape(-1), tau.t().reshape(-1) * top_k_mask(tau.t(), k)
     )
+    for drop in (0, 1, k // 2, k):  # Breadcrumbs' band: the top k less the top `drop`
+        for x in (tau, tau.t()):  # contiguous in chunks, and a strided view whole
+            band = top_k_mask(x, k) & ~top_k_mask(x, drop) if drop else top_k_mask(x, k)
+            for chunk in (3, 1000):
+                got = keep_top_k_(x.clone(), k, drop, chunk).reshape(-1)
+                assert torch.equal(got, x.reshape(-1) * band), (drop, chunk)
+
     from compressor.merging import keep_above_, keep_mask, topk_threshold_bits
 
     threshold = topk_threshold_bits([tau.t()], k)
@@ -299,3 +306,28 @@ def test_top_k_in_chunks_keeps_the_entries_top_k_mask_keeps(k):
     strided = tau.clone().t()  # not contiguous: the whole-tensor path
     assert keep_above_(strided, threshold, 2) == used
     assert torch.equal(strided.reshape(-1), tau.t().reshape(-1) * mask)
+
+
+def test_della_and_dare_in_chunks_draw_what_the_whole_tensor_draws():
+    """DELLA's drop runs over a few rows at a time and DARE's over flat chunks (bounded
+    temporaries); drawing the chunks in turn from one generator keeps the result of the
+    whole tensor at once, so seeded merges stay the same."""
+    from compressor import merge_rules
+    from compressor.merging import flat_chunks
+    from plugins.ties_dare import _row_chunks
+
+    tau = torch.randn(37, 29, generator=torch.Generator().manual_seed(0))
+    whole = merge_rules.della_(tau.clone(), 0.6, 0.2, torch.Generator().manual_seed(5))
+    assert 0 < int((whole == 0).sum()) < tau.numel()
+    for chunk in (1, 29, 100, 10_000):
+        got, generator = tau.clone(), torch.Generator().manual_seed(5)
+        for rows in _row_chunks(got, chunk):
+            merge_rules.della_(rows, 0.6, 0.2, generator)
+        assert torch.equal(got, whole), chunk
+
+    drawn = torch.rand(tau.shape, generator=torch.Generator().manual_seed(5)) < 0.3
+    for chunk in (7, 10_000):
+        got, generator = tau.clone(), torch.Generator().manual_seed(5)
+        for part in flat_chunks(got, chunk):
+            part.mul_(torch.rand(part.shape, generator=generator) < 0.3)
+        assert torch.equal(got, tau * drawn), chunk
