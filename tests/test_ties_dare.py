@@ -314,7 +314,7 @@ def test_della_and_dare_in_chunks_draw_what_the_whole_tensor_draws():
     whole tensor at once, so seeded merges stay the same."""
     from compressor import merge_rules
     from compressor.merging import flat_chunks
-    from plugins.ties_dare import _row_chunks
+    from compressor.plugins.ties_dare import _row_chunks
 
     tau = torch.randn(37, 29, generator=torch.Generator().manual_seed(0))
     whole = merge_rules.della_(tau.clone(), 0.6, 0.2, torch.Generator().manual_seed(5))
