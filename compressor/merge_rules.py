@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 from .errors import OptionError
-from .merging import keep_top_k_
+from .merging import CONSENSUS_CHUNK, keep_top_k_
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -125,20 +125,23 @@ def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool) -
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, threshold: float = 0.9995):
     """Spherical interpolation of two whole tensors, linear when they are (anti)parallel
-    (https://en.wikipedia.org/wiki/Slerp)."""
+    (https://en.wikipedia.org/wiki/Slerp). The cosine is summed chunk by chunk; the result
+    is the one tensor-sized temporary."""
     import torch
 
     eps = 1e-8
     a, b = v0.reshape(-1), v1.reshape(-1)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    dot = sum(float((a[s:e] / na).mul_(b[s:e] / nb).sum()) for s, e in _spans(a.numel()))
+    dot = min(1.0, max(-1.0, dot))
     if abs(dot) > threshold:
-        return v0 * (1 - t) + v1 * t
-    theta = math.acos(dot)
-    s = math.sin(theta)
-    return v0 * (math.sin((1 - t) * theta) / s) + v1 * (math.sin(t * theta) / s)
+        c0, c1 = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        c0, c1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return torch.mul(v0, c0).add_(v1, alpha=c1)
 
 
 def nuslerp(
@@ -171,7 +174,11 @@ def nuslerp(
 def multislerp(tensors: list[torch.Tensor], weights: list[float], normalize: bool):
     """Barycentric interpolation on the hypersphere: project to the tangent space at the
     weighted mean direction, average, map back, scale to the weighted mean norm
-    (https://goddard.blog/posts/multislerp-wow-what-a-cool-idea)."""
+    (https://goddard.blog/posts/multislerp-wow-what-a-cool-idea).
+
+    mergekit's arithmetic, with the unit vectors u_i = θ_i/(‖θ_i‖ + ε) never stored: each
+    sum takes θ_i scaled, and the tangent is rebuilt chunk by chunk where it is used, so
+    the temporaries beyond the result are a chunk's."""
     import torch
 
     if len(tensors) == 1:
@@ -180,11 +187,14 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], normalize: boo
     w = torch.tensor(weights)
     if normalize:
         w = w / w.sum()
+    w = w.tolist()
     flat = [t.reshape(-1) for t in tensors]
-    norms = torch.stack([torch.norm(f) for f in flat])
-    units = [f / (n + eps) for f, n in zip(flat, norms, strict=True)]
-    mean = sum(u * wi for u, wi in zip(units, w, strict=True))
-    mean_norm = torch.norm(mean)
+    norms = [float(torch.norm(f)) for f in flat]
+    scale = [1.0 / (n + eps) for n in norms]  # u_i = θ_i · scale_i
+    mean = torch.zeros_like(flat[0])
+    for f, s, wi in zip(flat, scale, w, strict=True):
+        mean.add_(f, alpha=s * wi)
+    mean_norm = float(torch.norm(mean))
     if mean_norm < eps:
         if len(tensors) == 2:
             return tensors[0] * w[0] + tensors[1] * w[1]
@@ -192,79 +202,125 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], normalize: boo
             "multislerp: the weighted mean direction of the experts is zero (antipodal "
             "experts with balancing weights); give other weights"
         )
-    mean = mean / mean_norm
-    tangent = sum((u - (u * mean).sum() * mean) * wi for u, wi in zip(units, w, strict=True))
-    tn = torch.norm(tangent) + eps
-    out = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
-    return (out * (norms * w).sum()).reshape(tensors[0].shape)
+    mean.div_(mean_norm)
+    dots = [float(torch.dot(f, mean)) * s for f, s in zip(flat, scale, strict=True)]  # u_i·m
+
+    def tangent(start: int, stop: int) -> torch.Tensor:  # Σ w_i (u_i − (u_i·m) m), a chunk
+        m = mean[start:stop]
+        part = torch.zeros_like(m)
+        for f, s, d, wi in zip(flat, scale, dots, w, strict=True):
+            part.add_(f[start:stop], alpha=s * wi).add_(m, alpha=-d * wi)
+        return part
+
+    spans = _spans(mean.numel())
+    tn = math.sqrt(sum(float(tangent(a, b).square().sum()) for a, b in spans)) + eps
+    cos, sin_over = math.cos(tn), math.sin(tn) / tn
+    for a, b in spans:  # the result, written over the mean direction it starts from
+        mean[a:b] = mean[a:b] * cos + tangent(a, b) * sin_over
+    return mean.mul_(sum(n * wi for n, wi in zip(norms, w, strict=True))).reshape(tensors[0].shape)
+
+
+def _spans(n: int, chunk: int = CONSENSUS_CHUNK) -> list[tuple[int, int]]:
+    """[start, stop) ranges of ``chunk`` entries covering n."""
+    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
 
 
 def karcher(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
     """The Karcher (Riemannian) mean of the directions, scaled to the mean norm
-    (mergekit's ``karcher``), equal weights."""
+    (mergekit's ``karcher``), equal weights.
+
+    mergekit's iteration, with the unit vectors u_i = θ_i/‖θ_i‖ never stored (dots and the
+    tangent take θ_i scaled): two tensors of temporaries, the mean and the tangent."""
     import torch
 
     if len(tensors) == 1:
         return tensors[0]
     alphas = [1.0 / len(tensors)] * len(tensors)
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
-    units = [
-        torch.zeros_like(t) if float(n) == 0 else t / n for t, n in zip(tensors, norms, strict=True)
-    ]
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    flat = [t.reshape(-1) for t in tensors]
+    norms = [float(torch.linalg.vector_norm(f)) for f in flat]
+    valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     a_sum = sum(alphas[i] for i in valid)
     weights = [alphas[i] / a_sum for i in valid]
-    valid_units = [units[i] for i in valid]
-    mean = torch.zeros_like(valid_units[0])
-    for a, u in zip(weights, valid_units, strict=True):
-        mean += a * u
-    mn = torch.linalg.vector_norm(mean)
-    mean = valid_units[0].clone() if float(mn) < tol else mean / mn
+    units = [(flat[i], 1.0 / norms[i]) for i in valid]  # u = θ · scale
+    mean = torch.zeros_like(flat[0])
+    for a, (f, s) in zip(weights, units, strict=True):
+        mean.add_(f, alpha=a * s)
+    mn = float(torch.linalg.vector_norm(mean))
+    if mn < tol:
+        mean.copy_(units[0][0]).mul_(units[0][1])
+    else:
+        mean.div_(mn)
+    tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for a, u in zip(weights, valid_units, strict=True):
-            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
+        tangent.zero_()
+        for a, (f, s) in zip(weights, units, strict=True):
+            dot = min(1.0, max(-1.0, float(torch.dot(mean, f)) * s))
+            theta = math.acos(dot)
+            if theta < tol:
                 continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        tn = torch.linalg.vector_norm(tangent)
-        if float(tn) < tol:
+            c = a * theta / math.sin(theta)  # a·θ/sin θ · (u − dot·m)
+            tangent.add_(f, alpha=c * s).add_(mean, alpha=-c * dot)
+        tn = float(torch.linalg.vector_norm(tangent))
+        if tn < tol:
             break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
-        un = torch.linalg.vector_norm(mean)
-        if float(un) > tol:
-            mean = mean / un
-    return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean
+        mean.mul_(math.cos(tn)).add_(tangent, alpha=math.sin(tn) / tn)
+        un = float(torch.linalg.vector_norm(mean))
+        if un > tol:
+            mean.div_(un)
+    del tangent
+    return mean.mul_(sum(a * n for a, n in zip(alphas, norms, strict=True))).reshape(
+        tensors[0].shape
+    )
 
 
 def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bool):
     """Model Stock: move from the base toward the experts' average by t = N cos θ /
     (1 + (N − 1) cos θ), θ the mean angle between their task vectors, per tensor or per
-    row (``filter_wise``) (https://arxiv.org/abs/2403.19522)."""
+    row (``filter_wise``) (https://arxiv.org/abs/2403.19522).
+
+    The dot products and norms of the task vectors are summed chunk by chunk (of rows, when
+    ``filter_wise``), so no task vector is stored whole."""
     import torch
 
-    shape = base.shape
+    shape, n = base.shape, len(tensors)
     if filter_wise:
-        w0 = base.unsqueeze(0) if base.dim() == 1 else base
-        ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in tensors]
+        w0 = base.reshape(-1, base.shape[-1] if base.dim() else 1)  # rows: the last dim
+        ws = [w.reshape(w0.shape) for w in tensors]
+        step = max(1, CONSENSUS_CHUNK // max(1, w0.shape[1]))
+        spans = [(a, min(a + step, w0.shape[0])) for a in range(0, w0.shape[0], step)]
     else:
-        w0, ws = base.reshape(-1), [w.reshape(-1) for w in tensors]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1 :]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
-    denominator = 1 + (n - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0, n * cos / torch.where(singular, 1, denominator))
-    average = sum(ws) / n
-    return (t * average + (1 - t) * w0).reshape(shape)
+        w0, ws = base.reshape(1, -1), [w.reshape(1, -1) for w in tensors]
+        spans = [(0, 1)]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    out = torch.empty_like(w0)
+    for a, b in spans:
+        rows, cols = slice(a, b), [slice(None)]
+        if not filter_wise:  # one row: chunk its columns, sum the statistics
+            cols = [slice(s, e) for s, e in _spans(w0.shape[1])]
+        squares = torch.zeros(n, b - a)
+        dots = torch.zeros(len(pairs), b - a)
+        for c in cols:
+            offsets = [w[rows, c] - w0[rows, c] for w in ws]
+            for i, o in enumerate(offsets):
+                squares[i] += o.square().sum(dim=-1)
+            for p, (i, j) in enumerate(pairs):
+                dots[p] += (offsets[i] * offsets[j]).sum(dim=-1)
+            del offsets
+        norms = squares.sqrt_()
+        cosines = [
+            (dots[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+            for p, (i, j) in enumerate(pairs)
+        ]
+        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+        denominator = 1 + (n - 1) * cos
+        singular = denominator.abs() < 1e-6
+        t = torch.where(singular, 0, n * cos / torch.where(singular, 1, denominator))
+        for c in cols:
+            average = sum(w[rows, c] for w in ws) / n
+            out[rows, c] = t * average + (1 - t) * w0[rows, c]
+    return out.reshape(shape)
 
 
 def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -276,19 +332,33 @@ def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor, generator: torch.Generator):
     """Arcee Fusion: keep the other model's changes where |Δ| · KL(softmax rows) is above
-    median + 1.5·IQR of that importance (https://arcee.ai)."""
+    median + 1.5·IQR of that importance (https://arcee.ai).
+
+    The softmaxes are per row, so they run a chunk of rows at a time: the importance and
+    the result are the only tensor-sized temporaries."""
     import torch
     import torch.nn.functional as F
 
-    p = F.softmax(other, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    del p, q
-    importance = (other - base).abs() * kl
+    shape = base.shape
+    rows = max(1, base.numel() // base.shape[-1]) if base.dim() else 1
+    b, o = base.reshape(rows, -1), other.reshape(rows, -1)
+    step = max(1, CONSENSUS_CHUNK // max(1, b.shape[1]))
+    spans = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    importance = torch.empty_like(b)
+    for a, e in spans:
+        p = F.softmax(o[a:e], dim=-1) + 1e-8
+        q = F.softmax(b[a:e], dim=-1) + 1e-8
+        kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+        del p, q
+        importance[a:e] = (o[a:e] - b[a:e]).abs() * kl
     flat = importance.reshape(-1)
     if flat.numel() > 1_000_000:  # mergekit's sampled quantiles, with a seeded sample
         flat = flat[torch.randint(flat.numel(), (1_000_000,), generator=generator)]
     ordered = torch.sort(flat).values
     q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
-    mask = (importance >= median + 1.5 * (q3 - q1)).float()
-    return base + (other - base) * mask
+    del flat, ordered
+    cut = median + 1.5 * (q3 - q1)
+    for a, e in spans:  # the result, written over the importance
+        mask = (importance[a:e] >= cut).float()
+        importance[a:e] = b[a:e] + (o[a:e] - b[a:e]) * mask
+    return importance.reshape(shape)

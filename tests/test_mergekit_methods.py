@@ -121,6 +121,59 @@ def test_matches_mergekit(run, trio, plugin, options, method, parameters, base, 
     _same(ours, theirs)
 
 
+@pytest.fixture(scope="module")
+def far(trio, tmp_path_factory):
+    """The base and two experts perturbed by about their own size: far from colinear, so
+    spherical methods cannot fall back to linear interpolation."""
+    base = trio["base"]
+    made = {
+        name: save_finetune(base, tmp_path_factory.mktemp(name) / name, seed=seed, strength=1.0)
+        for name, seed in (("f1", 11), ("f2", 12))
+    }
+    return {"base": base, **made}
+
+
+FAR_CASES = [
+    ("slerp", ["-o", "t", "0.3"], "slerp", {"t": 0.3}, "base", "f1"),
+    ("nuslerp", ["-o", "weights", "0.4,0.6"], "nuslerp", {"weight": [0.4, 0.6]}, None, "f1 f2"),
+    (
+        "nuslerp",
+        ["-o", "weights", "1,3", "-o", "flatten", "false", "-o", "row_wise", "true"],
+        "nuslerp",
+        {"weight": [1.0, 3.0], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+        "base",
+        "f1 f2",
+    ),
+    ("multislerp", ["-o", "weights", "1,2"], "multislerp", {"weight": [1, 2]}, None, "f1 f2"),
+    ("multislerp", [], "multislerp", {"weight": [1.0, 1.0]}, "base", "f1 f2"),
+    ("karcher", [], "karcher", {}, None, "f1 f2"),
+    ("model-stock", [], "model_stock", {}, "base", "f1 f2"),
+    (
+        "model-stock",
+        ["-o", "filter_wise", "true"],
+        "model_stock",
+        {"filter_wise": True},
+        "base",
+        "f1 f2",
+    ),
+    ("nearswap", ["-o", "t", "0.5"], "nearswap", {"t": 0.5}, "base", "f1"),
+    ("arcee-fusion", [], "arcee_fusion", {}, "base", "f1"),
+]
+
+
+@pytest.mark.parametrize("plugin, options, method, parameters, base, experts", FAR_CASES)
+def test_far_apart_experts_match_mergekit(
+    run, far, plugin, options, method, parameters, base, experts
+):
+    """Experts as far from the base as the weights are large: the angles are wide, so
+    per-row against per-tensor geometry and the non-linear branches are all exercised."""
+    experts = experts.split()
+    ids = [*experts, *([base] if base else [])]
+    ours = _ours(run, plugin, far[base] if base else None, [far[e] for e in experts], options)
+    theirs = _theirs(far, method, ids, base, parameters)
+    _same(ours, theirs)
+
+
 def test_per_expert_density_and_filtered_weights_match_mergekit_per_tensor(run, trio):
     """density@N per expert and weights:FILTER per tensor name, against mergekit with the
     same values written per tensor group (PerGroupValues)."""
