@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 from .errors import OptionError
-from .merging import CONSENSUS_CHUNK, keep_top_k_
+from .merging import keep_top_k_, row_spans, spans
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -134,7 +134,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, threshold: float = 0.999
     na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
     na = na if na > eps else 1.0
     nb = nb if nb > eps else 1.0
-    dot = sum(float((a[s:e] / na).mul_(b[s:e] / nb).sum()) for s, e in _spans(a.numel()))
+    dot = sum(float((a[s:e] / na).mul_(b[s:e] / nb).sum()) for s, e in spans(a.numel()))
     dot = min(1.0, max(-1.0, dot))
     if abs(dot) > threshold:
         c0, c1 = 1 - t, t
@@ -212,17 +212,12 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], normalize: boo
             part.add_(f[start:stop], alpha=s * wi).add_(m, alpha=-d * wi)
         return part
 
-    spans = _spans(mean.numel())
-    tn = math.sqrt(sum(float(tangent(a, b).square().sum()) for a, b in spans)) + eps
+    ranges = spans(mean.numel())
+    tn = math.sqrt(sum(float(tangent(a, b).square().sum()) for a, b in ranges)) + eps
     cos, sin_over = math.cos(tn), math.sin(tn) / tn
-    for a, b in spans:  # the result, written over the mean direction it starts from
+    for a, b in ranges:  # the result, written over the mean direction it starts from
         mean[a:b] = mean[a:b] * cos + tangent(a, b) * sin_over
     return mean.mul_(sum(n * wi for n, wi in zip(norms, w, strict=True))).reshape(tensors[0].shape)
-
-
-def _spans(n: int, chunk: int = CONSENSUS_CHUNK) -> list[tuple[int, int]]:
-    """[start, stop) ranges of ``chunk`` entries covering n."""
-    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
 
 
 def karcher(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
@@ -269,7 +264,6 @@ def karcher(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Ten
         un = float(torch.linalg.vector_norm(mean))
         if un > tol:
             mean.div_(un)
-    del tangent
     return mean.mul_(sum(a * n for a, n in zip(alphas, norms, strict=True))).reshape(
         tensors[0].shape
     )
@@ -288,17 +282,16 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
     if filter_wise:
         w0 = base.reshape(-1, base.shape[-1] if base.dim() else 1)  # rows: the last dim
         ws = [w.reshape(w0.shape) for w in tensors]
-        step = max(1, CONSENSUS_CHUNK // max(1, w0.shape[1]))
-        spans = [(a, min(a + step, w0.shape[0])) for a in range(0, w0.shape[0], step)]
+        blocks = row_spans(*w0.shape)
     else:
         w0, ws = base.reshape(1, -1), [w.reshape(1, -1) for w in tensors]
-        spans = [(0, 1)]
+        blocks = [(0, 1)]
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     out = torch.empty_like(w0)
-    for a, b in spans:
+    for a, b in blocks:
         rows, cols = slice(a, b), [slice(None)]
         if not filter_wise:  # one row: chunk its columns, sum the statistics
-            cols = [slice(s, e) for s, e in _spans(w0.shape[1])]
+            cols = [slice(s, e) for s, e in spans(w0.shape[1])]
         squares = torch.zeros(n, b - a)
         dots = torch.zeros(len(pairs), b - a)
         for c in cols:
@@ -342,10 +335,9 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor, generator: torch.Gener
     shape = base.shape
     rows = max(1, base.numel() // base.shape[-1]) if base.dim() else 1
     b, o = base.reshape(rows, -1), other.reshape(rows, -1)
-    step = max(1, CONSENSUS_CHUNK // max(1, b.shape[1]))
-    spans = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    blocks = row_spans(*b.shape)
     importance = torch.empty_like(b)
-    for a, e in spans:
+    for a, e in blocks:
         p = F.softmax(o[a:e], dim=-1) + 1e-8
         q = F.softmax(b[a:e], dim=-1) + 1e-8
         kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
@@ -358,7 +350,7 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor, generator: torch.Gener
     q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
     del flat, ordered
     cut = median + 1.5 * (q3 - q1)
-    for a, e in spans:  # the result, written over the importance
+    for a, e in blocks:  # the result, written over the importance
         mask = (importance[a:e] >= cut).float()
         importance[a:e] = b[a:e] + (o[a:e] - b[a:e]) * mask
     return importance.reshape(shape)

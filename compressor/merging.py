@@ -73,26 +73,32 @@ def top_k_mask(tau: torch.Tensor, k: int) -> torch.Tensor:
     return keep_mask(tau, threshold, k - above)[0]
 
 
+def spans(n: int, chunk: int = CONSENSUS_CHUNK) -> list[tuple[int, int]]:
+    """[start, stop) ranges of ``chunk`` items covering n."""
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def row_spans(rows: int, width: int) -> list[tuple[int, int]]:
+    """Ranges of whole rows of ``width`` entries, about CONSENSUS_CHUNK entries each."""
+    return spans(rows, max(1, CONSENSUS_CHUNK // max(1, width)))
+
+
 def flat_chunks(tau: torch.Tensor, chunk: int = CONSENSUS_CHUNK) -> list[torch.Tensor]:
     """A contiguous τ as flat views of ``chunk`` entries (writes reach τ); a strided τ whole."""
     if not tau.is_contiguous():
         return [tau]
     flat = tau.view(-1)
-    return [flat[start : start + chunk] for start in range(0, flat.numel(), chunk)]
+    return [flat[start:stop] for start, stop in spans(flat.numel(), chunk)]
 
 
 def keep_above_(tau: torch.Tensor, threshold: int, ties: int, chunk: int = CONSENSUS_CHUNK) -> int:
     """Zero, in place, the entries of τ at or below the threshold (int32 bits)
     but the first ``ties`` equal to it (flat order); chunk by chunk, so the temporaries are a
     chunk's. Returns how many tied entries were kept: the same as :func:`keep_mask`."""
-    if not tau.is_contiguous():  # no flat view to write through
-        mask, used = keep_mask(tau, threshold, ties)
-        tau.mul_(mask.reshape(tau.shape))
-        return used
     used = 0
     for part in flat_chunks(tau, chunk):
         mask, took = keep_mask(part, threshold, ties - used)
-        part.mul_(mask)
+        part.mul_(mask.reshape(part.shape))
         used += took
     return used
 
@@ -110,11 +116,6 @@ def keep_top_k_(
     """Zero, in place, all but the k entries of largest |τ|, and of those the ``drop``
     largest too (ties in flat order): the entries of :func:`top_k_mask` (k) less those of
     ``top_k_mask(drop)``, found and applied chunk by chunk."""
-    if not tau.is_contiguous():  # no flat view to write through
-        mask = top_k_mask(tau, k)
-        if drop > 0:
-            mask &= ~top_k_mask(tau, drop)
-        return tau.mul_(mask.reshape(tau.shape))
     parts = flat_chunks(tau, chunk)
     if drop <= 0:
         keep_above_(tau, *_rank_cut(parts, k), chunk)
@@ -125,7 +126,7 @@ def keep_top_k_(
         keep_ties -= took
         dropped, took = keep_mask(part, drop_at, drop_ties)
         drop_ties -= took
-        part.mul_(keep.logical_and_(dropped.logical_not_()))
+        part.mul_(keep.logical_and_(dropped.logical_not_()).reshape(part.shape))
     return tau
 
 

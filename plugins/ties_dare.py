@@ -32,6 +32,7 @@ from compressor.merging import (
     keep_above_,
     keep_top_k_,
     sign_consensus,
+    spans,
     trim_count,
     weighted_sum,
 )
@@ -203,8 +204,7 @@ def _row_chunks(tau, chunk: int = CONSENSUS_CHUNK):
     if tau.dim() < 2:
         return [tau]
     rows = tau.view(tau.shape[0], -1)
-    step = max(1, chunk // max(1, rows.shape[1]))
-    return [rows[start : start + step] for start in range(0, rows.shape[0], step)]
+    return [rows[a:b] for a, b in spans(rows.shape[0], max(1, chunk // max(1, rows.shape[1])))]
 
 
 class _Dare(_SparsifyMerge):
