@@ -145,29 +145,75 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, threshold: float = 0.999
 
 
 def nuslerp(
-    t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    row_wise: bool,
+    flatten: bool,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """mergekit's NuSLERP: slerp of the whole flattened tensors, or of each row (``row_wise``)
-    or each column (neither), linear where the pair is colinear."""
+    or each column (neither), linear where the pair is colinear; of the task vectors
+    v − base when a base is given, the result base + slerp.
+
+    The tensors are read as a matrix whose rows or columns are the vectors slerped; dot
+    products and norms are summed by blocks of rows and the result written block by block,
+    so no task vector or product is stored whole."""
     import torch
 
     shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
-        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    if flatten or v0.dim() < 2:  # one vector (a 1-d tensor is one vector either way)
+        rows, width, per = 1, v0.numel(), "all"
+    elif row_wise:  # mergekit transposes dims 0 and -1: vectors along dim 0
+        rows, width, per = shape[0], v0.numel() // shape[0], "column"
+    else:  # vectors along the last dim
+        rows, width, per = v0.numel() // shape[-1], shape[-1], "row"
+    m0, m1 = v0.reshape(rows, width), v1.reshape(rows, width)
+    mb = None if base is None else base.reshape(rows, width)
+    if per == "all":  # one row: block its columns
+        blocks = [(slice(None), slice(s, e)) for s, e in spans(width)]
+    else:
+        blocks = [(slice(s, e), slice(None)) for s, e in row_spans(rows, width)]
 
-    def unit(x):
-        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+    def offsets(block):
+        a, b = m0[block], m1[block]
+        return (a, b) if mb is None else (a - mb[block], b - mb[block])
 
-    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= 1e-16
-    theta = torch.acos(torch.where(colinear, 0, cos))
-    sin = torch.sin(theta)
-    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
-    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
-    if row_wise and not flatten:
-        out = out.transpose(0, -1)
+    def coefficients(dot, sq0, sq1):  # per vector: c0, c1 of c0·v0 + c1·v1
+        cos = (dot / (sq0.sqrt().clamp(min=1e-7) * sq1.sqrt().clamp(min=1e-7))).clamp(-1, 1)
+        colinear = (1 - cos.square()) <= 1e-16
+        theta = torch.acos(torch.where(colinear, 0, cos))
+        sin = torch.where(colinear, 1, torch.sin(theta))
+        c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin)
+        c1 = torch.where(colinear, t, torch.sin(t * theta) / sin)
+        return c0, c1
+
+    out = torch.empty_like(m0)
+
+    def write(block, a, b, c0, c1):
+        mixed = a * c0 + b * c1
+        out[block] = mixed if mb is None else mixed.add_(mb[block])
+
+    if per == "row":  # each block holds whole vectors: one pass
+        for block in blocks:
+            a, b = offsets(block)
+            c0, c1 = coefficients(
+                (a * b).sum(-1, keepdim=True),
+                a.square().sum(-1, keepdim=True),
+                b.square().sum(-1, keepdim=True),
+            )
+            write(block, a, b, c0, c1)
+        return out.reshape(shape)
+    n, dims = (1, (0, 1)) if per == "all" else (width, (0,))
+    dot, sq0, sq1 = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    for block in blocks:  # sum the statistics over the blocks, then write
+        a, b = offsets(block)
+        dot += (a * b).sum(dims)
+        sq0 += a.square().sum(dims)
+        sq1 += b.square().sum(dims)
+    c0, c1 = coefficients(dot, sq0, sq1)
+    for block in blocks:
+        write(block, *offsets(block), c0, c1)
     return out.reshape(shape)
 
 

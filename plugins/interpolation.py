@@ -77,11 +77,7 @@ class Nuslerp(TensorMerge):
         t = 0.5 if abs(total) < 1e-6 else w[1] / total
         a, b = call.tensors
         opts = call.shared
-        if call.base is None:
-            return merge_rules.nuslerp(t, a, b, opts["row_wise"], opts["flatten"])
-        base = call.base
-        mixed = merge_rules.nuslerp(t, a - base, b - base, opts["row_wise"], opts["flatten"])
-        return base + mixed
+        return merge_rules.nuslerp(t, a, b, opts["row_wise"], opts["flatten"], call.base)
 
 
 class Multislerp(TensorMerge):
