@@ -55,6 +55,7 @@ def quantised(source, arm: dict, calib) -> tuple[dict, float]:
         if arm["kind"] == "sketch":
             opts = {**SKETCH, "bits": arm["bits"], "groups_per_row": arm["groups"]}
             opts["saliency"] = arm.get("saliency", "obs")
+            opts["refit"] = arm.get("refit")
             approx = sketch_weight(weight, hessian, opts)[2]
             bits += o * i * arm["bits"] + o * arm["groups"] * 16 * 2 ** arm["bits"]
         else:
@@ -74,7 +75,8 @@ def quantised(source, arm: dict, calib) -> tuple[dict, float]:
         for name in plan.linears:
             one(name, source.get(name), None)
     else:
-        calibrate_sequentially(plan, calib, one, lambda k: None)
+        sequential = arm.get("sequential", True)
+        calibrate_sequentially(plan, calib, one, lambda k: None, sequential=sequential)
     weights = sum(math.prod(source.info(n).shape) for n in plan.linears)
     return out, bits / weights
 
@@ -138,13 +140,21 @@ ARMS = [("RTN g64", {"kind": "rtn", "group": 64}), ("RTN g32", {"kind": "rtn", "
 ARMS += [("GPTQ g64", {"kind": "gptq", "group": 64}), ("GPTQ g32", {"kind": "gptq", "group": 32})]
 ARMS += [("sketch G1, no data", {"kind": "sketch", "groups": 1, "calibrated": False})]
 ARMS += [("sketch G1, LeanQuant U_jj^-4", {"kind": "sketch", "groups": 1, "saliency": "cholesky"})]
+ARMS += [(f"sketch G{g}, no refit", {"kind": "sketch", "groups": g, "refit": 0}) for g in (1, 2)]
+ARMS += [(f"sketch G{g}, refit", {"kind": "sketch", "groups": g, "refit": 16}) for g in (1, 2)]
 ARMS += [(f"sketch G{g}", {"kind": "sketch", "groups": g}) for g in (1, 2, 4)]
+ARMS += [
+    (f"sketch G{g}, fp32 Hessians", {"kind": "sketch", "groups": g, "sequential": False})
+    for g in (1, 4)
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--arms", help="only the arms whose name contains one of these (comma list)")
+    ap.add_argument("--models", default="minilm,lm", help="minilm, lm or both")
     ap.add_argument("--smoke", action="store_true", help="the smoke suite (quick, untrained LM)")
     args = ap.parse_args()
     from compressor.demo_models import minilm_dir
@@ -162,6 +172,13 @@ def main() -> None:
             data / "computers-train.txt",
         ),
     ]
+    chosen = args.models.split(",")
+    models = [m for m, key in zip(models, ("minilm", "lm"), strict=True) if key in chosen]
+    arms = [
+        (name, arm)
+        for name, arm in ARMS
+        if not args.arms or any(want in name for want in args.arms.split(","))
+    ]
     lines = []
     for label, path, make_scorer, calib_path in models:
         source = open_model_dir(path)
@@ -175,7 +192,7 @@ def main() -> None:
             "| --- | --- | --- | --- | --- |",
         ]
         for b in [int(x) for x in args.bits.split(",")]:
-            for name, arm in ARMS:
+            for name, arm in arms:
                 t0 = time.perf_counter()
                 weights, bpw = quantised(source, {**arm, "bits": b}, calib)
                 took = time.perf_counter() - t0

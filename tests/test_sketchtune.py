@@ -15,6 +15,7 @@ from compressor.quantize import (
     decode_tables,
     inverse_hessian_factor,
     pack_codes,
+    refit_tables,
     uniform_nearest,
     unpack_codes,
     weighted_kmeans,
@@ -162,6 +163,43 @@ def test_error_feedback_in_blocks_equals_gptq_column_by_column_and_helps():
     assert out_err(aware) < out_err(plain)
 
 
+def test_refit_tables_solve_the_output_least_squares_with_the_codes_fixed():
+    """With the codes fixed, Ŵ is linear in the table entries; the refit equals the least
+    squares solution of ‖(W − Ŵ)X‖ found by torch.linalg.lstsq over an explicit design
+    matrix (float64), leaves an entry no column uses as it was, and lowers the error, more
+    with more conjugate-gradient steps."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 24, generator=gen) @ torch.randn(24, 24, generator=gen)
+    h = 2 * x.T @ x / 300
+    w = torch.randn(5, 24, generator=gen)
+    groups, k = 2, 4
+    codes = torch.randint(0, k, (5, 24), generator=gen, dtype=torch.uint8)
+    codes[0, :12] = torch.tensor([0, 1, 2] * 4, dtype=torch.uint8)  # row 0, group 0: no 3
+    tables = torch.randn(5, groups, k, generator=gen)
+    fitted = refit_tables(w, codes, tables, h, steps=200)
+    chol = torch.linalg.cholesky(h.double())  # ‖d X‖² ∝ d H dᵀ = ‖d L‖²
+    for i in range(5):
+        design = torch.zeros(24, groups * k, dtype=torch.float64)
+        for j in range(24):
+            design[j, (j // 12) * k + int(codes[i, j])] = 1
+        used = design.sum(0) > 0
+        a, b = (chol.T @ design[:, used]), chol.T @ w[i].double()
+        want = torch.linalg.lstsq(a, b[:, None]).solution[:, 0]
+        got = fitted[i].reshape(-1)
+        torch.testing.assert_close(got[used].double(), want, rtol=2e-3, atol=2e-3)
+        assert torch.equal(got[~used], tables[i].reshape(-1)[~used])
+    assert fitted[0, 0, 3] == tables[0, 0, 3]
+
+    def out_err(t):
+        d = w - decode_tables(t, codes)
+        return float(torch.einsum("oi,ij,oj->", d, h, d))
+
+    assert out_err(fitted) < 0.5 * out_err(tables)
+    errors = [out_err(refit_tables(w, codes, tables, h, steps=s)) for s in (0, 1, 4, 200)]
+    assert errors[0] == pytest.approx(out_err(tables))
+    assert errors == sorted(errors, reverse=True)
+
+
 def test_sketch_export_loads_in_transformers_and_equals_the_decoded_tensors(run, models, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -212,6 +250,28 @@ def test_calibrated_sketch_records_its_data(run, models, tmp_path):
     assert show["metrics"]["calibrated"] is True
     errors = show["manifest"]["output_errors"]
     assert len(errors) == 14 and all(0 < e < 0.5 for e in errors.values())
+    assert show["manifest"]["refit_steps"] == 16  # the default at 3 bits
+    r2 = run(
+        "apply",
+        "-p",
+        "sketchtune",
+        base,
+        "-o",
+        "data",
+        data,
+        "-o",
+        "bits",
+        "3",
+        "-o",
+        "refit",
+        "0",
+        "-n",
+        "plain",
+    )
+    assert r2.exit_code == 0, r2.output
+    plain = json.loads(run("store", "show", "plain", "--json").output)
+    assert plain["manifest"]["refit_steps"] == 0
+    assert plain["metrics"]["mean_output_error"] > show["metrics"]["mean_output_error"]
 
 
 def test_tune_stores_only_tables_and_decodes_through_its_sketch(run, models, tmp_path):
