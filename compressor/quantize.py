@@ -155,10 +155,10 @@ def refit_tables(
     Ŵ is linear in each row's G·2^b table entries t: Ŵ_i = S_i t_i, S_i the one-hot map
     from columns to entries. Each row's normal equations (S_iᵀ H S_i + λ) t_i = S_iᵀ H w_i
     + λ t_i⁰ are solved by ``steps`` of Jacobi-preconditioned conjugate gradients from the
-    current tables, all rows at once; a product with the system is one decode, one
-    (out × in) @ H and one scatter-add, so a step costs about one pass of GPTQ. The ridge
-    λ (1e-4 of the row's mean diagonal) keeps an entry no column uses at its value. From
-    the current tables CG can only lower the error."""
+    current tables, all rows at once. A product with the system is one decode, one
+    (out × in) @ H and one scatter-add: ~2 s a step on 2 cores for 2048 rows of 5632
+    columns. The ridge λ (1e-4 of the mean diagonal of H) keeps an entry no column uses
+    at its value. Started from the current tables, CG can only lower the error."""
     import torch
 
     out, groups, k = tables.shape
@@ -175,8 +175,7 @@ def refit_tables(
     diag += lam
 
     def system(t):  # (Sᵀ H S + λ) t, every row
-        flat = t.reshape(-1)
-        return gather(flat[(torch.arange(out)[:, None] * entries + index)] @ h) + lam * t
+        return gather(decode_tables(t.reshape(out, groups, k), codes) @ h) + lam * t
 
     x = tables.reshape(out, entries).float().clone()
     r = gather(weight.float() @ h) + lam * x - system(x)

@@ -152,8 +152,8 @@ def sketch_weight(weight, hessian, opts: dict):
 def refit_steps(opts: dict) -> int:
     """CG steps of the table refit: the option, else 16 at 3 and 4 bits and none at 2.
 
-    Measured on MiniLM (docs/benchmarks.md): the refit gains 0.2-0.5 points of embedding
-    agreement at 3 and 4 bits; at 2 bits it lowers every layer's calibration error but
+    Measured on MiniLM (docs/benchmarks.md): the refit gains 0.1-0.5 points of embedding
+    agreement at 3 and 4 bits (and about doubles the time to sketch a large model); at 2 bits it lowers every layer's calibration error but
     also the held-out agreement (G2: 0.812 to 0.763), fitting 4-entry tables to the
     calibration text."""
     if opts.get("refit") is not None:
