@@ -588,7 +588,7 @@ class SketchTrain(Method):
     reads_raw = (ENCODING,)
     example_options = {"data": "train.jsonl"}
     options = (
-        *training_options(steps=100, lr=1e-4, trained="the tables"),
+        *training_options(steps=100, lr=3e-4, trained="the tables"),
         Option("seed", "int", 0, "seed of the row order and dropout"),
     )
 
