@@ -288,6 +288,9 @@ class TensorMerge(Method):
                 tensors = [read(name, rows, b) for read in views]
                 call = TensorCall(name, b, tensors, shared, per, state)
                 job.writer.write_rows(self.merge(call).to(info.dtype))
+                # drop this block's inputs before the next block's are read: held over,
+                # the previous tensor's base and τs would sit beside the next ones
+                del b, tensors, call
             job.writer.end()
         return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
 
