@@ -78,9 +78,9 @@ def spans(n: int, chunk: int = CONSENSUS_CHUNK) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
-def row_spans(rows: int, width: int) -> list[tuple[int, int]]:
-    """Ranges of whole rows of ``width`` entries, about CONSENSUS_CHUNK entries each."""
-    return spans(rows, max(1, CONSENSUS_CHUNK // max(1, width)))
+def row_spans(rows: int, width: int, chunk: int = CONSENSUS_CHUNK) -> list[tuple[int, int]]:
+    """Ranges of whole rows of ``width`` entries, about ``chunk`` entries each."""
+    return spans(rows, max(1, chunk // max(1, width)))
 
 
 def flat_chunks(tau: torch.Tensor, chunk: int = CONSENSUS_CHUNK) -> list[torch.Tensor]:

@@ -170,9 +170,8 @@ def refit_tables(
     def gather(x):  # out × E: Sᵀ x per row, x out × in
         return torch.zeros(out, entries).scatter_add_(1, index, x)
 
-    diag = gather(torch.diagonal(h).expand(out, cols))  # the diagonal of Sᵀ H S
-    lam = 1e-4 * diag.sum(1, keepdim=True) / cols  # ~1e-4 of the mean diagonal of H
-    diag += lam
+    lam = 1e-4 * float(torch.diagonal(h).mean())
+    diag = gather(torch.diagonal(h).expand(out, cols)) + lam  # the diagonal of the system
 
     def system(t):  # (Sᵀ H S + λ) t, every row
         return gather(decode_tables(t.reshape(out, groups, k), codes) @ h) + lam * t

@@ -31,8 +31,8 @@ from compressor.merging import (
     flat_chunks,
     keep_above_,
     keep_top_k_,
+    row_spans,
     sign_consensus,
-    spans,
     trim_count,
     weighted_sum,
 )
@@ -204,7 +204,7 @@ def _row_chunks(tau, chunk: int = CONSENSUS_CHUNK):
     if tau.dim() < 2:
         return [tau]
     rows = tau.view(tau.shape[0], -1)
-    return [rows[a:b] for a, b in spans(rows.shape[0], max(1, chunk // max(1, rows.shape[1])))]
+    return [rows[a:b] for a, b in row_spans(*rows.shape, chunk)]
 
 
 class _Dare(_SparsifyMerge):
