@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
 
-# nearest(first column, end column, weights of those columns) -> (codes, grid values)
-Nearest = Callable[[int, int, "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+# nearest(indices of some columns, weights of those columns) -> (codes, grid values)
+Nearest = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 
 
 def packed_width(cols: int, bits: int) -> int:
@@ -110,35 +110,51 @@ def weighted_kmeans(
     return centroids
 
 
+def activation_order(hessian: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing H diagonal (GPTQ's act-order, AutoGPTQ's ``desc_act``): the
+    columns with the largest inputs are quantised first, while every other column can
+    still take up their error."""
+    return hessian.diagonal().float().argsort(descending=True)
+
+
 def assign_codes(
-    weight: torch.Tensor, u: torch.Tensor | None, nearest: Nearest, block: int = 128
+    weight: torch.Tensor,
+    u: torch.Tensor | None,
+    nearest: Nearest,
+    block: int = 128,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (uint8) and quantised values of ``weight`` (out × in, float32), column by
-    column with GPTQ error feedback through ``u``; ``u`` None: plain nearest values."""
+    column with GPTQ error feedback through ``u``; ``u`` None: plain nearest values.
+
+    ``order``: visit the columns in that order; ``u`` is then the factor of H with its
+    rows and columns in that order. The grid stays that of each column's own group
+    (static groups), so codes and values come back in the columns' own order."""
     import torch
 
     out, cols = weight.shape
+    at = torch.arange(cols) if order is None else order
+    w = weight.clone() if order is None else weight[:, order]
     codes = torch.empty(out, cols, dtype=torch.uint8)
     values = torch.empty(out, cols)
-    if u is None:
-        for i1 in range(0, cols, block):
-            i2 = min(i1 + block, cols)
-            c, q = nearest(i1, i2, weight[:, i1:i2])
-            codes[:, i1:i2], values[:, i1:i2] = c.to(torch.uint8), q
-        return codes, values
-    w = weight.clone()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
+        if u is None:
+            c, values[:, i1:i2] = nearest(at[i1:i2], w[:, i1:i2])
+            codes[:, i1:i2] = c.to(torch.uint8)
+            continue
         w1 = w[:, i1:i2].clone()
         errors = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            c, q = nearest(i1 + i, i1 + i + 1, w1[:, i : i + 1])
+            c, q = nearest(at[i1 + i : i1 + i + 1], w1[:, i : i + 1])
             codes[:, i1 + i], values[:, i1 + i] = c[:, 0].to(torch.uint8), q[:, 0]
             err = (w1[:, i] - q[:, 0]) / u1[i, i]
             w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
             errors[:, i] = err
         w[:, i2:] -= errors @ u[i1:i2, i2:]
+    if order is not None:
+        codes[:, order], values[:, order] = codes.clone(), values.clone()
     return codes, values
 
 
@@ -195,10 +211,9 @@ def refit_tables(
 
 def table_nearest(tables: torch.Tensor, group_cols: int) -> Nearest:
     """Nearest entries of per-(row, group) lookup tables (out × groups × 2^b)."""
-    import torch
 
-    def nearest(i1: int, i2: int, w: torch.Tensor):
-        t = tables[:, torch.arange(i1, i2) // group_cols, :]  # out × cols × 2^b
+    def nearest(at: torch.Tensor, w: torch.Tensor):
+        t = tables[:, at // group_cols, :]  # out × cols × 2^b
         c = (w[:, :, None] - t).abs().argmin(-1)
         return c, t.gather(-1, c[..., None])[..., 0]
 
@@ -208,7 +223,6 @@ def table_nearest(tables: torch.Tensor, group_cols: int) -> Nearest:
 def uniform_nearest(weight: torch.Tensor, bits: int, group_cols: int) -> Nearest:
     """Round-to-nearest on an asymmetric min/max grid per (row, group of columns), the grid
     of GPTQ and of plain round-to-nearest with groups (scales fixed from ``weight``)."""
-    import torch
 
     out, cols = weight.shape
     top = 2**bits - 1
@@ -217,9 +231,8 @@ def uniform_nearest(weight: torch.Tensor, bits: int, group_cols: int) -> Nearest
     scale = ((hi - lo) / top).clamp(min=1e-12)
     zero = (-lo / scale).round()
 
-    def nearest(i1: int, i2: int, w: torch.Tensor):
-        idx = torch.arange(i1, i2) // group_cols
-        s, z = scale[:, idx], zero[:, idx]
+    def nearest(at: torch.Tensor, w: torch.Tensor):
+        s, z = scale[:, at // group_cols], zero[:, at // group_cols]
         c = (w / s + z).round().clamp(0, top)
         return c, (c - z) * s
 

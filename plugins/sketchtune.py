@@ -105,6 +105,7 @@ def sketch_weight(weight, hessian, opts: dict):
     import torch
 
     from compressor.quantize import (
+        activation_order,
         assign_codes,
         decode_tables,
         inverse_hessian_factor,
@@ -117,22 +118,29 @@ def sketch_weight(weight, hessian, opts: dict):
     out, cols = w.shape
     groups, k = opts["groups_per_row"], 2 ** opts["bits"]
     n = cols // groups
+    order = None  # the order error feedback visits the columns in; None: their own
     if hessian is None:
         u, col_weights = None, torch.ones(cols)
     else:
-        u, dead = inverse_hessian_factor(hessian, opts["damp"])
-        w[:, dead] = 0
+        if opts["act_order"]:
+            order = activation_order(hessian)
+        u, dead = inverse_hessian_factor(
+            hessian if order is None else hessian.float()[order][:, order], opts["damp"]
+        )
         if opts.get("saliency", "obs") == "obs":  # 1 / [H⁻¹]_jj, with diag(H⁻¹) = diag(UᵀU)
             log_w = -kmeans_exponent(opts) * torch.log((u * u).sum(0))
         else:  # LeanQuant's U_jj^-exponent
             log_w = -kmeans_exponent(opts) * torch.log(torch.diag(u))
         col_weights = torch.exp(log_w - log_w.max())
+        if order is not None:  # both were computed in visiting order
+            col_weights[order], dead[order] = col_weights.clone(), dead.clone()
+        w[:, dead] = 0
     points = w.reshape(out * groups, n)
     weights = col_weights.reshape(1, groups, n).expand(out, groups, n).reshape(out * groups, n)
     tables = weighted_kmeans(points, weights, k, opts["iters"]).reshape(out, groups, k)
     tables = tables.half().float()  # codes are chosen against the values that are stored
     nearest = table_nearest(tables, n)
-    codes, values = assign_codes(w, u, nearest, opts["block_size"])
+    codes, values = assign_codes(w, u, nearest, opts["block_size"], order)
     error = None
     if hessian is not None:  # error feedback can run away on a grid that misses the
         plain = assign_codes(w, None, nearest)  # pushed weights: keep whichever does better
@@ -196,7 +204,7 @@ class Sketch(Method):
     kind = "compress"
     summary = "SketchTune: linear weights as b-bit codes into per-row-group lookup tables"
     reference = "https://arxiv.org/abs/2410.06364"
-    version = "2"
+    version = "3"
     options = (
         Option(
             "bits", "int", 4, "bits per code (2, 3 or 4): 2^bits entries per table", check=_bits
@@ -226,6 +234,13 @@ class Sketch(Method):
             choices=("obs", "cholesky"),
         ),
         Option("damp", "float", 0.01, "λ: H + λ·mean(diag H)·I", check=positive),
+        Option(
+            "act_order",
+            "bool",
+            True,
+            "error feedback visits the columns by decreasing H diagonal (GPTQ's act-order); "
+            "tables stay per column group",
+        ),
         Option("block_size", "int", 128, "columns per error-feedback block", check=positive),
         Option("iters", "int", 30, "k-means iterations at most", check=positive),
         Option(
@@ -394,6 +409,7 @@ class _Written:
             "exponent": kmeans_exponent(self.opts),
             "saliency": self.opts["saliency"],
             "damp": self.opts["damp"],
+            "act_order": bool(calibration) and self.opts["act_order"],
             "block_size": self.opts["block_size"],
             "refit_steps": refit_steps(self.opts) if calibration else 0,
             "calibration": calibration,

@@ -200,7 +200,7 @@ def test_one_family_offers_one_method_per_verb(run, private_store, tmp_path):
     from conftest import assert_refused
 
     out = run("plugins", "show", "sketchtune").output
-    assert "sketchtune (compress, version 2" in out and "sketchtune (train, version 1" in out
+    assert "sketchtune (compress, version 3" in out and "sketchtune (train, version 1" in out
     assert "compress train --plugin sketchtune MODEL -o data train.jsonl" in out
     docs = json.loads(run("plugins", "show", "sketchtune", "--json").output)
     assert [d["kind"] for d in docs] == ["compress", "train"]

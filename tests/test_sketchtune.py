@@ -11,6 +11,7 @@ from conftest import artifact_tensors, assert_refused, dir_tensors
 
 from compressor.plugins.sketchtune import sketch_weight, swap_in_sketches
 from compressor.quantize import (
+    activation_order,
     assign_codes,
     decode_tables,
     inverse_hessian_factor,
@@ -22,7 +23,7 @@ from compressor.quantize import (
 )
 
 OPTS = {"bits": 4, "groups_per_row": 1, "exponent": None, "damp": 0.01, "block_size": 16}
-OPTS["iters"] = 30
+OPTS |= {"iters": 30, "act_order": False}
 
 
 def _raw(ref: str) -> dict[str, torch.Tensor]:
@@ -130,17 +131,21 @@ def test_table_gradient_is_a_scatter_add_and_matches_finite_differences():
     assert not linear.bias.requires_grad and linear.bias.grad is None
 
 
-def _gptq_reference(w, h, bits, group):
-    """GPTQ written out column by column (no blocks), on the same static min/max grid."""
-    u, _ = inverse_hessian_factor(h, 0.01)
+def _gptq_reference(w, h, bits, group, order=None):
+    """GPTQ written out column by column (no blocks), on the same static min/max grid,
+    visiting the columns in ``order`` (each keeps its own group's grid)."""
+    order = torch.arange(w.shape[1]) if order is None else order
+    u, _ = inverse_hessian_factor(h[order][:, order], 0.01)
     nearest = uniform_nearest(w, bits, group)
-    w = w.clone()
+    w = w[:, order].clone()
     q = torch.empty_like(w)
     for j in range(w.shape[1]):
-        _, q[:, j : j + 1] = nearest(j, j + 1, w[:, j : j + 1])
+        _, q[:, j : j + 1] = nearest(order[j : j + 1], w[:, j : j + 1])
         err = (w[:, j] - q[:, j]) / u[j, j]
         w[:, j + 1 :] -= err[:, None] * u[j, j + 1 :][None, :]
-    return q
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out
 
 
 def test_error_feedback_in_blocks_equals_gptq_column_by_column_and_helps():
@@ -161,6 +166,32 @@ def test_error_feedback_in_blocks_equals_gptq_column_by_column_and_helps():
     plain = sketch_weight(w, None, {**OPTS, "bits": 2})[2]
     aware = sketch_weight(w, h, {**OPTS, "bits": 2})[2]
     assert out_err(aware) < out_err(plain)
+
+
+def test_act_order_visits_the_largest_inputs_first_and_keeps_each_columns_grid():
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.linspace(0.2, 5.0, 48)[torch.randperm(48, generator=gen)]  # uneven inputs
+    x = torch.randn(400, 48, generator=gen) @ torch.randn(48, 48, generator=gen) * scale
+    h = 2 * x.T @ x / 400
+    w = torch.randn(16, 48, generator=gen)
+    order = activation_order(h)
+    assert torch.equal(order, torch.diagonal(h).argsort(descending=True))
+    assert float(h[order[0], order[0]]) == float(torch.diagonal(h).max())
+    u, _ = inverse_hessian_factor(h[order][:, order], 0.01)
+    codes, q = assign_codes(w, u, uniform_nearest(w, 3, 16), block=16, order=order)
+    assert torch.allclose(q, _gptq_reference(w, h, 3, 16, order), atol=1e-4)
+    assert not torch.allclose(q, _gptq_reference(w, h, 3, 16), atol=1e-4)
+    # codes come back in the columns' own order, on their own group's grid
+    grid = uniform_nearest(w, 3, 16)
+    for j in (0, 17, 47):
+        _, own = grid(torch.tensor([j]), q[:, j : j + 1])
+        assert torch.allclose(own[:, 0], q[:, j], atol=1e-6)
+    # the sketch with act-order: the same tables' codes, fewer output errors than none
+    opts = {**OPTS, "bits": 2, "refit": 0}
+    with_order = sketch_weight(w, h, {**opts, "act_order": True})
+    without = sketch_weight(w, h, opts)
+    assert torch.allclose(with_order[0].float(), without[0].float(), atol=1e-3)  # same k-means
+    assert with_order[3] != without[3]
 
 
 def test_refit_tables_solve_the_output_least_squares_with_the_codes_fixed():
@@ -251,6 +282,7 @@ def test_calibrated_sketch_records_its_data(run, models, tmp_path):
     errors = show["manifest"]["output_errors"]
     assert len(errors) == 14 and all(0 < e < 0.5 for e in errors.values())
     assert show["manifest"]["refit_steps"] == 16  # the default at 3 bits
+    assert show["manifest"]["act_order"] is True  # the default with data
     r2 = run(
         "apply",
         "-p",
