@@ -13,7 +13,8 @@ scales: RTN/GPTQ b + (16 + b)/group (an fp16 scale and a b-bit zero per group); 
 b + 16·2^b·G/in (fp16 tables). Scores: MiniLM (all-MiniLM-L6-v2, the real pretrained
 encoder) by the mean cosine of its sentence embeddings against the fp32 model's on
 held-out text; the suite's causal LM expert by perplexity on its held-out text.
-Calibration: 128 training lines (max 128 tokens), Hessians from the model quantised so far.
+Calibration: 128 training lines (max 128 tokens) taken in turn from each topic's training
+file, Hessians from the model quantised so far.
 """
 
 from __future__ import annotations
@@ -38,10 +39,24 @@ from compressor.plugins.sketchtune import (  # noqa: E402
     calibration_batches,
     sketch_weight,
 )
-from compressor.quantize import assign_codes, uniform_nearest  # noqa: E402
+from compressor.quantize import (  # noqa: E402
+    activation_order,
+    assign_codes,
+    inverse_hessian_factor,
+    uniform_nearest,
+)
 from compressor.sources import open_model_dir  # noqa: E402
 
-SKETCH = {"exponent": None, "damp": 0.01, "block_size": 128, "iters": 30}
+# the plugin's defaults; an arm overrides any of them by key
+SKETCH = {
+    "exponent": None,
+    "damp": 0.01,
+    "block_size": 128,
+    "iters": 30,
+    "saliency": "obs",
+    "refit": None,
+    "act_order": True,
+}
 
 
 def quantised(source, arm: dict, calib) -> tuple[dict, float]:
@@ -53,20 +68,20 @@ def quantised(source, arm: dict, calib) -> tuple[dict, float]:
         nonlocal bits
         o, i = weight.shape
         if arm["kind"] == "sketch":
-            opts = {**SKETCH, "bits": arm["bits"], "groups_per_row": arm["groups"]}
-            opts["saliency"] = arm.get("saliency", "obs")
-            opts["refit"] = arm.get("refit")
+            opts = {**SKETCH, **{key: arm[key] for key in SKETCH if key in arm}}
+            opts |= {"bits": arm["bits"], "groups_per_row": arm["groups"]}
             approx = sketch_weight(weight, hessian, opts)[2]
             bits += o * i * arm["bits"] + o * arm["groups"] * 16 * 2 ** arm["bits"]
         else:
             gs = min(arm["group"], i)
             grid = uniform_nearest(weight.float(), arm["bits"], gs)
-            u = None
+            u = order = None
             if arm["kind"] == "gptq":
-                from compressor.quantize import inverse_hessian_factor
-
+                if arm.get("act_order"):
+                    order = activation_order(hessian)
+                    hessian = hessian.float()[order][:, order]
                 u = inverse_hessian_factor(hessian, 0.01)[0]
-            approx = assign_codes(weight.float(), u, grid)[1]
+            approx = assign_codes(weight.float(), u, grid, order=order)[1]
             bits += o * i * arm["bits"] + o * (i // gs) * (16 + arm["bits"])
         out[name] = approx.to(weight.dtype)
         return out[name]
@@ -138,15 +153,29 @@ def lm_scorer(path: Path, texts: list[str]):
 
 ARMS = [("RTN g64", {"kind": "rtn", "group": 64}), ("RTN g32", {"kind": "rtn", "group": 32})]
 ARMS += [("GPTQ g64", {"kind": "gptq", "group": 64}), ("GPTQ g32", {"kind": "gptq", "group": 32})]
+ARMS += [("GPTQ g32, act-order", {"kind": "gptq", "group": 32, "act_order": True})]
 ARMS += [("sketch G1, no data", {"kind": "sketch", "groups": 1, "calibrated": False})]
 ARMS += [("sketch G1, LeanQuant U_jj^-4", {"kind": "sketch", "groups": 1, "saliency": "cholesky"})]
-ARMS += [(f"sketch G{g}, no refit", {"kind": "sketch", "groups": g, "refit": 0}) for g in (1, 2)]
-ARMS += [(f"sketch G{g}, refit", {"kind": "sketch", "groups": g, "refit": 16}) for g in (1, 2)]
 ARMS += [(f"sketch G{g}", {"kind": "sketch", "groups": g}) for g in (1, 2, 4)]
 ARMS += [
-    (f"sketch G{g}, fp32 Hessians", {"kind": "sketch", "groups": g, "sequential": False})
+    (f"sketch G{g}, no act-order", {"kind": "sketch", "groups": g, "act_order": False})
     for g in (1, 4)
 ]
+ARMS += [  # the refit is the default at 3 and 4 bits: these arms differ at 2 only
+    (f"sketch G{g}, refit", {"kind": "sketch", "groups": g, "refit": 16, "bits_only": (2,)})
+    for g in (1, 2, 4)
+]
+ARMS += [("sketch G4, damp 0.1", {"kind": "sketch", "groups": 4, "damp": 0.1})]
+
+
+def mixed_calibration(data: Path, out: Path) -> Path:
+    """The training lines of every topic, interleaved (the first 128 cover them all, as
+    held-out text does): calibration on one topic fits 2-bit tables to that topic."""
+    topics = [p.read_text().splitlines() for p in sorted(data.glob("*-train.txt"))]
+    lines = [line for row in zip(*topics, strict=False) for line in row if line.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration-mixed.txt").write_text("\n".join(lines) + "\n")
+    return out / "calibration-mixed.txt"
 
 
 def main() -> None:
@@ -161,15 +190,14 @@ def main() -> None:
 
     suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
     data = suite / "lm" / "data"
-    calib_file = data / "songs-poems-train.txt"
+    calib_file = mixed_calibration(data, HERE.parent / "bench-data" / "sketchtune")
     held_out = [x for x in (data / "all-test.txt").read_text().splitlines() if x.strip()]
     models = [
-        ("MiniLM (real, BERT; 384 and 1536 columns)", minilm_dir(), minilm_scorer, calib_file),
+        ("MiniLM (real, BERT; 384 and 1536 columns)", minilm_dir(), minilm_scorer),
         (
             "suite causal LM expert (Llama, 128 and 256 columns)",
             suite / "lm" / "experts" / "computers",
             lm_scorer,
-            data / "computers-train.txt",
         ),
     ]
     chosen = args.models.split(",")
@@ -180,9 +208,9 @@ def main() -> None:
         if not args.arms or any(want in name for want in args.arms.split(","))
     ]
     lines = []
-    for label, path, make_scorer, calib_path in models:
+    for label, path, make_scorer in models:
         source = open_model_dir(path)
-        calib = calibration_batches(source, str(calib_path), 128, 128)
+        calib = calibration_batches(source, str(calib_file), 128, 128)
         score, what, full = make_scorer(path, held_out)
         lines += [
             "",
@@ -193,6 +221,8 @@ def main() -> None:
         ]
         for b in [int(x) for x in args.bits.split(",")]:
             for name, arm in arms:
+                if b not in arm.get("bits_only", (b,)):
+                    continue
                 t0 = time.perf_counter()
                 weights, bpw = quantised(source, {**arm, "bits": b}, calib)
                 took = time.perf_counter() - t0
