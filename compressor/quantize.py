@@ -223,7 +223,6 @@ def table_nearest(tables: torch.Tensor, group_cols: int) -> Nearest:
 def uniform_nearest(weight: torch.Tensor, bits: int, group_cols: int) -> Nearest:
     """Round-to-nearest on an asymmetric min/max grid per (row, group of columns), the grid
     of GPTQ and of plain round-to-nearest with groups (scales fixed from ``weight``)."""
-
     out, cols = weight.shape
     top = 2**bits - 1
     g = weight.reshape(out, cols // group_cols, group_cols)
