@@ -53,6 +53,13 @@ def test_plan_run_again_reuses_every_step(run, fleet, private_store):
     assert after["files"] == before["files"]
     for table in ("artifacts", "files", "parents"):
         assert after["rows"][table] == before["rows"][table]
+    # the table's metrics are written as `apply` writes them (6 significant digits)
+    table = run("--quiet", "run", str(fleet / "plan.yaml")).output
+    row = next(line for line in table.splitlines() if line.startswith("merged-0.05 "))
+    metrics = results[8]["metrics"]
+    first = list(metrics.items())[:3]
+    want = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in first)
+    assert row.endswith("  " + want), row
 
 
 def test_failed_step_blocks_only_the_steps_that_read_it(run, fleet, private_store, tmp_path):

@@ -8,12 +8,7 @@ import sys
 
 import click
 
-from compressor.cli.run import strict_json
-
-
-def _metrics_text(metrics: dict, n: int = 3) -> str:
-    items = list(metrics.items())[:n]
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+from compressor.cli.run import metrics_text, strict_json
 
 
 def print_table(results) -> None:
@@ -26,7 +21,7 @@ def print_table(results) -> None:
                 r.status,
                 r.artifact or (r.error or "")[:60],
                 f"{r.seconds:.1f}",
-                _metrics_text(r.metrics) if r.status in ("done", "reused") else "",
+                metrics_text(r.metrics, 3) if r.status in ("done", "reused") else "",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

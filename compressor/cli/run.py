@@ -40,11 +40,14 @@ def print_record(record, as_json: bool) -> None:
         f"{format_bytes(record.bytes)}"
     )
     if record.metrics:
-        click.echo("  metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in record.metrics.items()))
+        click.echo("  metrics: " + metrics_text(record.metrics))
 
 
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+def metrics_text(metrics: dict, n: int | None = None) -> str:
+    """``name=value, ...`` of the first ``n`` metrics (all: None), floats to 6 digits:
+    one format for `apply`'s line and `run`'s table."""
+    items = list(metrics.items())[:n]
+    return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
 
 def format_bytes(n: int) -> str:
