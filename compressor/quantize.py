@@ -57,15 +57,21 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return (stream.reshape(rows, cols, bits) * place).sum(-1, dtype=torch.int32).to(torch.uint8)
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian_factor(
+    h: torch.Tensor, damp: float, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, dead): U the upper Cholesky factor of (H + λ·mean diag·I)⁻¹, dead the columns
     no calibration input ever reached (their H row is zero; they are set to 1 on the
-    diagonal, as GPTQ does). Damping grows tenfold until H is positive definite."""
+    diagonal, as GPTQ does). Damping grows tenfold until H is positive definite.
+
+    ``order``: U is that of H with its rows and columns in that order (what
+    ``assign_codes`` takes with the same order); ``dead`` stays in the columns' order."""
     import torch
 
-    h = h.float().clone()  # one copy at a time: a 5632-column H is 127 MB in float32
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
+    dead = torch.diagonal(h) == 0
+    # one copy at a time: a 5632-column H is 127 MB in float32
+    h = h.float().clone() if order is None else h.float()[order[:, None], order]
+    h.diagonal()[dead if order is None else dead[order]] = 1
     mean = float(torch.diag(h).mean())
     added = 0.0
     for attempt in range(6):
@@ -134,7 +140,10 @@ def assign_codes(
 
     out, cols = weight.shape
     at = torch.arange(cols) if order is None else order
-    w = weight.clone() if order is None else weight[:, order]
+    if order is not None:
+        w = weight[:, order]  # a copy already
+    else:
+        w = weight if u is None else weight.clone()  # error feedback writes into w
     codes = torch.empty(out, cols, dtype=torch.uint8)
     values = torch.empty(out, cols)
     for i1 in range(0, cols, block):

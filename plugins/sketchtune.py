@@ -124,16 +124,14 @@ def sketch_weight(weight, hessian, opts: dict):
     else:
         if opts["act_order"]:
             order = activation_order(hessian)
-        u, dead = inverse_hessian_factor(
-            hessian if order is None else hessian.float()[order][:, order], opts["damp"]
-        )
+        u, dead = inverse_hessian_factor(hessian, opts["damp"], order)
         if opts.get("saliency", "obs") == "obs":  # 1 / [H⁻¹]_jj, with diag(H⁻¹) = diag(UᵀU)
             log_w = -kmeans_exponent(opts) * torch.log((u * u).sum(0))
         else:  # LeanQuant's U_jj^-exponent
             log_w = -kmeans_exponent(opts) * torch.log(torch.diag(u))
         col_weights = torch.exp(log_w - log_w.max())
-        if order is not None:  # both were computed in visiting order
-            col_weights[order], dead[order] = col_weights.clone(), dead.clone()
+        if order is not None:  # computed in visiting order
+            col_weights[order] = col_weights.clone()
         w[:, dead] = 0
     points = w.reshape(out * groups, n)
     weights = col_weights.reshape(1, groups, n).expand(out, groups, n).reshape(out * groups, n)

@@ -77,10 +77,8 @@ def quantised(source, arm: dict, calib) -> tuple[dict, float]:
             grid = uniform_nearest(weight.float(), arm["bits"], gs)
             u = order = None
             if arm["kind"] == "gptq":
-                if arm.get("act_order"):
-                    order = activation_order(hessian)
-                    hessian = hessian.float()[order][:, order]
-                u = inverse_hessian_factor(hessian, 0.01)[0]
+                order = activation_order(hessian) if arm.get("act_order") else None
+                u = inverse_hessian_factor(hessian, 0.01, order)[0]
             approx = assign_codes(weight.float(), u, grid, order=order)[1]
             bits += o * i * arm["bits"] + o * (i // gs) * (16 + arm["bits"])
         out[name] = approx.to(weight.dtype)
