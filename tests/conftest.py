@@ -220,5 +220,5 @@ def plan_blobs(store: Path) -> dict:
 def run_plan(run, plan: Path, *args) -> tuple[int, list[dict]]:
     """Run a plan with --json: the exit code and the steps' results (else the output)."""
     r = run("--quiet", "run", str(plan), "--json", *args)
-    found = [line for line in r.output.splitlines() if line.startswith("[{")]  # Ray logs too
-    return r.exit_code, json.loads(found[0]) if found else r.output
+    found = [line for line in r.stdout.splitlines() if line.startswith("[{")]  # Ray logs too
+    return r.exit_code, json.loads(found[0]) if found else r.stdout

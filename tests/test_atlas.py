@@ -32,7 +32,7 @@ def _atlas(run, base, experts, *options, name="at"):
     args = ["merge", "-p", "atlas", "--base", base, *experts, *options, "-n", name, "--json"]
     r = run("--quiet", *args)
     assert r.exit_code == 0, r.output
-    return json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
+    return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
 
 
 def _coefficients(name: str) -> tuple[dict, dict]:
@@ -108,7 +108,7 @@ def test_stored_score_is_the_written_models_score(run, text):
     )
     r = run("--quiet", "eval", "at", "-o", "data", text["val"], "-o", "max_length", "32", "--json")
     assert r.exit_code == 0, r.output
-    scored = json.loads(r.output.splitlines()[-1])
+    scored = json.loads(r.stdout.splitlines()[-1])
     assert scored["accuracy"] == pytest.approx(rec["metrics"]["val_accuracy"])
     assert rec["metrics"]["val_accuracy"] >= rec["metrics"]["base_val_accuracy"]
     assert rec["metrics"]["train_examples"] == 4 * 8

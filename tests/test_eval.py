@@ -27,7 +27,7 @@ def _rows(path):
 def _eval_json(run, *args):
     r = run("--quiet", "eval", *args, "--json")
     assert r.exit_code == 0, r.output
-    return json.loads(r.output.splitlines()[-1])
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 def _text_accuracy(model, tokenizer, rows):
@@ -122,7 +122,7 @@ def test_store_artifact_with_base_and_metrics_in_show(run, suite):
     direct = _eval_json(run, expert, "-o", "data", data)
     via_tv = _eval_json(run, "arts", "--base", base, "-o", "data", data)
     assert via_tv["accuracy"] == direct["accuracy"]
-    shown = json.loads(run("store", "show", "arts", "--json").output)
+    shown = json.loads(run("store", "show", "arts", "--json").stdout)
     assert shown["metrics"]["accuracy:arts-test"] == direct["accuracy"]
     text = run("--quiet", "eval", "arts", "--base", base, "-o", "data", data).output
     assert text.startswith("accuracy ") and f"(classify on {data})" in text

@@ -40,7 +40,7 @@ def test_directory_export_of_a_task_vector_is_not_loadable_as_a_model(run, model
         "--quiet", "merge", "-p", "task-arithmetic", "--base", models["base-fp32"], out, "--json"
     )
     assert r.exit_code == 0, r.output
-    merged = artifact_tensors(json.loads(r.output)["id"])
+    merged = artifact_tensors(json.loads(r.stdout)["id"])
     want = dir_tensors(models["ft1-fp32"])
     torch.testing.assert_close(merged["model.norm.weight"], want["model.norm.weight"])
 
@@ -87,7 +87,7 @@ def test_hub_id_resolves_from_the_local_cache(run, models, tmp_path, monkeypatch
         "--json",
     )
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["parents"][1]["label"] == str(snap.resolve())
+    assert json.loads(r.stdout)["parents"][1]["label"] == str(snap.resolve())
 
 
 def test_store_import_and_external_removal_by_label(run, models, private_store):

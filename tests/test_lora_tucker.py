@@ -52,7 +52,7 @@ def adapters(models, tmp_path_factory):
 def _compress(run, adapters, *options, name="joint"):
     r = run("--quiet", "apply", "-p", "lora-tucker", *adapters, *options, "-n", name)
     assert r.exit_code == 0, r.output
-    return json.loads(run("store", "show", name, "--json").output)
+    return json.loads(run("store", "show", name, "--json").stdout)
 
 
 def _merge(run, base, *experts, name):
@@ -183,5 +183,5 @@ def test_each_adapter_of_a_joint_artifact_is_an_expert(run, adapters, models, tm
     data.write_text("\n".join(zen_lines()) + "\n")
     r = run("--quiet", "eval", "joint#2", "--base", base, "-o", "data", data)
     assert r.exit_code == 0, r.output
-    metrics = json.loads(run("store", "show", "joint", "--json").output)["metrics"]
+    metrics = json.loads(run("store", "show", "joint", "--json").stdout)["metrics"]
     assert "perplexity:zen#2" in metrics

@@ -100,7 +100,7 @@ def _extract(run, model, *options, name="sub"):
     assert r.exit_code == 0, r.output
     r = run("store", "show", name, "--json")
     assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    return json.loads(r.stdout)
 
 
 def _export(run, name, out: Path) -> Path:
@@ -438,14 +438,14 @@ def test_nested_training_makes_the_quarter_width_work(run, models, tmp_path):
             name,
         )
         assert r.exit_code == 0, r.output
-    nested = json.loads(run("store", "show", "nested", "--json").output)["metrics"]
+    nested = json.loads(run("store", "show", "nested", "--json").stdout)["metrics"]
     assert nested["loss_last_0.25"] < nested["loss_first_0.25"]
     assert nested["loss_last_1"] < nested["loss_first_1"]
     loss = {}
     for name in ("nested", "plain"):
         _extract(run, name, "-o", "ffn_ratio", "0.25", name=f"{name}-q")
         r = run("--quiet", "eval", f"{name}-q", "-o", "data", data, "--json")
-        loss[name] = json.loads(r.output.splitlines()[-1])["loss"]
+        loss[name] = json.loads(r.stdout.splitlines()[-1])["loss"]
     assert loss["nested"] < loss["plain"]
 
 

@@ -211,7 +211,7 @@ dtype: float32
     path.write_text(config)
     r = run("--quiet", "merge", "--config", path, "-n", "final", "--json")
     assert r.exit_code == 0, r.output
-    records = [json.loads(line) for line in r.output.splitlines()]
+    records = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["name"] for x in records] == ["soup", "final"]
     soup_id = records[0]["id"]
     assert any(p["id"] == soup_id for p in records[1]["parents"])
@@ -412,7 +412,7 @@ def test_differing_tokenizers_match_mergekit_yaml(run, polyglot, tmp_path, confi
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ids = tokenizer("beautiful is better than ugly alpha", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] == our_config["vocab_size"]
-    record = json.loads(run("store", "show", "m", "--json").output)
+    record = json.loads(run("store", "show", "m", "--json").stdout)
     wanted = {"ties-union": "union", "linear-model-tokenizer": f"{polyglot}/e1"}
     wanted |= {"task-arithmetic-base": "base", "slices-union-padded": "union"}
     assert record["manifest"]["tokenizer_source"] == wanted[config]

@@ -208,7 +208,7 @@ def test_merge_split_in_parts_equals_the_merge_in_one(run, fleet, private_store,
     assert code == 0, results
     assert [r["status"] for r in results] == ["done", "done"]
     files = run("store", "show", "parts", "--json")
-    shown = json.loads(files.output)
+    shown = json.loads(files.stdout)
     assert shown["files"] == [
         "config.json",
         "generation_config.json",

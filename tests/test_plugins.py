@@ -71,7 +71,7 @@ def test_builtins_load_through_entry_points():
 def test_register_methods(run):
     out = run("plugins").output
     assert "task-vector       compress  Store a fine-tune as its task vector" in out
-    data = json.loads(run("plugins", "--json").output)
+    data = json.loads(run("plugins", "--json").stdout)
     ta = next(m for m in data["methods"] if m["name"] == "task-arithmetic")
     assert ta["kind"] == "merge" and ta["reference"].startswith("https://arxiv.org/")
     assert ta["options"][0] == {
@@ -83,7 +83,7 @@ def test_register_methods(run):
     shown = run("plugins", "show", "task-arithmetic").output
     assert "Reference: https://arxiv.org/abs/2212.04089" in shown
     assert "-o scale float  (default 1.0)" in shown
-    assert json.loads(run("plugins", "show", "task-vector", "--json").output)["needs_base"]
+    assert json.loads(run("plugins", "show", "task-vector", "--json").stdout)["needs_base"]
 
 
 def test_register_sources():
@@ -202,7 +202,7 @@ def test_one_family_offers_one_method_per_verb(run, private_store, tmp_path):
     out = run("plugins", "show", "sketchtune").output
     assert "sketchtune (compress, version 3" in out and "sketchtune (train, version 1" in out
     assert "compress train --plugin sketchtune MODEL -o data train.jsonl" in out
-    docs = json.loads(run("plugins", "show", "sketchtune", "--json").output)
+    docs = json.loads(run("plugins", "show", "sketchtune", "--json").stdout)
     assert [d["kind"] for d in docs] == ["compress", "train"]
     assert_refused(
         run,

@@ -253,7 +253,7 @@ def test_sketch_export_loads_in_transformers_and_equals_the_decoded_tensors(run,
     rel = (decoded[f"{q}.weight"] - source[f"{q}.weight"]).norm() / source[f"{q}.weight"].norm()
     assert 0 < float(rel) < 0.2
 
-    show = json.loads(run("store", "show", "sk", "--json").output)
+    show = json.loads(run("store", "show", "sk", "--json").stdout)
     m = show["metrics"]
     assert m["calibrated"] is False and m["sketched_tensors"] == 14
     shapes = [source[n].shape for n in show["manifest"]["layers"]]
@@ -275,7 +275,7 @@ def test_calibrated_sketch_records_its_data(run, models, tmp_path):
     base = models["base-fp32"]
     r = run("apply", "-p", "sketchtune", base, "-o", "data", data, "-o", "bits", "3", "-n", "c")
     assert r.exit_code == 0, r.output
-    show = json.loads(run("store", "show", "c", "--json").output)
+    show = json.loads(run("store", "show", "c", "--json").stdout)
     cal = show["manifest"]["calibration"]
     assert cal["samples"] == 20 and cal["tokens"] > 20 and len(cal["digest"]) == 64
     assert show["metrics"]["calibrated"] is True
@@ -301,7 +301,7 @@ def test_calibrated_sketch_records_its_data(run, models, tmp_path):
         "plain",
     )
     assert r2.exit_code == 0, r2.output
-    plain = json.loads(run("store", "show", "plain", "--json").output)
+    plain = json.loads(run("store", "show", "plain", "--json").stdout)
     assert plain["manifest"]["refit_steps"] == 0
     assert plain["metrics"]["mean_output_error"] > show["metrics"]["mean_output_error"]
 
@@ -322,7 +322,7 @@ def test_tune_stores_only_tables_and_decodes_through_its_sketch(run, models, tmp
     assert torch.equal(decoded[f"{q}.weight"], want)
     assert not torch.equal(tuned[f"{q}.sketch"], sketch[f"{q}.sketch"].float())  # it learned
     assert torch.equal(decoded["lm_head.weight"], dir_tensors(base)["lm_head.weight"])
-    show = json.loads(run("store", "show", "tune", "--json").output)
+    show = json.loads(run("store", "show", "tune", "--json").stdout)
     assert show["parents"][0]["label"] == "sk@1"
     assert show["metrics"]["trainable_parameters"] == sum(t.numel() for t in tuned.values())
     assert run("export", "tune", tmp_path / "out").exit_code == 0
@@ -418,7 +418,7 @@ def test_merging_tunes_on_tables_equals_merging_decoded_weights(run, two_tunes, 
     assert set(got) == set(want)
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
-    show = json.loads(run("store", "show", "tables", "--json").output)
+    show = json.loads(run("store", "show", "tables", "--json").stdout)
     assert [p["role"] for p in show["parents"]] == ["base", "expert", "expert"]
 
 

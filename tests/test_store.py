@@ -23,7 +23,7 @@ def two_versions(run, models):
     r = run(
         "merge", "-p", "task-arithmetic", "--base", base, "tv@1", "tv", "-n", "merged", "--json"
     )
-    return json.loads(r.output)
+    return json.loads(r.stdout)
 
 
 def test_versions_and_refs(two_versions, private_store):
@@ -46,7 +46,7 @@ def test_versions_and_refs(two_versions, private_store):
 
 def test_lineage_json(run, two_versions):
     r = run("store", "log", "merged", "--json")
-    tree = json.loads(r.output)
+    tree = json.loads(r.stdout)
     assert tree["label"] == "merged@1"
     assert [(p["role"], p["label"]) for p in tree["parents"]][1:] == [
         ("expert", "tv@1"),
@@ -75,7 +75,7 @@ def test_ls_show(run, two_versions):
     lines = run("store", "ls").output.splitlines()
     assert [line.split()[0] for line in lines] == ["tv@1", "tv@2", "merged@1"]
     assert len(run("store", "ls", "--all").output.splitlines()) == 5  # + base and fine-tune
-    rows = [json.loads(x) for x in run("store", "ls", "--json").output.splitlines()]
+    rows = [json.loads(x) for x in run("store", "ls", "--json").stdout.splitlines()]
     assert {
         "id",
         "name",
@@ -87,7 +87,7 @@ def test_ls_show(run, two_versions):
         "metrics",
         "parents",
     } <= rows[0].keys()
-    shown = json.loads(run("store", "show", "merged", "--json").output)
+    shown = json.loads(run("store", "show", "merged", "--json").stdout)
     assert shown["files"] == [
         "config.json",
         "generation_config.json",
@@ -117,7 +117,7 @@ def test_rm_refuses_to_orphan(run, two_versions, private_store):
 
 def test_rm_force_keeps_lineage_gap(run, two_versions):
     assert run("store", "rm", "tv@1", "--force").exit_code == 0
-    tree = json.loads(run("store", "log", "merged", "--json").output)
+    tree = json.loads(run("store", "log", "merged", "--json").stdout)
     assert tree["parents"][1]["label"] == "(removed)"
 
 
@@ -158,7 +158,7 @@ def test_import_copies_and_reads_back(run, models, private_store, tmp_path):
     src = models["ft2-bf16"]
     r = run("store", "import", src, "-n", "ft2", "--json")
     assert r.exit_code == 0, r.output
-    rec = json.loads(r.output)
+    rec = json.loads(r.stdout)
     assert rec["kind"] == "import" and rec["content"] == "model"
     assert [p["role"] for p in rec["parents"]] == ["source"]
     out = tmp_path / "out"
@@ -184,7 +184,7 @@ def test_external_input_moved_away(run, models, tmp_path):
     ft = tmp_path / "ft"
     shutil.copytree(models["ft1-fp32"], ft)
     run("apply", "-p", "task-vector", "--base", models["base-fp32"], ft, "-n", "tv")
-    tree = json.loads(run("store", "log", "tv", "--json").output)
+    tree = json.loads(run("store", "log", "tv", "--json").stdout)
     ext_id = tree["parents"][1]["id"]
     shutil.rmtree(ft)
     r = run("export", ext_id[:10], tmp_path / "o")

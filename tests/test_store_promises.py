@@ -209,7 +209,7 @@ def test_large_inputs_differing_in_one_byte_are_two_inputs(run, models, tmp_path
     for expert in (a, b):
         r = run("--quiet", "apply", "-p", "task-vector", "--base", a, expert, "--json")
         assert r.exit_code == 0, r.output
-        ids.append(json.loads(r.output)["parents"][1]["id"])
+        ids.append(json.loads(r.stdout)["parents"][1]["id"])
     assert ids[0] != ids[1]
 
 
@@ -221,7 +221,7 @@ def test_removed_newest_version_number_is_not_reused(run, tv, models):
     run("--quiet", *again, "-n", "tv")
     assert run("store", "rm", "tv@2").exit_code == 0
     r = run("--quiet", *again, "-n", "tv", "--json")
-    assert json.loads(r.output)["version"] == 3
+    assert json.loads(r.stdout)["version"] == 3
     r = run("store", "show", "tv@2")
     assert r.output == "Error: no artifact matches 'tv@2'\n"
 
@@ -436,7 +436,7 @@ def test_underscore_directory_gets_a_valid_default_name(run, models, tmp_path):
     shutil.copytree(models["ft1-fp32"], d)
     r = run("--quiet", "apply", "-p", "task-vector", "--base", models["base-fp32"], d, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["name"] == "ft.task-vector"
+    assert json.loads(r.stdout)["name"] == "ft.task-vector"
 
 
 def test_empty_store_option_refused(run, tmp_path, monkeypatch):
@@ -506,19 +506,19 @@ def test_store_recover_rebuilds_a_lost_catalog(run, models, tv, tmp_path):
     run("--quiet", "apply", "-p", "task-vector", "--base", base, models["ft2-fp32"], "-n", "tv")
     run("store", "rm", "tv@2")
     before = {
-        a["name"]: a for a in map(json.loads, run("store", "ls", "--json").output.splitlines())
+        a["name"]: a for a in map(json.loads, run("store", "ls", "--json").stdout.splitlines())
     }
-    lineage = json.loads(run("store", "log", "m", "--json").output)
+    lineage = json.loads(run("store", "log", "m", "--json").stdout)
     for f in ("store.db", "store.db-wal", "store.db-shm"):
         (tv / f).unlink(missing_ok=True)
     r = run("store", "recover")
     assert r.output == f"Recovered 3 artifacts into {tv / 'store.db'}\n"  # tv@2's manifest too
     run("store", "rm", "tv@2")  # it had been removed before the catalog was lost
     after = {
-        a["name"]: a for a in map(json.loads, run("store", "ls", "--json").output.splitlines())
+        a["name"]: a for a in map(json.loads, run("store", "ls", "--json").stdout.splitlines())
     }
     assert after == before
-    assert json.loads(run("store", "log", "m", "--json").output) == lineage
+    assert json.loads(run("store", "log", "m", "--json").stdout) == lineage
     assert run("store", "verify").exit_code == 0
     assert_refused(
         run,
@@ -538,7 +538,7 @@ def test_store_recover_rebuilds_a_lost_catalog(run, models, tv, tmp_path):
         "tv",
         "--json",
     )
-    assert json.loads(r.output)["version"] == 3  # recovered versions are not reused either
+    assert json.loads(r.stdout)["version"] == 3  # recovered versions are not reused either
 
 
 def test_unchanged_inputs_are_not_hashed_again_and_changed_ones_are(run, models, tmp_path):
@@ -547,7 +547,7 @@ def test_unchanged_inputs_are_not_hashed_again_and_changed_ones_are(run, models,
     ft = tmp_path / "ft"
     shutil.copytree(models["ft1-fp32"], ft)
     args = ["apply", "-p", "task-vector", "--base", models["base-fp32"], ft, "--json"]
-    first = json.loads(run("--quiet", *args).output)["parents"][1]["id"]
+    first = json.loads(run("--quiet", *args).stdout)["parents"][1]["id"]
     st = open_store()
     try:
         again = resolve(st, str(ft))
@@ -555,10 +555,10 @@ def test_unchanged_inputs_are_not_hashed_again_and_changed_ones_are(run, models,
         again.source.close()
     finally:
         st.close()
-    assert json.loads(run("--quiet", *args).output)["parents"][1]["id"] == first
+    assert json.loads(run("--quiet", *args).stdout)["parents"][1]["id"] == first
     weights = ft / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 1  # same size, new content, new mtime
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert json.loads(run("--quiet", *args).output)["parents"][1]["id"] != first
+    assert json.loads(run("--quiet", *args).stdout)["parents"][1]["id"] != first

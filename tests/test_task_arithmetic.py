@@ -71,7 +71,7 @@ def test_adapter_delta_and_export(run, models, lora, tmp_path):
     base = models["base-fp32"]
     r = run("apply", "-p", "task-vector", "--base", base, adapter, "-n", "lora-tv", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["content"] == "delta"
+    assert json.loads(r.stdout)["content"] == "delta"
     out = tmp_path / "merged"
     assert run("export", "lora-tv", out, "--base", base).exit_code == 0
     assert not (out / "adapter_config.json").exists()

@@ -30,7 +30,7 @@ def test_round_trip_tiny_llama(run, models, tmp_path, tag):
     base, ft = models[f"base-{tag}"], models[f"ft1-{tag}"]
     r = run("apply", "--plugin", "task-vector", "--base", base, ft, "--name", "tv", "--json")
     assert r.exit_code == 0, r.output
-    record = json.loads(r.output)
+    record = json.loads(r.stdout)
     assert record["name"] == "tv" and record["version"] == 1 and record["kind"] == "compress"
     assert record["content"] == "delta" and record["plugin"] == "task-vector"
     assert [p["role"] for p in record["parents"]] == ["base", "input"]

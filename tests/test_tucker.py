@@ -54,7 +54,7 @@ def _apply(run, conv, *options, name="tk"):
         "--quiet", "apply", "-p", "tucker", "--base", conv["base"], conv["ft"], *options, "-n", name
     )
     assert r.exit_code == 0, r.output
-    return json.loads(run("store", "show", name, "--json").output)
+    return json.loads(run("store", "show", name, "--json").stdout)
 
 
 def test_fixed_ranks_match_tensorly_and_store_core_plus_factors(run, conv, tmp_path):
@@ -87,7 +87,7 @@ def test_fixed_ranks_match_tensorly_and_store_core_plus_factors(run, conv, tmp_p
     on_disk = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
     dense = 4 * sum(t.numel() for t in conv["delta"].values())
     assert dense < on_disk < dense + 4096  # export writes the decoded, dense τ̂
-    stored = json.loads(run("store", "show", "tk", "--json").output)["bytes"]
+    stored = json.loads(run("store", "show", "tk", "--json").stdout)["bytes"]
     assert size <= stored < size + 4096  # the artifact itself: core + factors + a header
 
 
@@ -206,12 +206,12 @@ def test_a_compeft_artifact_is_decoded_then_factored(run, conv):
     )
     assert r.exit_code == 0, r.output
     sparse = artifact_tensors("sparse")
-    rec = json.loads(run("store", "show", "sparse", "--json").output)
+    rec = json.loads(run("store", "show", "sparse", "--json").stdout)
     assert rec["content"] == "delta"
     r = run("--quiet", "apply", "-p", "tucker", "sparse", "-o", "ranks", "32,16,3,3", "-n", "tk")
     assert r.exit_code == 0, r.output
     got = artifact_tensors("tk")
-    meta = json.loads(run("store", "show", "tk", "--json").output)["manifest"]["tensors"]
+    meta = json.loads(run("store", "show", "tk", "--json").stdout)["manifest"]["tensors"]
     # conv1 at full ranks would not shrink: kept as the decoded ComPEFT tensor, exactly
     assert "ranks" not in meta["conv1.weight"]
     torch.testing.assert_close(got["conv1.weight"], sparse["conv1.weight"], rtol=0, atol=0)
