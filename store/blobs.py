@@ -11,6 +11,7 @@ machine. Both publish an object under its final key only whole.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,9 +170,10 @@ class FsspecBlobStore:
 
     def put(self, src: Path, digest: str) -> None:
         """Upload a finished, already hashed file to a temporary key, then publish it
-        under its final key by one copy. A blob already there is not uploaded again."""
+        under its final key by one copy. A blob already there is not uploaded again, but
+        its modification time is refreshed, so gc's grace period starts over for it."""
         final = self.key(digest)
-        if not self.exists(digest):
+        if not self._refreshed(digest):
             tmp = f"{self.prefix}/tmp/{digest}.{uuid.uuid4().hex}"
             if self.mounted:  # object stores have no directories to make
                 self.fs.makedirs(f"{self.prefix}/tmp", exist_ok=True)
@@ -184,6 +186,28 @@ class FsspecBlobStore:
                     self.fs.rm_file(tmp)
                 raise
         os.unlink(src)
+
+    def _refreshed(self, digest: str) -> bool:
+        """Give an existing object a new modification time; False if there is none.
+
+        A mount touches the file; S3 copies the object onto itself with new metadata
+        (server-side, no bytes move), which is how S3 renews LastModified. A backend
+        with neither, or an object S3 will not copy, keeps its old time: the driver's
+        commit still checks every blob is there, under the store lock gc takes
+        exclusively, so a blob gc removed fails its step instead of the artifact."""
+        key = self.key(digest)
+        if not self.exists(digest):
+            return False
+        try:
+            if self.mounted:
+                self._call("refresh", digest, os.utime, key)
+            elif hasattr(self.fs, "setxattr"):
+                self._call("refresh", digest, self.fs.setxattr, key, stored=f"{time.time():.0f}")
+        except StoreError:  # S3 will not copy an object over 5 GB onto itself
+            if not self.exists(digest):
+                return False  # gc removed it since: upload it again
+        self.fs.invalidate_cache(key)
+        return True
 
     def stored_at(self, digest: str) -> float:
         return _modified(self._call("check", digest, self.fs.info, self.key(digest)))

@@ -233,6 +233,44 @@ def test_gc_deletes_removed_objects_keeps_young_uploads_sweeps_old_temps(
     assert soup_blobs  # the removed artifact's objects went with the rest
 
 
+@pytest.mark.parametrize("backend", ["s3", "shared directory", "the store's own"])
+def test_storing_a_blob_again_restarts_its_grace_period(
+    run, models, private_store, tmp_path, request, backend
+):
+    """A worker whose output is a blob already stored (unreferenced, from a removed
+    artifact) renews its time, so gc keeps it until the driver commits; a blob left alone
+    as long is removed. S3 renews LastModified by a copy onto itself, no bytes moved."""
+    import time
+
+    from compressor.store import StoredFile, open_store, sha256_file
+
+    blobs = {
+        "s3": lambda: ["--blobs", request.getfixturevalue("s3")["url"]],
+        "shared directory": lambda: ["--blobs", tmp_path / "mount"],
+        "the store's own": list,
+    }[backend]()
+    args = [*blobs, "--quiet", "merge", "-p", "linear", models["ft1-fp32"]]
+    assert run(*args, models["ft2-fp32"], "-n", "soup").exit_code == 0  # a catalog, not empty
+
+    def publish(text: str) -> str:
+        store = open_store(private_store)
+        upload = private_store / "tmp" / "upload.bin"
+        upload.write_text(text)
+        digest = sha256_file(upload)
+        store.publish([StoredFile("x.bin", upload, digest, upload.stat().st_size)])
+        store.close()
+        return digest
+
+    again, alone = publish("stored again by a worker"), publish("left alone")
+    time.sleep(4)
+    assert publish("stored again by a worker") == again
+    r = run("store", "gc", "--grace", "3")
+    assert r.exit_code == 0, r.output
+    store = open_store(private_store)
+    assert (store.blobs.exists(again), store.blobs.exists(alone)) == (True, False)
+    store.close()
+
+
 def test_store_with_local_blobs_refuses_a_blobs_url(run, models, s3, private_store):
     assert (
         run("--quiet", "merge", "-p", "linear", models["ft1-fp32"], models["ft2-fp32"]).exit_code
