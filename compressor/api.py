@@ -359,12 +359,14 @@ def evaluate(
     store=None,
     quiet: bool = True,
     record: bool = True,
+    resolved=None,
 ) -> dict:
     """Score REF (added to BASE, for a task vector or adapter) on data (``compress eval``);
     store the scores as its metrics (``NAME:DATA``) and return them. Without ``record``
     nothing is stored: the result's ``metrics_for`` holds (artifact id, metrics,
     externals, requests) for the catalog's writer to store; ``requests`` maps DATA to
-    :func:`~compressor.evaluate.request_digest` (which scores a rerun may reuse)."""
+    :func:`~compressor.evaluate.request_digest` (which scores a rerun may reuse).
+    ``resolved``: REF already opened by :func:`~compressor.refs.resolve` (closed here)."""
     from .evaluate import check_request, request_digest, score
     from .modeling import model_source
 
@@ -372,7 +374,7 @@ def evaluate(
     progress = make_progress(quiet)
     with opened_store(store) as st:
         with contextlib.ExitStack() as stack:
-            source, resolved = stack.enter_context(model_source(st, ref, base))
+            source, resolved = stack.enter_context(model_source(st, ref, base, resolved))
             reference = None
             if task == "embed":
                 reference, _ = stack.enter_context(model_source(st, values["reference"]))

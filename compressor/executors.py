@@ -141,16 +141,30 @@ def _eval(st, task: dict) -> dict:
     from .refs import resolve
 
     values = parse_options(EVAL_OPTIONS, task["options"], "eval")
-    if values["data"] is not None and Path(values["data"]).is_file():
-        resolved = resolve(st, task["ref"])  # an input path is known by its content's id
-        resolved.source.close()
-        try:
-            scored = st.get(resolved.artifact_id).manifest.get("scored", {})
-        except CompressorError:  # an input never scored (or seen) before
-            scored = {}
-        if scored.get(Path(values["data"]).stem) == request_digest(values, task["base"]):
-            return {"reused": True, "artifact_id": resolved.artifact_id}
-    return api.evaluate(task["ref"], task["options"], base=task["base"], store=st, record=False)
+    resolved = None
+    try:
+        if values["data"] is not None and Path(values["data"]).is_file():
+            resolved = resolve(st, task["ref"])
+            artifact_id = resolved.artifact_id  # an input path is known by its content's id
+            if resolved.external is not None:  # hashed now: scoring need not hash it again
+                resolved.source.identified()
+            try:
+                scored = st.get(artifact_id).manifest.get("scored", {})
+            except CompressorError:  # an input never scored (or seen) before
+                scored = {}
+            if scored.get(Path(values["data"]).stem) == request_digest(values, task["base"]):
+                return {"reused": True, "artifact_id": artifact_id}
+        return api.evaluate(  # on the input resolved here: a path is not hashed twice
+            task["ref"],
+            task["options"],
+            base=task["base"],
+            store=st,
+            record=False,
+            resolved=resolved,
+        )
+    finally:
+        if resolved is not None:
+            resolved.source.close()
 
 
 def commit_result(store, step: Step, out: dict, started: float, attempts: int) -> StepResult:

@@ -20,13 +20,14 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
 
 
 @contextlib.contextmanager
-def model_source(store, ref: str, base: str | None = None) -> Iterator[tuple]:
+def model_source(store, ref: str, base: str | None = None, resolved=None) -> Iterator[tuple]:
     """(TensorSource of the full model, ResolvedInput of REF): REF as it is when it is a
-    model, else REF added to BASE tensor by tensor (nothing is written to disk)."""
+    model, else REF added to BASE tensor by tensor (nothing is written to disk).
+    ``resolved``: REF already resolved, so a path is not opened and hashed again."""
     from .alignment import ModelFromDelta
     from .progress import warn
 
-    resolved = resolve(store, ref)
+    resolved = resolved or resolve(store, ref)
     with contextlib.ExitStack() as stack:
         stack.callback(resolved.source.close)
         if base is None:

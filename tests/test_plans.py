@@ -488,6 +488,8 @@ def test_eval_step_scores_again_when_its_data_changes(run, fleet, private_store,
     plan.write_text(text)
     code, first = run_plan(run, plan)
     assert code == 0 and first[0]["status"] == "done", first
+    direct = run("--quiet", "eval", fleet / "experts" / "e1", "-o", "data", data, "--json")
+    assert json.loads(direct.stdout)["perplexity"] == first[0]["metrics"]["perplexity:held-out"]
     assert run_plan(run, plan)[1][0]["status"] == "reused"
     data.write_text("\n".join(zen_lines()[6:12]) + "\n")
     code, changed = run_plan(run, plan)
