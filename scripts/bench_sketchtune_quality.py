@@ -164,6 +164,12 @@ ARMS += [  # the refit is the default at 3 and 4 bits: these arms differ at 2 on
     for g in (1, 2, 4)
 ]
 ARMS += [("sketch G4, damp 0.1", {"kind": "sketch", "groups": 4, "damp": 0.1})]
+ARMS += [
+    (
+        "sketch G4, damp 0.1, refit",
+        {"kind": "sketch", "groups": 4, "damp": 0.1, "refit": 16, "bits_only": (2,)},
+    )
+]
 
 
 def mixed_calibration(data: Path, out: Path) -> Path:
