@@ -31,13 +31,14 @@ from compressor.merging import (
     flat_chunks,
     keep_above_,
     keep_top_k_,
+    part_names,
     row_spans,
     sign_consensus,
     trim_count,
     weighted_sum,
 )
 from compressor.method import Option, fraction, non_negative
-from compressor.selection import TopKThreshold
+from compressor.selection import TopKThreshold, magnitude_bits
 from compressor.sources import block_shape, row_blocks
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
@@ -151,6 +152,7 @@ class Ties(_SparsifyMerge):
         densities = TensorParameters(job.options, self.per_expert, len(views)).at("", 0.0)[1]
         budgets = []
         names = [n for n in job.base.names() if job.base.info(n).is_float]
+        earlier = _earlier_names(job, names)
         for t, view in enumerate(views):
             density = densities["density"][t]
             finder = TopKThreshold()
@@ -162,7 +164,11 @@ class Ties(_SparsifyMerge):
                 for block in _tau_blocks(job, view, names):
                     finder.add_low(block)
                 threshold = finder.threshold()
-                budgets.append([threshold, k - finder.above])
+                ties = k - finder.above
+                if earlier:  # the tied entries of earlier parts come first in flat order
+                    blocks = _tau_blocks(job, view, earlier)
+                    ties -= sum(int((magnitude_bits(b) == threshold).sum()) for b in blocks)
+                budgets.append([threshold, max(ties, 0)])
             else:
                 budgets.append(None)  # keep everything
         return {**state, "budgets": budgets}
@@ -179,6 +185,15 @@ class Ties(_SparsifyMerge):
         if density >= 1:
             return tau
         return keep_top_k_(tau, trim_count(density, tau.numel()))
+
+
+def _earlier_names(job, names: list[str]) -> list[str]:
+    """Of ``names``, those a split merge's earlier parts hold (none when not split)."""
+    if job.part is None:
+        return []
+    k, n = job.part
+    before = {name for i in range(1, k) for name in part_names(job.base, (i, n))}
+    return [name for name in names if name in before]
 
 
 def _tau_blocks(job, read, names: list[str]):
