@@ -27,7 +27,7 @@ def model_source(store, ref: str, base: str | None = None, resolved=None) -> Ite
     from .alignment import ModelFromDelta
     from .progress import warn
 
-    resolved = resolved or resolve(store, ref)
+    resolved = resolved if resolved is not None else resolve(store, ref)
     with contextlib.ExitStack() as stack:
         stack.callback(resolved.source.close)
         if base is None:
