@@ -136,24 +136,18 @@ def _eval(st, task: dict) -> dict:
     """Score the step's ref unless it holds scores of the same request: the same data
     (by content), options and base."""
     from . import api
-    from .evaluate import EVAL_OPTIONS, request_digest
+    from .evaluate import EVAL_OPTIONS
     from .method import parse_options
     from .refs import resolve
 
     values = parse_options(EVAL_OPTIONS, task["options"], "eval")
-    resolved = None
+    if values["data"] is None or not Path(values["data"]).is_file():
+        resolved = None  # api.evaluate says what is wrong with the data
+    else:
+        resolved = resolve(st, task["ref"])
     try:
-        if values["data"] is not None and Path(values["data"]).is_file():
-            resolved = resolve(st, task["ref"])
-            artifact_id = resolved.artifact_id  # an input path is known by its content's id
-            if resolved.external is not None:  # hashed now: scoring need not hash it again
-                resolved.source.identified()
-            try:
-                scored = st.get(artifact_id).manifest.get("scored", {})
-            except CompressorError:  # an input never scored (or seen) before
-                scored = {}
-            if scored.get(Path(values["data"]).stem) == request_digest(values, task["base"]):
-                return {"reused": True, "artifact_id": artifact_id}
+        if resolved is not None and _scored_before(st, resolved, values, task["base"]):
+            return {"reused": True, "artifact_id": resolved.artifact_id}
         return api.evaluate(  # on the input resolved here: a path is not hashed twice
             task["ref"],
             task["options"],
@@ -165,6 +159,21 @@ def _eval(st, task: dict) -> dict:
     finally:
         if resolved is not None:
             resolved.source.close()
+
+
+def _scored_before(st, resolved, values: dict, base: str | None) -> bool:
+    """Whether the resolved ref holds scores of this request (an input path is known by
+    its content's id: hashed here, so scoring it need not hash it again)."""
+    from .evaluate import request_digest
+
+    artifact_id = resolved.artifact_id
+    if resolved.external is not None:
+        resolved.source.identified()
+    try:
+        scored = st.get(artifact_id).manifest.get("scored", {})
+    except CompressorError:  # an input never scored (or seen) before
+        return False
+    return scored.get(Path(values["data"]).stem) == request_digest(values, base)
 
 
 def commit_result(store, step: Step, out: dict, started: float, attempts: int) -> StepResult:

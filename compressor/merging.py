@@ -295,12 +295,13 @@ class TensorMerge(Method):
         return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
 
 
-def part_names(source, part: tuple[int, int] | None) -> list[str]:
+def part_names(source, part: tuple[int, int] | None, before: bool = False) -> list[str]:
     """The names of part k of n of a source's tensors: runs in the source's order, near
-    equal in bytes (a tensor goes to the part its middle byte falls in)."""
+    equal in bytes (a tensor goes to the part its middle byte falls in). ``before``: the
+    names of the parts before part k instead."""
     names = source.names()
     if part is None:
-        return names
+        return [] if before else names
     k, n = part
     if n > len(names):
         raise UsageError(
@@ -309,7 +310,8 @@ def part_names(source, part: tuple[int, int] | None) -> list[str]:
     sizes = [max(1, source.info(name).nbytes) for name in names]
     total, seen, out = sum(sizes), 0, []
     for name, size in zip(names, sizes, strict=True):
-        if int((seen + size / 2) * n // total) + 1 == k:
+        at = int((seen + size / 2) * n // total) + 1
+        if (at < k) if before else (at == k):
             out.append(name)
         seen += size
     return out

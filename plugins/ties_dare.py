@@ -189,10 +189,7 @@ class Ties(_SparsifyMerge):
 
 def _earlier_names(job, names: list[str]) -> list[str]:
     """Of ``names``, those a split merge's earlier parts hold (none when not split)."""
-    if job.part is None:
-        return []
-    k, n = job.part
-    before = {name for i in range(1, k) for name in part_names(job.base, (i, n))}
+    before = set(part_names(job.base, job.part, before=True))
     return [name for name in names if name in before]
 
 
