@@ -237,10 +237,13 @@ def run_steps(
     parts: dict[str, dict] = {}  # split step -> {part k: worker result}
     total = len(steps)
 
+    unhashed = _Unhashed(store)
+
     def finish(res: StepResult):
         results[res.name] = res
         if res.artifact_id:
             ids[res.name] = res.artifact_id
+            unhashed.done(res.name)
         on_event(res, len(results), total)
 
     def submit(step: Step, part: int | None, started: float, attempts: int):
@@ -255,15 +258,20 @@ def run_steps(
             if bad:
                 waiting.remove(step)
                 finish(StepResult(step.name, step.verb, "blocked", error=f"{bad[0]} failed"))
-            elif all(d in ids for d in step.after) and executor.has_room(len(running)):
-                waiting.remove(step)
-                started = time.monotonic()
-                if step.split > 1:
-                    parts[step.name] = {}
-                    for k in range(1, step.split + 1):
-                        submit(step, k, started, 1)
-                else:
-                    submit(step, None, started, 1)
+        ready = [s for s in waiting if all(d in ids for d in s.after)]
+        hashing = {p for step, *_ in running.values() for p in unhashed.of(step)}
+        while ready and executor.has_room(len(running)):
+            step = min(ready, key=lambda s: unhashed.shared(s, hashing))  # ties: plan order
+            ready.remove(step)
+            waiting.remove(step)
+            hashing.update(unhashed.of(step))
+            started = time.monotonic()
+            if step.split > 1:
+                parts[step.name] = {}
+                for k in range(1, step.split + 1):
+                    submit(step, k, started, 1)
+            else:
+                submit(step, None, started, 1)
         if not running:
             continue
         for handle, out in executor.wait(list(running)):
@@ -285,6 +293,45 @@ def run_steps(
                 res = StepResult(step.name, step.verb, "failed", error=str(e), attempts=attempts)
             finish(res)
     return [results[s.name] for s in steps]
+
+
+class _Unhashed:
+    """Which input paths of the plan's steps the store has no digest for yet. A step's
+    worker hashes those (an expert's safetensors, a base model's) and the driver records
+    their digests when it commits the step, so two steps that read one such file are
+    better not run at once: both would read and hash it whole."""
+
+    def __init__(self, store):
+        self.store = store
+        self.paths: dict[str, list[str]] = {}  # step name -> its input paths
+        self.known: set[str] = set()  # paths with a digest in the catalog
+        self.asked: set[str] = set()  # paths looked up in the catalog
+
+    def of(self, step: Step) -> list[str]:
+        """The input paths of ``step`` with no digest in the catalog yet."""
+        if step.name not in self.paths:
+            found = [x for x in [*step.inputs, step.base, step.ref] if isinstance(x, str)]
+            found = [Path(x).expanduser() for x in found]
+            self.paths[step.name] = [str(p.resolve()) for p in found if p.exists()]
+        out = []
+        for p in self.paths[step.name]:
+            if p not in self.asked:
+                self.asked.add(p)
+                if self.store.external_at(p) is not None:
+                    self.known.add(p)
+            if p not in self.known:
+                out.append(p)
+        return out
+
+    def shared(self, step: Step, hashing: set[str]) -> int:
+        """How many of ``step``'s unhashed inputs a running step is hashing already:
+        steps are started fewest first (one expert at two densities on two workers would
+        read and hash it twice at once)."""
+        return sum(p in hashing for p in self.of(step)) if hashing else 0
+
+    def done(self, name: str) -> None:
+        """Step ``name`` was committed: the digests of its input paths are known."""
+        self.known.update(self.paths.get(name, []))
 
 
 class LocalExecutor:

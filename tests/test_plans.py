@@ -82,6 +82,48 @@ def test_failed_step_blocks_only_the_steps_that_read_it(run, fleet, private_stor
     )
 
 
+def test_two_workers_never_hash_one_new_expert_at_once(fleet, private_store, tmp_path):
+    """In plan order an expert's two densities come one after the other; on two workers
+    the second waits for the first's commit (which records the expert's digest) while
+    another expert's step can run, rather than both workers reading and hashing it."""
+    from compressor.executors import LocalExecutor, run_steps
+    from compressor.plans import load_plan
+    from compressor.store import open_store
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN.replace("./", f"{fleet}/").split("  - name: merged")[0])
+    started = []  # each submitted step, with the steps in flight beside it
+
+    class Recorded(LocalExecutor):
+        def submit(self, task):
+            started.append((task["name"], [n for n, done in flight.items() if not done]))
+            flight[task["name"]] = False
+            return super().submit(task)
+
+    flight: dict[str, bool] = {}
+    store = open_store(private_store)
+    executor = Recorded(store.root, 2)
+
+    def event(res, _done, _total):
+        flight[res.name] = True
+
+    try:
+        results = run_steps(executor, store, load_plan(plan), event)
+    finally:
+        executor.close()
+        store.close()
+    assert [r.status for r in results] == ["done"] * 8
+    assert [name for name, _ in started[:2]] == ["small-e1-0.05", "small-e2-0.05"]
+
+    def expert(step: str) -> str:
+        return step.split("-")[1]
+
+    for i, (name, beside) in enumerate(started):
+        hashing = {expert(b) for b in beside}
+        if expert(name) in hashing:  # only when every step still to start would share one
+            assert all(expert(later) in hashing for later, _ in started[i + 1 :]), started
+
+
 def test_dry_run_prints_the_order_and_touches_no_store(run, fleet, private_store):
     r = run("run", str(fleet / "plan.yaml"), "--dry-run")
     assert r.exit_code == 0
