@@ -49,6 +49,13 @@ class External:
         self.digests: dict[Path, str] = {}  # files already hashed elsewhere (a copy)
         self._fingerprint: str | None = None
 
+    def __getstate__(self) -> dict:
+        """What a plan's worker hands the driver: the record without the tensor source
+        (fingerprinted first). The driver commits from the record alone, and unpickling a
+        source there would import torch before its first commit."""
+        self.fingerprint  # noqa: B018 - fills _fingerprint and digests
+        return {**self.__dict__, "source": None}
+
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:

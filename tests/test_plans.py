@@ -124,6 +124,37 @@ def test_two_workers_never_hash_one_new_expert_at_once(fleet, private_store, tmp
             assert all(expert(later) in hashing for later, _ in started[i + 1 :]), started
 
 
+def test_a_steps_result_reaches_the_driver_without_torch(fleet, private_store, tmp_path):
+    """What a worker returns for an apply step over two paths unpickles in a process that
+    has not imported torch, and leaves it so (the driver commits from records; importing
+    torch to read a result cost it 0.5 s while the workers waited)."""
+    import pickle
+
+    from compressor.executors import run_task, task_of
+    from compressor.plans import load_plan
+    from compressor.store import open_store
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN.replace("./", f"{fleet}/").split("  - name: merged")[0])
+    store = open_store(private_store)
+    try:
+        out = run_task(str(private_store), task_of(load_plan(plan)[0], {}, store))
+    finally:
+        store.close()
+    assert "ok" in out, out
+    result = tmp_path / "result.pickle"
+    result.write_bytes(pickle.dumps(out))
+    check = (
+        "import pickle, sys\n"
+        f"out = pickle.loads(open({str(result)!r}, 'rb').read())\n"
+        "externals = out['ok'].fields['externals']\n"
+        "assert len(externals) == 2 and all(len(e.fingerprint) == 64 for e in externals)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    got = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert (got.returncode, got.stdout) == (0, "False\n"), got.stderr[-2000:]
+
+
 def test_dry_run_prints_the_order_and_touches_no_store(run, fleet, private_store):
     r = run("run", str(fleet / "plan.yaml"), "--dry-run")
     assert r.exit_code == 0
