@@ -336,12 +336,12 @@ class _Unhashed:
 
 class LocalExecutor:
     """``-j N`` worker processes on this machine (spawned: no state shared with the driver),
-    each with its share of the CPU threads."""
+    each with ``threads`` CPU threads (default: its share of the machine's cores)."""
 
-    def __init__(self, store_root: Path, jobs: int):
+    def __init__(self, store_root: Path, jobs: int, threads: int | None = None):
         self.store_root = str(store_root)
         self.jobs = jobs
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         self._pool = None
 
     def _new_pool(self):
@@ -407,13 +407,18 @@ def _die_with(driver: int) -> None:
 
 
 class RayExecutor:
-    """Each step a Ray task (``num_cpus`` 1, memory hinted from the inputs' sizes) on an
-    existing cluster (``address``) or on one started for the run on this machine (with
-    ``jobs`` CPUs, else all of them). At most ``jobs`` tasks (else one per CPU of the
-    cluster) are in flight."""
+    """Each step a Ray task (``threads`` CPUs and torch threads, memory hinted from the
+    inputs' sizes) on an existing cluster (``address``) or on one started for the run on
+    this machine (with ``jobs`` × ``threads`` CPUs, else all of them). At most ``jobs``
+    tasks (else as many as the cluster's CPUs hold) are in flight."""
 
     def __init__(
-        self, store_root: Path, address: str | None, jobs: int | None, retries: int = RETRIES
+        self,
+        store_root: Path,
+        address: str | None,
+        jobs: int | None,
+        retries: int = RETRIES,
+        threads: int = 1,
     ):
         try:
             import ray
@@ -423,11 +428,21 @@ class RayExecutor:
         self.store_root = str(store_root)
         self._started = not ray.is_initialized()
         if self._started:
-            kw = {"address": address} if address else {"num_cpus": jobs or os.cpu_count()}
-            ray.init(include_dashboard=False, log_to_driver=False, **kw)
+            here = {"num_cpus": jobs * threads if jobs else os.cpu_count()}
+            ray.init(
+                include_dashboard=False,
+                log_to_driver=False,
+                **({"address": address} if address else here),
+            )
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.slots = min(jobs, cpus) if jobs else cpus
-        self._remote = ray.remote(num_cpus=1, max_retries=retries)(run_task)
+        if threads > cpus:
+            self.close()
+            raise UsageError(
+                f"a step of {threads} threads needs {threads} CPUs; the Ray cluster has {cpus}"
+            )
+        self.threads = threads
+        self.slots = max(1, min(jobs or cpus, cpus // threads))
+        self._remote = ray.remote(num_cpus=threads, max_retries=retries)(run_task)
 
     def has_room(self, running: int) -> bool:
         return running < self.slots
@@ -435,7 +450,7 @@ class RayExecutor:
     def submit(self, task: dict):
         memory = _memory_hint(task)
         remote = self._remote.options(memory=memory) if memory else self._remote
-        return remote.remote(self.store_root, task, 1)
+        return remote.remote(self.store_root, task, self.threads)
 
     def wait(self, handles):
         ready, _ = self.ray.wait(handles, num_returns=1)

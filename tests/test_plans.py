@@ -155,6 +155,26 @@ def test_a_steps_result_reaches_the_driver_without_torch(fleet, private_store, t
     assert (got.returncode, got.stdout) == (0, "False\n"), got.stderr[-2000:]
 
 
+def test_threads_per_worker(run, fleet, private_store, tmp_path):
+    """--threads sets each worker's torch threads (default: the cores shared among the
+    workers); the steps' results do not depend on it."""
+    import os
+
+    from compressor.executors import LocalExecutor
+
+    assert LocalExecutor(private_store, 2).threads == max(1, (os.cpu_count() or 1) // 2)
+    assert LocalExecutor(private_store, 1).threads == os.cpu_count()
+    assert LocalExecutor(private_store, 2, threads=3).threads == 3
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN.replace("./", f"{fleet}/").split("  - name: merged")[0])
+    code, results = run_plan(run, plan, "-j", "2", "--threads", "1")
+    assert code == 0 and [r["status"] for r in results] == ["done"] * 8
+    other = tmp_path / "other"
+    r = run("--store", other, "--quiet", "run", str(plan), "--threads", "2")
+    assert r.exit_code == 0, r.output
+    assert plan_blobs(private_store) == plan_blobs(other)
+
+
 def test_dry_run_prints_the_order_and_touches_no_store(run, fleet, private_store):
     r = run("run", str(fleet / "plan.yaml"), "--dry-run")
     assert r.exit_code == 0

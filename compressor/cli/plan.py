@@ -41,7 +41,7 @@ def register(cli):
         type=click.IntRange(min=1),
         default=None,
         help="Steps run at once: local worker processes (default 1), or Ray tasks (default: "
-        "the cluster's CPUs; a cluster started here gets this many).",
+        "as many as the cluster's CPUs hold; a cluster started here gets -j x --threads CPUs).",
     )
     @click.option(
         "--executor",
@@ -52,6 +52,13 @@ def register(cli):
     )
     @click.option("--ray-address", help="An existing Ray cluster (default: start one here).")
     @click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="CPU threads of each step (a Ray task reserves that many CPUs); default: local, "
+        "this machine's cores shared among the -j workers; Ray, 1.",
+    )
+    @click.option(
         "--retries",
         type=click.IntRange(min=0),
         default=3,
@@ -60,7 +67,7 @@ def register(cli):
     )
     @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
     @click.pass_obj
-    def run_plan(state, plan, dry_run, jobs, executor, ray_address, retries, as_json):
+    def run_plan(state, plan, dry_run, jobs, executor, ray_address, threads, retries, as_json):
         """Run the steps of PLAN (YAML): apply, merge, extract, train, sample, eval, export.
 
         Steps run when the steps they read are done, several at once; a step whose
@@ -88,9 +95,9 @@ def register(cli):
             return
         st = state.store
         if executor == "ray":
-            ex = RayExecutor(st.root, ray_address, jobs, retries)
+            ex = RayExecutor(st.root, ray_address, jobs, retries, threads or 1)
         else:
-            ex = LocalExecutor(st.root, jobs or 1)
+            ex = LocalExecutor(st.root, jobs or 1, threads)
 
         def event(res, done, total):
             if not state.quiet:
