@@ -572,6 +572,24 @@ def test_ray_executor_without_ray_names_the_extra(run, fleet, private_store, mon
     )
 
 
+@pytest.mark.slow
+def test_ray_step_wider_than_the_cluster_is_refused(run, fleet, private_store):
+    """On a running cluster of 1 CPU a step of 2 threads could never be scheduled."""
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert_refused(
+            run,
+            private_store,
+            ["run", str(fleet / "plan.yaml"), "--executor", "ray", "--threads", "2"],
+            "a step of 2 threads needs 2 CPUs; the Ray cluster has 1",
+            code=2,
+        )
+    finally:
+        ray.shutdown()
+
+
 def test_ray_memory_hint_counts_stored_and_path_inputs(run, fleet, private_store):
     """The memory a step's Ray task asks for: twice its largest input, a stored artifact's
     bytes from the catalog rows its task carries, or a path's safetensors files."""
