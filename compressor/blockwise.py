@@ -6,10 +6,10 @@ Hessians) fits a model far larger than RAM. The model is built by transformers w
 single layer; that layer's weights are replaced by layer k's, read from the source, for
 each k in turn. The inputs layer 0 receives are captured once per batch (hidden states
 and the keyword arguments the model hands every layer: masks, positions, rotary
-embeddings), and layer k's outputs feed layer k+1. With ``transform(k, layer)``, layer k is run
-twice: once to hand its modules' inputs to ``on_input``, then, after ``transform``
-has changed it (quantised its weights, say), again to compute what layer k+1 receives
-(true-sequential calibration).
+embeddings), and layer k's outputs feed layer k+1. With ``transform(k, layer, calibration)``,
+layer k is run twice: once to hand its modules' inputs to ``on_input``, then, after
+``transform`` has changed it (quantised its weights, say), again to compute what layer
+k+1 receives (true-sequential calibration).
 
 This needs an architecture whose layers all take the same keyword arguments and whose
 checkpoint names are the model's own; :func:`supports` says whether a model qualifies
@@ -36,6 +36,17 @@ BLOCKWISE_FAMILIES = ("llama", "bert")  # tested; others run through the whole m
 
 class _Captured(Exception):
     """Raised by the hook on layer 0 once it has the layer's inputs."""
+
+
+class Calibration:
+    """What layer k is calibrated on: ``inputs``, each batch's positional and keyword
+    arguments as the (possibly changed) layers before it computed them, and ``targets``,
+    what the unchanged layer k computes for each batch: from the source model's own
+    hidden states (``run_blockwise(..., source_targets=True)``), else from ``inputs``."""
+
+    def __init__(self, inputs: list[tuple[tuple, dict]], targets: list):
+        self.inputs = inputs
+        self.targets = targets
 
 
 def supports(layout: FfnModel) -> bool:
@@ -90,14 +101,19 @@ def run_blockwise(
     on_input: Callable[[int, str, int, torch.Tensor], None],
     suffixes: tuple[str, ...],
     head: str = "saved",
-    transform: Callable[[int, torch.nn.Module], None] | None = None,
+    transform: Callable[[int, torch.nn.Module, Calibration], None] | None = None,
     progress=None,
+    source_targets: bool = False,
 ) -> None:
     """Run ``batches`` (model keyword arguments) through the model layer by layer.
 
     ``on_input(layer, suffix, batch, x)`` receives the input of every module of layer
     ``layer`` whose name (after ``<layers>.<k>.``) is in ``suffixes``; ``transform(k,
-    layer_module)`` may then change layer k before its outputs go on to layer k+1.
+    layer_module, calibration)`` may then change layer k before its outputs go on to layer
+    k+1; it runs with gradients enabled and gets a :class:`Calibration`. With
+    ``source_targets`` the source model's own hidden states are carried beside the changed
+    ones (one more forward of each layer), so a transform can fit layer k to what the
+    source model computes there, making up for what the changed layers before it lost.
     """
     import torch
 
@@ -136,17 +152,21 @@ def run_blockwise(
 
             return hook
 
-        def run_layer() -> list:
+        def run_layer(inputs: list) -> list:
             outs = []
-            for b, (args, kwargs) in enumerate(captured):
+            for b, (args, kwargs) in enumerate(inputs):
                 state["batch"] = b
                 with torch.no_grad():
                     out = block(*args, **kwargs)
                 outs.append(out[0] if isinstance(out, tuple) else out)
             return outs
 
+        def fed(outs: list, inputs: list) -> list:  # what the next layer receives
+            return [((h, *a[1:]), kw) for h, (a, kw) in zip(outs, inputs, strict=True)]
+
         handles = [modules[s].register_forward_pre_hook(hook_for(s)) for s in suffixes]
         own = block.state_dict()
+        source_stream = None  # the source model's inputs to layer k, once a layer changed
         try:
             for k in progress(range(layout.num_layers), desc="calibrate", unit="layer"):
                 prefix = f"{layout.prefix}{layout.layout.layers}.{k}."
@@ -156,13 +176,15 @@ def run_blockwise(
                         if name in source.infos():
                             tensor.copy_(source.get(name))
                 state["layer"], state["collect"] = k, True
-                outs = run_layer()
+                outs = run_layer(captured)
                 if transform is not None:  # layer k changed: k+1 sees the changed layer's outputs
-                    with torch.no_grad():
-                        transform(k, block)
                     state["collect"] = False
-                    outs = run_layer()
-                captured[:] = [((h, *a[1:]), kw) for h, (a, kw) in zip(outs, captured, strict=True)]
+                    targets = outs if source_stream is None else run_layer(source_stream)
+                    transform(k, block, Calibration(list(captured), targets))
+                    if source_targets:
+                        source_stream = fed(targets, source_stream or captured)
+                    outs = run_layer(captured)
+                captured[:] = fed(outs, captured)
         finally:
             for h in handles:
                 h.remove()

@@ -351,6 +351,13 @@ def test_bad_inputs(run, models, private_store, tmp_path):
         "groups_per_row 3 does not divide the 128 columns of 'model.layers.0.mlp.down_proj'",
         code=2,
     )
+    assert_refused(
+        run,
+        private_store,
+        ["apply", "-p", "sketchtune", base, "-o", "block_tune_lr", "0"],
+        "option 'block_tune_lr' must be positive; got '0'",
+        code=2,
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert_refused(
@@ -476,3 +483,66 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_run(
         "run code, and compressor never does that",
     )
     assert not target.exists()
+
+
+def test_block_tuning_fits_each_block_to_the_source_on_held_out_rows(run, models, tmp_path):
+    """At 2 bits each block's tables are tuned to the source model's block outputs; the
+    manifest's held-out errors are those of the stored tables, recomputed here from the
+    exported models with transformers, and the start is the untuned sketch."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.plugins.sketchtune import calibration_batches
+    from compressor.sources import open_model_dir
+
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(f"errors should never pass silently {i} {i % 7}" for i in range(32)))
+    base = models["base-fp32"]
+    common = ("-o", "data", data, "-o", "bits", "2")
+    assert run("apply", "-p", "sketchtune", base, *common, "-n", "tuned").exit_code == 0
+    r = run("apply", "-p", "sketchtune", base, *common, "-o", "block_tune", "0", "-n", "plain")
+    assert r.exit_code == 0, r.output
+    tuned = json.loads(run("store", "show", "tuned", "--json").stdout)
+    plain = json.loads(run("store", "show", "plain", "--json").stdout)
+    assert tuned["manifest"]["block_tune_passes"] == 4  # the default at 2 bits
+    assert tuned["manifest"]["block_tune_lr"] == 3e-4
+    assert plain["manifest"]["block_tune_passes"] == 0 and plain["manifest"]["block_errors"] == {}
+    errors = tuned["manifest"]["block_errors"]
+    assert set(errors) == {"0", "1"}
+    assert all(after <= before for before, after in errors.values())
+    assert any(after < 0.9 * before for before, after in errors.values())
+    assert tuned["metrics"]["mean_block_error"] == pytest.approx(
+        sum(a for _, a in errors.values()) / 2
+    )
+
+    # layer 0 reads the embeddings in every run: its held-out error (the last of the four
+    # batches of 8 rows) can be recomputed from the exported models alone
+    with open_model_dir(base) as source:
+        held_out = calibration_batches(source, str(data), 128, 512)[-1]
+    reference = AutoModelForCausalLM.from_pretrained(base).eval()
+
+    def layer0_error(ref: str) -> float:
+        out = tmp_path / ref
+        assert run("export", ref, out).exit_code == 0
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            got = model(**held_out, output_hidden_states=True).hidden_states[1]
+            want = reference(**held_out, output_hidden_states=True).hidden_states[1]
+        keep = held_out["attention_mask"].bool()
+        return float(((got - want)[keep] ** 2).sum() / (want[keep] ** 2).sum())
+
+    assert layer0_error("tuned") == pytest.approx(errors["0"][1], rel=1e-3)
+    assert layer0_error("plain") == pytest.approx(errors["0"][0], rel=1e-3)
+
+
+def test_block_tuning_with_one_calibration_batch_is_skipped_with_a_warning(run, models, tmp_path):
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(f"flat is better than nested {i}" for i in range(8)))
+    args = ("-o", "data", data, "-o", "bits", "2", "-n", "few")
+    r = run("apply", "-p", "sketchtune", models["base-fp32"], *args)
+    assert r.exit_code == 0, r.output
+    assert (
+        "Warning: sketchtune: block tuning holds out a quarter of the calibration batches of "
+        "8 rows and 8 rows make one: it is skipped (give 16 rows or more)\n"
+    ) in r.stderr
+    manifest = json.loads(run("store", "show", "few", "--json").stdout)["manifest"]
+    assert manifest["block_tune_passes"] == 0 and manifest["block_errors"] == {}
