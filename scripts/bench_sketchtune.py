@@ -3,10 +3,11 @@
     python scripts/bench_sketchtune.py                 # the 1.5B shape, 4 of its 30 layers
     python scripts/bench_sketchtune.py --layers 30     # the whole 1.48B model (slow on 2 cores)
     python scripts/bench_sketchtune.py --write-docs    # also update docs/benchmarks.md
+    python scripts/bench_sketchtune.py --layers 1 --calibrated-only --bits 2 -o block_tune 0
 
 A synthetic Llama-shaped checkpoint (hidden 2048, d_ff 5632, vocab 32000, bf16, the
-shape bench_matformer.py cuts at 1.48B) is sketched at 4 bits, 4 tables per row, without
-data and with 128 calibration rows of 128 tokens (block by block, true-sequential). The
+shape bench_matformer.py cuts at 1.48B) is sketched at 4 bits (``--bits``), 4 tables per
+row, without data and with 128 calibration rows of 128 tokens (block by block, true-sequential). The
 yardstick is round-to-nearest at 4 bits with groups of 64 columns, streamed tensor by
 tensor into a safetensors artifact by the same writer (the cheapest way to 4 bits).
 Peak RSS does not grow with the layer count (one layer, the embeddings and the
@@ -54,6 +55,16 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--calibrated-only", action="store_true", help="skip the RTN and no-data runs")
+    ap.add_argument("--bits", type=int, default=4, help="bits of the sketches (2, 3 or 4)")
+    ap.add_argument(
+        "-o",
+        dest="options",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a sketchtune option for the calibrated run (repeatable)",
+    )
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
 
@@ -85,17 +96,23 @@ def main() -> None:
             "-o",
             "groups_per_row",
             "4",
+            "-o",
+            "bits",
+            str(args.bits),
         ]
+        extra = [x for key, value in args.options for x in ("-o", key, value)]
+        shown = "".join(f", {key} {value}" for key, value in args.options)
         runs = [
             (
                 "round-to-nearest 4-bit, g64 (the yardstick)",
                 [sys.executable, "-c", RTN, str(src), str(work / "rtn")],
             ),
-            ("sketch 4-bit G4, no data", sketch),
+            (f"sketch {args.bits}-bit G4, no data", sketch),
             (
-                "sketch 4-bit G4, 128 calibration rows x 128 tokens",
+                f"sketch {args.bits}-bit G4, 128 calibration rows x 128 tokens{shown}",
                 [
                     *sketch,
+                    *extra,
                     "-o",
                     "data",
                     str(calib),

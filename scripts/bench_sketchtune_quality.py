@@ -35,9 +35,12 @@ from bench_foundation import write_docs_section  # noqa: E402
 
 from compressor.plugins.sketchtune import (  # noqa: E402
     SketchPlan,
+    block_tune_lr,
+    block_tune_passes,
     calibrate_sequentially,
     calibration_batches,
     sketch_weight,
+    tune_layer,
 )
 from compressor.quantize import (  # noqa: E402
     activation_order,
@@ -56,6 +59,8 @@ SKETCH = {
     "saliency": "obs",
     "refit": None,
     "act_order": True,
+    "block_tune": None,
+    "block_tune_lr": None,
 }
 
 
@@ -63,14 +68,16 @@ def quantised(source, arm: dict, calib) -> tuple[dict, float]:
     """{weight name: Ŵ} for every linear of the layer list under one arm, and its bits/weight."""
     plan = SketchPlan(source, arm.get("groups", 1))
     out, bits = {}, 0.0
+    pending = {}  # name -> (tables, codes) of the block being sketched
+    opts = {**SKETCH, **{key: arm[key] for key in SKETCH if key in arm}}
+    opts |= {"bits": arm["bits"], "groups_per_row": arm.get("groups", 1), "data": "calibrated"}
 
     def one(name, weight, hessian):
         nonlocal bits
         o, i = weight.shape
         if arm["kind"] == "sketch":
-            opts = {**SKETCH, **{key: arm[key] for key in SKETCH if key in arm}}
-            opts |= {"bits": arm["bits"], "groups_per_row": arm["groups"]}
-            approx = sketch_weight(weight, hessian, opts)[2]
+            tables, codes, approx, _ = sketch_weight(weight, hessian, opts)
+            pending[name] = (tables, codes)
             bits += o * i * arm["bits"] + o * arm["groups"] * 16 * 2 ** arm["bits"]
         else:
             gs = min(arm["group"], i)
@@ -89,7 +96,23 @@ def quantised(source, arm: dict, calib) -> tuple[dict, float]:
             one(name, source.get(name), None)
     else:
         sequential = arm.get("sequential", True)
-        calibrate_sequentially(plan, calib, one, lambda k: None, sequential=sequential)
+        passes = block_tune_passes(opts) if arm["kind"] == "sketch" else 0
+
+        def tune(layer, block, calibration, masks, _hessian):
+            got = tune_layer(
+                plan, layer, block, calibration, masks, pending, passes, block_tune_lr(opts)
+            )
+            for name, w in (got[1] if got else {}).items():
+                out[name] = w.to(out[name].dtype)
+
+        calibrate_sequentially(
+            plan,
+            calib,
+            one,
+            lambda k: pending.clear(),
+            sequential=sequential,
+            tune=tune if passes else None,
+        )
     weights = sum(math.prod(source.info(n).shape) for n in plan.linears)
     return out, bits / weights
 
@@ -164,6 +187,26 @@ ARMS += [  # the refit is the default at 3 and 4 bits: these arms differ at 2 on
     for g in (1, 2, 4)
 ]
 ARMS += [("sketch G4, damp 0.1", {"kind": "sketch", "groups": 4, "damp": 0.1})]
+ARMS += [  # block tuning is the default at 2 bits: these arms leave it out there
+    (
+        f"sketch G{g}, no block tuning",
+        {"kind": "sketch", "groups": g, "block_tune": 0, "bits_only": (2,)},
+    )
+    for g in (1, 4)
+]
+ARMS += [  # and these add it at 3 and 4 bits
+    (
+        f"sketch G{g}, block tuning",
+        {"kind": "sketch", "groups": g, "block_tune": 4, "bits_only": (3, 4)},
+    )
+    for g in (1, 4)
+]
+ARMS += [
+    (
+        "sketch G4, damp 0.1, block tuning",
+        {"kind": "sketch", "groups": 4, "damp": 0.1, "block_tune": 4, "bits_only": (3, 4)},
+    )
+]
 ARMS += [
     (
         "sketch G4, damp 0.1, refit",
