@@ -516,8 +516,8 @@ def _calibrate(job, plan: SketchPlan, state: _Written) -> dict:
     tune = state.tune if block_tune_passes(opts) else None
     if tune is not None and len(inputs) < 2:
         job.warn(
-            f"sketchtune: block tuning holds out a quarter of the calibration batches of 8 "
-            f"rows and {inputs.rows} rows make one: it is skipped (give 16 rows or more)"
+            f"sketchtune: block tuning holds out a quarter of the calibration batches (8 rows "
+            f"each), and {inputs.rows} rows make only one: it is skipped (give 9 rows or more)"
         )
         tune = None
     calibrate_sequentially(

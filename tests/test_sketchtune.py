@@ -541,8 +541,8 @@ def test_block_tuning_with_one_calibration_batch_is_skipped_with_a_warning(run, 
     r = run("apply", "-p", "sketchtune", models["base-fp32"], *args)
     assert r.exit_code == 0, r.output
     assert (
-        "Warning: sketchtune: block tuning holds out a quarter of the calibration batches of "
-        "8 rows and 8 rows make one: it is skipped (give 16 rows or more)\n"
+        "Warning: sketchtune: block tuning holds out a quarter of the calibration batches "
+        "(8 rows each), and 8 rows make only one: it is skipped (give 9 rows or more)\n"
     ) in r.stderr
     manifest = json.loads(run("store", "show", "few", "--json").stdout)["manifest"]
     assert manifest["block_tune_passes"] == 0 and manifest["block_errors"] == {}
