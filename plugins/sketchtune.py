@@ -643,7 +643,12 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     block's relative output error, and the best are kept, so tuning that fits the
     calibration text without carrying over is refused. Returns ({suffix: fp16 tables},
     held-out error before, after); the errors are None when there are too few batches
-    to hold one out (the tables come back as they were)."""
+    to hold one out (the tables come back as they were).
+
+    Memory: a batch goes through the block in chunks of rows of about 1,024 tokens, so
+    backward keeps one chunk's activations, not a batch's; Ŵ is decoded once a batch and
+    its gradient, summed over the chunks, goes to the tables (a scatter-add) one weight
+    at a time."""
     import torch
     from torch.func import functional_call
 
@@ -655,20 +660,34 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     held = min(max(round(n / 4), 1), n - 1) if n > 1 else 0
     train, judge = list(range(n - held)), list(range(n - held, n))
 
-    def error(tables: dict, b: int):
+    def error(tables: dict, b: int, learn: bool = False) -> tuple[float, float]:
+        """Σ squared output error and Σ squared target over batch b's tokens; with
+        ``learn``, the relative error's gradient added to the tables'."""
         args, kwargs = calibration.inputs[b]
-        weights = {f"{s}.weight": decode_tables(t, codes[s]).to(dtype) for s, t in tables.items()}
-        out = functional_call(block, weights, args, kwargs)
-        out = (out[0] if isinstance(out, tuple) else out).float()
-        target = calibration.targets[b].float()
-        keep = masks[b]
-        diff = (out - target)[keep]
-        return (diff * diff).sum(), (target[keep] ** 2).sum()
+        target, keep = calibration.targets[b], masks[b]
+        power = float((target.float()[keep] ** 2).sum())
+        with torch.no_grad():
+            weights = {s: decode_tables(t, codes[s]).to(dtype) for s, t in tables.items()}
+        for w in weights.values():
+            w.requires_grad_(learn)
+        named = {f"{s}.weight": w for s, w in weights.items()}
+        num = 0.0
+        for rows, a, kw in _row_chunks(args, kwargs):
+            out = functional_call(block, named, a, kw)
+            diff = (out[0] if isinstance(out, tuple) else out).float() - target[rows].float()
+            e = (diff[keep[rows]] ** 2).sum()
+            if learn:
+                (e / max(power, 1e-30)).backward()
+            num += float(e.detach())
+        if learn:  # dŴ, summed over the chunks, to the table entries
+            for s, t in tables.items():
+                decode_tables(t, codes[s]).to(dtype).backward(weights[s].grad)
+        return num, power
 
     def judged(tables: dict) -> float:
         with torch.no_grad():
             parts = [error(tables, b) for b in judge]
-        return float(sum(e for e, _ in parts)) / max(float(sum(p for _, p in parts)), 1e-30)
+        return sum(e for e, _ in parts) / max(sum(p for _, p in parts), 1e-30)
 
     kept = {s: t.half() for s, (t, _) in sketches.items()}
     if not judge or passes == 0:
@@ -682,9 +701,8 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     try:
         for _ in range(passes):
             for b in train:
-                e, p = error(tables, b)
                 opt.zero_grad()
-                (e / p.clamp(min=1e-30)).backward()
+                error(tables, b, learn=True)
                 opt.step()
             stored = {s: t.detach().half() for s, t in tables.items()}
             now = judged({s: t.float() for s, t in stored.items()})
@@ -694,6 +712,31 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
         for p in frozen:
             p.requires_grad_(True)
     return kept, start, best
+
+
+def _row_chunks(args: tuple, kwargs: dict, tokens: int = 1024):
+    """(rows, args, kwargs) for chunks of a batch's rows of about ``tokens`` tokens:
+    every tensor of 2+ dimensions whose first is the batch's is cut to the chunk's rows
+    (hidden states, masks, positions, per-row rotary tables); the rest is shared."""
+    import torch
+
+    batch, length = args[0].shape[:2]
+    step = max(1, tokens // max(length, 1))
+
+    def cut(x, rows: slice):
+        if isinstance(x, torch.Tensor):
+            return x[rows] if x.dim() >= 2 and x.shape[0] == batch else x
+        if isinstance(x, tuple):
+            return tuple(cut(v, rows) for v in x)
+        if isinstance(x, list):
+            return [cut(v, rows) for v in x]
+        if isinstance(x, dict):
+            return {k: cut(v, rows) for k, v in x.items()}
+        return x
+
+    for lo in range(0, batch, step):
+        rows = slice(lo, min(lo + step, batch))
+        yield rows, cut(args, rows), cut(kwargs, rows)
 
 
 def _import_released(job, plan: SketchPlan, state: _Written, path: str) -> None:

@@ -546,3 +546,38 @@ def test_block_tuning_with_one_calibration_batch_is_skipped_with_a_warning(run, 
     ) in r.stderr
     manifest = json.loads(run("store", "show", "few", "--json").stdout)["manifest"]
     assert manifest["block_tune_passes"] == 0 and manifest["block_errors"] == {}
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_block_run_in_chunks_of_rows_equals_the_block_run_whole(family, models, minilm, tmp_path):
+    """Block tuning runs a batch through a block a few rows at a time (its memory): the
+    rows of each argument cut by the batch dimension (masks, positions, rotary tables)
+    give the outputs of the whole batch, for a Llama and a BERT block."""
+    from compressor.blockwise import run_blockwise
+    from compressor.plugins.sketchtune import SketchPlan, _row_chunks, calibration_batches
+    from compressor.sources import open_model_dir
+
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join("beautiful is better than ugly " * (1 + i % 5) for i in range(12)))
+    path = models["base-fp32"] if family == "llama" else minilm["base"]
+    checked = []
+
+    def check(layer, block, calibration):
+        for args, kwargs in calibration.inputs:
+            with torch.no_grad():
+                whole = block(*args, **kwargs)
+                whole = whole[0] if isinstance(whole, tuple) else whole
+                parts = []
+                for rows, a, kw in _row_chunks(args, kwargs, tokens=args[0].shape[1]):
+                    out = block(*a, **kw)
+                    parts.append(out[0] if isinstance(out, tuple) else out)
+            assert len(parts) == args[0].shape[0] > 1  # one row a chunk
+            assert torch.allclose(torch.cat(parts), whole, atol=1e-5)
+            checked.append(layer)
+
+    with open_model_dir(path) as source:
+        plan = SketchPlan(source, 1)
+        inputs = calibration_batches(source, str(data), 12, 64)
+        suffixes = tuple(plan.suffixes())
+        run_blockwise(plan.layout, inputs, lambda *a: None, suffixes, transform=check)
+    assert len(checked) == 2 * plan.layout.num_layers  # 2 batches in every layer
