@@ -199,7 +199,7 @@ def test_broken_plugin_is_one_line_from_the_cli(tmp_path):
 def test_one_family_offers_one_method_per_verb(run, private_store, tmp_path):
     from conftest import assert_refused
 
-    from plugins.sketchtune import Sketch, SketchTrain
+    from compressor.plugins.sketchtune import Sketch, SketchTrain
 
     out = run("plugins", "show", "sketchtune").output
     assert f"sketchtune (compress, version {Sketch.version}," in out

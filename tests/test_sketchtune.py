@@ -568,7 +568,7 @@ def test_a_block_run_in_chunks_of_rows_equals_the_block_run_whole(family, models
                 whole = block(*args, **kwargs)
                 whole = whole[0] if isinstance(whole, tuple) else whole
                 parts = []
-                for rows, a, kw in _row_chunks(args, kwargs, tokens=args[0].shape[1]):
+                for _rows, a, kw in _row_chunks(args, kwargs, tokens=args[0].shape[1]):
                     out = block(*a, **kw)
                     parts.append(out[0] if isinstance(out, tuple) else out)
             assert len(parts) == args[0].shape[0] > 1  # one row a chunk
