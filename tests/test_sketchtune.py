@@ -337,27 +337,17 @@ def test_tune_stores_only_tables_and_decodes_through_its_sketch(run, models, tmp
 
 def test_bad_inputs(run, models, private_store, tmp_path):
     base = models["base-fp32"]
-    assert_refused(
-        run,
-        private_store,
-        ["apply", "-p", "sketchtune", base, "-o", "bits", "5"],
-        "option 'bits' must be 2, 3 or 4; got '5'",
-        code=2,
-    )
-    assert_refused(
-        run,
-        private_store,
-        ["apply", "-p", "sketchtune", base, "-o", "groups_per_row", "3"],
-        "groups_per_row 3 does not divide the 128 columns of 'model.layers.0.mlp.down_proj'",
-        code=2,
-    )
-    assert_refused(
-        run,
-        private_store,
-        ["apply", "-p", "sketchtune", base, "-o", "block_tune_lr", "0"],
-        "option 'block_tune_lr' must be positive; got '0'",
-        code=2,
-    )
+    for option, value, message in [
+        ("bits", "5", "option 'bits' must be 2, 3 or 4; got '5'"),
+        (
+            "groups_per_row",
+            "3",
+            "groups_per_row 3 does not divide the 128 columns of 'model.layers.0.mlp.down_proj'",
+        ),
+        ("block_tune_lr", "0", "option 'block_tune_lr' must be positive; got '0'"),
+    ]:
+        command = ["apply", "-p", "sketchtune", base, "-o", option, value]
+        assert_refused(run, private_store, command, message, code=2)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert_refused(
