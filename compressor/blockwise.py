@@ -22,6 +22,7 @@ import contextlib
 import json
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,15 +39,20 @@ class _Captured(Exception):
     """Raised by the hook on layer 0 once it has the layer's inputs."""
 
 
+@dataclass
 class Calibration:
     """What layer k is calibrated on: ``inputs``, each batch's positional and keyword
     arguments as the (possibly changed) layers before it computed them, and ``targets``,
     what the unchanged layer k computes for each batch: from the source model's own
     hidden states (``run_blockwise(..., source_targets=True)``), else from ``inputs``."""
 
-    def __init__(self, inputs: list[tuple[tuple, dict]], targets: list):
-        self.inputs = inputs
-        self.targets = targets
+    inputs: list[tuple[tuple, dict]]
+    targets: list
+
+
+def hidden_states(out):
+    """A layer's output hidden states (layers return them alone or first in a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def supports(layout: FfnModel) -> bool:
@@ -158,7 +164,7 @@ def run_blockwise(
                 state["batch"] = b
                 with torch.no_grad():
                     out = block(*args, **kwargs)
-                outs.append(out[0] if isinstance(out, tuple) else out)
+                outs.append(hidden_states(out))
             return outs
 
         def fed(outs: list, inputs: list) -> list:  # what the next layer receives

@@ -78,7 +78,6 @@ class SketchPlan:
             if name.endswith(".weight") and len(info.shape) == 2 and info.is_float:
                 self.by_layer.setdefault(layer, []).append(name)
         self.linears = [n for layer in sorted(self.by_layer) for n in self.by_layer[layer]]
-        self.linear_set = set(self.linears)
         if not self.linears:
             raise InputError(f"{source.label} has no linear weights in its layers to sketch")
         for name in self.linears:
@@ -91,14 +90,13 @@ class SketchPlan:
 
     def suffixes(self) -> list[str]:
         """The linear modules of a layer, as named inside it (``self_attn.q_proj``)."""
-        first = self.by_layer[min(self.by_layer)]
-        return [module_of(self.layout.layer_re.match(n).group(2)) for n in first]
+        return list(self.layer_linears(min(self.by_layer)))
 
     def layer_linears(self, layer: int) -> dict[str, str]:
         """Layer ``layer``'s sketched weights by module name inside the layer."""
-        prefix = f"{self.layout.prefix}{self.layout.layout.layers}.{layer}."
         return {
-            n.removeprefix(prefix).removesuffix(".weight"): n for n in self.by_layer.get(layer, [])
+            module_of(self.layout.layer_re.match(n).group(2)): n
+            for n in self.by_layer.get(layer, [])
         }
 
     def layer_tensors(self, layer: int) -> list[str]:
@@ -574,21 +572,17 @@ def calibrate_sequentially(
             f"sketchtune calibrates block by block, which the '{layout.model_type}' "
             "architecture does not support yet; leave out -o data for plain k-means"
         )
-    suffixes = plan.suffixes()
     acc = _Hessians([x["attention_mask"].bool() for x in inputs])
-    prefix = f"{layout.prefix}{layout.layout.layers}."
 
     def transform(layer: int, block, calibration) -> None:
         import torch
 
         modules = dict(block.named_modules())
         with torch.no_grad():
-            for suffix in suffixes:
-                name = f"{prefix}{layer}.{suffix}.weight"
-                if name in plan.linear_set:
-                    approx = quantize(name, source.get(name), acc.hessian(suffix))
-                    if sequential:
-                        modules[suffix].weight.copy_(approx)
+            for suffix, name in plan.layer_linears(layer).items():
+                approx = quantize(name, source.get(name), acc.hessian(suffix))
+                if sequential:
+                    modules[suffix].weight.copy_(approx)
         if tune is not None and sequential:
             tune(layer, block, calibration, acc.masks, acc.hessian)
         after_layer(layer)
@@ -598,7 +592,7 @@ def calibrate_sequentially(
         layout,
         inputs,
         acc.add,
-        tuple(suffixes),
+        tuple(plan.suffixes()),
         transform=transform,
         progress=progress,
         source_targets=tune is not None and sequential,
@@ -652,6 +646,7 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     import torch
     from torch.func import functional_call
 
+    from compressor.blockwise import hidden_states
     from compressor.quantize import decode_tables
 
     dtype = next(block.parameters()).dtype
@@ -659,13 +654,16 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     n = len(calibration.inputs)
     held = min(max(round(n / 4), 1), n - 1) if n > 1 else 0
     train, judge = list(range(n - held)), list(range(n - held, n))
+    powers = [  # Σ squared target over each batch's tokens: the relative error's denominator
+        float((t.float()[keep] ** 2).sum())
+        for t, keep in zip(calibration.targets, masks, strict=True)
+    ]
 
     def error(tables: dict, b: int, learn: bool = False) -> tuple[float, float]:
         """Σ squared output error and Σ squared target over batch b's tokens; with
         ``learn``, the relative error's gradient added to the tables'."""
         args, kwargs = calibration.inputs[b]
-        target, keep = calibration.targets[b], masks[b]
-        power = float((target.float()[keep] ** 2).sum())
+        target, keep, power = calibration.targets[b], masks[b], powers[b]
         with torch.no_grad():
             weights = {s: decode_tables(t, codes[s]).to(dtype) for s, t in tables.items()}
         for w in weights.values():
@@ -674,7 +672,7 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
         num = 0.0
         for rows, a, kw in _row_chunks(args, kwargs):
             out = functional_call(block, named, a, kw)
-            diff = (out[0] if isinstance(out, tuple) else out).float() - target[rows].float()
+            diff = hidden_states(out).float() - target[rows].float()
             e = (diff[keep[rows]] ** 2).sum()
             if learn:
                 (e / max(power, 1e-30)).backward()
