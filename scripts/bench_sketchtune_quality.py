@@ -2,6 +2,8 @@
 
     python scripts/bench_sketchtune_quality.py              # MiniLM and the suite's causal LM
     python scripts/bench_sketchtune_quality.py --write-docs # also update docs/benchmarks.md
+    python scripts/bench_sketchtune_quality.py --models minilm --bits 4 --samples 512 \
+        --arms "GPTQ g64;sketch G4" --write-docs            # more calibration, some arms
 
 Every linear weight in the layer list of two real models is quantised at 4, 3 and 2 bits
 by: round-to-nearest on a min/max grid per group of columns (RTN), GPTQ on the same grid
@@ -13,14 +15,15 @@ scales: RTN/GPTQ b + (16 + b)/group (an fp16 scale and a b-bit zero per group); 
 b + 16·2^b·G/in (fp16 tables). Scores: MiniLM (all-MiniLM-L6-v2, the real pretrained
 encoder) by the mean cosine of its sentence embeddings against the fp32 model's on
 held-out text; the suite's causal LM expert by perplexity on its held-out text.
-Calibration: 128 training lines (max 128 tokens) taken in turn from each topic's training
-file, Hessians from the model quantised so far.
+Calibration: 128 training lines (``--samples``; max 128 tokens) taken in turn from each
+topic's training file, Hessians from the model quantised so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -225,14 +228,32 @@ def mixed_calibration(data: Path, out: Path) -> Path:
     return out / "calibration-mixed.txt"
 
 
+def packed(lines_file: Path, tokenizer, tokens: int) -> Path:
+    """The same lines joined (space-separated) into rows of at least ``tokens`` tokens."""
+    rows, row, n = [], [], 0
+    for line in lines_file.read_text().splitlines():
+        row.append(line)
+        n += len(tokenizer(line, add_special_tokens=False)["input_ids"])
+        if n >= tokens:
+            rows.append(" ".join(row))
+            row, n = [], 0
+    out = lines_file.with_name(f"calibration-packed-{tokens}.txt")
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--write-docs", action="store_true")
-    ap.add_argument("--arms", help="only the arms whose name contains one of these (comma list)")
+    ap.add_argument("--arms", help="only the arms of these names (a list separated by ';')")
+    ap.add_argument("--samples", type=int, default=128, help="calibration lines")
+    ap.add_argument("--pack", type=int, help="join calibration lines into rows of this many tokens")
     ap.add_argument("--models", default="minilm,lm", help="minilm, lm or both")
     ap.add_argument("--smoke", action="store_true", help="the smoke suite (quick, untrained LM)")
     args = ap.parse_args()
+    if args.write_docs and args.pack:
+        ap.error("--pack runs are not written to the docs")
     from compressor.demo_models import minilm_dir
 
     suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
@@ -249,19 +270,26 @@ def main() -> None:
     ]
     chosen = args.models.split(",")
     models = [m for m, key in zip(models, ("minilm", "lm"), strict=True) if key in chosen]
-    arms = [
-        (name, arm)
-        for name, arm in ARMS
-        if not args.arms or any(want in name for want in args.arms.split(","))
-    ]
+    wanted = [want.strip() for want in args.arms.split(";")] if args.arms else []
+    unknown = sorted(set(wanted) - {name for name, _ in ARMS})
+    if unknown:
+        ap.error(f"no arm named {', '.join(map(repr, unknown))}")
+    arms = [(name, arm) for name, arm in ARMS if not wanted or name in wanted]
     lines = []
     for label, path, make_scorer in models:
         source = open_model_dir(path)
-        calib = calibration_batches(source, str(calib_file), 128, 128)
+        rows_file = calib_file
+        if args.pack:
+            from transformers import AutoTokenizer
+
+            rows_file = packed(calib_file, AutoTokenizer.from_pretrained(path), args.pack)
+        calib = calibration_batches(source, str(rows_file), args.samples, 128)
+        tokens = sum(int(x["attention_mask"].sum()) for x in calib)
         score, what, full = make_scorer(path, held_out)
         lines += [
             "",
-            f"**{label}**: {what}; the fp32 model scores {full:.4f}.",
+            f"**{label}**: {what}; the fp32 model scores {full:.4f}. Calibration: "
+            f"{calib.rows} lines, {tokens:,} tokens.",
             "",
             "| bits | arm | bits/weight | score | time (s) |",
             "| --- | --- | --- | --- | --- |",
@@ -280,10 +308,11 @@ def main() -> None:
     text = "\n".join(lines).strip()
     print(text)
     if args.write_docs:
+        default = args.samples == 128
+        command = shlex.join(["python", "scripts/bench_sketchtune_quality.py", *sys.argv[1:]])
         write_docs_section(
-            "sketchtune-quality",
-            "Measured by `python scripts/bench_sketchtune_quality.py --write-docs` "
-            f"({torch.get_num_threads()} threads).\n\n" + text,
+            "sketchtune-quality" + ("" if default else f"-{args.samples}"),
+            f"Measured by `{command}` ({torch.get_num_threads()} threads).\n\n" + text,
             heading="SketchTune quality: sketches beside RTN and GPTQ at equal bits per weight",
         )
 
