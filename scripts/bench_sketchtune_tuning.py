@@ -3,6 +3,7 @@
     python scripts/bench_sketchtune_tuning.py               # the full suite
     python scripts/bench_sketchtune_tuning.py --write-docs  # also update docs/benchmarks.md
     python scripts/bench_sketchtune_tuning.py --only text --seeds 0,1,2  # means over seeds
+    python scripts/bench_sketchtune_tuning.py --arms "lora;512"  # arms whose names hold these
 
 Two tasks of the evaluation suite: the text task (MiniLM with an 8-topic head, every
 topic's training rows; accuracy on the test rows) and the LM task (the suite's Llama on
@@ -13,7 +14,9 @@ one topic's lines; perplexity on its held-out lines). Arms, all trained by the s
 - QLoRA-like: the same LoRA on a base rounded to 4 bits (RTN, groups of 64 columns);
 - SketchTune: a 4-bit sketch with G tables per row (calibrated on the training text),
   tables tuned, codes frozen. Trainable entries Σ rows·G·16 = LoRA's r·(in + out) at
-  r = 8·G on square layers.
+  r = 8·G on square layers. Twice: calibrated by default (128 rows), and on 512 rows
+  with block tuning (the better base the README recommends; the same size). Each sketch
+  is made once; every fit tunes a fresh copy of its tables.
 
 Each arm's learning rate is the best of its grid on the validation rows at the first
 seed (LoRA 3e-4 and 1e-3; the sketch 3e-4, 1e-3 and 3e-3: its best was the top of
@@ -88,21 +91,24 @@ def lora_arm(base: Path, rank: int, head: str, quantise: bool):
     return net, params, base_bytes
 
 
-def sketch_arm(base: Path, groups: int, data: Path, store: Path):
+def sketch_arm(base: Path, groups: int, data: Path, store: Path, samples: int = 128, **extra):
+    """The sketch's net and tables; the sketch is made once in ``store``, and every fit
+    tunes a fresh copy of its tables (training never writes to the store)."""
     from compressor import api
     from compressor.modeling import source_model
     from compressor.plugins.sketchtune import swap_in_sketches
     from compressor.refs import resolve
     from compressor.store import open_store
 
-    opts = {"groups_per_row": groups, "data": str(data), "samples": 128, "max_length": 64}
-    record = api.apply("sketchtune", str(base), options=opts, store=store, name="sketch")
+    if not store.exists():
+        opts = {"groups_per_row": groups, "data": str(data), "samples": samples, "max_length": 64}
+        api.apply("sketchtune", str(base), options=opts | extra, store=store, name="sketch")
     st = open_store(store)
     sketch = resolve(st, "sketch").source
     ctx = source_model(sketch, "saved")
     net, _ = ctx.__enter__()
     params = list(swap_in_sketches(net, sketch).values())
-    return net, params, record.bytes - sum(p.numel() for p in params) * 2
+    return net, params, st.resolve("sketch").bytes - sum(p.numel() for p in params) * 2
 
 
 def fit(make, task, splits, steps: int, lr: float, seed: int, work: Path):
@@ -178,6 +184,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--only", choices=("text", "lm"), help="one task")
+    ap.add_argument("--arms", help="only the arms whose name contains one of these (';' list)")
     ap.add_argument(
         "--seeds", default="0", help="training-order seeds (comma list); lr picked at the first"
     )
@@ -214,12 +221,13 @@ def main() -> None:
                 read_examples(data_dir / "all-test.jsonl"),
             )
             calib = work / "calib.txt"
-            calib.write_text("\n".join(r.text for r in rows[:128]) + "\n")
+            calib.write_text("\n".join(r.text for r in rows[:512]) + "\n")
         else:
             rows = read_examples(data_dir / f"{stem}-train.txt")
             held = read_examples(data_dir / f"{stem}-test.txt")
             val, test = held, held
             calib = data_dir / f"{stem}-train.txt"
+        key = "text" if head == "ce" else "lm"
         arms = [
             (f"lora r{rank} (fp32 base)", lambda tmp, b=base, h=head: lora_arm(b, rank, h, False)),
             (
@@ -228,9 +236,17 @@ def main() -> None:
             ),
             (
                 f"sketch G{g} (4-bit)",
-                lambda tmp, b=base, c=calib: sketch_arm(b, g, c, tmp / "store"),
+                lambda tmp, b=base, c=calib, s=work / f"sketch-{key}": sketch_arm(b, g, c, s),
+            ),
+            (
+                f"sketch G{g} (4-bit; 512 calibration rows, block tuning)",
+                lambda tmp, b=base, c=calib, s=work / f"sketch-{key}-512": sketch_arm(
+                    b, g, c, s, samples=512, block_tune=4
+                ),
             ),
         ]
+        if args.arms:
+            arms = [arm for arm in arms if any(want in arm[0] for want in args.arms.split(";"))]
         lines += run_task(label, base, head, rows, val, test, args.steps, arms, work, seeds)
     text = "\n".join(lines).strip()
     print(text)
