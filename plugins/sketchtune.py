@@ -522,14 +522,23 @@ def _calibrate(job, plan: SketchPlan, state: _Written) -> dict:
         plan, inputs, state.sketch, lambda k: state.flush(job.writer, k), job.progress, tune=tune
     )
     digest = hashlib.sha256(Path(opts["data"]).read_bytes()).hexdigest()
-    tokens = int(sum(int(x["attention_mask"].sum()) for x in inputs))
-    return {"data": str(opts["data"]), "digest": digest, "samples": inputs.rows, "tokens": tokens}
+    return {
+        "data": str(opts["data"]),
+        "digest": digest,
+        "samples": inputs.rows,
+        "tokens": inputs.tokens,
+    }
 
 
 class _Batches(list):
     """Calibration batches (model keyword arguments), and how many rows they hold."""
 
     rows = 0
+
+    @property
+    def tokens(self) -> int:
+        """The unpadded tokens of all batches."""
+        return sum(int(x["attention_mask"].sum()) for x in self)
 
 
 def calibration_batches(source, data: str, samples: int, max_length: int) -> _Batches:
@@ -677,7 +686,8 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
             if learn:
                 (e / max(power, 1e-30)).backward()
             num += float(e.detach())
-        if learn:  # dŴ, summed over the chunks, to the table entries
+        if learn:  # dŴ, summed over the chunks, to the table entries; decoded again one
+            # weight at a time so that only one weight's gather index is alive at once
             for s, t in tables.items():
                 decode_tables(t, codes[s]).to(dtype).backward(weights[s].grad)
         return num, power

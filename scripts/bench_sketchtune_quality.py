@@ -284,12 +284,11 @@ def main() -> None:
 
             rows_file = packed(calib_file, AutoTokenizer.from_pretrained(path), args.pack)
         calib = calibration_batches(source, str(rows_file), args.samples, 128)
-        tokens = sum(int(x["attention_mask"].sum()) for x in calib)
         score, what, full = make_scorer(path, held_out)
         lines += [
             "",
             f"**{label}**: {what}; the fp32 model scores {full:.4f}. Calibration: "
-            f"{calib.rows} lines, {tokens:,} tokens.",
+            f"{calib.rows} lines, {calib.tokens:,} tokens.",
             "",
             "| bits | arm | bits/weight | score | time (s) |",
             "| --- | --- | --- | --- | --- |",

@@ -543,7 +543,7 @@ def test_a_block_run_in_chunks_of_rows_equals_the_block_run_whole(family, models
     """Block tuning runs a batch through a block a few rows at a time (its memory): the
     rows of each argument cut by the batch dimension (masks, positions, rotary tables)
     give the outputs of the whole batch, for a Llama and a BERT block."""
-    from compressor.blockwise import run_blockwise
+    from compressor.blockwise import hidden_states, run_blockwise
     from compressor.plugins.sketchtune import SketchPlan, _row_chunks, calibration_batches
     from compressor.sources import open_model_dir
 
@@ -555,12 +555,11 @@ def test_a_block_run_in_chunks_of_rows_equals_the_block_run_whole(family, models
     def check(layer, block, calibration):
         for args, kwargs in calibration.inputs:
             with torch.no_grad():
-                whole = block(*args, **kwargs)
-                whole = whole[0] if isinstance(whole, tuple) else whole
-                parts = []
-                for _rows, a, kw in _row_chunks(args, kwargs, tokens=args[0].shape[1]):
-                    out = block(*a, **kw)
-                    parts.append(out[0] if isinstance(out, tuple) else out)
+                whole = hidden_states(block(*args, **kwargs))
+                parts = [
+                    hidden_states(block(*a, **kw))
+                    for _rows, a, kw in _row_chunks(args, kwargs, tokens=args[0].shape[1])
+                ]
             assert len(parts) == args[0].shape[0] > 1  # one row a chunk
             assert torch.allclose(torch.cat(parts), whole, atol=1e-5)
             checked.append(layer)
