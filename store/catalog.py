@@ -29,14 +29,20 @@ from compressor.errors import RefError, StoreError
 from compressor.integrity import CHUNK, expected_digest, register_remote_blobs
 from compressor.store.blobs import GC_GRACE_SECONDS, FsspecBlobStore, LocalBlobStore
 from compressor.store.migrations import migrations
+from compressor.store.upkeep import (
+    MANIFEST_FORMAT,
+    drop_stale_tombstones,
+    manifest_blobs,
+    scan_manifests,
+    tombstones,
+    write_tombstone,
+)
 from compressor.writer import StoredFile
 
 HEX_ID = re.compile(r"^[0-9a-f]{8,}$")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 JSON_COLUMNS = ("params", "metrics", "manifest")
 MANIFEST_FILE = "manifest.json"  # every artifact's self-description, among its files
-MANIFEST_FORMAT = "compressor-artifact/1"
-MAX_MANIFEST_BYTES = 64 << 20
 CONFIG_FILE = "config.json"  # the store's settings: where its blobs live
 ARTIFACT_COLUMNS = (
     "id",
@@ -151,6 +157,7 @@ class Store:
         self.lock_path = self.root / "lock"
         db_path = self.root / "store.db"
         lost = not db_path.exists() or db_path.stat().st_size == 0
+        self.created_catalog = lost
         if lost and not recovering and next(self.blobs.list(), None) is not None:
             raise StoreError(
                 f"the store at {self.root} holds blobs but its catalog (store.db) is missing or "
@@ -623,18 +630,27 @@ class Store:
                 f"cannot remove {self.get(artifact_id).label}: {len(children)} artifact(s) "
                 f"were made from it ({labels}); use --force to remove it anyway"
             )
+        label = self.get(artifact_id).label
+        manifest = self.conn.execute(
+            "SELECT blob FROM files WHERE artifact = ? AND path = ?", [artifact_id, MANIFEST_FILE]
+        ).fetchone()
         with self._transaction():
             self.conn.execute("DELETE FROM files WHERE artifact = ?", [artifact_id])
             self.conn.execute("DELETE FROM parents WHERE child = ?", [artifact_id])
             self.conn.execute("DELETE FROM artifacts WHERE id = ?", [artifact_id])
+        # after the rows: a crash in between brings the artifact back at a recover, never loses it
+        write_tombstone(self.root, artifact_id, manifest[0] if manifest else None, label)
 
-    def gc(self, force: bool = False, grace: float = GC_GRACE_SECONDS) -> dict:
+    def gc(
+        self, force: bool = False, grace: float = GC_GRACE_SECONDS, drop_held: bool = False
+    ) -> dict:
         """Delete unreferenced blobs and temp directories of dead processes.
 
         A blob stored less than ``grace`` seconds ago is kept even when no artifact
         lists it: it may be a plan worker's upload its driver has not committed yet.
-        With an empty catalog and blobs present the store looks damaged, not
-        emptied, and gc refuses unless ``force``.
+        Blobs ``recover --force`` held (a damaged manifest may have named them) are
+        kept unless ``drop_held``. With an empty catalog and blobs present the store
+        looks damaged, not emptied, and gc refuses unless ``force``.
         """
         freed = blobs = tmps = young = 0
         cutoff = time.time() - grace
@@ -654,6 +670,10 @@ class Store:
                     tmps += 1
             tmps += self.blobs.sweep_uploads(cutoff)
             used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
+            if drop_held:
+                self.conn.execute("DELETE FROM held_blobs")
+            held = {r[0] for r in self.conn.execute("SELECT blob FROM held_blobs")}
+            used |= held
             for digest in stored:
                 if digest in used:
                     continue
@@ -662,11 +682,13 @@ class Store:
                     continue
                 freed += self.blobs.delete(digest)
                 blobs += 1
+            drop_stale_tombstones(self.root, self.blobs)
         return {
             "blobs_removed": blobs,
             "bytes_freed": freed,
             "tmp_dirs_removed": tmps,
             "blobs_kept_young": young,
+            "blobs_held": len(held),
         }
 
     def verify(self) -> list[str]:
@@ -698,44 +720,89 @@ class Store:
             )
         return problems
 
-    def recover(self) -> dict:
+    def recover(self, force: bool = False) -> dict:
         """Rebuild a lost catalog from the ``manifest.json`` blobs its artifacts left.
 
         Names, versions, parameters, metrics at creation, files and lineage come back;
-        metrics added later by ``eval`` do not (they lived in the catalog only).
+        metrics added later by ``eval`` do not (they lived in the catalog only), and an
+        artifact removed with ``store rm`` stays removed (its tombstone). A damaged blob
+        that may have been a manifest stops the recovery, the store left as it was,
+        unless ``force``: then the other artifacts come back and every blob none of
+        them names is held from gc, since the damaged manifest may have named it.
         """
         with self.lock(exclusive=True):
             if self.conn.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0]:
                 raise StoreError(
                     "the catalog lists artifacts; recover rebuilds only a lost or empty catalog"
                 )
-            docs = [d for d in map(self._read_manifest, self.blobs.list()) if d is not None]
+            scan = scan_manifests(self.blobs)
+            if scan.damaged and not force:
+                self._forget_created_catalog()
+                shown = ", ".join(d[:12] for d in scan.damaged[:3])
+                more = f" and {len(scan.damaged) - 3} more" if len(scan.damaged) > 3 else ""
+                raise StoreError(
+                    f"{len(scan.damaged)} blob(s) do not match their hash and may be artifact "
+                    f"manifests ({shown}{more}); nothing was recovered. `compress store recover "
+                    "--force` recovers the other artifacts and keeps every blob none of them "
+                    "names from gc"
+                )
+            removed = tombstones(self.root)
+            docs = [d for d in scan.manifests if d.get("id") not in removed]
             docs.sort(key=lambda d: d.get("created") or "")
-            missing = 0
             with self._transaction():
-                for doc in docs:
-                    for ext in doc.get("externals", []):
-                        self._upsert_external(_ExternalRow(**ext), doc.get("created"))
-                    row = {k: doc.get(k) for k in ARTIFACT_COLUMNS}
-                    row.update({k: _dumps(doc.get(k) or {}) for k in JSON_COLUMNS})
-                    self.db["artifacts"].insert(row)
-                    files = dict(doc["files"])
-                    files[MANIFEST_FILE] = {"blob": doc["_digest"], "bytes": doc["_bytes"]}
-                    missing += sum(not self.blobs.exists(f["blob"]) for f in files.values())
-                    self.db["files"].insert_all(
-                        {"artifact": doc["id"], "path": rel, **f} for rel, f in files.items()
-                    )
-                    self.db["parents"].insert_all(
-                        {"child": doc["id"], "position": i, "parent": p["id"], "role": p["role"]}
-                        for i, p in enumerate(doc.get("parents", []))
-                    )
-                    if doc.get("name"):
-                        self.conn.execute(
-                            "INSERT INTO name_versions (name, last) VALUES (?, ?) ON CONFLICT(name) "
-                            "DO UPDATE SET last = MAX(last, excluded.last)",
-                            [doc["name"], doc["version"]],
-                        )
-        return {"artifacts": len(docs), "missing_blobs": missing}
+                missing = sum(map(self._insert_recovered, docs))
+                for doc in scan.manifests:  # a removed version's number is not reused either
+                    self._note_version(doc)
+                named = set().union(*map(manifest_blobs, scan.manifests))
+                held = [d for d in self.blobs.list() if d not in named] if scan.damaged else []
+                self.db["held_blobs"].insert_all(
+                    {"blob": d, "reason": "recover --force: a damaged manifest may name it"}
+                    for d in held
+                )
+            ids = {d["id"] for d in docs}
+            dangling = sum(any(p.get("id") not in ids for p in d.get("parents", [])) for d in docs)
+        return {
+            "artifacts": len(docs),
+            "missing_blobs": missing,
+            "removed": len(scan.manifests) - len(docs),
+            "damaged": len(scan.damaged),
+            "held": len(held),
+            "lost_parents": dangling if scan.damaged else 0,
+        }
+
+    def _insert_recovered(self, doc: dict) -> int:
+        """One manifest's rows; returns how many of its blobs are missing."""
+        for ext in doc.get("externals", []):
+            self._upsert_external(_ExternalRow(**ext), doc.get("created"))
+        row = {k: doc.get(k) for k in ARTIFACT_COLUMNS}
+        row.update({k: _dumps(doc.get(k) or {}) for k in JSON_COLUMNS})
+        self.db["artifacts"].insert(row)
+        files = dict(doc["files"])
+        files[MANIFEST_FILE] = {"blob": doc["_digest"], "bytes": doc["_bytes"]}
+        self.db["files"].insert_all(
+            {"artifact": doc["id"], "path": rel, **f} for rel, f in files.items()
+        )
+        self.db["parents"].insert_all(
+            {"child": doc["id"], "position": i, "parent": p["id"], "role": p["role"]}
+            for i, p in enumerate(doc.get("parents", []))
+        )
+        return sum(not self.blobs.exists(f["blob"]) for f in files.values())
+
+    def _note_version(self, doc: dict) -> None:
+        if doc.get("name"):
+            self.conn.execute(
+                "INSERT INTO name_versions (name, last) VALUES (?, ?) ON CONFLICT(name) "
+                "DO UPDATE SET last = MAX(last, excluded.last)",
+                [doc["name"], doc["version"]],
+            )
+
+    def _forget_created_catalog(self) -> None:
+        """Remove the empty catalog this open created, so a refused recover leaves no trace."""
+        if self.created_catalog:
+            self.conn.close()
+            for suffix in ("", "-wal", "-shm"):
+                (self.root / f"store.db{suffix}").unlink(missing_ok=True)
+            self.conn = sqlite3.connect(":memory:", isolation_level=None)
 
     def _hash_blob(self, digest: str) -> str:
         """SHA-256 of a blob's bytes as its storage holds them, read in chunks."""
@@ -744,26 +811,6 @@ class Store:
             while block := f.read(CHUNK):
                 h.update(block)
         return h.hexdigest()
-
-    def _read_manifest(self, digest: str) -> dict | None:
-        """A blob's manifest document, or None when the blob is something else."""
-        if self.blobs.size(digest) > MAX_MANIFEST_BYTES:
-            return None
-        with self.blobs.open(digest) as f:
-            if f.read(1) != b"{":  # a JSON object; safetensors files start with a length
-                return None
-            data = b"{" + f.read()
-        if MANIFEST_FORMAT.encode() not in data[:4096] and MANIFEST_FORMAT.encode() not in data:
-            return None
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-            return None
-        if hashlib.sha256(data).hexdigest() != digest:
-            return None  # damaged: better no row than a wrong one
-        return {**doc, "_digest": digest, "_bytes": len(data)}
 
     def unreferenced_blobs(self) -> list[str]:
         """Digests of blobs no artifact lists (left by `store rm` until the next gc)."""

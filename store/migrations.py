@@ -55,3 +55,9 @@ def m003_input_digests(db):
     db["input_digests"].create(
         {"path": str, "size": int, "mtime_ns": int, "digest": str}, pk="path"
     )
+
+
+@migrations()
+def m004_held_blobs(db):
+    """Blobs `store recover --force` keeps from gc: a damaged manifest may have named them."""
+    db["held_blobs"].create({"blob": str, "reason": str}, pk="blob")

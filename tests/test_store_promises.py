@@ -10,7 +10,7 @@ import sqlite3
 
 import pytest
 import torch
-from conftest import artifact_tensors, assert_refused
+from conftest import artifact_tensors, assert_refused, store_snapshot
 from safetensors.torch import load_file, save_file
 
 from compressor.store import open_store
@@ -512,8 +512,9 @@ def test_store_recover_rebuilds_a_lost_catalog(run, models, tv, tmp_path):
     for f in ("store.db", "store.db-wal", "store.db-shm"):
         (tv / f).unlink(missing_ok=True)
     r = run("store", "recover")
-    assert r.output == f"Recovered 3 artifacts into {tv / 'store.db'}\n"  # tv@2's manifest too
-    run("store", "rm", "tv@2")  # it had been removed before the catalog was lost
+    assert r.output == (
+        f"Recovered 2 artifacts into {tv / 'store.db'}; 1 removed with `store rm` stay removed\n"
+    )
     after = {
         a["name"]: a for a in map(json.loads, run("store", "ls", "--json").stdout.splitlines())
     }
@@ -539,6 +540,64 @@ def test_store_recover_rebuilds_a_lost_catalog(run, models, tv, tmp_path):
         "--json",
     )
     assert json.loads(r.stdout)["version"] == 3  # recovered versions are not reused either
+
+
+def _lose_catalog(store) -> None:
+    for f in ("store.db", "store.db-wal", "store.db-shm"):
+        (store / f).unlink(missing_ok=True)
+
+
+def test_recover_refuses_over_a_damaged_manifest_and_force_holds_its_blobs(run, models, tv):
+    """A manifest with one flipped bit was skipped: recover said "Recovered 1" of 2, exit 0,
+    and the next gc deleted the dropped artifact's blobs."""
+    r = run("--quiet", "apply", "-p", "compeft", "tv", "-o", "density", "0.2", "-n", "small")
+    assert r.exit_code == 0, r.output
+    manifest = _blob_of(tv, "small", "manifest.json")
+    st = open_store(tv)
+    small_blobs = {p.name for p in st.files(st.resolve("small").id).values()}
+    tv_blobs = {p.name for p in st.files(st.resolve("tv").id).values()}
+    st.close()
+    _lose_catalog(tv)
+    _flip(manifest, 40)
+    before = store_snapshot(tv)
+    r = run("--quiet", "store", "recover")
+    assert r.exit_code == 1
+    assert r.output == (
+        f"Error: 1 blob(s) do not match their hash and may be artifact manifests "
+        f"({manifest.name[:12]}); nothing was recovered. `compress store recover --force` "
+        "recovers the other artifacts and keeps every blob none of them names from gc\n"
+    )
+    assert store_snapshot(tv) == before
+    r = run("store", "recover", "--force")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"Recovered 1 artifacts into {tv / 'store.db'}\n"
+    held = len(small_blobs - tv_blobs)
+    assert (
+        f"Warning: 1 damaged blob(s) may have been manifests; {held} blob(s) no recovered "
+        "artifact names are kept from gc" in r.stderr
+    )
+    r = run("store", "gc", "--grace", "0")
+    assert r.output.startswith("Removed 0 blobs")
+    assert f"Kept {held} blob(s) held by `store recover --force`" in r.output
+    for digest in small_blobs:
+        assert (tv / "blobs" / "sha256" / digest[:2] / digest).exists()
+    r = run("store", "gc", "--grace", "0", "--drop-held")
+    assert r.output.startswith(f"Removed {held} blobs")
+
+
+def test_a_removal_survives_a_recover_until_gc_drops_its_tombstone(run, models, tv):
+    r = run("--quiet", "apply", "-p", "compeft", "tv", "-o", "density", "0.2", "-n", "small")
+    assert r.exit_code == 0, r.output
+    assert run("store", "rm", "small").exit_code == 0
+    assert [p.name for p in (tv / "removed").iterdir()] != []
+    _lose_catalog(tv)
+    r = run("store", "recover")
+    assert r.output.endswith("; 1 removed with `store rm` stay removed\n")
+    assert [
+        a["name"] for a in map(json.loads, run("store", "ls", "--json").stdout.splitlines())
+    ] == ["tv"]
+    assert run("store", "gc", "--grace", "0").exit_code == 0
+    assert list((tv / "removed").iterdir()) == []
 
 
 def test_unchanged_inputs_are_not_hashed_again_and_changed_ones_are(run, models, tmp_path):

@@ -154,10 +154,16 @@ def register(cli):
         help="Keep unreferenced blobs stored fewer seconds ago (uploads a plan has not "
         "committed yet); 0 deletes them.",
     )
+    @click.option(
+        "--drop-held",
+        is_flag=True,
+        help="Also delete the blobs `store recover --force` kept because a damaged "
+        "manifest may have named them.",
+    )
     @click.pass_obj
-    def gc(state, force, grace):
+    def gc(state, force, grace, drop_held):
         """Delete blobs no artifact references and temp files of dead processes."""
-        result = state.store.gc(force=force, grace=grace)
+        result = state.store.gc(force=force, grace=grace, drop_held=drop_held)
         click.echo(
             f"Removed {result['blobs_removed']} blobs ({format_bytes(result['bytes_freed'])}) "
             f"and {result['tmp_dirs_removed']} abandoned temp directories"
@@ -167,26 +173,51 @@ def register(cli):
                 f"Kept {result['blobs_kept_young']} unreferenced blob(s) stored less than "
                 f"{grace:g} s ago (--grace 0 deletes them)"
             )
+        if result["blobs_held"]:
+            click.echo(
+                f"Kept {result['blobs_held']} blob(s) held by `store recover --force` "
+                "(--drop-held deletes them)"
+            )
 
     @store.command()
+    @click.option(
+        "--force",
+        is_flag=True,
+        help="Recover what can be recovered when some blobs are damaged; every blob no "
+        "recovered artifact names is then kept from gc (`store gc --drop-held` frees them).",
+    )
     @click.pass_obj
-    def recover(state):
+    def recover(state, force):
         """Rebuild a lost catalog (store.db) from the manifests stored with every artifact."""
         from compressor.store import open_store
 
         st = open_store(state.store_dir, recovering=True, blobs=state.blobs)
         try:
-            result = st.recover()
+            result = st.recover(force=force)
         finally:
             st.close()
+        notes = []
+        if result["missing_blobs"]:
+            notes.append(f"{result['missing_blobs']} of their blobs are missing")
+        if result["removed"]:
+            notes.append(f"{result['removed']} removed with `store rm` stay removed")
         click.echo(
             f"Recovered {result['artifacts']} artifacts into {st.root / 'store.db'}"
-            + (
-                f"; {result['missing_blobs']} of their blobs are missing"
-                if result["missing_blobs"]
-                else ""
-            )
+            + "".join(f"; {n}" for n in notes)
         )
+        if result["damaged"]:
+            click.echo(
+                f"Warning: {result['damaged']} damaged blob(s) may have been manifests; "
+                f"{result['held']} blob(s) no recovered artifact names are kept from gc "
+                "(`compress store gc --drop-held` deletes them)"
+                + (
+                    f"; {result['lost_parents']} recovered artifact(s) name a parent that "
+                    "was not recovered"
+                    if result["lost_parents"]
+                    else ""
+                ),
+                err=True,
+            )
 
     @store.command()
     @click.pass_obj
