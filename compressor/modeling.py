@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
+from .integrity import expected_digest, read_checked
 from .refs import resolve
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
@@ -78,12 +79,18 @@ def _first_line(e: Exception) -> str:
 
 @contextlib.contextmanager
 def linked_files(source) -> Iterator[Path]:
-    """A temporary directory linking a source's top-level config and tokenizer files."""
+    """A temporary directory with a source's top-level config and tokenizer files, as
+    transformers reads them: a store blob is copied once its hash is checked (a damaged
+    tokenizer.json must not change a score), any other file linked."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="compressor-model-") as tmp:
         for rel, path in source.files.items():
-            if "/" not in rel:
+            if "/" in rel:
+                continue
+            if expected_digest(Path(path)) is not None:
+                (Path(tmp) / rel).write_bytes(read_checked(Path(path), source.label, rel))
+            else:
                 (Path(tmp) / rel).symlink_to(Path(path).resolve())
         yield Path(tmp)
 

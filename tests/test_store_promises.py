@@ -129,6 +129,27 @@ def test_damaged_shared_config_blob_refused(run, tv, models, tmp_path):
     )
 
 
+def test_eval_refuses_a_damaged_tokenizer_blob(run, tv, models, tmp_path):
+    """eval linked carried files for transformers unchecked: one changed letter in
+    tokenizer.json gave another perplexity, exit 0, where export refused the blob."""
+    args = ["--quiet", "merge", "-p", "linear", models["ft1-fp32"], models["ft2-fp32"]]
+    assert run(*args, "-n", "soup").exit_code == 0
+    data = tmp_path / "lines.txt"
+    data.write_text("the quick brown fox\njumps over the lazy dog\n")
+    assert run("--quiet", "eval", "soup", "-o", "data", data).exit_code == 0
+    blob = _blob_of(tv, "soup", "tokenizer.json")
+    text = blob.read_bytes()
+    at = text.index(b'"the"') + 1
+    _flip(blob, at)
+    assert_refused(
+        run,
+        tv,
+        ["eval", "soup", "-o", "data", data],
+        "soup@1: the stored file tokenizer.json is damaged (its bytes do not match their "
+        "hash); run `compress store verify`",
+    )
+
+
 # -- 3. a lost catalog is damage, not a new store -------------------------------------
 
 
