@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
 
 _BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 23
-RANGED_CATCH_UP = 1 << 20  # a remote blob's gap hashed on the way (a header); more is skipped
+RANGED_CATCH_UP = 1 << 20  # a remote blob's gap hashed on the way (a header); more waits for finish
 
 
 def verify_reads() -> bool:
@@ -119,7 +119,7 @@ class HashedFile:
         """Read ``buf.numel()`` bytes at ``offset`` into a uint8 tensor; return the count."""
         if self.hashing and offset > self._done:
             if self.ranged and offset - self._done > RANGED_CATCH_UP:
-                self.hashing = False  # fetching the gap to hash it would move its bytes twice
+                self.hashing = False  # fetching the gap now moves it twice; finish hashes it all
             else:
                 self._catch_up(offset)
         self.file.seek(offset)
@@ -140,9 +140,13 @@ class HashedFile:
             self._done += len(block)
 
     def finish(self) -> str | None:
-        """Hash whatever was not read yet; return the file's SHA-256. A remote blob read
-        in part is not fetched whole to be hashed: None (``store verify`` checks it)."""
-        if self.ranged and (not self.hashing or self._done < self.size):
+        """Hash whatever was not read yet; return the file's SHA-256, or None when the
+        file is not hashed (an input already identified). A remote blob read in part is
+        fetched whole here, once: every byte that goes into a result is checked, at the
+        cost of moving the bytes the ranged reads skipped."""
+        if self._digest is None and not self.hashing and self.ranged and verify_reads():
+            self.hashing, self._done, self._hash = True, 0, hashlib.sha256()
+        if not self.hashing:
             return None
         if self._digest is None:
             self._catch_up(self.size)

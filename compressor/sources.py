@@ -284,8 +284,8 @@ class SafetensorsShards(TensorSource):
         return read_tensor(f, info, rows)
 
     def digest(self, shard: Path) -> str | None:
-        """The SHA-256 of one shard, hashed while it was read (the rest read now); None for
-        a remote blob not read whole (fetching it to hash it is `store verify`'s job)."""
+        """The SHA-256 of one shard, hashed while it was read (the rest read now, a remote
+        blob's skipped ranges included); None for an input not hashed (identified already)."""
         f = self._handles.get(shard)
         if f is not None:
             return f.finish()

@@ -143,6 +143,45 @@ def test_reading_one_tensor_fetches_only_its_byte_range(run, tmp_path, s3, priva
     assert not shard.exists()  # read in place, not copied to the cache
 
 
+def test_a_damaged_object_read_in_part_is_caught_before_anything_is_committed(
+    run, tmp_path, s3, private_store
+):
+    """A slice of layers 2-3 of a model on S3 whose layer-3 weight has one flipped byte: the
+    ranged reads skipped the rest of the blob and stopped hashing, and the merge stored a
+    weight off by 7.5e35 with exit 0. The blob is now hashed whole before the commit."""
+    from compressor.demo_models import save_tiny_llama
+    from compressor.refs import resolve
+    from compressor.store import open_store
+
+    model = save_tiny_llama(tmp_path / "big", seed=0, layers=4, hidden=256, vocab=4096)
+    args = ["--blobs", s3["url"], "--quiet", "merge", "-p", "linear", model, model]
+    assert run(*args, "-n", "copy").exit_code == 0
+    store = open_store(private_store)
+    try:
+        source = resolve(store, "copy").source
+        info = source.info("model.layers.3.mlp.down_proj.weight")
+        digest = source.tensor_file("model.layers.3.mlp.down_proj.weight").name
+        source.close()
+    finally:
+        store.close()
+    key = f"{s3['prefix']}/sha256/{digest[:2]}/{digest}"
+    body = bytearray(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[info.offset + 5] ^= 0x40
+    s3["client"].put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    config = tmp_path / "slice.yml"
+    config.write_text(
+        "slices:\n  - sources:\n      - model: copy\n        layer_range: [2, 4]\n"
+        "merge_method: passthrough\ndtype: float32\n"
+    )
+    assert_refused(
+        run,
+        private_store,
+        ["merge", "--config", config, "-n", "slice"],
+        "copy@1: the stored file model.safetensors is damaged (its bytes do not match their "
+        "hash); run `compress store verify`",
+    )
+
+
 def test_verify_catches_a_deleted_and_a_damaged_object(run, models, s3, private_store):
     args = [
         "--blobs",
