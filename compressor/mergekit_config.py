@@ -388,14 +388,41 @@ def _slices_plan(stage, method, base, translator, where):
         by_ref = dict(zip(refs, input_sources, strict=True))
         if job_base is not None:
             by_ref[job_base] = base_source
-        return _stacked(layout, by_ref, out_layer)
+        return _stacked(layout, by_ref, out_layer, where)
 
     return refs, job_base, build
 
 
-def _stacked(layout, by_ref: dict, layers: int):
+def _check_slices(layout, by_ref: dict, where: str) -> None:
+    """Refuse a layer range past a model's layers, and models whose tensors differ in
+    shape (two architectures stack into a model that cannot load)."""
+    shapes: dict[str, tuple] = {}  # a tensor's name at layer 0 -> (shape, the model's label)
+    for base_src, others, _, _ in layout:
+        for ref, start, end, _, ws in [s for s in [base_src, *others] if s is not None]:
+            source = by_ref[ref]
+            indices = [i for i in map(layer_index, source.names()) if i is not None]
+            count = max(indices) + 1 if indices else 0
+            if end > count:
+                raise UsageError(
+                    f"{ws}: layer_range [{start}, {end}] goes past the last layer of "
+                    f"{source.label}, which has {count} layers"
+                )
+            for name in source.names():
+                i = layer_index(name)
+                key = name if i is None else renamed(name, 0)
+                shape = list(source.info(name).shape)
+                seen = shapes.setdefault(key, (shape, source.label))
+                if seen[0] != shape:
+                    raise InputError(
+                        f"{where}: the slices' models differ: {key} is {seen[0]} in {seen[1]} "
+                        f"and {shape} in {source.label}"
+                    )
+
+
+def _stacked(layout, by_ref: dict, layers: int, where: str):
     """Stacked sources for the slices: the base (or None) and one per expert position,
     with each output tensor's layer position t within its slice."""
+    _check_slices(layout, by_ref, where)
     n_experts = len(layout[0][1])
     first_slice, last_slice = layout[0], layout[-1]
 

@@ -295,6 +295,42 @@ def test_bad_configs_are_refused(run, private_store, tmp_path, config, message):
     _refuses(run, private_store, tmp_path, config, message, code=code)
 
 
+def test_a_layer_range_past_the_models_layers_is_refused(run, private_store, zoo, tmp_path):
+    """[0, 99] on a 4-layer model wrote num_hidden_layers 99 over 4 layers; transformers
+    filled 95 with random weights."""
+    config = (
+        f"slices:\n  - sources:\n      - {{model: {zoo}/e1, layer_range: [0, 99]}}\n"
+        "merge_method: passthrough\n"
+    )
+    _refuses(
+        run,
+        private_store,
+        tmp_path,
+        config,
+        f"{{path}}: slices[0].sources[0]: layer_range [0, 99] goes past the last layer of "
+        f"{zoo}/e1, which has 4 layers",
+    )
+
+
+def test_slices_of_two_architectures_are_refused(run, private_store, zoo, tmp_path):
+    """hidden 64 and hidden 32 stacked into a model that cannot load, exit 0."""
+    narrow = save_tiny_llama(tmp_path / "narrow", seed=5, layers=4, hidden=32)
+    config = (
+        f"slices:\n  - sources:\n      - {{model: {zoo}/e1, layer_range: [0, 2]}}\n"
+        f"  - sources:\n      - {{model: {narrow}, layer_range: [2, 4]}}\n"
+        "merge_method: passthrough\n"
+    )
+    _refuses(
+        run,
+        private_store,
+        tmp_path,
+        config,
+        f"{{path}}: the slices' models differ: lm_head.weight is [512, 64] in "
+        f"{zoo}/e1 and [512, 32] in {narrow}",
+        code=1,
+    )
+
+
 def test_differing_tokenizers_without_a_source_are_refused(run, private_store, zoo, tmp_path):
     other = shutil.copytree(zoo / "e1", tmp_path / "other")
     tok = json.loads((other / "tokenizer.json").read_text())
