@@ -7,7 +7,8 @@ Supported keys: ``merge_method``, ``base_model``, ``models`` (``model`` and
 ``source`` and ``pad_to_multiple_of``: :mod:`compressor.vocabulary`) and, in a
 multi-document file (mergekit-multi), ``name``: each document is a stage stored
 under its name, which later stages use as a model. Any other key is refused,
-naming it. Parameters take mergekit's forms (a value, a gradient list, ``filter``
+naming it; a parameter the method does not take is ignored with a warning, as
+mergekit ignores it. Parameters take mergekit's forms (a value, a gradient list, ``filter``
 and ``value`` conditions) and mergekit's defaults; they become the same per-tensor
 rules ``-o`` builds (:mod:`compressor.merge_params`).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from .errors import InputError, UsageError
 from .merge_params import POST_SLOT, Rule, is_pre_layers, layer_index, parse_scalar, renamed
+from .progress import warn
 from .sources import RewrittenConfig, TensorSource
 
 METHODS = {
@@ -178,10 +180,9 @@ class _Translator:
             if key in NO_EFFECT:
                 continue
             target = self.table.get(key)
-            if target is None:
-                raise UsageError(
-                    f"{where}: parameter '{key}' is not supported for {self.method.name}"
-                )
+            if target is None:  # mergekit reads the parameters a method takes, no others
+                warn(f"{where}: parameter '{key}' is ignored by {self.method.name}, as in mergekit")
+                continue
             name, convert = target if isinstance(target, tuple) else (target, None)
             if expert is not None and name not in self.method.per_expert:
                 raise UsageError(

@@ -13,6 +13,7 @@ import torch
 from conftest import assert_refused, dir_tensors
 
 from compressor.demo_models import save_finetune, save_tiny_llama, save_word_tokenizer, zen_lines
+from compressor.mergekit_config import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -250,10 +251,6 @@ def _refuses(run, store, tmp_path, config: str, message: str, code: int = 2):
             "task_arithmetic, ties)",
         ),
         (
-            "merge_method: ties\nbase_model: B\nmodels: [{model: E1, parameters: {t: 0.5}}]\n",
-            "{path}: models[0]: parameters: parameter 't' is not supported for ties",
-        ),
-        (
             "merge_method: slerp\nbase_model: B\nmodels: [{model: E1, parameters: {t: 0.5}}]\n",
             "{path}: models[0]: parameters: parameter 't' applies to the whole merge, not to one "
             "model",
@@ -281,7 +278,6 @@ def _refuses(run, store, tmp_path, config: str, message: str, code: int = 2):
     ids=[
         "unknown key",
         "unknown method",
-        "unknown parameter",
         "shared per model",
         "bad value",
         "models and slices",
@@ -293,6 +289,37 @@ def _refuses(run, store, tmp_path, config: str, message: str, code: int = 2):
 def test_bad_configs_are_refused(run, private_store, tmp_path, config, message):
     code = 1 if "YAML" in message else 2
     _refuses(run, private_store, tmp_path, config, message, code=code)
+
+
+IGNORED_WEIGHT = {
+    "slerp": "base_model: ./base\nparameters: {t: 0.3}\nmodels:\n  - model: ./base\n  - model: ./e1",
+    "karcher": "models:\n  - model: ./e1\n  - model: ./e2",
+    "model_stock": "base_model: ./base\nmodels:\n  - model: ./e1\n  - model: ./e2",
+    "nearswap": "base_model: ./base\nparameters: {t: 0.001}\nmodels:\n  - model: ./e1",
+    "sce": "base_model: ./base\nmodels:\n  - model: ./e1\n  - model: ./e2",
+    "arcee_fusion": "base_model: ./base\nmodels:\n  - model: ./e1",
+}
+
+
+@pytest.mark.parametrize("method", sorted(IGNORED_WEIGHT))
+def test_a_parameter_the_method_ignores_is_a_warning(run, zoo, tmp_path, method):
+    """mergekit runs `weight` on these methods and ignores it (9 of its own configs use it);
+    we refused them. Now: a warning naming the parameter and the method, and the result
+    of the config without it."""
+    plain = f"merge_method: {method}\ndtype: float32\n{IGNORED_WEIGHT[method]}\n"
+    weighted = plain.replace("model: ./e1", "model: ./e1\n    parameters: {weight: 0.7}")
+    assert weighted != plain
+    path = tmp_path / "w.yml"
+    path.write_text(weighted.replace("./", f"{zoo}/"))
+    r = run("--quiet", "merge", "--config", path, "-n", "w")
+    assert r.exit_code == 0, r.output
+    ours = METHODS[method]
+    assert f"Warning: {path}: models[" in r.stderr
+    assert f"parameter 'weight' is ignored by {ours}, as in mergekit" in r.stderr
+    assert run("export", "w", tmp_path / "w").exit_code == 0
+    want = _ours(run, zoo, plain, tmp_path / "plain", name="p")
+    got = dir_tensors(tmp_path / "w")
+    assert all(torch.equal(got[n], want[n]) for n in want)
 
 
 def test_a_layer_range_past_the_models_layers_is_refused(run, private_store, zoo, tmp_path):
