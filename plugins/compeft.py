@@ -32,10 +32,10 @@ def _alpha_check(v: str) -> str | None:
     if v in ("auto", "none"):
         return None
     try:
-        float(v)
+        finite = math.isfinite(float(v))
     except ValueError:
-        return "must be a number, auto or none"
-    return None
+        finite = False
+    return None if finite else "must be a finite number, auto or none"
 
 
 # -- position coding ----------------------------------------------------------------

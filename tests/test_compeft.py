@@ -159,7 +159,12 @@ def test_positions_round_trip_with_escapes():
     [
         (("-o", "density", "0"), "option 'density' must be in (0, 1]; got '0'"),
         (("-o", "density", "1.5"), "option 'density' must be in (0, 1]; got '1.5'"),
-        (("-o", "alpha", "big"), "option 'alpha' must be a number, auto or none; got 'big'"),
+        (("-o", "alpha", "big"), "option 'alpha' must be a finite number, auto or none; got 'big'"),
+        (("-o", "alpha", "nan"), "option 'alpha' must be a finite number, auto or none; got 'nan'"),
+        (
+            ("-o", "alpha", "-inf"),
+            "option 'alpha' must be a finite number, auto or none; got '-inf'",
+        ),
         (("-o", "scope", "layer"), "option 'scope' must be one of global, tensor; got 'layer'"),
     ],
 )
