@@ -1,7 +1,8 @@
 """PEFT LoRA adapter directories as tensor sources.
 
 The raw A/B factors are the adapter's tensors; :meth:`PeftAdapter.delta`
-gives ΔW = B·A·scaling for one module under the base model's weight name
+gives ΔW = B·A·scaling for one module under the base model's weight name (and,
+with ``lora_bias``, Δb = lora_B.bias·scaling under its bias's name)
 (scaling = lora_alpha / r, or lora_alpha / √r with rsLoRA; ``rank_pattern``
 and ``alpha_pattern`` respected), without forming any other module's ΔW.
 """
@@ -37,7 +38,7 @@ class LoraModule:
     )
     a: str
     b: str
-    layout: str  # linear | conv | embedding
+    layout: str  # linear | conv | embedding | bias (lora_B's bias, for the layer's bias)
     scaling: float
     transpose: bool  # fan_in_fan_out (GPT-2 Conv1D stores the weight as in x out)
     shape: tuple[int, ...]
@@ -136,7 +137,7 @@ class PeftAdapter(TensorSource):
                 raise InputError(f"{self.label}: DoRA adapters are not supported")
             m = re.fullmatch(r"(.+)\.lora_(A|embedding_A)(\.weight)?", bare)
             if m is None:
-                if not re.search(r"\.lora_(B|embedding_B)(\.weight)?$", bare):
+                if not re.search(r"\.lora_(B|embedding_B)(\.weight|\.bias)?$", bare):
                     replaced[bare] = key
                 continue
             module, kind = m.group(1), m.group(2)
@@ -164,6 +165,11 @@ class PeftAdapter(TensorSource):
             modules[f"{module}.weight"] = LoraModule(
                 f"{module}.weight", key, b_key, layout, scaling, transpose, tuple(shape)
             )
+            bias_key = f"{b_key.removesuffix('.weight')}.bias"
+            if bias_key in infos:  # lora_bias: lora_B's bias adds Δb·scaling to the layer's bias
+                modules[f"{module}.bias"] = LoraModule(
+                    f"{module}.bias", key, bias_key, "bias", scaling, False, infos[bias_key].shape
+                )
         return modules, replaced
 
     def infos(self) -> dict[str, TensorInfo]:
@@ -175,6 +181,8 @@ class PeftAdapter(TensorSource):
     def delta(self, weight: str, rows: slice | None = None) -> torch.Tensor:
         """ΔW = B·A·scaling (float32) for the base weight ``weight``, optionally some rows."""
         m = self.modules[weight]
+        if m.layout == "bias":
+            return self.get(m.b, rows).float() * m.scaling
         a = self.get(m.a).float()
         b = self.get(m.b).float()
         if m.layout == "conv":
