@@ -515,7 +515,7 @@ def _with_tokenizer(build, choice: str | None, pad: int | None, refs: list, wher
     models' tokenizers must be the same (rows are merged by token id as they are); with
     one, every token-indexed tensor is moved to its vocabulary
     (:mod:`compressor.vocabulary`). ``refs`` name the base (or None) and the inputs."""
-    from .vocabulary import TOKENIZER_FILES, aligned_sources
+    from .vocabulary import aligned_sources, token_id_rules
 
     if choice not in (None, "base", "union") and choice not in refs:
         raise UsageError(f"{where}: tokenizer_source '{choice}' is not one of the models")
@@ -524,12 +524,12 @@ def _with_tokenizer(build, choice: str | None, pad: int | None, refs: list, wher
         sources = [base_source, *input_sources]
         models = [s for s in sources if s is not None]
         if choice is None:
-            files = {}
-            for s in models:
-                for rel in TOKENIZER_FILES:
-                    if rel in s.files:
-                        files.setdefault(rel, set()).add(Path(s.files[rel]).read_bytes())
-            differ = [rel for rel, contents in files.items() if len(contents) > 1]
+            rules = [token_id_rules(s) for s in models]
+            differ = [
+                rel
+                for rel in dict.fromkeys(r for rule in rules for r in rule)
+                if any(rule.get(rel) != rules[0].get(rel) for rule in rules)
+            ]
             if differ:
                 raise UsageError(
                     f"{where}: the models' tokenizers differ ({differ[0]}); set "

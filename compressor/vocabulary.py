@@ -16,6 +16,7 @@ See https://github.com/arcee-ai/mergekit/blob/main/mergekit/tokenizer/embed.py
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -36,6 +37,41 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
+# what in each tokenizer file decides token ids (None: the whole file); padding, truncation,
+# chat templates, max lengths and the like are runtime settings and do not count
+_ID_DECIDING = {
+    "tokenizer.json": ("model", "added_tokens", "normalizer", "pre_tokenizer"),
+    "tokenizer_config.json": ("added_tokens_decoder",),
+    "added_tokens.json": None,
+    "vocab.txt": None,
+    "vocab.json": None,
+    "merges.txt": None,
+    "tokenizer.model": None,
+}
+
+
+def token_id_rules(source: TensorSource) -> dict[str, object]:
+    """Per tokenizer file a model carries, the part that decides token ids (hash-checked
+    when read from the store): two models whose rules are equal number tokens alike."""
+    from .integrity import read_checked
+
+    rules = {}
+    for rel, keys in _ID_DECIDING.items():
+        if rel not in source.files:
+            continue
+        data = read_checked(Path(source.files[rel]), source.label, rel)
+        if keys is None:
+            rules[rel] = data
+            continue
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            rules[rel] = data  # not JSON: compared as bytes
+            continue
+        rules[rel] = {k: doc.get(k) for k in keys} if isinstance(doc, dict) else doc
+    return rules
+
+
 # token-indexed tensors: input and output embeddings (and a vocabulary bias) by module name
 _VOCAB_MODULE = re.compile(
     r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|decoder)\.(weight|bias)$"

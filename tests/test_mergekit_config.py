@@ -374,6 +374,27 @@ def test_differing_tokenizers_without_a_source_are_refused(run, private_store, z
     )
 
 
+def test_tokenizers_differing_only_in_runtime_settings_are_one_tokenizer(run, zoo, tmp_path):
+    """Padding and truncation settings, a max length, a chat template: they do not change
+    token ids, and a merge of such models was refused as "the models' tokenizers differ"."""
+    other = shutil.copytree(zoo / "e2", tmp_path / "other")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["padding"] = {"strategy": "BatchLongest", "direction": "Left", "pad_id": 0}
+    tok["truncation"] = {"max_length": 77, "strategy": "LongestFirst", "stride": 0}
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    cfg.update(model_max_length=77, padding_side="left", chat_template="{{ 'x' }}" * 4)
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    config = tmp_path / "c.yml"
+    config.write_text(f"merge_method: linear\nmodels: [{{model: {zoo}/e1}}, {{model: {other}}}]\n")
+    r = run("--quiet", "merge", "--config", config, "-n", "same")
+    assert r.exit_code == 0, r.output
+    assert run("export", "same", tmp_path / "out").exit_code == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        zoo / "e1" / "tokenizer.json"
+    ).read_bytes()  # the first model's tokenizer, as mergekit copies it
+
+
 @pytest.fixture(scope="module")
 def polyglot(tmp_path_factory) -> Path:
     """A tiny Llama base and two fine-tunes whose word-level tokenizers differ: each has
