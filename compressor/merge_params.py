@@ -59,14 +59,26 @@ def tensor_slot(name: str) -> int:
     return -1 if is_pre_layers(name) else POST_SLOT
 
 
-def layer_positions(names: Sequence[str]) -> dict[str, float]:
-    """t in [0, 1] per tensor name: its layer's position among the model's layers."""
-    layers = [i for i in map(layer_index, names) if i is not None]
-    count = max(layers) + 1 if layers else 0
-    out = {}
+def in_module(tensor: str, prefix: str) -> bool:
+    """Whether a tensor lies under a module's weight prefix (``language_model.``), at the
+    start of its name or after a wrapper's (``model.language_model.`` in transformers 5)."""
+    return tensor.startswith(prefix) or f".{prefix}" in tensor
+
+
+def layer_positions(names: Sequence[str], modules: Sequence[str] = ()) -> dict[str, float]:
+    """t in [0, 1] per tensor name: its layer's position among the layers of its module
+    (the weight prefixes in ``modules``; the rest of the model counts as one)."""
+    groups: dict[str | None, list[str]] = {}
     for name in names:
-        i = layer_index(name)
-        out[name] = 0.0 if i is None else (i / (count - 1) if count > 1 else 1.0)
+        owner = next((m for m in modules if in_module(name, m)), None)
+        groups.setdefault(owner, []).append(name)
+    out = {}
+    for group in groups.values():
+        layers = [i for i in map(layer_index, group) if i is not None]
+        count = max(layers) + 1 if layers else 0
+        for name in group:
+            i = layer_index(name)
+            out[name] = 0.0 if i is None else (i / (count - 1) if count > 1 else 1.0)
     return out
 
 
@@ -78,6 +90,7 @@ class Rule:
     expert: int | None = None  # 0-based input position; None: every expert / shared
     filter: str | None = None  # a substring of tensor names; None: every tensor
     layers: tuple[int, int] | None = None  # output layer slots [lo, hi) (a config's slice)
+    module: str | None = None  # a module's weight prefix (a config's modules); None: any
 
     def to_json(self) -> dict:
         out = {"value": self.value}
@@ -87,6 +100,8 @@ class Rule:
             out["filter"] = self.filter
         if self.layers is not None:
             out["layers"] = list(self.layers)
+        if self.module is not None:
+            out["module"] = self.module
         return out
 
     @classmethod
@@ -97,10 +112,13 @@ class Rule:
             None if expert is None else expert - 1,
             obj.get("filter"),
             None if layers is None else tuple(layers),
+            obj.get("module"),
         )
 
     def applies(self, tensor: str, expert: int | None) -> bool:
         if self.expert is not None and self.expert != expert:
+            return False
+        if self.module is not None and not in_module(tensor, self.module):
             return False
         if self.layers is not None and not self.layers[0] <= tensor_slot(tensor) < self.layers[1]:
             return False

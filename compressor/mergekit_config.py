@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .chat_templates import check_chat_template, resolve_template, with_chat_template
 from .errors import InputError, UsageError
 from .merge_params import POST_SLOT, Rule, is_pre_layers, layer_index, parse_scalar, renamed
 from .progress import warn
@@ -96,7 +97,19 @@ TOP_KEYS = {
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "chat_template",
+    "modules",
     "name",
+}
+_MODULE_KEYS = {"models", "slices", "parameters"}
+# a multimodal model's modules as mergekit's architectures name them: their weight prefixes
+MODULE_PREFIXES = {
+    "text_decoder": "language_model.",
+    "multi_modal_projector": "multi_modal_projector.",
+    "vision_tower": "vision_tower.",
+    "vision_model": "vision_model.",
+    "encoder": "encoder.",
+    "decoder": "decoder.",
 }
 _TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
 _SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -136,14 +149,67 @@ def _refuse_keys(obj: dict, allowed: set[str], where: str) -> None:
 
 
 def _model_ref(value, where: str) -> str:
+    """A config's model reference as one string: a path, store reference or hub id, with
+    ``@REVISION`` for a hub id and ``+LORA`` for an adapter added to the model (mergekit's
+    string form); mergekit's mapping form ({model: {path, revision}, lora: {path}}) too."""
+    if isinstance(value, dict):
+        value = _mapping_ref(value, where)
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"{where}: model must be a path, store reference or hub id")
     if "+" in value and not Path(value).exists():
-        raise UsageError(
-            f"{where}: '{value}' applies a LoRA (model+lora), which is not supported; give "
-            "the adapter as a model with base_model set"
-        )
+        parts = value.split("+")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise UsageError(f"{where}: '{value}' must be MODEL+LORA (one adapter)")
     return value
+
+
+def _mapping_ref(value: dict, where: str) -> str:
+    def path_of(entry, key):
+        if isinstance(entry, str):
+            return entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise UsageError(f"{where}: model.{key} must be a path or a mapping with a path")
+        _refuse_keys(entry, {"path", "revision"}, f"{where}: model.{key}")
+        revision = entry.get("revision")
+        return entry["path"] + (f"@{revision}" if revision else "")
+
+    _refuse_keys(value, {"model", "lora"}, f"{where}: model")
+    if "model" not in value:
+        raise UsageError(f"{where}: model needs a model")
+    ref = path_of(value["model"], "model")
+    return ref + (f"+{path_of(value['lora'], 'lora')}" if value.get("lora") else "")
+
+
+def _expand_loras(base, inputs: list, build, where: str):
+    """mergekit's MODEL+LORA references: the run gets the model in the reference's place
+    and the adapter as an extra input at the end (both are parents in the lineage);
+    ``build`` sees one source, the adapter added to the model. Returns (base, inputs,
+    build) for the run."""
+
+    def split(ref):
+        return ref.split("+") if ref and "+" in ref and not Path(ref).exists() else None
+
+    pieces = [split(ref) for ref in [base, *inputs]]
+    if not any(pieces):
+        return base, inputs, build
+    loras = [(i - 1, p[1]) for i, p in enumerate(pieces) if p]  # -1: the base
+    run_base = pieces[0][0] if pieces[0] else base
+    run_inputs = [p[0] if p else ref for p, ref in zip(pieces[1:], inputs, strict=True)]
+    run_inputs += [lora for _, lora in loras]
+
+    def expanded(base_source, input_sources):
+        from .alignment import ModelFromDelta
+
+        n = len(inputs)
+        adapters = dict(zip((i for i, _ in loras), input_sources[n:], strict=True))
+        sources = [base_source, *input_sources[:n]]
+        for i, adapter in adapters.items():
+            sources[i + 1] = ModelFromDelta(sources[i + 1], adapter, warn)
+        if build is None:
+            return sources[0], sources[1:], None
+        return build(sources[0], sources[1:])
+
+    return run_base, run_inputs, expanded
 
 
 def _settings(setting, where: str) -> list[tuple[object, str | None]]:
@@ -171,7 +237,14 @@ class _Translator:
         self.options = {o.name: o for o in method.options}
         self.rules: dict[str, list[Rule]] = {}
 
-    def add(self, params, expert: int | None, layers: tuple[int, int] | None, where: str):
+    def add(
+        self,
+        params,
+        expert: int | None,
+        layers: tuple[int, int] | None,
+        where: str,
+        module: str | None = None,
+    ):
         if params is None:
             return
         if not isinstance(params, dict):
@@ -189,9 +262,8 @@ class _Translator:
                     f"{where}: parameter '{key}' applies to the whole merge, not to one model"
                 )
             for value, filt in _settings(setting, f"{where}: parameter '{key}'"):
-                self.rules.setdefault(name, []).append(
-                    Rule(self._checked(name, value, convert, key, where), expert, filt, layers)
-                )
+                value = self._checked(name, value, convert, key, where)
+                self.rules.setdefault(name, []).append(Rule(value, expert, filt, layers, module))
 
     def _checked(self, name, value, convert, key, where):
         option = self.options[name]
@@ -277,6 +349,9 @@ def _plan(stage: dict, path, i: int, n: int, registry) -> dict:
         known = ", ".join(sorted(METHODS))
         raise UsageError(f"{where}: merge_method '{mk_name}' is not supported (supported: {known})")
     method = registry.method(plugin, "merge")
+    modules = []  # (weight prefix, its models' parameters, its parameters, where)
+    if "modules" in stage:
+        stage, modules = _from_modules(stage, where)
     if ("models" in stage) == ("slices" in stage):
         raise UsageError(f"{where}: give exactly one of models or slices")
     base = (
@@ -288,19 +363,94 @@ def _plan(stage: dict, path, i: int, n: int, registry) -> dict:
         inputs, job_base, build = _models_plan(stage, method, base, translator, where)
     else:
         inputs, job_base, build = _slices_plan(stage, method, base, translator, where)
+    if modules:
+        build = _module_rules(modules, method, inputs, base, translator, build)
     translator.add(stage.get("parameters"), None, None, f"{where}: parameters")
     dtype = stage.get("out_dtype") or stage.get("dtype")
+    template = stage.get("chat_template")
+    if template is not None:
+        template = check_chat_template(template, where)
+    build = _with_tokenizer(build, choice, pad, [job_base, *inputs], where, template)
+    run_base, run_inputs, build = _expand_loras(job_base, inputs, build, where)
     return {
         "name": stage.get("name"),
         "plugin": plugin,
-        "inputs": inputs,
-        "base": job_base,
+        "inputs": run_inputs,
+        "base": run_base,
         "values": translator.values(),
         "dtype": dtype,
-        "build": _with_tokenizer(build, choice, pad, [job_base, *inputs], where),
+        "build": build,
         "config": stage,
         "extra": {"tokenizer_source": choice or "base"},
     }
+
+
+def _from_modules(stage: dict, where: str) -> tuple[dict, list]:
+    """mergekit's ``modules``: one module is the model (its models or slices and
+    parameters stand as the config's own); several (a multimodal model's text decoder,
+    vision tower, projector) must merge the same models, each module's parameters
+    applying under its weight prefix. Returns the stage as models/slices and, for
+    several modules, (prefix, [(ref, parameters)], parameters, where) per module."""
+    modules = stage["modules"]
+    if "models" in stage or "slices" in stage:
+        raise UsageError(f"{where}: give modules, or models or slices, not both")
+    if not isinstance(modules, dict) or not modules:
+        raise UsageError(f"{where}: modules must map module names to models or slices")
+    for name, body in modules.items():
+        w = f"{where}: modules.{name}"
+        if not isinstance(body, dict) or ("models" in body) == ("slices" in body):
+            raise UsageError(f"{w}: give exactly one of models or slices")
+        _refuse_keys(body, _MODULE_KEYS, w)
+    rest = {k: v for k, v in stage.items() if k != "modules"}
+    if len(modules) == 1:
+        (body,) = modules.values()
+        params = {**(stage.get("parameters") or {}), **(body.get("parameters") or {})}
+        return {**rest, **body, "parameters": params or None}, []
+    plans, refs = [], None
+    for name, body in modules.items():
+        w = f"{where}: modules.{name}"
+        if "slices" in body:
+            raise UsageError(f"{w}: with several modules each must list models, not slices")
+        if name not in MODULE_PREFIXES:
+            known = ", ".join(MODULE_PREFIXES)
+            raise UsageError(f"{w}: unknown module '{name}' (known: {known})")
+        entries = body["models"]
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and "model" in e for e in entries
+        ):
+            raise UsageError(f"{w}: models must be a list of entries with a model")
+        mine = [(_model_ref(e["model"], w), e.get("parameters")) for e in entries]
+        if refs is None:
+            refs = [r for r, _ in mine]
+        elif sorted(r for r, _ in mine) != sorted(refs):
+            raise UsageError(f"{w}: every module must merge the same models")
+        plans.append((MODULE_PREFIXES[name], mine, body.get("parameters"), w))
+    return {**rest, "models": [{"model": r} for r in refs]}, plans
+
+
+def _module_rules(modules, method, inputs, base, translator, build):
+    """Each module's parameters as rules under its prefix (before the config's own, so
+    they win); layer positions counted within each module, as mergekit counts them."""
+    for prefix, entries, params, where in modules:
+        for ref, model_params in entries:
+            if ref in inputs:
+                k = inputs.index(ref)
+            elif method.base_is_input and ref == base:
+                k = len(inputs)
+            else:
+                continue  # the base's own parameters (mergekit ignores them too)
+            translator.add(model_params, k, None, f"{where}: parameters", prefix)
+        translator.add(params, None, None, f"{where}: parameters", prefix)
+    prefixes = [m[0] for m in modules]
+
+    def per_module(base_source, input_sources):
+        from .merge_params import layer_positions
+
+        job = build(base_source, input_sources) if build else (base_source, input_sources, None)
+        reference = job[0] if job[0] is not None else job[1][0]
+        return job[0], job[1], layer_positions(reference.names(), prefixes)
+
+    return per_module
 
 
 def _models_plan(stage, method, base, translator, where):
@@ -510,11 +660,14 @@ def _tokenizer_choice(stage: dict, where: str) -> tuple[str | None, int | None]:
     return choice, pad
 
 
-def _with_tokenizer(build, choice: str | None, pad: int | None, refs: list, where: str):
+def _with_tokenizer(
+    build, choice: str | None, pad: int | None, refs: list, where: str, template=None
+):
     """The job's sources seen through one vocabulary. Without a tokenizer source the
     models' tokenizers must be the same (rows are merged by token id as they are); with
     one, every token-indexed tensor is moved to its vocabulary
-    (:mod:`compressor.vocabulary`). ``refs`` name the base (or None) and the inputs."""
+    (:mod:`compressor.vocabulary`). ``refs`` name the base (or None) and the inputs;
+    ``template`` is the config's checked chat_template, set on the output's tokenizer."""
     from .vocabulary import aligned_sources, token_id_rules
 
     if choice not in (None, "base", "union") and choice not in refs:
@@ -539,12 +692,29 @@ def _with_tokenizer(build, choice: str | None, pad: int | None, refs: list, wher
             job = base_source, input_sources, None
         else:
             job = build(base_source, input_sources)
-        if choice is None:
-            return job
-        picked = choice
-        if choice not in ("base", "union"):
-            picked = models.index(sources[refs.index(choice)])
-        base, inputs = aligned_sources(job[0], job[1], models, base_source, picked, where, pad)
-        return base, inputs, job[2]
+        if choice is not None:
+            picked = choice
+            if choice not in ("base", "union"):
+                picked = models.index(sources[refs.index(choice)])
+            aligned = aligned_sources(job[0], job[1], models, base_source, picked, where, pad)
+            job = (*aligned, job[2])
+        if template is not None:
+            _set_chat_template(job, template, models, where)
+        return job
 
     return checked
+
+
+def _set_chat_template(job, template: str, models: list, where: str) -> None:
+    """Give the source the output's files are carried from the chat template."""
+    import tempfile
+
+    text = resolve_template(template, models)
+    if text is None:
+        return  # auto, and no model carries one: mergekit leaves the tokenizer as it is
+    carrier = job[0] if job[0] is not None else job[1][0]
+    if "tokenizer_config.json" not in carrier.files:
+        warn(f"{where}: chat_template is not saved: the output has no tokenizer")
+        return
+    carrier._template_dir = tempfile.TemporaryDirectory(prefix="compress-template-")
+    with_chat_template(carrier, text, Path(carrier._template_dir.name))

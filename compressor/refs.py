@@ -29,7 +29,7 @@ from .sources import (
 )
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$")
 
 
 class External:
@@ -113,7 +113,9 @@ def resolve(store, ref: str, raw: tuple[str, ...] = ()) -> ResolvedInput:
 
 
 def hub_cache_path(repo_id: str) -> Path:
-    """The snapshot directory of a Hugging Face hub model in the local cache (no download)."""
+    """The snapshot directory of a Hugging Face hub model in the local cache (no download);
+    ``ORG/NAME@REVISION`` (a branch, tag or commit, mergekit's form) picks that snapshot."""
+    repo_id, _, revision = repo_id.partition("@")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -123,12 +125,17 @@ def hub_cache_path(repo_id: str) -> Path:
         # read the cache location now: huggingface_hub fixes its default at import time
         home = os.environ.get("HF_HOME")
         cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
-        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True)).resolve()
+        found = snapshot_download(
+            repo_id, revision=revision or None, cache_dir=cache, local_files_only=True
+        )
+        return Path(found).resolve()
     except LocalEntryNotFoundError:
+        at = f" at revision {revision}" if revision else ""
+        flag = f" --revision {revision}" if revision else ""
         raise InputError(
-            f"'{repo_id}' is neither a path nor in the Hugging Face cache "
+            f"'{repo_id}'{at} is neither a path nor in the Hugging Face cache "
             "(HF_HUB_CACHE or HF_HOME); download it first, e.g. `hf download "
-            f"{repo_id}`; compressor never downloads"
+            f"{repo_id}{flag}`; compressor never downloads"
         ) from None
     except Exception as e:  # an invalid repo id, an unreadable cache
         raise InputError(

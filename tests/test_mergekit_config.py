@@ -26,11 +26,11 @@ def zoo(tmp_path_factory) -> Path:
     return root
 
 
-def _mergekit_yaml(zoo: Path, config: str, out: Path) -> dict:
+def _mergekit_yaml(zoo: Path, config: str, out: Path, *flags: str) -> dict:
     (zoo / "mk.yml").write_text(config)
     exe = Path(sys.executable).with_name("mergekit-yaml")
     r = subprocess.run(
-        [str(exe), "mk.yml", str(out)], cwd=zoo, capture_output=True, text=True, timeout=600
+        [str(exe), "mk.yml", str(out), *flags], cwd=zoo, capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return dir_tensors(out)
@@ -241,7 +241,8 @@ def _refuses(run, store, tmp_path, config: str, message: str, code: int = 2):
     [
         (
             "merge_method: ties\nbase_model: B\nmodels: [{model: E1}]\nchat_template: x\n",
-            "{path}: key 'chat_template' is not supported by compress merge --config",
+            "{path}: chat_template 'x' is neither a template name (alpaca, chatml, exaone, "
+            "llama3, mistral, auto) nor a Jinja template",
         ),
         (
             "merge_method: ram\nbase_model: B\nmodels: [{model: E1}]\n",
@@ -570,3 +571,181 @@ def test_config_and_plugin_together_are_refused(run, private_store, tmp_path):
     r = run("merge", "--config", path, "-p", "ties")
     assert r.exit_code == 2
     assert r.output.strip().endswith("--config takes no --plugin: the config says them")
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "beautiful is better"},
+    {"role": "assistant", "content": "than ugly"},
+    {"role": "user", "content": "explicit?"},
+]
+LITERAL = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "alpaca", "mistral", "literal"])
+def test_chat_template_renders_as_mergekit_yaml_writes_it(run, zoo, tmp_path, template):
+    """chat_template was refused (6 of the 15 refused real configs set it)."""
+    from transformers import AutoTokenizer
+
+    value = json.dumps(LITERAL) if template == "literal" else template
+    config = (
+        f"merge_method: linear\nchat_template: {value}\ndtype: float32\n"
+        "models:\n  - model: ./e1\n    parameters: {weight: 0.5}\n"
+        "  - model: ./e2\n    parameters: {weight: 0.5}\n"
+    )
+    _mergekit_yaml(zoo, config, tmp_path / "mk")
+    _ours(run, zoo, config, tmp_path / "ours")
+    conversation = CONVERSATION[1:] if template == "mistral" else CONVERSATION
+    want, got = (
+        AutoTokenizer.from_pretrained(d).apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        for d in (tmp_path / "mk", tmp_path / "ours" / "out")
+    )
+    assert got == want and "beautiful is better" in got
+
+
+def test_chat_template_auto_takes_the_template_most_models_carry(run, zoo, tmp_path):
+    models = {}
+    for name, template in (("a", LITERAL), ("b", LITERAL), ("c", "{{ 'other' }}" * 3)):
+        models[name] = shutil.copytree(zoo / "e1", tmp_path / name)
+        path = models[name] / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": template}))
+    config = tmp_path / "auto.yml"
+    config.write_text(
+        "merge_method: linear\nchat_template: auto\ndtype: float32\nmodels:\n"
+        + "".join(f"  - model: {models[n]}\n" for n in ("c", "a", "b"))
+    )
+    r = run("--quiet", "merge", "--config", config, "-n", "auto")
+    assert r.exit_code == 0, r.output
+    assert run("export", "auto", tmp_path / "out").exit_code == 0
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == LITERAL.strip()
+
+
+def test_model_plus_lora_equals_mergekit_yaml(run, zoo, tmp_path):
+    """model+lora references were refused (3 of the 15 refused real configs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(zoo / "e1"), lora_config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(zoo / "lora")
+    config = """
+merge_method: linear
+dtype: float32
+models:
+  - model: ./e1+./lora
+    parameters: {weight: 0.6}
+  - model: ./e2
+    parameters: {weight: 0.4}
+"""
+    cache = str(tmp_path / "lora-cache")
+    want = _mergekit_yaml(zoo, config, tmp_path / "mk", "--lora-merge-cache", cache)
+    got = _ours(run, zoo, config, tmp_path / "ours")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=2e-6, msg=name)
+    plain = _ours(run, zoo, config.replace("+./lora", ""), tmp_path / "plain", name="p")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (got[q] - plain[q]).abs().max() > 1e-3  # the adapter is in the merge
+    log = json.loads(run("store", "log", "m", "--json").stdout)
+    assert [p["label"] for p in log["parents"]] == [f"{zoo}/e1", f"{zoo}/e2", f"{zoo}/lora"]
+
+
+def test_a_hub_model_at_a_revision_comes_from_that_snapshot(run, zoo, tmp_path, monkeypatch):
+    """`revision` (model: org/name@rev, or the mapping form) was refused."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    for commit, src in (("a" * 40, "e1"), ("b" * 40, "e2")):
+        shutil.copytree(zoo / src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v2").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    body = "merge_method: linear\ndtype: float32\nmodels:\n  - model: {model}\n  - model: ./e3\n"
+    at_rev = _ours(run, zoo, body.format(model="org/tiny@v2"), tmp_path / "rev", name="r")
+    mapping = "{model: {path: org/tiny, revision: v2}}"
+    as_map = _ours(run, zoo, body.format(model=mapping), tmp_path / "map", name="q")
+    direct = _ours(run, zoo, body.format(model="./e2"), tmp_path / "dir", name="d")
+    main = _ours(run, zoo, body.format(model="org/tiny"), tmp_path / "main", name="n")
+    assert all(
+        torch.equal(at_rev[n], direct[n]) and torch.equal(as_map[n], direct[n]) for n in direct
+    )
+    assert not all(torch.equal(main[n], direct[n]) for n in direct)
+    path = tmp_path / "missing.yml"
+    path.write_text(body.format(model="org/tiny@v9"))
+    r = run("--quiet", "merge", "--config", path)
+    assert r.exit_code == 1
+    assert r.output == (
+        "Error: 'org/tiny' at revision v9 is neither a path nor in the Hugging Face cache "
+        "(HF_HUB_CACHE or HF_HOME); download it first, e.g. `hf download org/tiny "
+        "--revision v9`; compressor never downloads\n"
+    )
+
+
+def test_modules_merge_each_module_with_its_own_parameters(run, tmp_path):
+    """`modules` was refused (1 of the 15 refused real configs, a vision-language merge):
+    each module's parameters apply under its weight prefix, and a gradient runs over
+    that module's own layers (vision: 2, text: 4)."""
+    from safetensors.torch import save_file
+
+    def model(seed):
+        g = torch.Generator().manual_seed(seed)
+        tensors = {
+            f"language_model.model.layers.{i}.mlp.weight": torch.randn(4, 4, generator=g)
+            for i in range(4)
+        }
+        tensors |= {
+            f"vision_tower.vision_model.layers.{i}.fc.weight": torch.randn(3, 3, generator=g)
+            for i in range(2)
+        }
+        path = tmp_path / f"m{seed}.safetensors"
+        save_file(tensors, path)
+        return path, tensors
+
+    (p1, t1), (p2, t2) = model(1), model(2)
+    config = tmp_path / "modules.yml"
+    config.write_text(
+        f"""
+merge_method: linear
+dtype: float32
+modules:
+  text_decoder:
+    models:
+      - {{model: {p1}, parameters: {{weight: 0.3}}}}
+      - {{model: {p2}, parameters: {{weight: 0.7}}}}
+  vision_tower:
+    models:
+      - {{model: {p2}, parameters: {{weight: 1}}}}
+      - {{model: {p1}, parameters: {{weight: [0, 1]}}}}
+"""
+    )
+    r = run("--quiet", "merge", "--config", config, "-n", "vl")
+    assert r.exit_code == 0, r.output
+    assert run("export", "vl", tmp_path / "vl.safetensors").exit_code == 0
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "vl.safetensors")
+    for i in range(4):
+        name = f"language_model.model.layers.{i}.mlp.weight"
+        torch.testing.assert_close(got[name], 0.3 * t1[name] + 0.7 * t2[name])
+    for i, w1 in ((0, 0.0), (1, 1.0)):  # t over the vision tower's two layers: 0, then 1
+        name = f"vision_tower.vision_model.layers.{i}.fc.weight"
+        torch.testing.assert_close(got[name], (w1 * t1[name] + t2[name]) / (w1 + 1))
+    config.write_text(
+        config.read_text().replace(
+            f"model: {p1}, parameters: {{weight: [0", "model: ./x, parameters: {weight: [0"
+        )
+    )
+    r = run("--quiet", "merge", "--config", config)
+    assert (r.exit_code, r.output) == (
+        2,
+        f"Error: {config}: modules.vision_tower: every module must merge the same models\n",
+    )
