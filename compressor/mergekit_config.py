@@ -466,6 +466,9 @@ def _models_plan(stage, method, base, translator, where):
         entries.append((_model_ref(entry["model"], w), entry.get("parameters"), w))
     experts = [e for e in entries if e[0] != base]
     base_entry = [e for e in entries if e[0] == base]
+    if method.base_is_input and base is not None and not experts:
+        # the base is the only model (mergekit returns it): it is the one input
+        experts, base_entry, base = base_entry or [(base, None, f"{where}: base_model")], [], None
     if method.name == "passthrough" and base is not None:
         raise UsageError(f"{where}: passthrough takes no base_model")
     positions = list(experts)

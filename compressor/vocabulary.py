@@ -124,19 +124,16 @@ def build_vocabulary(
     first = base if base is not None else models[0]
     tokenizers = {id(m): source_tokenizer(m) for m in models}
     sizes = {id(m): vocab_size(m, where) for m in models}
-    for m in models:
-        beyond = [t for t, i in tokenizers[id(m)].get_vocab().items() if i >= sizes[id(m)]]
-        if beyond and (m is first or choice != "union"):
-            raise UsageError(
-                f"{where}: {m.label}'s tokenizer has {len(beyond)} tokens at or past its "
-                f"vocab_size {sizes[id(m)]}; such tokenizers are not supported"
-            )
+    chosen = None if choice in ("base", "union") else tokenizers[id(models[choice])]
+    # tokens at or past a model's vocab_size have no embedding row: absent from that model
+    # (the permutations below); the base's tokenizer loses them, as mergekit strips it
+    tokenizers[id(first)] = _stripped(tokenizers[id(first)], sizes[id(first)], first, where)
     tmp = tempfile.TemporaryDirectory(prefix="compress-tokenizer-")
     out = Path(tmp.name)
     if choice == "union":
         tokenizer = _union(first, models, tokenizers, sizes, out)
     else:
-        tokenizer = tokenizers[id(first if choice == "base" else models[choice])]
+        tokenizer = chosen or tokenizers[id(first)]  # a model named as the source: as it is
         tokenizer.save_pretrained(out)
     vocab = tokenizer.get_vocab()
     tokens = len(vocab)
@@ -153,6 +150,35 @@ def build_vocabulary(
                 p[new] = old
         permutations[id(m)] = p
     return Vocabulary(out, tokens, rows, permutations, tmp)
+
+
+def _stripped(tokenizer, size: int, model: TensorSource, where: str):
+    """The tokenizer without the tokens at or past ``size`` (a tokenizer padded past its
+    model's embedding rows): gone from the vocabulary, the added tokens and BPE merges."""
+    beyond = {t for t, i in tokenizer.get_vocab().items() if i >= size}
+    if not beyond:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    doc = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer.is_fast else None
+    kind = (doc or {}).get("model", {}).get("type")
+    if kind not in ("BPE", "WordLevel"):
+        raise UsageError(
+            f"{where}: {model.label}'s tokenizer has {len(beyond)} tokens at or past its "
+            f"vocab_size {size}, and only a fast BPE or word-level tokenizer can be cut "
+            "back to its embedding rows"
+        )
+    doc["added_tokens"] = [e for e in doc.get("added_tokens", []) if e["id"] < size]
+    doc["model"]["vocab"] = {t: i for t, i in doc["model"]["vocab"].items() if t not in beyond}
+    if kind == "BPE":  # a merge goes when a part or its result goes
+        pairs = [m.split(" ") if isinstance(m, str) else m for m in doc["model"]["merges"]]
+        doc["model"]["merges"] = [
+            m
+            for m, pair in zip(doc["model"]["merges"], pairs, strict=True)
+            if not ({*pair, "".join(pair)} & beyond)
+        ]
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(doc))
+    return tokenizer
 
 
 def _union(first, models, tokenizers, sizes, out: Path):

@@ -749,3 +749,85 @@ modules:
         2,
         f"Error: {config}: modules.vision_tower: every module must merge the same models\n",
     )
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory) -> Path:
+    """mergekit's padded-tokenizer case: a BPE tokenizer of 100 tokens and 20 added ones
+    over a model of 100 embedding rows (tokens 100-119 have no row), and a fine-tune."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("padded")
+    base = save_tiny_llama(root / "base", seed=0, layers=2, vocab=100)
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    tok.train_from_iterator(
+        zen_lines(), trainers.BpeTrainer(vocab_size=100, special_tokens=specials)
+    )
+    tok.add_tokens([f"<extra_{i}>" for i in range(20)])
+    assert tok.get_vocab_size() == 120
+    for f in base.glob("*token*"):
+        f.unlink()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+    ).save_pretrained(base)
+    save_finetune(base, root / "ft", seed=1)
+    return root
+
+
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_a_tokenizer_padded_past_the_embeddings_merges_as_mergekit_yaml(
+    run, padded, tmp_path, source
+):
+    """Refused before ("tokens at or past its vocab_size ... not supported"); mergekit cuts
+    the base's tokenizer back to its embedding rows."""
+    from transformers import AutoTokenizer
+
+    text = (
+        f"merge_method: linear\nbase_model: ./base\ntokenizer_source: {source}\ndtype: float32\n"
+        "models:\n  - model: ./base\n    parameters: {weight: 0.4}\n"
+        "  - model: ./ft\n    parameters: {weight: 0.6}\n"
+    )
+    theirs = _mergekit_yaml(padded, text, tmp_path / "mk")
+    ours = _ours(run, padded, text, tmp_path)
+    mk_vocab = AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+    our_vocab = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    assert set(our_vocab) == set(mk_vocab) and len(our_vocab) == 100
+    tokens = sorted(mk_vocab)
+    theirs, ours = _by_token(theirs, mk_vocab, tokens), _by_token(ours, our_vocab, tokens)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_linear_of_the_base_alone_is_the_base(run, zoo, tmp_path):
+    """`linear` whose only model is the base failed ("needs at least 1 expert"); mergekit
+    returns that model."""
+    text = "merge_method: linear\nbase_model: ./base\ndtype: float32\nmodels:\n  - model: ./base\n"
+    theirs = _mergekit_yaml(zoo, text, tmp_path / "mk")
+    ours = _ours(run, zoo, text, tmp_path)
+    base = dir_tensors(zoo / "base")
+    assert ours.keys() == theirs.keys() == base.keys()
+    assert all(torch.equal(ours[n], base[n]) and torch.equal(theirs[n], base[n]) for n in base)
+
+
+def test_a_padded_model_as_the_tokenizer_source_keeps_its_tokens(run, padded, tmp_path):
+    """mergekit-yaml fails on this one (KeyError in its permutation); ours keeps the
+    source's 120 tokens, rows 100-119 zero (no model has them: mergekit's rule)."""
+    text = (
+        "merge_method: linear\nbase_model: ./base\ntokenizer_source: ./ft\ndtype: float32\n"
+        "models:\n  - model: ./base\n    parameters: {weight: 0.4}\n"
+        "  - model: ./ft\n    parameters: {weight: 0.6}\n"
+    )
+    ours = _ours(run, padded, text, tmp_path)
+    base, ft = dir_tensors(padded / "base"), dir_tensors(padded / "ft")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert ours[name].shape[0] == 120
+        want = 0.4 * base[name] + 0.6 * ft[name]
+        torch.testing.assert_close(ours[name][:100], want, rtol=0, atol=1e-6)
+        assert not ours[name][100:].any()
