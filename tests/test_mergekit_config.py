@@ -808,7 +808,10 @@ def test_a_tokenizer_padded_past_the_embeddings_merges_as_mergekit_yaml(
 def test_a_linear_of_the_base_alone_is_the_base(run, zoo, tmp_path):
     """`linear` whose only model is the base failed ("needs at least 1 expert"); mergekit
     returns that model."""
-    text = "merge_method: linear\nbase_model: ./base\ndtype: float32\nmodels:\n  - model: ./base\n"
+    text = (
+        "merge_method: linear\nbase_model: ./base\ndtype: float32\n"
+        "models:\n  - model: ./base\n    parameters: {weight: 0.5}\n"
+    )
     theirs = _mergekit_yaml(zoo, text, tmp_path / "mk")
     ours = _ours(run, zoo, text, tmp_path)
     base = dir_tensors(zoo / "base")
