@@ -67,6 +67,7 @@ def run_method(
     reuse: bool = False,
     publish: bool = False,
     part: tuple[int, int] | None = None,
+    compute_dtype: str | None = None,
 ) -> ArtifactRecord | PendingArtifact:
     """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact.
 
@@ -78,7 +79,8 @@ def run_method(
     ``dtype`` casts the written float tensors. For ``compress merge --config``:
     ``values`` are options already checked, and ``build(base, inputs)`` turns the
     resolved inputs into the job's (base, inputs, layer positions), e.g. layers
-    restacked by slices; ``extra`` goes into the artifact's manifest.
+    restacked by slices; ``extra`` goes into the artifact's manifest; ``compute_dtype``
+    (a dtype name, or "stored") makes a merge compute as mergekit does in that dtype.
 
     ``part`` (k, n) runs part k of a merge split by tensor (a plan's ``split``): its
     artifact holds one shard (named the Hugging Face way) and the carried files, and
@@ -136,6 +138,7 @@ def run_method(
                 warn=warn,
                 positions=positions,
                 part=part,
+                compute_dtype=compute_dtype,
             )
             manifest = method.run(job)
             carry_from = job.base if kind == "merge" and job.base else job.inputs[0]

@@ -6,7 +6,9 @@ Supported keys: ``merge_method``, ``base_model``, ``models`` (``model`` and
 ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (or a ``tokenizer``
 ``source`` and ``pad_to_multiple_of``: :mod:`compressor.vocabulary`) and, in a
 multi-document file (mergekit-multi), ``name``: each document is a stage stored
-under its name, which later stages use as a model. Any other key is refused,
+under its name, which later stages use as a model. ``mergekit_exact`` (ours, default
+true) computes as mergekit does, in the config's dtype with its tie order
+(:mod:`compressor.mergekit_exact`); false computes in float32 and casts once. Any other key is refused,
 naming it; a parameter the method does not take is ignored with a warning, as
 mergekit ignores it. Parameters take mergekit's forms (a value, a gradient list, ``filter``
 and ``value`` conditions) and mergekit's defaults; they become the same per-tensor
@@ -99,6 +101,7 @@ TOP_KEYS = {
     "tokenizer",
     "chat_template",
     "modules",
+    "mergekit_exact",
     "name",
 }
 _MODULE_KEYS = {"models", "slices", "parameters"}
@@ -332,6 +335,7 @@ def run_config(
                 values=plan["values"],
                 build=plan["build"],
                 extra={"mergekit_config": plan["config"], **plan["extra"]},
+                compute_dtype=plan["compute_dtype"],
                 **kw,
             )
         )
@@ -367,6 +371,9 @@ def _plan(stage: dict, path, i: int, n: int, registry) -> dict:
         build = _module_rules(modules, method, inputs, base, translator, build)
     translator.add(stage.get("parameters"), None, None, f"{where}: parameters")
     dtype = stage.get("out_dtype") or stage.get("dtype")
+    exact = stage.get("mergekit_exact", True)
+    if not isinstance(exact, bool):
+        raise UsageError(f"{where}: mergekit_exact must be true or false")
     template = stage.get("chat_template")
     if template is not None:
         template = check_chat_template(template, where)
@@ -381,7 +388,9 @@ def _plan(stage: dict, path, i: int, n: int, registry) -> dict:
         "dtype": dtype,
         "build": build,
         "config": stage,
-        "extra": {"tokenizer_source": choice or "base"},
+        "extra": {"tokenizer_source": choice or "base", "mergekit_exact": exact},
+        # mergekit computes in the config's dtype, else in each tensor's stored one
+        "compute_dtype": (stage.get("dtype") or "stored") if exact else None,
     }
 
 

@@ -208,6 +208,7 @@ class TensorCall:
     shared: dict
     per: dict
     state: object = None
+    exact: torch.dtype | None = None  # mergekit-exact mode: mergekit's compute dtype
 
 
 class TensorMerge(Method):
@@ -256,12 +257,27 @@ class TensorMerge(Method):
         """The merged float32 tensor (or rows) for one output tensor."""
         raise NotImplementedError
 
+    # mergekit-exact mode: whether the rule, given its inputs in mergekit's compute dtype,
+    # runs mergekit's steps in that dtype (else it computes in float32, as always)
+    exact_by_cast = False
+
+    def merge_exact(self, call: TensorCall) -> torch.Tensor:
+        """The merged tensor as mergekit computes it in ``call.exact``: by default the
+        rule's own steps on inputs rounded to that dtype (``exact_by_cast``), else in
+        float32; methods whose steps differ from mergekit's override this."""
+        if not self.exact_by_cast:
+            return self.merge(call)
+        call.base = None if call.base is None else call.base.to(call.exact)
+        call.tensors = [None if t is None else t.to(call.exact) for t in call.tensors]
+        return self.merge(call)
+
     def metrics(self, job, state) -> dict:
         """The artifact's metrics (the loop adds the expert count)."""
         return {}
 
     def run(self, job):
         from .merge_params import TensorParameters, layer_positions
+        from .safetensors_format import dtype_from_name
 
         base, inputs = job.base, list(job.inputs)
         if self.base_is_input and base is not None:
@@ -275,6 +291,8 @@ class TensorMerge(Method):
         names = reference.names()
         positions = job.positions or layer_positions(names)
         state = self.prepare(job, views)
+        fixed = job.compute_dtype not in (None, "stored")
+        exact_dtype = dtype_from_name(job.compute_dtype) if fixed else None
         for name in job.progress(part_names(reference, job.part), desc=self.name):
             info = reference.info(name)
             if not info.is_float:
@@ -287,7 +305,12 @@ class TensorMerge(Method):
                 b = base.get(name, rows).float() if base is not None else None
                 tensors = [read(name, rows, b) for read in views]
                 call = TensorCall(name, b, tensors, shared, per, state)
-                job.writer.write_rows(self.merge(call).to(info.dtype))
+                if job.compute_dtype is not None:
+                    call.exact = exact_dtype or info.dtype
+                    merged = self.merge_exact(call)
+                else:
+                    merged = self.merge(call)
+                job.writer.write_rows(merged.to(info.dtype))
                 # drop this block's inputs before the next block's are read: held over,
                 # the previous tensor's base and τs would sit beside the next ones
                 del b, tensors, call

@@ -167,6 +167,9 @@ class Job:
     warn: Callable[[str], None]
     positions: dict | None = None  # merges: each tensor's layer position t (else from names)
     part: tuple[int, int] | None = None  # merges run in parts: (k, n), this run writes part k
+    # merges from a mergekit config in mergekit-exact mode: compute in this dtype (a name,
+    # or "stored": each tensor's own), as mergekit does; None: float32
+    compute_dtype: str | None = None
 
 
 class Method:

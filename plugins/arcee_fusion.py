@@ -21,6 +21,7 @@ class ArceeFusion(TensorMerge):
     space = "weights"
     per_expert = frozenset()
     options = (Option("seed", "int", 0, "seed of the quantile sample of large tensors"),)
+    exact_by_cast = True  # its steps are mergekit's: in mergekit's dtype they round alike
 
     def merge(self, call):
         import torch

@@ -128,6 +128,7 @@ class Nearswap(TensorMerge):
     summary = "NearSwap: the expert's value where within ~t of the base, blended by t/|Δ| beyond"
     reference = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
     max_inputs = 1
+    exact_by_cast = True  # its steps are mergekit's: in mergekit's dtype they round alike
     space = "weights"
     elementwise = True
     per_expert = frozenset()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor import merge_rules
+from compressor import merge_rules, mergekit_exact
 from compressor.hookspecs import hookimpl
 from compressor.merging import TensorMerge
 from compressor.method import Option
@@ -24,6 +24,12 @@ class ModelStock(TensorMerge):
 
     def merge(self, call):
         return merge_rules.model_stock(call.base, call.tensors, call.shared["filter_wise"])
+
+    def merge_exact(self, call):
+        """mergekit's steps in its compute dtype, the whole tensor at once (as mergekit)."""
+        return mergekit_exact.model_stock(
+            call.base, call.tensors, call.exact, call.shared["filter_wise"]
+        )
 
 
 @hookimpl

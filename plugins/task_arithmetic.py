@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from compressor import mergekit_exact
 from compressor.hookspecs import hookimpl
-from compressor.merging import SCALE_OPTION, WEIGHTS_OPTION, TensorMerge, weighted_sum
+from compressor.merging import (
+    SCALE_OPTION,
+    WEIGHTS_OPTION,
+    TensorMerge,
+    expert_weights,
+    weighted_sum,
+)
 from compressor.method import Option
 
 
@@ -27,6 +34,19 @@ class TaskArithmetic(TensorMerge):
         if mixed is None:
             return call.base
         return call.base.add_(mixed, alpha=call.shared["scale"])
+
+    def merge_exact(self, call):
+        """mergekit's task arithmetic in its compute dtype (a merge config's default)."""
+        return mergekit_exact.task_arithmetic(
+            call.base,
+            call.tensors,
+            call.exact,
+            expert_weights(call.per["weights"]),
+            lambda t, delta: delta,
+            consensus=False,
+            normalize=call.shared["normalize"],
+            scale=call.shared["scale"],
+        )[0]
 
 
 @hookimpl

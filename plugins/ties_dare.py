@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from compressor import merge_rules
+from compressor import merge_rules, mergekit_exact
 from compressor.hookspecs import hookimpl
 from compressor.merging import (
     CONSENSUS_CHUNK,
@@ -109,6 +109,32 @@ class _SparsifyMerge(TensorMerge):
         """Expert t's flat float32 τ of one tensor, sparsified (in place allowed)."""
         raise NotImplementedError
 
+    def merge_exact(self, call):
+        """mergekit's generalized task arithmetic in its compute dtype, where the options
+        are mergekit's (weighted election, normalize by weights or not at all)."""
+        opts = call.shared
+        if opts["normalize"] == "count" or opts.get("election", "weighted") != "weighted":
+            return self.merge(call)
+        result, kept = mergekit_exact.task_arithmetic(
+            call.base,
+            call.tensors,
+            call.exact,
+            expert_weights(call.per["weights"]),
+            lambda t, delta: self.sparsify_exact(call, t, delta),
+            self.consensus,
+            opts["normalize"] == "weights",
+            opts["scale"],
+        )
+        call.state["kept"] += kept
+        call.state["total"] += call.base.numel() * len(call.tensors)
+        return result
+
+    def sparsify_exact(self, call, t: int, delta: torch.Tensor) -> torch.Tensor:
+        """Expert t's δ in the compute dtype, sparsified as mergekit does; by default our
+        float32 sparsifier (a seeded random drop has no mergekit twin)."""
+        flat = self.sparsify(call, t, delta.float().reshape(-1))
+        return flat.reshape(delta.shape).to(delta.dtype)
+
 
 def _density(default: float, help: str = "fraction of each τ's entries kept") -> Option:
     return Option("density", "float", default, help, check=fraction)
@@ -172,6 +198,14 @@ class Ties(_SparsifyMerge):
             else:
                 budgets.append(None)  # keep everything
         return {**state, "budgets": budgets}
+
+    def merge_exact(self, call):
+        if call.state.get("budgets") is not None:  # scope global: not mergekit's
+            return self.merge(call)
+        return super().merge_exact(call)
+
+    def sparsify_exact(self, call, t, delta):
+        return mergekit_exact.magnitude(delta, call.per["density"][t])
 
     def sparsify(self, call, t, tau):
         budgets = call.state.get("budgets")
@@ -297,6 +331,10 @@ class Breadcrumbs(_SparsifyMerge):
     def sparsify(self, call, t, tau):
         return merge_rules.breadcrumbs(tau, call.per["density"][t], call.per["gamma"][t])
 
+    def sparsify_exact(self, call, t, delta):
+        density, gamma = call.per["density"][t], call.per["gamma"][t]
+        return mergekit_exact.magnitude_outliers(delta, density, gamma)
+
 
 class BreadcrumbsTies(Breadcrumbs):
     """Model Breadcrumbs, then TIES' sign election."""
@@ -388,6 +426,13 @@ class Sce(TensorMerge):
         weights = merge_rules.sce_weights(taus)
         mixed = sign_consensus(taus, weights, "unweighted", "weights")
         return call.base.add_(mixed, alpha=call.shared["scale"])
+
+    def merge_exact(self, call):
+        """mergekit's steps in its compute dtype, the whole tensor at once (as mergekit)."""
+        opts = call.shared
+        return mergekit_exact.sce(
+            call.base, call.tensors, call.exact, opts["select_topk"], opts["scale"]
+        )
 
 
 @hookimpl
