@@ -169,11 +169,15 @@ class Store:
                 self.tmp_root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StoreError(f"cannot create the store at {self.root}: {e.strerror}") from None
+        self.read_only = not lost and not _writable(self.root, db_path)
         try:
-            self.conn = sqlite3.connect(db_path, timeout=120, isolation_level=None)
+            if self.read_only:
+                self.conn = _read_only_connection(db_path)
+            else:
+                self.conn = sqlite3.connect(db_path, timeout=120, isolation_level=None)
             self.conn.execute("PRAGMA busy_timeout = 120000")
             self.db = sqlite_utils.Database(self.conn)
-            if migrations.pending(self.db):
+            if not self.read_only and migrations.pending(self.db):
                 with self.lock(exclusive=True):
                     if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                         self.conn.execute("PRAGMA journal_mode = WAL")
@@ -274,9 +278,18 @@ class Store:
 
     # -- locking and temp space -------------------------------------------------
 
+    def check_writable(self) -> None:
+        """Refuse a write to a store this process may only read."""
+        if self.read_only:
+            raise StoreError(
+                f"the store at {self.root} is read-only here (its files or filesystem do not "
+                "let this user write); reading it works, this command would write to it"
+            )
+
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
         """Hold the store lock: shared while committing, exclusive for gc."""
+        self.check_writable()
         with open(self.lock_path, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
@@ -304,6 +317,7 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
+        self.check_writable()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -825,6 +839,27 @@ def _blob_backend(root: Path, url: str | None) -> LocalBlobStore | FsspecBlobSto
     remote = FsspecBlobStore(url, root / "blobcache")
     register_remote_blobs(remote.cache, remote)
     return remote
+
+
+def _writable(root: Path, db_path: Path) -> bool:
+    """Whether this process may write the store: its directory and catalog (a read-only
+    mount or another user's files say no)."""
+    return os.access(root, os.W_OK) and os.access(db_path, os.W_OK)
+
+
+def _read_only_connection(db_path: Path) -> sqlite3.Connection:
+    """The catalog opened for reading only: ``mode=ro`` (which sees a WAL's commits where
+    its -shm file can be read), else ``immutable=1`` where SQLite cannot even create the
+    WAL index (a read-only mount without one: the store's last writer checkpointed)."""
+    from urllib.parse import quote
+
+    uri = f"file:{quote(str(db_path.resolve()))}"
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
 
 
 def _abandoned(tmp: Path) -> bool:

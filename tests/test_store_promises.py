@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -642,3 +643,95 @@ def test_unchanged_inputs_are_not_hashed_again_and_changed_ones_are(run, models,
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert json.loads(run("--quiet", *args).stdout)["parents"][1]["id"] != first
+
+
+# -- a store you may only read ------------------------------------------------------------
+
+
+def _readable_copy(tv) -> Path:
+    """The store copied to a directory every user can reach, owned by root, 0755/0644."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="ro-store-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    shutil.copytree(tv, root / "store")
+    for path in [root / "store", *(root / "store").rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return root
+
+
+def _read_as_a_reader(run, store, out) -> list[tuple[int, str]]:
+    return [
+        (r.exit_code, r.output)
+        for r in (
+            run("--store", store, "store", "ls"),
+            run("--store", store, "store", "verify"),
+            run("--store", store, "--quiet", "export", "tv", out),
+            run("--store", store, "--quiet", "store", "rm", "tv"),
+        )
+    ]
+
+
+REFUSED_WRITE = (
+    "is read-only here (its files or filesystem do not let this user write); reading it "
+    "works, this command would write to it"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_users_store_can_be_read(run, tv):
+    """As another uid: 'attempt to write a readonly database' for every reader."""
+    root = _readable_copy(tv)
+    store, out = root / "store", root / "out"
+    os.chmod(root, 0o777)  # the reader may write its export beside the store
+    _read_as_a_reader(run, shutil.copytree(store, root / "warm"), root / "warm-out")  # imports
+    before = store_snapshot(store)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child becomes nobody and reads
+        try:
+            os.close(reader)
+            os.setgid(65534)
+            os.setuid(65534)
+            results = _read_as_a_reader(run, store, out)
+            os.write(writer, json.dumps(results).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as f:
+        results = json.loads(f.read() or "null")
+    os.waitpid(pid, 0)
+    assert results is not None
+    (ls, ls_out), (verify, _), (export, _), (rm, rm_out) = results
+    assert ls == 0 and "tv@1" in ls_out
+    assert verify == 0 and export == 0 and (out / "model.safetensors").exists()
+    assert (rm, rm_out) == (1, f"Error: the store at {store} {REFUSED_WRITE}\n")
+    assert store_snapshot(store) == before
+    shutil.rmtree(root)
+
+
+def test_a_store_on_a_read_only_mount_can_be_read(run, tv, tmp_path):
+    """On a read-only mount `store ls`, `store verify` and `export` failed: the catalog
+    could not be opened."""
+    import subprocess
+
+    root = _readable_copy(tv)
+    mount = root / "mnt"
+    mount.mkdir()
+    done = subprocess.run(["mount", "--bind", str(root / "store"), str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], check=True)
+        (ls, ls_out), (verify, _), (export, _), (rm, rm_out) = _read_as_a_reader(
+            run, mount, tmp_path / "out"
+        )
+    finally:
+        import gc
+
+        gc.collect()  # an in-process command's last catalog cursor may sit in a cycle
+        subprocess.run(["umount", str(mount)], check=True)
+    assert ls == 0 and "tv@1" in ls_out
+    assert verify == 0 and export == 0 and (tmp_path / "out" / "model.safetensors").exists()
+    assert (rm, rm_out) == (1, f"Error: the store at {mount} {REFUSED_WRITE}\n")
+    shutil.rmtree(root)
