@@ -207,6 +207,7 @@ def test_migrations_from_blank_and_reopen(tmp_path):
         "m001_initial",
         "m002_name_versions",
         "m003_input_digests",
+        "m004_held_blobs",
     ]
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
@@ -215,6 +216,7 @@ def test_migrations_from_blank_and_reopen(tmp_path):
         "m001_initial",
         "m002_name_versions",
         "m003_input_digests",
+        "m004_held_blobs",
     ]
     again.close()
 
