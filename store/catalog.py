@@ -149,6 +149,7 @@ class Store:
     """An on-disk artifact store: ``store.db``, ``blobs/`` and ``tmp/``."""
 
     view = False  # a worker's in-memory slice of the catalog (see :meth:`worker_view`)
+    read_only = False  # opened by a process that may not write it (see :meth:`check_writable`)
 
     def __init__(self, root: Path, recovering: bool = False, blobs: str | None = None):
         self.root = Path(root)
