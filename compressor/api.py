@@ -22,8 +22,8 @@ from .alignment import ModelFromDelta
 from .contents import content_rules, describe_content
 from .errors import CompressorError, UsageError
 from .integrity import check_digest
-from .merging import TensorMerge
-from .method import Job
+from .merging import TensorMerge, check_full_models
+from .method import Job, check_count
 from .peft_adapter import CONFIG_FILE, PeftAdapter
 from .plugin_manager import get_registry
 from .progress import make_progress, warn
@@ -43,10 +43,6 @@ def _default_name(method_name: str, labels: list[str]) -> str:
     if len(labels) != 1:
         return f"{method_name}-merge"
     return derive_name(f"{Path(labels[0].split('@')[0]).name}.{method_name}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def run_method(
@@ -95,7 +91,7 @@ def run_method(
     if method.needs_base and base is None:
         raise UsageError(f"method '{plugin}' needs --base BASE")
     if build is None:
-        _check_count(method, plugin, len(inputs))
+        check_count(method, plugin, len(inputs))
     if part is not None and (not isinstance(method, TensorMerge) or build is not None):
         raise UsageError(
             f"method '{plugin}' cannot be split by tensor "
@@ -112,6 +108,8 @@ def run_method(
                 stack.callback(r.source.close)
         if resolved_base is not None:
             check_model(resolved_base, "a base")
+        if isinstance(method, TensorMerge) and build is None:  # before any input is hashed
+            check_full_models(method, resolved_base, [r.source for r in resolved])
         if reuse and dtype is None and extra is None:  # hashes external inputs up front
             parents = _parents(kind, resolved_base, resolved)
             same = st.find_same(method.kind, method.name, method.version, values, parents)
@@ -126,7 +124,7 @@ def run_method(
         positions = None
         if build is not None:
             job_base, job_inputs, positions = build(job_base, job_inputs)
-            _check_count(method, plugin, len(job_inputs))
+            check_count(method, plugin, len(job_inputs))
         with st.tmp_dir() as tmp:
             writer = ArtifactWriter(tmp / "out", max_shard_size=max_shard_size, dtype=out_dtype)
             job = Job(
@@ -247,19 +245,6 @@ def join_parts(parts: list[PendingArtifact], tmp: Path) -> PendingArtifact:
     return PendingArtifact(
         sorted([*shards, index_file, *carried], key=lambda f: f.relpath), **fields
     )
-
-
-def _check_count(method, plugin: str, n: int) -> None:
-    """Refuse fewer or more inputs than the method takes."""
-    noun = "expert" if method.kind == "merge" else "input"
-    if n < method.min_inputs:
-        raise UsageError(
-            f"method '{plugin}' needs at least {_count(method.min_inputs, noun)}; got {n or 'none'}"
-        )
-    if method.max_inputs is not None and n > method.max_inputs:
-        raise UsageError(
-            f"method '{plugin}' takes at most {_count(method.max_inputs, noun)}; got {n}"
-        )
 
 
 def _merge_space(base, experts):

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .contents import describe_content
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -95,6 +96,12 @@ class FfnModel:
 
     def __init__(self, source, method: str = "matformer"):
         """``method`` names who asks, in the messages."""
+        if source.content != "model":  # an adapter or a task vector: add it to its base first
+            raise InputError(
+                f"{source.label} holds {describe_content(source.content)}, not a model; "
+                f"{method} needs a full model (export it onto its base first: "
+                "`compress export REF OUT --base BASE`)"
+            )
         config = source.config()
         if config is None:
             raise InputError(f"{source.label} has no config.json; {method} needs one")

@@ -340,19 +340,28 @@ def part_names(source, part: tuple[int, int] | None, before: bool = False) -> li
     return out
 
 
+def check_full_models(method, base, inputs) -> None:
+    """Without a base every input must be a full model (a task vector or adapter needs the
+    base to be read): checked before anything is hashed or read."""
+    if base is not None:
+        return
+    for source in inputs:
+        if source.content != "model":
+            raise UsageError(
+                f"{source.label} is not a full model; method '{method.name}' needs --base BASE "
+                "to read it"
+            )
+
+
 def _input_views(method, reference_base, base, inputs, job):
     """One reader per input: ``read(name, rows, base_rows)`` → float32 τ_t or θ_t."""
     from .alignment import TaskVectorView
 
     if method.space == "delta" and base is None:
         raise UsageError(f"method '{method.name}' needs --base BASE")
+    check_full_models(method, reference_base, inputs)
     readers = []
     for source in inputs:
-        if reference_base is None and source.content != "model":
-            raise UsageError(
-                f"{source.label} is not a full model; method '{method.name}' needs --base BASE "
-                "to read it"
-            )
         if source is reference_base or (base is None and source is inputs[0]):
             readers.append(_direct(source))
             continue

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import OptionError
+from .errors import OptionError, UsageError
 
 KINDS = ("compress", "merge", "extract", "sample", "train")
 VERBS = {
@@ -258,3 +258,20 @@ class Method:
             "options": [o.describe() for o in self.options],
             "example": self.example(),
         }
+
+
+def check_count(method, plugin: str, n: int) -> None:
+    """Refuse fewer or more inputs than the method takes."""
+    noun = "expert" if method.kind == "merge" else "input"
+    if n < method.min_inputs:
+        raise UsageError(
+            f"method '{plugin}' needs at least {_counted(method.min_inputs, noun)}; got {n or 'none'}"
+        )
+    if method.max_inputs is not None and n > method.max_inputs:
+        raise UsageError(
+            f"method '{plugin}' takes at most {_counted(method.max_inputs, noun)}; got {n}"
+        )
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .contents import describe_content
 from .errors import InputError
 from .integrity import expected_digest, read_checked
 from .refs import resolve
@@ -34,7 +35,8 @@ def model_source(store, ref: str, base: str | None = None, resolved=None) -> Ite
         if base is None:
             if resolved.source.content != "model":
                 raise InputError(
-                    f"{ref} holds a {resolved.source.content}, not a model; give --base BASE "
+                    f"{ref} holds {describe_content(resolved.source.content)}, not a model; "
+                    "give --base BASE "
                     "to evaluate it added to its base"
                 )
             yield resolved.source, resolved
@@ -123,6 +125,7 @@ def source_model(source, head: str) -> Iterator[tuple]:
             f"{source.label} is not a model transformers can load for '{head}': "
             "it has no config.json"
         )
+    source.config()  # parsed and checked by us first: a damaged one gets its own message
     with linked_files(source) as tmp:
         try:
             config = transformers.AutoConfig.from_pretrained(tmp)

@@ -145,7 +145,18 @@ class PeftAdapter(TensorSource):
             if b_key not in infos:
                 raise InputError(f"{self.label}: '{key}' has no matching B factor")
             a, b = infos[key], infos[b_key]
-            r = a.shape[0] if kind == "A" else a.shape[0]
+            r = a.shape[0]
+            if len(b.shape) < 2 or b.shape[1] != r:
+                raise InputError(
+                    f"{self.label}: '{module}' has an A factor of rank {r} and a B factor of "
+                    f"shape {list(b.shape)}; the factors do not fit together"
+                )
+            said = _pattern_value(cfg.get("rank_pattern"), module, self.r, self.label)
+            if said != r:
+                raise InputError(
+                    f"{self.label}: {CONFIG_FILE} gives '{module}' rank {said}, but its "
+                    f"factors have rank {r}"
+                )
             alpha = _config_number(
                 _pattern_value(cfg.get("alpha_pattern"), module, self.lora_alpha, self.label),
                 "alpha_pattern",

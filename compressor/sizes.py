@@ -30,6 +30,6 @@ def parse_size(text: str | int) -> int:
         value = float(num)
     except ValueError:
         value = -1
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value < float("inf"):  # nan fails the comparison too
         raise UsageError(f"invalid size '{text}' (examples: 5GB, 500MB, 2GiB)")
     return int(value * units[unit])

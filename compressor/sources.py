@@ -67,7 +67,9 @@ class TensorSource:
             return None
         try:
             config = json.loads(read_checked(path, self.label, "config.json"))
-        except (ValueError, RecursionError):
+        except RecursionError:
+            raise InputError(f"{self.label}: config.json nests too deeply") from None
+        except ValueError:
             raise InputError(f"{self.label}: config.json is not valid JSON") from None
         if not isinstance(config, dict):
             raise InputError(f"{self.label}: config.json is not a JSON object")
@@ -326,6 +328,8 @@ def shards_from_files(label: str, files: dict[str, Path], prefix: str = "model")
     if index is not None:
         try:
             weight_map = json.loads(Path(index).read_text())["weight_map"]
+        except RecursionError:
+            raise InputError(f"{label}: {prefix}.safetensors.index.json nests too deeply") from None
         except (ValueError, KeyError, TypeError):
             raise InputError(
                 f"{label}: {prefix}.safetensors.index.json is not a valid index"

@@ -21,6 +21,7 @@ from compressor.architectures import (
     Member,
     width_at,
 )
+from compressor.contents import describe_content
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction, positive
@@ -475,7 +476,7 @@ class MatformerTrain(Method):
         source = job.inputs[0]
         if source.content != "model":
             raise InputError(
-                f"{source.label} holds a {source.content}; matformer-train needs a model"
+                f"{source.label} holds {describe_content(source.content)}; matformer-train needs a model"
             )
         layout = FfnModel(source)
         rows = read_examples(opts["data"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 
+from compressor.contents import describe_content
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, fraction, non_negative, positive
@@ -110,7 +111,9 @@ class NeumetaTrain(Method):
         if not opts["data"]:
             raise OptionError("neumeta training needs -o data PATH")
         if source.content != "model":
-            raise InputError(f"{source.label} holds a {source.content}; neumeta needs a model")
+            raise InputError(
+                f"{source.label} holds {describe_content(source.content)}; neumeta needs a model"
+            )
         layout = WidthLayout(source)
         rows = read_examples(opts["data"])
         objective = objective_for(rows, opts["objective"])

@@ -31,6 +31,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compressor.contents import describe_content
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.method import Manifest, Method, Option, non_negative, positive
@@ -309,7 +310,9 @@ class Sketch(Method):
         opts = job.options
         source = job.inputs[0]
         if source.content != "model":
-            raise InputError(f"{source.label} holds a {source.content}; sketchtune needs a model")
+            raise InputError(
+                f"{source.label} holds {describe_content(source.content)}; sketchtune needs a model"
+            )
         if opts["import"] and opts["data"]:
             raise OptionError("give -o import FILE or -o data CALIB, not both")
         plan = SketchPlan(source, opts["groups_per_row"])

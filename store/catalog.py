@@ -184,7 +184,9 @@ class Store:
                         self.conn.execute("PRAGMA journal_mode = WAL")
                     migrations.apply(self.db)
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"the catalog {db_path} cannot be read: {e}") from None
+            if getattr(self, "conn", None) is not None:
+                self.conn.close()  # a store that failed to open holds no file open
+            raise _catalog_error(e, db_path, "cannot be read") from None
 
     def close(self) -> None:
         self.conn.close()
@@ -319,13 +321,17 @@ class Store:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         self.check_writable()
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            raise _catalog_error(e, self.root / "store.db", "cannot be written") from None
 
     # -- writing ------------------------------------------------------------------
 
@@ -569,6 +575,8 @@ class Store:
         if version:
             if not version.isdigit():
                 raise RefError(f"'{ref}': the version after '@' must be a number")
+            if int(version) >= 1 << 63:  # past SQLite's integers: no artifact has it
+                raise RefError(f"no artifact matches '{ref}'")
             rows = list(
                 self.db["artifacts"].rows_where("name = ? AND version = ?", [name, int(version)])
             )
@@ -840,6 +848,21 @@ def _blob_backend(root: Path, url: str | None) -> LocalBlobStore | FsspecBlobSto
     remote = FsspecBlobStore(url, root / "blobcache")
     register_remote_blobs(remote.cache, remote)
     return remote
+
+
+def _catalog_error(e: sqlite3.DatabaseError, db_path: Path, what: str) -> StoreError:
+    """SQLite's error as a sentence: a full disk says so (SQLite says "disk I/O error"
+    when it cannot grow its WAL), anything else names the catalog."""
+    try:
+        full = shutil.disk_usage(db_path.parent).free < (1 << 20)
+    except OSError:
+        full = False
+    if full and ("disk I/O" in str(e) or "full" in str(e)):
+        return StoreError(
+            f"no space left on the device of the store at {db_path.parent}; free some space "
+            "and run the command again"
+        )
+    return StoreError(f"the catalog {db_path} {what}: {e}")
 
 
 def _writable(root: Path, db_path: Path) -> bool:

@@ -209,7 +209,7 @@ def test_task_vector_without_base(run, models, guarded, tmp_path):
         run,
         guarded,
         ["tv", "-o", "data", data],
-        "tv holds a delta, not a model; give --base BASE to evaluate it added to its base",
+        "tv holds a task vector, not a model; give --base BASE to evaluate it added to its base",
     )
 
 

@@ -109,6 +109,28 @@ def bad(tmp_path_factory, models):
         (d / name).mkdir()
         shutil.copy(adapter / "adapter_model.safetensors", d / name)
         (d / name / "adapter_config.json").write_text(config)
+    import torch
+
+    lora = "base_model.model.model.layers.0.self_attn.q_proj"
+    for name, b_rank, r in (("ad-ranks", 8, 4), ("ad-r-says", 4, 16), ("ad-good", 4, 4)):
+        (d / name).mkdir()
+        save_file(
+            {
+                f"{lora}.lora_A.weight": torch.ones(4, 64),
+                f"{lora}.lora_B.weight": torch.ones(64, b_rank),
+            },
+            d / name / "adapter_model.safetensors",
+        )
+        (d / name / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["q_proj"]})
+        )
+    deep = d / "deep-index"
+    deep.mkdir()
+    shutil.copy(models["ft1-fp32"] / "model.safetensors", deep / "model-00001-of-00001.safetensors")
+    shutil.copy(models["ft1-fp32"] / "config.json", deep)
+    (deep / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    deep = shutil.copytree(models["ft1-fp32"], d / "deep-config")
+    (deep / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
     (d / "noweights").mkdir()
     (d / "noweights" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (d / "lines.txt").write_text("a b c\n")
@@ -328,6 +350,66 @@ CASES = [
         "{bad}/noweights: PEFT adapter without adapter_model.safetensors",
         1,
     ),
+    (
+        "adapter factors of two ranks",
+        ["merge", "-p", "task-arithmetic", "--base", "{base}", "{bad}/ad-ranks"],
+        "{bad}/ad-ranks: 'model.layers.0.self_attn.q_proj' has an A factor of rank 4 and a B "
+        "factor of shape [64, 8]; the factors do not fit together",
+        1,
+    ),
+    (
+        "adapter r contradicts its factors",
+        ["merge", "-p", "task-arithmetic", "--base", "{base}", "{bad}/ad-r-says"],
+        "{bad}/ad-r-says: adapter_config.json gives 'model.layers.0.self_attn.q_proj' rank 16, "
+        "but its factors have rank 4",
+        1,
+    ),
+    (
+        "index nests deeply",
+        TV + ["{bad}/deep-index"],
+        "{bad}/deep-index: model.safetensors.index.json nests too deeply",
+        1,
+    ),
+    (
+        "config nests deeply",
+        ["eval", "{bad}/deep-config", "-o", "data", "{bad}/lines.txt"],
+        "{bad}/deep-config: config.json nests too deeply",
+        1,
+    ),
+    (
+        "eval an adapter without base",
+        ["eval", "{bad}/ad-good", "-o", "data", "{bad}/lines.txt"],
+        "{bad}/ad-good holds a PEFT adapter, not a model; give --base BASE to evaluate it added "
+        "to its base",
+        1,
+    ),
+    (
+        "extract from an adapter",
+        ["extract", "-p", "matformer", "{bad}/ad-good"],
+        "{bad}/ad-good holds a PEFT adapter, not a model; matformer needs a full model (export "
+        "it onto its base first: `compress export REF OUT --base BASE`)",
+        1,
+    ),
+    # -- click's own usage errors: one line, no usage block
+    (
+        "run with no workers",
+        ["run", "-j", "0", "{bad}/lines.txt"],
+        "Invalid value for '-j' / '--jobs': 0 is not in the range x>=1.",
+        2,
+    ),
+    (
+        "run a directory",
+        ["run", "{bad}"],
+        "Invalid value for 'PLAN': File '{bad}' is a directory.",
+        2,
+    ),
+    (
+        "empty store directory",
+        ["--store", "", "store", "ls"],
+        "Invalid value for --store: the store directory must not be empty",
+        2,
+    ),
+    ("no such option", ["store", "ls", "--bogus"], "No such option '--bogus'.", 2),
     # -- plugins and options
     (
         "unknown plugin",
@@ -507,6 +589,24 @@ CASES = [
         "bad dtype",
         ["export", "tv", "{out}", "--dtype", "int4"],
         "unknown dtype 'int4' (choose from bf16, fp16, fp32, fp64)",
+        1,
+    ),
+    (
+        "shard size infinite",
+        ["export", "tv", "{out}", "--max-shard-size", "inf"],
+        "invalid size 'inf' (examples: 5GB, 500MB, 2GiB)",
+        2,
+    ),
+    (
+        "shard size nan",
+        ["export", "tv", "{out}", "--max-shard-size", "nan"],
+        "invalid size 'nan' (examples: 5GB, 500MB, 2GiB)",
+        2,
+    ),
+    (
+        "version past SQLite's integers",
+        ["export", "tv@99999999999999999999999", "{out}"],
+        "no artifact matches 'tv@99999999999999999999999'",
         1,
     ),
     (

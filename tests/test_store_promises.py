@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -735,3 +736,35 @@ def test_a_store_on_a_read_only_mount_can_be_read(run, tv, tmp_path):
     assert verify == 0 and export == 0 and (tmp_path / "out" / "model.safetensors").exists()
     assert (rm, rm_out) == (1, f"Error: the store at {mount} {REFUSED_WRITE}\n")
     shutil.rmtree(root)
+
+
+def test_a_full_disk_is_named_as_such(run, models, tmp_path):
+    """A full disk was reported as 'the catalog ... cannot be read: disk I/O error'."""
+    import gc
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("tmpfs mounts are not allowed here")
+    try:
+        store = mount / "store"
+        args = ["apply", "-p", "task-vector", "--base", models["base-fp32"], models["ft1-fp32"]]
+        assert run("--store", store, "--quiet", *args, "-n", "tv").exit_code == 0
+        before = store_snapshot(store)
+        with open(mount / "filler", "wb") as f:  # the rest of the disk
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+        r = run("--store", store, "--quiet", "apply", "-p", "compeft", "tv", "-n", "small")
+        assert (r.exit_code, r.output) == (
+            1,
+            f"Error: no space left on the device of the store at {store}; free some space "
+            "and run the command again\n",
+        )
+        (mount / "filler").unlink()  # SQLite cannot even open a catalog on a full disk
+        assert store_snapshot(store) == before
+    finally:
+        gc.collect()
+        subprocess.run(["umount", str(mount)], check=True)

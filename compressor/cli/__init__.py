@@ -59,7 +59,14 @@ def os_error_message(e: OSError) -> str:
 
 
 class Group(click.Group):
-    """A click group that reports CompressorError (and any crash) as one line."""
+    """A click group that reports CompressorError, a usage error (click's, without its
+    usage block) and any crash as one line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise CLIError(e.format_message(), 2) from None
 
     def invoke(self, ctx):
         try:
@@ -67,6 +74,8 @@ class Group(click.Group):
                 warnings.simplefilter("always", _warning_category())
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
+        except click.UsageError as e:  # a subcommand's own arguments: one line, exit 2
+            raise CLIError(e.format_message(), 2) from None
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
