@@ -442,7 +442,10 @@ class RayExecutor:
             )
         self.threads = threads
         self.slots = max(1, min(jobs or cpus, cpus // threads))
-        self._remote = ray.remote(num_cpus=threads, max_retries=retries)(run_task)
+        self._remote = ray.remote(num_cpus=threads, max_retries=retries)(run_ray_task)
+        # a cluster started here dies with this driver, its workers at once (not seconds
+        # later, mid-step): each task watches this process
+        self._driver = os.getpid() if self._started and not address else None
 
     def has_room(self, running: int) -> bool:
         return running < self.slots
@@ -450,7 +453,7 @@ class RayExecutor:
     def submit(self, task: dict):
         memory = _memory_hint(task)
         remote = self._remote.options(memory=memory) if memory else self._remote
-        return remote.remote(self.store_root, task, self.threads)
+        return remote.remote(self.store_root, task, self.threads, self._driver)
 
     def wait(self, handles):
         ready, _ = self.ray.wait(handles, num_returns=1)
@@ -465,6 +468,52 @@ class RayExecutor:
     def close(self):
         if self._started:
             self.ray.shutdown()
+
+
+def run_ray_task(store_root: str, task: dict, threads: int, driver: int | None) -> dict:
+    """A Ray task: :func:`run_task`, in a worker that exits when ``driver`` (a process on
+    this machine that started the cluster) is gone."""
+    if driver is not None:
+        _exit_without(driver)
+    return run_task(store_root, task, threads)
+
+
+_WATCHED: set[int] = set()  # drivers a Ray worker process watches (it runs many tasks)
+
+
+def _exit_without(driver: int) -> None:
+    """Kill this worker process as soon as ``driver`` is gone (dead, or a zombie not yet
+    reaped). A shell loop over /proc does it where there is one: a thread in this process
+    waits for the GIL, which a step's native code can hold for seconds."""
+    import subprocess
+    import threading
+
+    if driver in _WATCHED:
+        return
+    _WATCHED.add(driver)
+    me = os.getpid()
+    if Path(f"/proc/{me}/stat").exists():
+        alive = (
+            '[ -e /proc/{0} ] && [ "$(sed "s/.*) //" /proc/{0}/stat | cut -d" " -f1)" != Z ]'
+        )
+        loop = (
+            f"while {alive.format(driver)} && [ -e /proc/{me} ]; do sleep 0.1; done; "
+            f"kill -9 {me} 2>/dev/null"
+        )
+        subprocess.Popen(["/bin/sh", "-c", loop], stdin=subprocess.DEVNULL, close_fds=True)
+        return
+
+    def watch():  # elsewhere: poll from a thread
+        while True:
+            try:
+                os.kill(driver, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _memory_hint(task: dict) -> int | None:

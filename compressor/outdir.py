@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -89,18 +90,22 @@ def publish(staged: Path, out: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+_STAGED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
 def clean_stale(out: Path) -> None:
-    """Remove staging left beside ``out`` by killed exports; restore an old export set aside."""
+    """Remove the staging that killed exports left in ``out``'s folder (for any output
+    there, not only ``out``); restore an old export one set aside before it died."""
     parent = out.parent
     if not parent.is_dir():
         return
-    for p in sorted(parent.glob(f".{out.name}.*-*-*")):
-        kind, _, rest = p.name[len(out.name) + 2 :].partition("-")
-        pid = rest.partition("-")[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+    for p in sorted(parent.iterdir()):
+        m = _STAGED.match(p.name)
+        if m is None or _alive(int(m["pid"])):
             continue
-        if kind == "old" and not out.exists():
-            os.replace(p, out)  # killed between the two renames: the old export comes back
+        target = parent / m["name"]
+        if m["kind"] == "old" and not (target.exists() or target.is_symlink()):
+            os.replace(p, target)  # killed between the two renames: the old export comes back
         elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

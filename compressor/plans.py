@@ -127,7 +127,54 @@ def load_plan(path: str | Path) -> list[Step]:
         seen.add(name)
     for step in raw:
         _link(step, names, here, f"{path}: step '{step.name}'")
-    return _ordered(raw, path)
+    steps = _ordered(raw, path)
+    for step in steps:
+        check_step(step, f"{path}: step '{step.name}'")
+    return steps
+
+
+def check_step(step: Step, where: str) -> None:
+    """What can be checked before any work: the method, its options, its base and input
+    count; eval's options and data; export's dtype. A bad step is refused here, with the
+    whole plan, not by a worker after the others started."""
+    from .errors import CompressorError
+
+    try:
+        if step.kind is not None:
+            _check_method_step(step)
+        elif step.verb == "eval":
+            from .evaluate import EVAL_OPTIONS
+            from .method import parse_options
+
+            if parse_options(EVAL_OPTIONS, step.options, "eval")["data"] is None:
+                raise UsageError("eval needs -o data PATH")
+        elif step.dtype is not None:
+            from .safetensors_format import dtype_from_name
+
+            dtype_from_name(step.dtype)
+    except CompressorError as e:
+        raise type(e)(f"{where}: {e}") from None
+
+
+def _check_method_step(step: Step) -> None:
+    from .merging import TensorMerge
+    from .method import check_count
+    from .plugin_manager import get_registry
+
+    method = get_registry().method(step.plugin, step.kind)
+
+    def label(x):
+        return f"<{x[1]}>" if isinstance(x, tuple) else str(x)
+
+    inputs = [label(x) for x in step.inputs]
+    base = label(step.base) if step.base is not None else None
+    if isinstance(method, TensorMerge):
+        method.parse_options(step.options, method.input_labels(inputs, base))
+    else:
+        method.parse_options(step.options)
+    if method.needs_base and base is None:
+        raise UsageError(f"method '{step.plugin}' needs --base BASE")
+    check_count(method, step.plugin, len(inputs))
 
 
 def _expand(entry, where: str, here: Path) -> list[Step]:

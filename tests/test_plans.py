@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -63,23 +64,101 @@ def test_plan_run_again_reuses_every_step(run, fleet, private_store):
 
 
 def test_failed_step_blocks_only_the_steps_that_read_it(run, fleet, private_store, tmp_path):
+    """An expert that holds NaN fails its steps when they run; the merges that read them
+    are blocked, every other step finishes."""
+    from safetensors.torch import load_file, save_file
+
+    root = shutil.copytree(fleet, tmp_path / "fleet")
+    bad = root / "experts" / "e5"
+    shutil.copytree(root / "experts" / "e1", bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    plan = root / "plan.yaml"
+    plan.write_text(PLAN.replace("./", f"{root}/").replace("test.txt", f"{root}/test.txt"))
+    r = run("--quiet", "run", str(plan))
+    assert r.exit_code == 1, r.output
+    rows = {line.split()[0]: line.split()[1] for line in r.output.splitlines()[1:-1]}
+    assert [rows[f"small-e{i}-0.05"] for i in range(1, 5)] == ["done"] * 4
+    assert [rows[f"small-e5-{d}"] for d in ("0.05", "0.1")] == ["failed"] * 2
+    assert rows["merged-0.05"] == rows["merged-0.1"] == "blocked"
+    assert rows["score-0.05"] == rows["score-0.1"] == "blocked"
+    assert r.output.splitlines()[-1] == (
+        f"Error: 6 of 14 steps did not finish (small-e5-0.05: {bad}: tensor model.norm.weight "
+        "holds 1 NaN or infinite value; a method cannot give meaningful results from it)"
+    )
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_bad_step_is_refused_before_any_work(run, fleet, private_store, tmp_path, dry_run):
+    """A step with a bad option was reported only after the workers started (26-45 s)."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(
         PLAN.replace("./", f"{fleet}/")
         .replace("test.txt", f"{fleet}/test.txt")
         .replace("[0.05, 0.1]", "[0.05, 2]")
     )
-    r = run("--quiet", "run", str(plan))
-    assert r.exit_code == 1, r.output
-    rows = {line.split()[0]: line.split()[1] for line in r.output.splitlines()[1:-1]}
-    assert [rows[f"small-e{i}-0.05"] for i in range(1, 5)] == ["done"] * 4
-    assert [rows[f"small-e{i}-2"] for i in range(1, 5)] == ["failed"] * 4
-    assert rows["merged-0.05"] == "done" and rows["score-0.05"] == "done"
-    assert rows["merged-2"] == "blocked" and rows["score-2"] == "blocked"
-    assert r.output.splitlines()[-1] == (
-        "Error: 6 of 12 steps did not finish (small-e1-2: option 'density' must be in (0, 1]; "
-        "got '2')"
+    args = ["run", str(plan), *(["--dry-run"] if dry_run else [])]
+    assert_refused(
+        run,
+        private_store,
+        args,
+        f"{plan}: step 'small-e1-2': option 'density' must be in (0, 1]; got '2'",
+        code=2,
     )
+
+
+@pytest.mark.parametrize(
+    "step, message",
+    [
+        ("{name: m, merge: {plugin: nope, inputs: [x]}}", "unknown plugin 'nope' (available: "),
+        (
+            "{name: m, merge: {plugin: ties, inputs: [x], options: {scale: big}}}",
+            "option 'scale' expects a finite number; got 'big'",
+        ),
+        ("{name: m, merge: {plugin: ties, inputs: [x]}}", "method 'ties' needs --base BASE"),
+        (
+            "{name: m, merge: {plugin: slerp, base: x, inputs: [x, x]}}",
+            "method 'slerp' takes at most 1 expert; got 2",
+        ),
+        ("{name: m, eval: {ref: x}}", "eval needs -o data PATH"),
+        (
+            "{name: m, export: {ref: x, out: o, dtype: int4}}",
+            "unknown dtype 'int4' (choose from bf16, fp16, fp32, fp64)",
+        ),
+    ],
+    ids=["plugin", "option", "base", "count", "eval data", "dtype"],
+)
+def test_each_kind_of_bad_step_is_refused_up_front(run, private_store, tmp_path, step, message):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"steps: [{step}]\n")
+    r = run("--quiet", "run", str(plan), "--dry-run")
+    assert r.exit_code in (1, 2)
+    assert r.output.startswith(f"Error: {plan}: step 'm': {message}"), r.output
+
+
+def test_a_merge_step_without_a_base_is_refused_before_its_inputs_are_hashed(
+    lora, private_store, tmp_path
+):
+    """`linear` of a model and an adapter with no base hashed the model (84 s on a real
+    one) before saying the adapter needs a base: a plan step (reuse) hashes its inputs up
+    front. Refused now after reading headers only (the bytes this process reads)."""
+    from compressor import api
+    from compressor.errors import UsageError
+
+    adapter, _ = lora
+    big = save_tiny_llama(tmp_path / "big", seed=0, layers=4, hidden=256, vocab=4096)
+    size = (big / "model.safetensors").stat().st_size
+    assert size > 10_000_000
+
+    def read_bytes() -> int:
+        text = Path("/proc/self/io").read_text()
+        return int(next(line for line in text.splitlines() if line.startswith("rchar")).split()[1])
+
+    before = read_bytes()
+    with pytest.raises(UsageError, match="is not a full model; method 'linear' needs --base"):
+        api.run_method("merge", "linear", [str(big), str(adapter)], store=private_store, reuse=True)
+    assert read_bytes() - before < size / 4
 
 
 def test_two_workers_never_hash_one_new_expert_at_once(fleet, private_store, tmp_path):
@@ -503,7 +582,7 @@ def test_killed_local_workers_steps_run_again(slow_fleet, tmp_path):
 
 
 def _ray_workers(store: Path, driver: int) -> list[int]:
-    """The plan's Ray worker processes running a step (Ray titles them ray::run_task)."""
+    """The plan's Ray worker processes running a step (Ray titles them ray::run_ray_task)."""
     import psutil
 
     out = []
@@ -513,7 +592,7 @@ def _ray_workers(store: Path, driver: int) -> list[int]:
         return []
     for p in family:
         try:
-            if " ".join(p.cmdline()).startswith("ray::run_task"):
+            if " ".join(p.cmdline()).startswith("ray::run_ray_task"):
                 out.append(p.pid)
         except psutil.Error:
             continue
@@ -559,6 +638,39 @@ def test_killed_driver_rerun_skips_what_was_committed(slow_fleet, tmp_path):
     names = [r[0] for r in conn.execute("SELECT name FROM artifacts WHERE kind = 'compress'")]
     conn.close()
     assert len(names) == len(set(names)) == 9
+
+
+def test_a_ray_worker_dies_with_its_driver_even_while_native_code_holds_the_gil():
+    """Ray workers outlived a SIGKILLed driver by seconds, finishing their steps. A worker
+    of a cluster the driver started now watches it from a separate process: here the
+    'worker' sits in a C call that holds the GIL (where a watching thread never runs) and
+    is killed the moment its driver is gone."""
+    import psutil
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ctypes, sys\n"
+            "from compressor.executors import _exit_without\n"
+            f"_exit_without({driver.pid})\n"
+            "print('watching', flush=True)\n"
+            "ctypes.PyDLL(None).sleep(600)  # holds the GIL for ten minutes\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout.readline() == "watching\n"
+    helpers = psutil.Process(worker.pid).children()
+    driver.kill()  # not reaped yet: a zombie counts as gone
+    try:
+        assert worker.wait(timeout=120) == -signal.SIGKILL
+    finally:
+        worker.kill()
+        driver.wait()
+    psutil.wait_procs(helpers, timeout=120)  # the watcher does not linger either
+    assert not [h for h in helpers if h.is_running() and h.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_ray_executor_without_ray_names_the_extra(run, fleet, private_store, monkeypatch):

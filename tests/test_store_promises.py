@@ -88,11 +88,17 @@ def test_killed_export_staging_is_cleaned_and_old_export_restored(run, tv, tmp_p
     staged.mkdir()
     (staged / "model.safetensors").write_bytes(b"half")
     os.replace(out, tmp_path / f".out.old-{dead}-cafebabe")  # killed between the renames
+    # the next export into the same folder cleans a killed export's leftovers, whatever
+    # its own OUT (they stayed until an export into the same OUT): the stage goes, the old
+    # export set aside comes back
     assert run("--quiet", "export", "tv", tmp_path / "other").exit_code == 0
-    assert not out.exists()  # staging of another OUTDIR is left alone
-    assert run("--quiet", "export", "tv", out, "--force").exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
     assert (out / "compressor.json").is_file()
+    (tmp_path / f".out.tmp-{dead}-0123abcd").mkdir()  # a stage whose OUT is not there
+    alive = tmp_path / f".out.tmp-{os.getpid()}-0123abcd"  # a live export's: kept
+    alive.mkdir()
+    assert run("--quiet", "export", "tv", tmp_path / "third").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [alive.name]
 
 
 # -- 2. blobs are hash-checked as they are read ---------------------------------------
