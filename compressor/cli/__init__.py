@@ -148,10 +148,44 @@ def _add_commands() -> None:
 _add_commands()
 
 
+INTERRUPT_GRACE = 1.0  # seconds a command has to stop on Ctrl-C before it is ended
+
+
+def stop_on_interrupt(grace: float = INTERRUPT_GRACE) -> None:
+    """Make Ctrl-C end the process within ``grace`` seconds, whatever it is doing.
+
+    Python raises KeyboardInterrupt only between bytecodes, so a long native call (one
+    backward pass of a model on a loaded machine) delays it for minutes. SIGINT also
+    writes to a wakeup fd at once; a thread reading it gives the main thread ``grace``
+    seconds to unwind, then ends the process with 130 (the store is safe: nothing is
+    visible before its commit, and gc clears temp files of dead processes)."""
+    import signal
+    import threading
+    import time
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        return
+
+    def watch():
+        while signal.SIGINT not in os.read(r, 64):
+            pass
+        time.sleep(grace)
+        sys.stderr.write("\nAborted (interrupted).\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    threading.Thread(target=watch, daemon=True, name="stop-on-interrupt").start()
+
+
 def main() -> None:
     """Console-script entry point: load plugin commands, then run."""
     from compressor.allocator import reuse_freed_blocks
 
+    stop_on_interrupt()
     reuse_freed_blocks()
     try:
         from compressor.plugin_manager import get_registry
