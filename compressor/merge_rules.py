@@ -220,7 +220,9 @@ def nuslerp(
 def multislerp(tensors: list[torch.Tensor], weights: list[float], normalize: bool):
     """Barycentric interpolation on the hypersphere: project to the tangent space at the
     weighted mean direction, average, map back, scale to the weighted mean norm
-    (https://goddard.blog/posts/multislerp-wow-what-a-cool-idea).
+    (https://goddard.blog/posts/multislerp-wow-what-a-cool-idea). All-zero inputs give
+    zero (with a base: a tensor every expert left as it was stays the base's; mergekit
+    fails there).
 
     mergekit's arithmetic, with the unit vectors u_i = θ_i/(‖θ_i‖ + ε) never stored: each
     sum takes θ_i scaled, and the tangent is rebuilt chunk by chunk where it is used, so
@@ -236,6 +238,8 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], normalize: boo
     w = w.tolist()
     flat = [t.reshape(-1) for t in tensors]
     norms = [float(torch.norm(f)) for f in flat]
+    if max(norms) == 0:  # every input zero (a tensor no expert changed, as τ): no direction
+        return torch.zeros_like(tensors[0])
     scale = [1.0 / (n + eps) for n in norms]  # u_i = θ_i · scale_i
     mean = torch.zeros_like(flat[0])
     for f, s, wi in zip(flat, scale, w, strict=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import artifact_tensors, dir_tensors
@@ -327,3 +329,43 @@ def test_bad_merge_options_are_refused(run, trio, private_store, plugin, options
         message.format(e1=trio["e1"], e2=trio["e2"]),
         code=2,
     )
+
+
+@pytest.fixture(scope="module")
+def untouched(trio, tmp_path_factory):
+    """The fine-tunes with one tensor left as the base's in every one of them (BERT's
+    pooler in every sentence-transformers fine-tune)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("untouched")
+    base = load_file(trio["base"] / "model.safetensors")
+    out = {}
+    for e in ("e1", "e2", "e3"):
+        out[e] = shutil.copytree(trio[e], root / e)
+        tensors = load_file(out[e] / "model.safetensors")
+        tensors["model.norm.weight"] = base["model.norm.weight"].clone()
+        save_file(tensors, out[e] / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    "plugin, experts",
+    [
+        ("multislerp", "e1 e2 e3"),
+        ("nuslerp", "e1 e2"),
+        ("slerp", "e1"),
+        ("karcher", "e1 e2"),
+        ("model-stock", "e1 e2 e3"),
+        ("linear", "e1 e2"),
+    ],
+)
+def test_a_tensor_no_expert_changed_stays_the_base(run, trio, untouched, plugin, experts):
+    """multislerp of experts that all leave a tensor unchanged failed the whole merge ("the
+    weighted mean direction of the experts is zero"; mergekit fails alike)."""
+    base = dir_tensors(trio["base"])
+    ours = _ours(run, plugin, trio["base"], [untouched[e] for e in experts.split()])
+    torch.testing.assert_close(
+        ours["model.norm.weight"], base["model.norm.weight"], rtol=0, atol=1e-6
+    )
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(ours[name], base[name])  # the changed tensors did merge
