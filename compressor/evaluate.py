@@ -13,39 +13,11 @@ from pathlib import Path
 
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
-from .method import Option, parse_options, positive
+from .eval_options import EVAL_OPTIONS
+from .method import parse_options
 from .modeling import model_inputs, source_model
 from .objectives import embedding_agreement, mean_pool
 from .tasks import Task
-
-EVAL_OPTIONS = (
-    Option(
-        "data", "str", None, "data file: JSONL rows with text (or pixels) and label, or text lines"
-    ),
-    Option(
-        "task",
-        "choice",
-        "auto",
-        "what to measure (auto: classify when rows have labels, "
-        "embed when a reference is given, else lm)",
-        choices=("auto", "classify", "lm", "embed"),
-    ),
-    Option("reference", "str", None, "REF of the model whose embeddings 'embed' compares against"),
-    Option(
-        "batch_size",
-        "int",
-        32,
-        "examples per forward pass",
-        check=positive,
-    ),
-    Option(
-        "max_length",
-        "int",
-        128,
-        "tokens per text; longer texts are truncated",
-        check=lambda v: None if v > 1 else "must be at least 2",
-    ),
-)
 
 
 def check_request(options) -> tuple[dict, list[Example], str]:

@@ -136,7 +136,7 @@ def _eval(st, task: dict) -> dict:
     """Score the step's ref unless it holds scores of the same request: the same data
     (by content), options and base."""
     from . import api
-    from .evaluate import EVAL_OPTIONS
+    from .eval_options import EVAL_OPTIONS
     from .method import parse_options
     from .refs import resolve
 
@@ -493,9 +493,7 @@ def _exit_without(driver: int) -> None:
     _WATCHED.add(driver)
     me = os.getpid()
     if Path(f"/proc/{me}/stat").exists():
-        alive = (
-            '[ -e /proc/{0} ] && [ "$(sed "s/.*) //" /proc/{0}/stat | cut -d" " -f1)" != Z ]'
-        )
+        alive = '[ -e /proc/{0} ] && [ "$(sed "s/.*) //" /proc/{0}/stat | cut -d" " -f1)" != Z ]'
         loop = (
             f"while {alive.format(driver)} && [ -e /proc/{me} ]; do sleep 0.1; done; "
             f"kill -9 {me} 2>/dev/null"

@@ -143,7 +143,7 @@ def check_step(step: Step, where: str) -> None:
         if step.kind is not None:
             _check_method_step(step)
         elif step.verb == "eval":
-            from .evaluate import EVAL_OPTIONS
+            from .eval_options import EVAL_OPTIONS
             from .method import parse_options
 
             if parse_options(EVAL_OPTIONS, step.options, "eval")["data"] is None:

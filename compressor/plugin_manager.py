@@ -26,10 +26,13 @@ OWN_DISTRIBUTION = "compressor"
 class Registry:
     """The loaded plugin manager and what the plugins registered."""
 
-    def __init__(self):
+    def __init__(self, third_party_only: bool = False):
+        """``third_party_only``: load the other distributions' plugins alone (the CLI's
+        start-up reads their commands; the built-ins register none, and loading them
+        imports every method's module)."""
         self.pm = pluggy.PluginManager("compressor")
         self.pm.add_hookspecs(hookspecs)
-        self._load()
+        self._load(third_party_only)
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as e:
@@ -41,7 +44,7 @@ class Registry:
         self.readers: list = []
         self._collect()
 
-    def _load(self) -> None:
+    def _load(self, third_party_only: bool = False) -> None:
         allowed = os.environ.get("COMPRESSOR_PLUGINS")
         allowed_set = (
             {a.strip() for a in allowed.split(",") if a.strip()} if allowed is not None else None
@@ -53,6 +56,8 @@ class Registry:
         for ep in eps:
             dist = ep.dist.name if ep.dist is not None else None
             if dist != OWN_DISTRIBUTION and allowed_set is not None and dist not in allowed_set:
+                continue
+            if third_party_only and dist == OWN_DISTRIBUTION:
                 continue
             try:
                 module = ep.load()
@@ -136,3 +141,8 @@ def reset_registry() -> None:
     """Forget loaded plugins (tests that change COMPRESSOR_PLUGINS or sys.path)."""
     get_registry.cache_clear()
     importlib.invalidate_caches()
+
+
+def register_plugin_commands(cli) -> None:
+    """Add the commands third-party plugins register to ``cli`` (the built-ins have none)."""
+    Registry(third_party_only=True).pm.hook.register_commands(cli=cli)

@@ -17,8 +17,8 @@ try:
     main()
 except SystemExit:
     pass
-heavy = sorted(m for m in ("torch", "transformers", "tensorly") if m in sys.modules)
-print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+heavy = ("torch", "transformers", "tensorly", "pandas", "sqlite_utils")
+print("HEAVY=" + ",".join(sorted(m for m in heavy if m in sys.modules)), file=sys.stderr)
 """
 
 
@@ -26,11 +26,15 @@ print("HEAVY=" + ",".join(heavy), file=sys.stderr)
     "args", [["--help"], ["plugins"], ["store", "ls"], ["plugins", "show", "ties"]]
 )
 def test_no_torch_at_start_up(args, private_store):
+    """And `--help` and `plugins` no store either: sqlite-utils brings pandas where it is
+    installed (0.3 s; `compress --help` took 12.8x a bare `import click`)."""
     r = subprocess.run(
         [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
-    assert "HEAVY=\n" in r.stderr, r.stderr
+    heavy = r.stderr.rsplit("HEAVY=", 1)[1].strip()
+    allowed = {"sqlite_utils", "pandas"} if args[0] == "store" else set()
+    assert set(filter(None, heavy.split(","))) <= allowed, r.stderr
 
 
 def test_import_compressor_is_lazy():

@@ -188,9 +188,9 @@ def main() -> None:
     stop_on_interrupt()
     reuse_freed_blocks()
     try:
-        from compressor.plugin_manager import get_registry
+        from compressor.plugin_manager import register_plugin_commands
 
-        get_registry().pm.hook.register_commands(cli=cli)
+        register_plugin_commands(cli)
     except CompressorError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.exit_code)

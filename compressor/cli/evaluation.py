@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from compressor.cli.run import option_pairs, strict_json
-from compressor.evaluate import EVAL_OPTIONS
+from compressor.eval_options import EVAL_OPTIONS
 
 
 def _options_help() -> str:
