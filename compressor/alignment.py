@@ -50,9 +50,14 @@ class TaskVectorView:
                         f"base and expert differ: {name} is in {el} but not in {bl}"
                     )
                 notes.append(f"{name} (non-float) is only in {el}; it is left out")
-            elif b.is_float != e.is_float:
+            elif b.is_float != e.is_float or _is_float8(b) != _is_float8(e):
                 raise MismatchError(
                     f"base and expert differ: {name} is {b.dtype} in {bl} and {e.dtype} in {el}"
+                    + (
+                        " (a float8 checkpoint is quantized: dequantize it first)"
+                        if _is_float8(b) or _is_float8(e)
+                        else ""
+                    )
                 )
             elif b.shape != e.shape:
                 raise MismatchError(
@@ -276,3 +281,9 @@ class ModelFromDelta(TensorSource):
     def close(self) -> None:
         self.base.close()
         self.delta.close()
+
+
+def _is_float8(info) -> bool:
+    """Whether a tensor is stored in an 8-bit float (a quantized checkpoint's scale-less
+    values: as far from its base's float32 as int8 would be)."""
+    return info.dtype.is_floating_point and info.dtype.itemsize == 1

@@ -312,6 +312,10 @@ def run_config(
 
     stages = load_stages(path)
     plans = [_plan(stage, path, i, len(stages), get_registry()) for i, stage in enumerate(stages)]
+    named = [p["name"] for p in plans if p["name"]]
+    twice = next((n for n in named if named.count(n) > 1), None)
+    if twice is not None:
+        raise UsageError(f"{path}: two documents are named '{twice}'; each stage needs its own")
     for i, plan in enumerate(plans[:-1]):
         if not plan["name"]:
             raise UsageError(

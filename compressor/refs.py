@@ -179,6 +179,9 @@ def _resolve_path(path: Path, store=None) -> ResolvedInput:
             break
     else:
         raise InputError(f"{path}: no reader recognises this path")
+    if not source.names():
+        source.close()
+        raise InputError(f"{path} holds no tensors; it is not a model, adapter or task vector")
     ext = External(path, files, source, reader.name)
     if store is not None:  # files hashed before and unchanged since (same size and mtime)
         ext.digests = store.known_digests(files)

@@ -19,6 +19,15 @@ def _t(help: str) -> Option:
     return Option("t", "float", 0.5, help)
 
 
+def _numbers(value) -> list[float]:
+    """Every number an option's value holds: a scalar, a gradient, or -o/config rules."""
+    if isinstance(value, dict):
+        return _numbers(value.get("value"))
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
 class Linear(TensorMerge):
     """A weighted average of the models (a model soup)."""
 
@@ -50,6 +59,15 @@ class Slerp(TensorMerge):
     space = "weights"
     per_expert = frozenset()
     options = (_t("interpolation factor: 0 is the base, 1 the expert; a gradient per layer"),)
+
+    def prepare(self, job, views):
+        outside = sorted({v for v in _numbers(job.options["t"]) if not 0 <= v <= 1})
+        if outside:
+            job.warn(
+                f"slerp t {outside[0]:g} is outside [0, 1]: the merge extrapolates beyond "
+                f"{'the base' if outside[0] < 0 else 'the expert'} (mergekit does the same)"
+            )
+        return None
 
     def merge(self, call):
         return merge_rules.slerp(call.shared["t"], call.base, call.tensors[0])

@@ -131,6 +131,15 @@ def bad(tmp_path_factory, models):
     (deep / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
     deep = shutil.copytree(models["ft1-fp32"], d / "deep-config")
     (deep / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    save_file({}, d / "empty.safetensors")
+    eight = shutil.copytree(models["ft1-fp32"], d / "float8")
+    t = load_file(eight / "model.safetensors")
+    t = {k: v.to(torch.float8_e4m3fn) for k, v in t.items()}
+    save_file(t, eight / "model.safetensors", metadata={"format": "pt"})
+    (d / "two-names.yml").write_text(
+        "name: a\nmerge_method: linear\nmodels: [{model: m}]\n---\n"
+        "name: a\nmerge_method: linear\nmodels: [{model: a}]\n"
+    )
     (d / "noweights").mkdir()
     (d / "noweights" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (d / "lines.txt").write_text("a b c\n")
@@ -363,6 +372,26 @@ CASES = [
         "{bad}/ad-r-says: adapter_config.json gives 'model.layers.0.self_attn.q_proj' rank 16, "
         "but its factors have rank 4",
         1,
+    ),
+    (
+        "a model with no tensors",
+        TV + ["{bad}/empty.safetensors"],
+        "{bad}/empty.safetensors holds no tensors; it is not a model, adapter or task vector",
+        1,
+    ),
+    (
+        "float8 expert against a float32 base",
+        TV + ["{bad}/float8"],
+        "base and expert differ: lm_head.weight is torch.float32 in {base} and "
+        "torch.float8_e4m3fn in {bad}/float8 (a float8 checkpoint is quantized: dequantize it "
+        "first)",
+        1,
+    ),
+    (
+        "two config documents with one name",
+        ["merge", "--config", "{bad}/two-names.yml"],
+        "{bad}/two-names.yml: two documents are named 'a'; each stage needs its own",
+        2,
     ),
     (
         "index nests deeply",

@@ -369,3 +369,15 @@ def test_a_tensor_no_expert_changed_stays_the_base(run, trio, untouched, plugin,
     )
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(ours[name], base[name])  # the changed tensors did merge
+
+
+@pytest.mark.parametrize("t", ["1.5", "-0.25"])
+def test_slerp_t_outside_the_unit_interval_is_a_warning(run, trio, t):
+    """slerp -o t 1.5 was accepted silently; it extrapolates (mergekit runs it too)."""
+    r = run("--quiet", "merge", "-p", "slerp", "--base", trio["base"], trio["e1"], "-o", "t", t)
+    assert r.exit_code == 0, r.output
+    past = "the expert" if float(t) > 1 else "the base"
+    assert r.stderr == (
+        f"Warning: slerp t {float(t):g} is outside [0, 1]: the merge extrapolates beyond "
+        f"{past} (mergekit does the same)\n"
+    )
