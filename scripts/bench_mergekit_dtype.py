@@ -7,12 +7,14 @@ and the largest difference, in both modes, on tiny Llamas (a base and three fine
 whose AdamW-like updates leave many equal magnitudes).
 
     python scripts/bench_mergekit_dtype.py [--dtype bfloat16] [--hidden 64]
+    python scripts/bench_mergekit_dtype.py --write-docs   # also update docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -85,8 +88,16 @@ def main() -> None:
     base = save_tiny_llama(root / "base", seed=0, dtype=dtype, hidden=args.hidden)
     experts = [_adamw_like(base, root / f"e{i}", seed=i, dtype=dtype) for i in (1, 2, 3)]
     states = {"base": _tensors(base), **{f"e{i}": _tensors(e) for i, e in enumerate(experts, 1)}}
-    print(f"{args.dtype}, hidden {args.hidden}: entries differing from mergekit's (max |diff|)")
-    print(f"{'method':<18} {'mergekit-exact':>26} {'float32 compute':>26}")
+    lines = [
+        f"{args.dtype} configs on a tiny Llama (hidden {args.hidden}) and three fine-tunes "
+        "whose updates are multiples of 1e-3 (many equal magnitudes): the share of output "
+        "entries that differ from mergekit's (its `merge_state_dicts`, written in the "
+        "config's dtype) and the largest difference. Command: "
+        "`python scripts/bench_mergekit_dtype.py`.",
+        "",
+        "| method | mergekit-exact (default) | `mergekit_exact: false` (float32) |",
+        "| --- | ---: | ---: |",
+    ]
     for method, params in METHODS:
         ids = (
             ["e1"] if method in TWO else ["e1", "e2"] if method == "nuslerp" else ["e1", "e2", "e3"]
@@ -101,17 +112,17 @@ def main() -> None:
         row = []
         for exact in (True, False):
             config = root / f"{method}-{exact}.yml"
-            lines = [f"merge_method: {method}", f"dtype: {args.dtype}"]
+            config_lines = [f"merge_method: {method}", f"dtype: {args.dtype}"]
             if with_base:
-                lines.append(f"base_model: {base}")
+                config_lines.append(f"base_model: {base}")
             if not exact:
-                lines.append("mergekit_exact: false")
-            lines.append(f"parameters: {json.dumps(params)}")
-            lines.append("models:")
-            lines += [f"  - model: {root / i}" for i in ids]
+                config_lines.append("mergekit_exact: false")
+            config_lines.append(f"parameters: {json.dumps(params)}")
+            config_lines.append("models:")
+            config_lines += [f"  - model: {root / i}" for i in ids]
             if method in TWO:
-                lines.append(f"  - model: {base}")
-            config.write_text("\n".join(lines) + "\n")
+                config_lines.append(f"  - model: {base}")
+            config.write_text("\n".join(config_lines) + "\n")
             store = root / f"store-{method}-{exact}"
             runner = CliRunner()
             r = runner.invoke(
@@ -130,7 +141,16 @@ def main() -> None:
                 total += d.numel()
                 worst = max(worst, float(d.max()))
             row.append(f"{100 * differ / total:8.3f}% ({worst:.3g})")
-        print(f"{method:<18} {row[0]:>26} {row[1]:>26}")
+        lines.append(f"| {method} | {row[0].strip()} | {row[1].strip()} |")
+    body = "\n".join(lines)
+    print(body)
+    if args.write_docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_foundation import write_docs_section
+
+        write_docs_section(
+            "mergekit-dtype", body, "Merge configs in half precision beside mergekit"
+        )
 
 
 if __name__ == "__main__":
