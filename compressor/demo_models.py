@@ -99,3 +99,22 @@ def save_finetune(base: Path, out: Path, seed: int, strength: float = 0.01) -> P
                 tensors[name] = (t.float() + noise).to(t.dtype)
         save_file(tensors, shard, metadata={"format": "pt"})
     return out
+
+
+def save_stepped_finetune(base: Path, out: Path, seed: int, step: float = 1e-3) -> Path:
+    """Copy a model directory with every float tensor moved by a whole number (−3..3) of
+    ``step``s, as AdamW's first steps move weights: thousands of entries share one
+    magnitude of change, so a merge's tie order shows. Saved in each tensor's dtype."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if t.is_floating_point():
+                steps = torch.randint(-3, 4, t.shape, generator=gen).float() * step
+                tensors[name] = (t.float() + steps).to(t.dtype)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return out

@@ -30,27 +30,6 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _adamw_like(base: Path, out: Path, seed: int, dtype) -> Path:
-    """A fine-tune whose updates are ±lr·sign-like (AdamW's early steps): many entries
-    share one magnitude, as in the probe's 3,141 tied embedding entries."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    from safetensors.torch import load_file
-
-    for shard in sorted(out.glob("*.safetensors")):
-        tensors = load_file(shard)
-        for name, t in tensors.items():
-            if t.is_floating_point():
-                steps = torch.randint(-3, 4, t.shape, generator=gen).float() * 1e-3
-                tensors[name] = (t.float() + steps).to(dtype)
-        save_file(tensors, shard, metadata={"format": "pt"})
-    return out
-
-
 METHODS = [
     ("task_arithmetic", {"weight": 1.0}),
     ("ties", {"weight": 1.0, "density": 0.5}),
@@ -82,11 +61,11 @@ def main() -> None:
     from mergekit.merge_methods.api import merge_state_dicts
 
     from compressor.cli import cli
-    from compressor.demo_models import save_tiny_llama
+    from compressor.demo_models import save_stepped_finetune, save_tiny_llama
 
     root = Path(tempfile.mkdtemp(prefix="bench-dtype-"))
     base = save_tiny_llama(root / "base", seed=0, dtype=dtype, hidden=args.hidden)
-    experts = [_adamw_like(base, root / f"e{i}", seed=i, dtype=dtype) for i in (1, 2, 3)]
+    experts = [save_stepped_finetune(base, root / f"e{i}", seed=i) for i in (1, 2, 3)]
     states = {"base": _tensors(base), **{f"e{i}": _tensors(e) for i, e in enumerate(experts, 1)}}
     lines = [
         f"{args.dtype} configs on a tiny Llama (hidden {args.hidden}) and three fine-tunes "

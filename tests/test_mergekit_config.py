@@ -12,7 +12,13 @@ import pytest
 import torch
 from conftest import assert_refused, dir_tensors
 
-from compressor.demo_models import save_finetune, save_tiny_llama, save_word_tokenizer, zen_lines
+from compressor.demo_models import (
+    save_finetune,
+    save_stepped_finetune,
+    save_tiny_llama,
+    save_word_tokenizer,
+    zen_lines,
+)
 from compressor.mergekit_config import METHODS
 
 
@@ -840,18 +846,10 @@ def test_a_padded_model_as_the_tokenizer_source_keeps_its_tokens(run, padded, tm
 def adamw_bf16(tmp_path_factory) -> Path:
     """A bf16 tiny Llama and three fine-tunes whose updates are whole multiples of 1e-3
     (AdamW's early steps): thousands of entries share a magnitude, so tie order shows."""
-    from safetensors.torch import load_file, save_file
-
     root = tmp_path_factory.mktemp("adamw")
     base = save_tiny_llama(root / "base", seed=0, layers=2, dtype=torch.bfloat16)
     for i in (1, 2, 3):
-        out = shutil.copytree(base, root / f"e{i}")
-        gen = torch.Generator().manual_seed(i)
-        tensors = load_file(out / "model.safetensors")
-        for name, t in tensors.items():
-            steps = torch.randint(-3, 4, t.shape, generator=gen).float() * 1e-3
-            tensors[name] = (t.float() + steps).to(torch.bfloat16)
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        save_stepped_finetune(base, root / f"e{i}", seed=i)
     return root
 
 

@@ -111,17 +111,23 @@ def test_export_from_s3_loads_in_transformers(run, models, s3, private_store, tm
         assert (single[name] - want).abs().max() < 1e-6, name
 
 
-def test_reading_one_tensor_fetches_only_its_byte_range(run, tmp_path, s3, private_store):
-    """A 4-layer model of 256 wide (~14 MB) stored on S3: reading one tensor moves its own
-    bytes plus the header and one read-ahead block, never the file, and copies nothing."""
+def _model_on_s3(run, tmp_path, s3) -> None:
+    """A 4-layer model of 256 wide (~14 MB), stored on S3 as ``copy``."""
     from compressor.demo_models import save_tiny_llama
-    from compressor.refs import resolve
-    from compressor.store import open_store
-    from compressor.store.blobs import READ_BLOCK
 
     model = save_tiny_llama(tmp_path / "big", seed=0, layers=4, hidden=256, vocab=4096)
     args = ["--blobs", s3["url"], "--quiet", "merge", "-p", "linear", model, model]
     assert run(*args, "-n", "copy").exit_code == 0
+
+
+def test_reading_one_tensor_fetches_only_its_byte_range(run, tmp_path, s3, private_store):
+    """A 4-layer model of 256 wide (~14 MB) stored on S3: reading one tensor moves its own
+    bytes plus the header and one read-ahead block, never the file, and copies nothing."""
+    from compressor.refs import resolve
+    from compressor.store import open_store
+    from compressor.store.blobs import READ_BLOCK
+
+    _model_on_s3(run, tmp_path, s3)
     store = open_store(private_store)
     try:
         source = resolve(store, "copy").source
@@ -149,13 +155,10 @@ def test_a_damaged_object_read_in_part_is_caught_before_anything_is_committed(
     """A slice of layers 2-3 of a model on S3 whose layer-3 weight has one flipped byte: the
     ranged reads skipped the rest of the blob and stopped hashing, and the merge stored a
     weight off by 7.5e35 with exit 0. The blob is now hashed whole before the commit."""
-    from compressor.demo_models import save_tiny_llama
     from compressor.refs import resolve
     from compressor.store import open_store
 
-    model = save_tiny_llama(tmp_path / "big", seed=0, layers=4, hidden=256, vocab=4096)
-    args = ["--blobs", s3["url"], "--quiet", "merge", "-p", "linear", model, model]
-    assert run(*args, "-n", "copy").exit_code == 0
+    _model_on_s3(run, tmp_path, s3)
     store = open_store(private_store)
     try:
         source = resolve(store, "copy").source
