@@ -32,7 +32,7 @@ from bench_foundation import build_model, measure, write_docs_section  # noqa: E
 RTN = """
 import sys
 from pathlib import Path
-from compressor.quantize import assign_codes, pack_codes, uniform_nearest
+from compressor.plugins.sketchtune.quantize import assign_codes, pack_codes, uniform_nearest
 from compressor.sources import open_model_dir
 from compressor.writer import ArtifactWriter
 src = open_model_dir(Path(sys.argv[1]))

@@ -8,7 +8,7 @@
 Every linear weight in the layer list of two real models is quantised at 4, 3 and 2 bits
 by: round-to-nearest on a min/max grid per group of columns (RTN), GPTQ on the same grid
 (error feedback through the Cholesky factor of H⁻¹, block by block, true-sequential:
-``compressor.quantize.assign_codes``, which a test checks against GPTQ written out column
+``compressor.plugins.sketchtune.quantize.assign_codes``, which a test checks against GPTQ written out column
 by column; llmcompressor does not install beside torch 2.13 here), and sketches with 1, 2
 and 4 tables per row (calibrated, and once without data). Bits per weight count the
 scales: RTN/GPTQ b + (16 + b)/group (an fp16 scale and a b-bit zero per group); sketches
@@ -45,7 +45,7 @@ from compressor.plugins.sketchtune import (  # noqa: E402
     sketch_weight,
     tune_layer,
 )
-from compressor.quantize import (  # noqa: E402
+from compressor.plugins.sketchtune.quantize import (  # noqa: E402
     activation_order,
     assign_codes,
     inverse_hessian_factor,

@@ -43,7 +43,7 @@ import build as suite_build  # noqa: E402
 from bench_foundation import write_docs_section  # noqa: E402
 
 from compressor.data import read_examples  # noqa: E402
-from compressor.quantize import assign_codes, uniform_nearest  # noqa: E402
+from compressor.plugins.sketchtune.quantize import assign_codes, uniform_nearest  # noqa: E402
 from compressor.tasks import Task  # noqa: E402
 from compressor.training import Trainer, row_batches  # noqa: E402
 

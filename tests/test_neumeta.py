@@ -12,7 +12,7 @@ from conftest import artifact_tensors, assert_refused, dir_tensors
 from compressor.architectures import WidthLayout, width_at
 from compressor.demo_digits import load_digits_split, save_digits_resnet, write_rows
 from compressor.demo_models import save_tiny_llama, zen_lines
-from compressor.morphing import WidthGenerator, permute, pool, read_factor
+from compressor.plugins.neumeta.generator import WidthGenerator, permute, pool, read_factor
 from compressor.sources import open_model_dir
 
 
@@ -103,7 +103,7 @@ def test_smoothing_permutation_keeps_the_llama_function(llama):
 
 
 def test_smoothing_order_is_a_short_path():
-    from compressor.morphing import smoothing_order
+    from compressor.plugins.neumeta.generator import smoothing_order
 
     # points on a line, shuffled: the path visits them in order (either direction)
     line = torch.arange(40, dtype=torch.float32)[torch.randperm(40)][:, None]

@@ -77,7 +77,8 @@ def test_no_top_level_store_or_plugins_imports():
 
 
 def test_every_plugin_module_has_an_entry_point():
-    """A module under plugins/ without an entry point would never load: the guard."""
+    """A module (or a method's folder) under plugins/ without an entry point would never
+    load: the guard."""
     import tomllib
 
     eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
@@ -85,5 +86,6 @@ def test_every_plugin_module_has_an_entry_point():
     ]
     registered = {v.removeprefix("compressor.plugins.") for v in eps.values()}
     modules = {p.stem for p in (ROOT / "plugins").glob("*.py") if p.stem != "__init__"}
+    modules |= {p.parent.name for p in (ROOT / "plugins").glob("*/__init__.py")}
     assert modules - registered == set(), "plugins without an entry point"
     assert registered - modules == set(), "entry points naming no module"

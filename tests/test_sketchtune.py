@@ -10,7 +10,7 @@ import torch
 from conftest import artifact_tensors, assert_refused, dir_tensors
 
 from compressor.plugins.sketchtune import sketch_weight, swap_in_sketches
-from compressor.quantize import (
+from compressor.plugins.sketchtune.quantize import (
     activation_order,
     assign_codes,
     decode_tables,
@@ -544,7 +544,7 @@ def test_a_block_run_in_chunks_of_rows_equals_the_block_run_whole(family, models
     rows of each argument cut by the batch dimension (masks, positions, rotary tables)
     give the outputs of the whole batch, for a Llama and a BERT block."""
     from compressor.blockwise import hidden_states, run_blockwise
-    from compressor.plugins.sketchtune import SketchPlan, _row_chunks, calibration_batches
+    from compressor.plugins.sketchtune import SketchPlan, calibration_batches, row_chunks
     from compressor.sources import open_model_dir
 
     data = tmp_path / "calib.txt"
@@ -558,7 +558,7 @@ def test_a_block_run_in_chunks_of_rows_equals_the_block_run_whole(family, models
                 whole = hidden_states(block(*args, **kwargs))
                 parts = [
                     hidden_states(block(*a, **kw))
-                    for _rows, a, kw in _row_chunks(args, kwargs, tokens=args[0].shape[1])
+                    for _rows, a, kw in row_chunks(args, kwargs, tokens=args[0].shape[1])
                 ]
             assert len(parts) == args[0].shape[0] > 1  # one row a chunk
             assert torch.allclose(torch.cat(parts), whole, atol=1e-5)

@@ -1,0 +1,215 @@
+"""``train -p neumeta``: the smoothing order, then the generator learned on the task and
+the reconstruction at full width."""
+
+from __future__ import annotations
+
+import time
+
+from compressor.contents import describe_content
+from compressor.errors import InputError, OptionError
+from compressor.method import Manifest, Method, Option, non_negative, positive
+from compressor.plugins.neumeta.model import ENCODING, SMOOTHING, _batch_norms
+from compressor.training import training_options
+
+
+def _width_range(v) -> str | None:
+    if len(v) != 2 or not all(0 < x <= 1 for x in v) or v[0] > v[1]:
+        return "must be two fractions LOW,HIGH with 0 < LOW <= HIGH <= 1"
+    return None
+
+
+class NeumetaTrain(Method):
+    """Learn a generator of MODEL's width tensors from coordinates, on data.
+
+    Per step: a width fraction drawn uniformly from ``widths`` (LOW,HIGH), the width
+    tensors generated there with coordinate noise (``noise``, in neuron cells), the task
+    loss of a batch through the model at that width (everything outside the width part
+    stays the source's), plus ``recon`` × the mean squared correction at full width.
+    AdamW with ``weight_decay`` (the paper's small weight penalty), clipping 1.0. No
+    dropout; BatchNorm normalises with each batch's statistics, since running statistics
+    pooled from the source do not fit a narrower model (sampling re-estimates them).
+    """
+
+    name = "neumeta"
+    kind = "train"
+    summary = "NeuMeta: learn a generator of the model's weights at any FFN or channel width"
+    reference = "https://arxiv.org/abs/2410.11878"
+    version = "1"
+    example_options = {"data": "train.jsonl"}
+    options = (
+        *training_options(steps=200, lr=1e-3, trained="the generator"),
+        Option(
+            "widths",
+            "floats",
+            [0.25, 1.0],
+            "the width fractions trained on: LOW,HIGH",
+            check=_width_range,
+        ),
+        Option("weight_decay", "float", 1e-4, "AdamW weight decay", check=non_negative),
+        Option("hidden", "int", 64, "the generator MLPs' hidden size", check=positive),
+        Option("depth", "int", 2, "residual blocks per generator MLP", check=non_negative),
+        Option("fourier", "int", 6, "Fourier frequencies per coordinate", check=non_negative),
+        Option(
+            "noise",
+            "float",
+            0.5,
+            "coordinate noise in training, in neuron cells",
+            check=non_negative,
+        ),
+        Option(
+            "recon",
+            "float",
+            1.0,
+            "weight of the full-width reconstruction loss",
+            check=non_negative,
+        ),
+        Option(
+            "smoothing",
+            "choice",
+            "greedy",
+            "neuron order first: fast-tsp nearest-neighbour path (deterministic), its "
+            "local search for tsp_seconds, or none",
+            choices=SMOOTHING,
+        ),
+        Option("tsp_seconds", "float", 2.0, "time per group for smoothing tsp", check=positive),
+        Option("seed", "int", 0, "seed of the generator's init, widths, noise and row order"),
+    )
+
+    def run(self, job):
+        import torch
+
+        from compressor.architectures import WidthLayout
+        from compressor.data import read_examples
+        from compressor.modeling import source_model
+        from compressor.plugins.neumeta.generator import COORDINATES, WidthGenerator, permute
+        from compressor.tasks import Task, check_head, objective_for
+        from compressor.training import Trainer, functional_forward, row_batches, show_loss
+
+        opts, source = job.options, job.inputs[0]
+        if not opts["data"]:
+            raise OptionError("neumeta training needs -o data PATH")
+        if source.content != "model":
+            raise InputError(
+                f"{source.label} holds {describe_content(source.content)}; neumeta needs a model"
+            )
+        layout = WidthLayout(source)
+        rows = read_examples(opts["data"])
+        objective = objective_for(rows, opts["objective"])
+        lo, hi = opts["widths"]
+        started = time.perf_counter()
+        with source_model(source, "saved") as (net, tokenizer):
+            check_head(net, objective, source.label)
+            task = Task(objective, net.config, tokenizer, opts["max_length"])
+            split = task.split(rows, opts["data"], opts["batch_size"])
+            module_name = _module_names(net, source, layout)
+            src = {n: source.get(n).float() for n in layout.tensors}
+            perms = smoothing_orders(layout, src, opts["smoothing"], opts["tsp_seconds"], job)
+            src = {n: permute(t, layout.tensors[n], perms) for n, t in src.items()}
+            scales = {n: _scale(t) for n, t in src.items()}
+            torch.manual_seed(opts["seed"])
+            gen = WidthGenerator(layout, opts["hidden"], opts["depth"], opts["fourier"])
+            for p in net.parameters():
+                p.requires_grad_(False)
+            norms = _batch_norms(net)
+            for m in norms.values():
+                m.train()  # batch statistics; the running ones are regenerated every step
+            trainer = Trainer(gen.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"])
+            rng = torch.Generator().manual_seed(opts["seed"])
+            history: dict[str, list[float]] = {"task": [], "recon": []}
+            picks = row_batches(len(rows), opts["batch_size"], opts["steps"], opts["seed"])
+            bar = job.progress(picks, desc="neumeta", unit="step", total=opts["steps"])
+            for pick in bar:
+                f = lo + (hi - lo) * float(torch.rand((), generator=rng))
+                widths = layout.widths_at(f)
+                x, y = task.batch(split, pick)
+
+                def piece(x=x, y=y, widths=widths):
+                    params = {
+                        module_name[n]: gen.tensor(s, src[n], scales[n], widths, opts["noise"], rng)
+                        for n, s in layout.tensors.items()
+                    }
+                    total, n = task.loss(functional_forward(net, params, x).logits, x, y)
+                    task_loss = total / max(n, 1)
+                    recon = gen.reconstruction()
+                    history["task"].append(float(task_loss.detach()))
+                    history["recon"].append(float(recon.detach()))
+                    return task_loss + opts["recon"] * recon, 1
+
+                trainer.step([piece])
+                show_loss(bar, loss=history["task"][-1])
+        seconds = time.perf_counter() - started
+        for key, value in gen.state_dict().items():
+            job.writer.write(f"inr.{key}", value.detach().float())
+        for group, perm in perms.items():
+            job.writer.write(f"perm.{group}", perm)
+        inr_params = sum(p.numel() for p in gen.parameters())
+        width_params = sum(
+            source.info(n).numel for n, s in layout.tensors.items() if not s.statistic
+        )
+        window = max(1, opts["steps"] // 10)
+        return Manifest(
+            "model",
+            metrics={
+                "steps": opts["steps"],
+                "inr_parameters": inr_params,
+                "width_parameters": width_params,
+                "inr_ratio": inr_params / width_params,
+                "task_loss_first": sum(history["task"][:window]) / window,
+                "task_loss_last": sum(history["task"][-window:]) / window,
+                "recon_last": history["recon"][-1],
+                "train_seconds": round(seconds, 2),
+            },
+            extra={
+                "encoding": ENCODING,
+                "objective": objective,
+                "groups": layout.groups,
+                "families": [name for name, _ in gen.families],
+                "hidden": opts["hidden"],
+                "depth": opts["depth"],
+                "fourier": opts["fourier"],
+                "coordinates": COORDINATES,
+                "widths_trained": [lo, hi],
+                "noise": opts["noise"],
+                "smoothing": opts["smoothing"],
+                "batch_norm": bool(norms),
+                "scales": scales,
+                "summary": [
+                    f"generator of {len(layout.tensors)} width tensors in {len(layout.groups)} "
+                    f"groups: {inr_params} parameters ({inr_params / width_params:.2%} of the "
+                    f"{width_params} they generate), trained at widths {lo:g}-{hi:g} over "
+                    f"{opts['steps']} steps ({objective})",
+                    "decodes to the full-width model; `compress sample --plugin neumeta "
+                    "-o width F` writes other widths",
+                ],
+            },
+        )
+
+
+def _scale(t) -> float:
+    std = float(t.std()) if t.numel() > 1 else 0.0
+    return std if std > 0 else 1.0
+
+
+def _module_names(net, source, layout) -> dict[str, str]:
+    """{checkpoint name: the name functional_call takes} for every width tensor (they
+    differ where transformers renames modules on load: ViT)."""
+    from compressor.modeling import checkpoint_names
+
+    own = {ckpt: param for param, ckpt in checkpoint_names(net, source).items()}
+    buffers = dict(net.named_buffers())
+    found = {}
+    for name in layout.tensors:
+        found[name] = own.get(name) or (name if name in buffers else None)
+        if found[name] is None:
+            raise InputError(f"{source.label}: no parameter of the loaded model reads {name}")
+    return found
+
+
+def smoothing_orders(layout, tensors: dict, how: str, seconds: float, job) -> dict:
+    """Each group's smoothing permutation, from the source's width ``tensors`` (by name)."""
+    from compressor.plugins.neumeta.generator import neuron_features, smoothing_order
+
+    return {
+        group: smoothing_order(neuron_features(layout, tensors, group), how, seconds)
+        for group in job.progress(list(layout.groups), desc="neumeta: smoothing order")
+    }
