@@ -9,14 +9,20 @@ on the artifact as ``NAME:DATA`` (``accuracy:test``), so ``store ls`` and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+from .contents import describe_content
 from .data import Example, batches, read_examples
 from .errors import InputError, OptionError
 from .eval_options import EVAL_OPTIONS
 from .method import parse_options
 from .modeling import model_inputs, source_model
 from .objectives import embedding_agreement, mean_pool
+from .progress import make_progress
+from .refs import resolve
+from .store import opened_store
 from .tasks import Task
 
 
@@ -86,3 +92,68 @@ def _agreement(models, examples, values, progress) -> dict:
             total += float(s)
     n = len(examples)
     return {"cosine": total / n, "examples": n}
+
+
+@contextlib.contextmanager
+def model_source(store, ref: str, base: str | None = None, resolved=None) -> Iterator[tuple]:
+    """(TensorSource of the full model, ResolvedInput of REF): REF as it is when it is a
+    model, else REF added to BASE tensor by tensor (nothing is written to disk).
+    ``resolved``: REF already resolved, so a path is not opened and hashed again."""
+    from .alignment import ModelFromDelta
+    from .progress import warn
+
+    resolved = resolved if resolved is not None else resolve(store, ref)
+    with contextlib.ExitStack() as stack:
+        stack.callback(resolved.source.close)
+        if base is None:
+            if resolved.source.content != "model":
+                raise InputError(
+                    f"{ref} holds {describe_content(resolved.source.content)}, not a model; "
+                    "give --base BASE "
+                    "to evaluate it added to its base"
+                )
+            yield resolved.source, resolved
+            return
+        base_source = resolve(store, base).source
+        stack.callback(base_source.close)
+        yield ModelFromDelta(base_source, resolved.source, warn), resolved
+
+
+def evaluate(
+    ref: str,
+    options=None,
+    *,
+    base: str | None = None,
+    store=None,
+    quiet: bool = True,
+    record: bool = True,
+    resolved=None,
+) -> dict:
+    """Score REF (added to BASE, for a task vector or adapter) on data (``compress eval``);
+    store the scores as its metrics (``NAME:DATA``) and return them. Without ``record``
+    nothing is stored: the result's ``metrics_for`` holds (artifact id, metrics,
+    externals, requests) for the catalog's writer to store; ``requests`` maps DATA to
+    :func:`~compressor.evaluate.request_digest` (which scores a rerun may reuse).
+    ``resolved``: REF already opened by :func:`~compressor.refs.resolve` (closed here)."""
+
+    values, examples, task = check_request(options)
+    progress = make_progress(quiet)
+    with opened_store(store) as st:
+        with contextlib.ExitStack() as stack:
+            source, resolved = stack.enter_context(model_source(st, ref, base, resolved))
+            reference = None
+            if task == "embed":
+                reference, _ = stack.enter_context(model_source(st, values["reference"]))
+            metrics = score(source, task, examples, values, progress, reference)
+            source.verify()  # scores from damaged blobs are not stored
+        stem = Path(values["data"]).stem
+        if resolved.select is not None:  # one adapter of a joint artifact: say which
+            stem += f"#{resolved.select}"
+        keyed = {f"{k}:{stem}": v for k, v in metrics.items()}
+        externals = [resolved.external] if resolved.external else []
+        requests = {stem: request_digest(values, base)}
+        result = {"task": task, "data": str(values["data"]), **metrics}
+        if not record:
+            return {**result, "metrics_for": (resolved.artifact_id, keyed, externals, requests)}
+        st.set_metrics(resolved.artifact_id, keyed, externals=externals, requests=requests)
+    return result

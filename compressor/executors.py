@@ -4,8 +4,8 @@ the catalog.
 The driver gives each step's worker (a local process, or a Ray task) the catalog rows
 the step reads (:meth:`Store.catalog_slice`: its inputs, their ancestors, what was made
 from them) and where blobs live; the worker never opens ``store.db``. It runs the step
-with :func:`compressor.api.run_method` (``publish``: blobs stored, no catalog rows) and
-returns a :class:`~compressor.api.PendingArtifact`; the driver commits it. A worker killed mid-step leaves at most unreferenced blobs
+with :func:`compressor.runs.run_method` (``publish``: blobs stored, no catalog rows) and
+returns a :class:`~compressor.runs.PendingArtifact`; the driver commits it. A worker killed mid-step leaves at most unreferenced blobs
 (``store gc`` keeps them for its grace period, then removes them) and its step is
 run again. Steps whose inputs failed are not run; the others go on.
 """
@@ -89,7 +89,7 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
     ``{"error": message}``. The catalog it reads is the slice the task carries; nothing
     here writes one. ``store_root`` is the store (for its local blobs and temp space)
     or, with remote blobs, any scratch directory."""
-    from . import api
+    from . import export, runs
     from .store import Store
 
     if threads:
@@ -100,7 +100,7 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
         st = Store.worker_view(Path(store_root), task["blobs"], task["catalog"])
         try:
             if task["kind"] is not None:
-                out = api.run_method(
+                out = runs.run_method(
                     task["kind"],
                     task["plugin"],
                     task["inputs"],
@@ -115,7 +115,7 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
             elif task["verb"] == "eval":
                 out = _eval(st, task)
             else:
-                out = api.export(
+                out = export.export(
                     task["ref"],
                     task["out"],
                     base=task["base"],
@@ -135,20 +135,20 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
 def _eval(st, task: dict) -> dict:
     """Score the step's ref unless it holds scores of the same request: the same data
     (by content), options and base."""
-    from . import api
+    from . import evaluate
     from .eval_options import EVAL_OPTIONS
     from .method import parse_options
     from .refs import resolve
 
     values = parse_options(EVAL_OPTIONS, task["options"], "eval")
     if values["data"] is None or not Path(values["data"]).is_file():
-        resolved = None  # api.evaluate says what is wrong with the data
+        resolved = None  # evaluate says what is wrong with the data
     else:
         resolved = resolve(st, task["ref"])
     try:
         if resolved is not None and _scored_before(st, resolved, values, task["base"]):
             return {"reused": True, "artifact_id": resolved.artifact_id}
-        return api.evaluate(  # on the input resolved here: a path is not hashed twice
+        return evaluate.evaluate(  # on the input resolved here: a path is not hashed twice
             task["ref"],
             task["options"],
             base=task["base"],
@@ -178,7 +178,7 @@ def _scored_before(st, resolved, values: dict, base: str | None) -> bool:
 
 def commit_result(store, step: Step, out: dict, started: float, attempts: int) -> StepResult:
     """The driver's half of a step: commit what its worker returned, or record its error."""
-    from .api import PendingArtifact
+    from .runs import PendingArtifact
 
     took = time.monotonic() - started
     res = StepResult(step.name, step.verb, "done", seconds=took, attempts=attempts)
@@ -211,7 +211,7 @@ def commit_result(store, step: Step, out: dict, started: float, attempts: int) -
 def joined(store, outs: list[dict]) -> dict:
     """The worker results of a split merge's parts as one: the first error, else an
     artifact a part reused, else the parts joined into one artifact (index and shards)."""
-    from .api import PendingArtifact, join_parts
+    from .runs import PendingArtifact, join_parts
 
     for out in outs:
         if "error" in out:

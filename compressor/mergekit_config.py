@@ -306,8 +306,8 @@ def run_config(
     max_shard_size=None,
 ) -> list:
     """Run every stage of a mergekit config in order; return the stored artifacts."""
-    from .api import run_method
     from .plugin_manager import get_registry
+    from .runs import run_method
     from .store import check_name
 
     stages = load_stages(path)

@@ -12,38 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .contents import describe_content
 from .errors import InputError
 from .integrity import expected_digest, read_checked
-from .refs import resolve
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
-
-
-@contextlib.contextmanager
-def model_source(store, ref: str, base: str | None = None, resolved=None) -> Iterator[tuple]:
-    """(TensorSource of the full model, ResolvedInput of REF): REF as it is when it is a
-    model, else REF added to BASE tensor by tensor (nothing is written to disk).
-    ``resolved``: REF already resolved, so a path is not opened and hashed again."""
-    from .alignment import ModelFromDelta
-    from .progress import warn
-
-    resolved = resolved if resolved is not None else resolve(store, ref)
-    with contextlib.ExitStack() as stack:
-        stack.callback(resolved.source.close)
-        if base is None:
-            if resolved.source.content != "model":
-                raise InputError(
-                    f"{ref} holds {describe_content(resolved.source.content)}, not a model; "
-                    "give --base BASE "
-                    "to evaluate it added to its base"
-                )
-            yield resolved.source, resolved
-            return
-        base_source = resolve(store, base).source
-        stack.callback(base_source.close)
-        yield ModelFromDelta(base_source, resolved.source, warn), resolved
 
 
 def is_image_config(config) -> bool:

@@ -1,0 +1,305 @@
+"""Running a method: resolve the inputs, run the method into a writer, commit the
+artifact (or hand it to a plan's driver), with its lineage; and ``store import``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import outdir
+from .contents import describe_content
+from .errors import UsageError
+from .integrity import check_digest
+from .merging import TensorMerge, check_full_models
+from .method import Job, check_count
+from .plugin_manager import get_registry
+from .progress import make_progress, warn
+from .refs import resolve
+from .safetensors_format import dtype_from_name
+from .sources import TensorSource
+from .store import ArtifactRecord, Store, check_name, derive_name, opened_store
+from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter, StoredFile
+
+if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
+    pass
+
+Options = dict | Sequence[tuple[str, str]] | None
+
+
+def _default_name(method_name: str, labels: list[str]) -> str:
+    if len(labels) != 1:
+        return f"{method_name}-merge"
+    return derive_name(f"{Path(labels[0].split('@')[0]).name}.{method_name}")
+
+
+def run_method(
+    kind: str,
+    plugin: str,
+    inputs: Sequence[str],
+    *,
+    base: str | None = None,
+    options: Options = None,
+    name: str | None = None,
+    store: Store | str | Path | None = None,
+    quiet: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: str | None = None,
+    values: dict | None = None,
+    build=None,
+    extra: dict | None = None,
+    reuse: bool = False,
+    publish: bool = False,
+    part: tuple[int, int] | None = None,
+    compute_dtype: str | None = None,
+) -> ArtifactRecord | PendingArtifact:
+    """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact.
+
+    ``reuse`` returns an artifact the same method version made from the same inputs
+    with the same options instead of running again (plans do this). ``publish``
+    stores the blobs but not the catalog rows, and returns what the one catalog
+    writer (a plan's driver) commits with :meth:`PendingArtifact.commit`.
+
+    ``dtype`` casts the written float tensors. For ``compress merge --config``:
+    ``values`` are options already checked, and ``build(base, inputs)`` turns the
+    resolved inputs into the job's (base, inputs, layer positions), e.g. layers
+    restacked by slices; ``extra`` goes into the artifact's manifest; ``compute_dtype``
+    (a dtype name, or "stored") makes a merge compute as mergekit does in that dtype.
+
+    ``part`` (k, n) runs part k of a merge split by tensor (a plan's ``split``): its
+    artifact holds one shard (named the Hugging Face way) and the carried files, and
+    :func:`join_parts` makes the n parts one artifact.
+    """
+    method = get_registry().method(plugin, kind)
+    if values is None and isinstance(method, TensorMerge):  # options may name experts (@N)
+        values = method.parse_options(options or {}, method.input_labels(list(inputs), base))
+    elif values is None:
+        values = method.parse_options(options or {})
+    out_dtype = dtype_from_name(dtype) if dtype is not None else None
+    if method.needs_base and base is None:
+        raise UsageError(f"method '{plugin}' needs --base BASE")
+    if build is None:
+        check_count(method, plugin, len(inputs))
+    if part is not None and (not isinstance(method, TensorMerge) or build is not None):
+        raise UsageError(
+            f"method '{plugin}' cannot be split by tensor "
+            "(it is not a merge of each tensor on its own)"
+        )
+    if part is not None:
+        max_shard_size = 1 << 62  # the part is the shard
+    name = check_name(name if name is not None else _default_name(method.name, list(inputs)))
+    with opened_store(store) as st, contextlib.ExitStack() as stack:
+        resolved_base = resolve(st, base) if base is not None else None
+        resolved = [resolve(st, ref, method.reads_raw) for ref in inputs]
+        for r in [resolved_base, *resolved]:
+            if r is not None:
+                stack.callback(r.source.close)
+        if resolved_base is not None:
+            check_model(resolved_base, "a base")
+        if isinstance(method, TensorMerge) and build is None:  # before any input is hashed
+            check_full_models(method, resolved_base, [r.source for r in resolved])
+        if reuse and dtype is None and extra is None:  # hashes external inputs up front
+            parents = _parents(kind, resolved_base, resolved)
+            same = st.find_same(method.kind, method.name, method.version, values, parents)
+            if same is not None:
+                return same
+        space = _merge_space(resolved_base, resolved) if kind == "merge" else None
+        job_base, job_inputs, space_extra = space or (
+            resolved_base.source if resolved_base else None,
+            [r.source for r in resolved],
+            {},
+        )
+        positions = None
+        if build is not None:
+            job_base, job_inputs, positions = build(job_base, job_inputs)
+            check_count(method, plugin, len(job_inputs))
+        with st.tmp_dir() as tmp:
+            writer = ArtifactWriter(tmp / "out", max_shard_size=max_shard_size, dtype=out_dtype)
+            job = Job(
+                base=job_base,
+                inputs=job_inputs,
+                options=values,
+                writer=writer,
+                progress=make_progress(quiet),
+                warn=warn,
+                positions=positions,
+                part=part,
+                compute_dtype=compute_dtype,
+            )
+            manifest = method.run(job)
+            carry_from = job.base if kind == "merge" and job.base else job.inputs[0]
+            # an adapter carries its own adapter_config.json, not the model's config.json
+            skip = ("config.json",) if manifest.content == "adapter" else ()
+            _carry_files(writer, carry_from, manifest.content, skip)
+            files = writer.finish()
+            for r in [resolved_base, *resolved]:
+                if r is not None:
+                    r.source.verify()  # a damaged stored input must not become a result
+            parents = _parents(kind, resolved_base, resolved)  # inputs hashed while read
+            pending = PendingArtifact(
+                files,
+                kind=method.kind,
+                content=manifest.content,
+                name=name,
+                plugin=method.name,
+                method_version=method.version,
+                params=values,
+                metrics=manifest.metrics,
+                manifest={**manifest.extra, **space_extra, **(extra or {})},
+                parents=parents,
+                externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
+            )
+            if part is not None:
+                pending.part = _part_of(files, writer, part)
+            if publish:
+                pending.files = st.publish(pending.files)
+                return pending
+            return pending.commit(st)
+
+
+def _parents(kind: str, base, inputs) -> list[tuple[str, str]]:
+    """(artifact id, role) of a run's base and inputs, in order."""
+    role = "expert" if kind == "merge" else "input"
+    return ([(base.artifact_id, "base")] if base else []) + [(r.artifact_id, role) for r in inputs]
+
+
+class PendingArtifact:
+    """An artifact whose blobs are stored (or about to be) and whose catalog rows are not:
+    the files and every :meth:`Store.commit` argument (and, for part of a split merge,
+    ``part``: k, n, the tensor names its shard holds and their bytes)."""
+
+    def __init__(self, files, **commit):
+        self.files = files
+        self.fields = commit
+        self.part: dict | None = None
+
+    def commit(self, st: Store) -> ArtifactRecord:
+        """Add the artifact to the catalog (its blobs are moved in if not yet stored)."""
+        return st.commit(self.files, **self.fields)
+
+
+def _part_of(files: list, writer: ArtifactWriter, part: tuple[int, int]) -> dict:
+    """Rename a part's one shard ``model-0000k-of-0000n.safetensors`` (in place: a store
+    file's name is only its catalog row); what its tensors are, for the index."""
+    k, n = part
+    shard = f"model-{k:05d}-of-{n:05d}.safetensors"
+    for i, f in enumerate(files):
+        if f.relpath == "model.safetensors":
+            files[i] = dataclasses.replace(f, relpath=shard)
+    entries = writer.entries()
+    return {
+        "k": k,
+        "n": n,
+        "shard": shard,
+        "names": [e.name for e in entries],
+        "bytes": sum(e.nbytes for e in entries),
+        "numel": sum(e.numel for e in entries),
+    }
+
+
+def join_parts(parts: list[PendingArtifact], tmp: Path) -> PendingArtifact:
+    """One artifact from the n parts of a split merge: their shards, an index, the first
+    part's other files. Metrics are the parts' means weighted by their elements (exact
+    for fractions such as TIES' ``kept``; counts such as ``experts`` agree). The index
+    is written in ``tmp`` (the store's temp space: committing moves it into place)."""
+    parts = sorted(parts, key=lambda p: p.part["k"])
+    first = parts[0]
+    shards = [f for p in parts for f in p.files if f.relpath == p.part["shard"]]
+    carried = [f for f in first.files if not f.relpath.endswith(".safetensors")]
+    weight_map = {name: p.part["shard"] for p in parts for name in p.part["names"]}
+    index = {
+        "metadata": {"total_size": sum(p.part["bytes"] for p in parts)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    path = Path(tmp) / f"index-{os.getpid()}-{os.urandom(4).hex()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    index_file = StoredFile("model.safetensors.index.json", path, digest, len(data))
+    numel = sum(p.part["numel"] for p in parts) or 1
+    metrics = {}
+    for key, value in first.fields["metrics"].items():
+        values = [p.fields["metrics"].get(key) for p in parts]
+        if all(v == value for v in values) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            metrics[key] = value
+        else:
+            weighted = zip(values, parts, strict=True)
+            metrics[key] = sum(v * p.part["numel"] for v, p in weighted) / numel
+    fields = {**first.fields, "metrics": metrics}
+    fields["manifest"] = {**first.fields["manifest"], "parts": len(parts)}
+    return PendingArtifact(
+        sorted([*shards, index_file, *carried], key=lambda f: f.relpath), **fields
+    )
+
+
+def _merge_space(base, experts):
+    """(base, experts, manifest extra) in the space the base's encoding merges in (a sketch's
+    tables), when its method offers one and the experts share it; else None."""
+    encoding = base.source.manifest.get("encoding") if base is not None else None
+    method = get_registry().decoder(encoding) if encoding else None
+    if method is None:
+        return None
+    return method.merge_space(base.source, [e.source for e in experts])
+
+
+def check_model(resolved, role: str) -> None:
+    """Refuse an input that is not a full model where one is required (``role``: "a base")."""
+    content = resolved.source.content
+    if content != "model":
+        raise UsageError(
+            f"{resolved.label} holds {describe_content(content)}, not a model; {role} must be "
+            "a full model"
+        )
+
+
+def _carry_files(
+    writer: ArtifactWriter, source: TensorSource, content: str, skip: tuple[str, ...] = ()
+) -> None:
+    """Copy config, tokenizer and module files from the source unless the method wrote its own."""
+    if source.content == "adapter" and content != "adapter":
+        return
+    for rel, path in source.files.items():
+        if rel in skip or rel == outdir.MARKER or (writer.dir / rel).exists():
+            continue
+        stored = writer.add_file(rel, path)
+        check_digest(path, stored.digest, source.label, rel)
+
+
+def import_path(
+    path: str | Path, *, name: str | None = None, store: Store | str | Path | None = None
+) -> ArtifactRecord:
+    """Copy a model, adapter or ``.safetensors`` file into the store (``store import``)."""
+    with opened_store(store) as st:
+        resolved = resolve(st, str(path))
+        resolved.source.close()
+        ext = resolved.external
+        if ext is None:
+            raise UsageError(f"{path} is already in the store; import takes a path")
+        single = ext.path.is_file()
+        inputs = {"model.safetensors": ext.path} if single else dict(ext.files)
+        stem = ext.path.name.removesuffix(".safetensors")
+        with st.tmp_dir() as tmp:
+            writer = ArtifactWriter(tmp / "import")
+            for rel, p in inputs.items():
+                writer.add_file(rel, p)
+            files = writer.finish()
+            ext.digests = {inputs[f.relpath]: f.digest for f in files}  # hashed while copied
+            return st.commit(
+                files,
+                kind="import",
+                content=resolved.source.content,
+                name=check_name(name if name is not None else derive_name(stem, "imported")),
+                params={"path": str(ext.path)},
+                manifest={"fingerprint": ext.fingerprint},
+                parents=[(ext.id, "source")],
+                externals=[ext],
+            )
