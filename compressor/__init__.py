@@ -14,7 +14,9 @@ import importlib
 # name -> module: resolved on first use, so ``import compressor`` (and the CLI's start-up)
 # loads neither torch nor transformers
 _LAZY = {
+    # the API: what the commands run
     "apply": "api",
+    "evaluate": "api",
     "export": "api",
     "extract": "api",
     "import_path": "api",
@@ -22,13 +24,30 @@ _LAZY = {
     "run_method": "api",
     "sample": "api",
     "train": "api",
+    # the plugin contract: what a plugin imports (``from compressor import Method, ...``)
     "CompressorError": "errors",
+    "InputError": "errors",
+    "OptionError": "errors",
+    "UsageError": "errors",
     "hookimpl": "hookspecs",
     "Job": "method",
     "Manifest": "method",
     "Method": "method",
     "Option": "method",
-    "resolve": "refs",
+    "TensorSource": "io.sources",
+    "DecodedSource": "io.sources",
+    "SourceReader": "io.sources",
+    "open_safetensors_file": "io.sources",
+    "row_blocks": "io.sources",
+    "TensorMerge": "merge.loop",
+    "Task": "learning.tasks",
+    "Trainer": "learning.training",
+    "source_model": "models.modeling",
+    "run_blockwise": "models.blockwise",
+    "describe_content": "io.contents",
+    # references and the store
+    "resolve": "app.refs",
+    "open_copied_artifact": "app.refs",
     "open_store": "store",
 }
 __all__ = sorted(_LAZY)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .evaluate import evaluate
-from .export import export
-from .runs import Options, PendingArtifact, import_path, join_parts, run_method
-from .store import ArtifactRecord
+from compressor.app.evaluate import evaluate
+from compressor.app.export import export
+from compressor.app.runs import Options, PendingArtifact, import_path, join_parts, run_method
+from compressor.store import ArtifactRecord
 
 __all__ = [
     "Options",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import OptionError, UsageError
+from compressor.errors import OptionError, UsageError
 
 KINDS = ("compress", "merge", "extract", "sample", "train")
 VERBS = {
@@ -197,7 +197,7 @@ class Method:
 
         ``raw`` is the artifact's stored tensors (with its manifest); methods whose
         artifacts are encoded (their manifest names ``encoding``) override this,
-        usually with a :class:`compressor.sources.DecodedSource`.
+        usually with a :class:`compressor.io.sources.DecodedSource`.
         """
         raise NotImplementedError(f"method '{self.name}' writes no encoded artifacts")
 

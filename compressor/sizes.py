@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import UsageError
+from compressor.errors import UsageError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from compressor import merge_rules
 from compressor.hookspecs import hookimpl
-from compressor.merging import TensorMerge
+from compressor.merge import rules as merge_rules
+from compressor.merge.loop import TensorMerge
 from compressor.method import Option
 
 

@@ -14,14 +14,14 @@ import math
 import re
 from typing import TYPE_CHECKING
 
-from compressor.alignment import TaskVectorView
-from compressor.data import read_examples
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
+from compressor.io.deltas import TaskVectorView
+from compressor.learning.data import read_examples
+from compressor.learning.tasks import Split, Task
+from compressor.learning.training import BestOnValidation, Trainer, functional_forward, show_loss
 from compressor.method import Manifest, Method, Option, non_negative, positive
-from compressor.modeling import check_names_match, source_model
-from compressor.tasks import Split, Task
-from compressor.training import BestOnValidation, Trainer, functional_forward, show_loss
+from compressor.models.modeling import check_names_match, source_model
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

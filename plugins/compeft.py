@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from compressor.alignment import CompressionInput
 from compressor.errors import InputError
 from compressor.hookspecs import hookimpl
+from compressor.io.deltas import CompressionInput
+from compressor.io.sources import DecodedDelta, TensorSource
+from compressor.merge.sparsify import HIGH_BUCKETS, TopKThreshold, magnitude_bits
 from compressor.method import Manifest, Method, Option, fraction
-from compressor.selection import HIGH_BUCKETS, TopKThreshold, magnitude_bits
-from compressor.sources import DecodedDelta, TensorSource
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import numpy as np

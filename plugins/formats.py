@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from compressor.hookspecs import hookimpl
-from compressor.peft_adapter import PeftAdapter, is_adapter_dir
-from compressor.sources import SourceReader, open_model_dir, open_safetensors_file
+from compressor.io.peft import PeftAdapter, is_adapter_dir
+from compressor.io.sources import SourceReader, open_model_dir, open_safetensors_file
 
 
 @hookimpl

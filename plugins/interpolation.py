@@ -1,7 +1,7 @@
 """Merges that interpolate weights: linear, slerp, nuslerp, multislerp, karcher, nearswap.
 
 Semantics follow mergekit 0.1.5's methods of the same names (the math is in
-:mod:`compressor.merge_rules`). ``linear`` and ``karcher`` average every input,
+:mod:`compressor.merge.rules`). ``linear`` and ``karcher`` average every input,
 the base included when ``--base`` is given (as mergekit adds ``base_model``);
 ``nuslerp`` and ``multislerp`` interpolate task vectors when there is a base and
 the weights themselves when there is none.
@@ -9,9 +9,9 @@ the weights themselves when there is none.
 
 from __future__ import annotations
 
-from compressor import merge_rules
 from compressor.hookspecs import hookimpl
-from compressor.merging import WEIGHTS_OPTION, TensorMerge, expert_weights
+from compressor.merge import rules as merge_rules
+from compressor.merge.loop import WEIGHTS_OPTION, TensorMerge, expert_weights
 from compressor.method import Option, positive
 
 

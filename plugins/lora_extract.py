@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compressor.alignment import TaskVectorView
 from compressor.hookspecs import hookimpl
+from compressor.io.deltas import TaskVectorView
+from compressor.io.peft import CONFIG_FILE, PREFIX
 from compressor.method import Manifest, Method, Option, positive
-from compressor.peft_adapter import CONFIG_FILE, PREFIX
 
 
 def _module(name: str) -> str:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from compressor.errors import InputError, RefError
 from compressor.hookspecs import hookimpl
+from compressor.io.peft import PeftAdapter
+from compressor.io.safetensors import TensorInfo
+from compressor.io.sources import DecodedSource, TensorSource
 from compressor.method import Manifest, Method, Option, non_negative, positive
-from compressor.peft_adapter import PeftAdapter
-from compressor.safetensors_format import TensorInfo
-from compressor.sources import DecodedSource, TensorSource
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

@@ -13,7 +13,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from compressor.architectures import (
+from compressor.errors import InputError, OptionError
+from compressor.hookspecs import hookimpl
+from compressor.io.contents import describe_content
+from compressor.io.sources import copy_tensor, row_blocks
+from compressor.method import Manifest, Method, Option, fraction, positive
+from compressor.models.architectures import (
     GRANULARITIES,
     PER_LAYER_KEYS,
     PER_LAYER_TENSORS,
@@ -21,11 +26,6 @@ from compressor.architectures import (
     Member,
     width_at,
 )
-from compressor.contents import describe_content
-from compressor.errors import InputError, OptionError
-from compressor.hookspecs import hookimpl
-from compressor.method import Manifest, Method, Option, fraction, positive
-from compressor.sources import copy_tensor, row_blocks
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -299,9 +299,9 @@ def activation_importance(
     (``blockwise`` None), else, or with ``blockwise`` False, through the whole model."""
     import torch
 
-    from compressor.blockwise import run_blockwise, supports
-    from compressor.data import batches, read_examples
-    from compressor.modeling import model_inputs, source_model, source_tokenizer
+    from compressor.learning.data import batches, read_examples
+    from compressor.models.blockwise import run_blockwise, supports
+    from compressor.models.modeling import model_inputs, source_model, source_tokenizer
 
     rows = read_examples(opts["data"])
     sums = {i: torch.zeros(d) for i, d in enumerate(model.d_ff)}
@@ -465,10 +465,10 @@ class MatformerTrain(Method):
     def run(self, job):
         import torch
 
-        from compressor.data import read_examples
-        from compressor.modeling import check_names_match, source_model
-        from compressor.tasks import Task, check_head, objective_for
-        from compressor.training import Trainer, row_batches
+        from compressor.learning.data import read_examples
+        from compressor.learning.tasks import Task, check_head, objective_for
+        from compressor.learning.training import Trainer, row_batches
+        from compressor.models.modeling import check_names_match, source_model
 
         opts = job.options
         if not opts["data"]:

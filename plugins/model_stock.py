@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from compressor import merge_rules, mergekit_exact
 from compressor.hookspecs import hookimpl
-from compressor.merging import TensorMerge
+from compressor.merge import exact as mergekit_exact
+from compressor.merge import rules as merge_rules
+from compressor.merge.loop import TensorMerge
 from compressor.method import Option
 
 

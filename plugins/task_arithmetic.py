@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from compressor import mergekit_exact
 from compressor.hookspecs import hookimpl
-from compressor.merging import (
+from compressor.merge import exact as mergekit_exact
+from compressor.merge.loop import (
     SCALE_OPTION,
     WEIGHTS_OPTION,
     TensorMerge,

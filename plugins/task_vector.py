@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from compressor.alignment import TaskVectorView
 from compressor.hookspecs import hookimpl
+from compressor.io.deltas import TaskVectorView
+from compressor.io.sources import block_shape, row_blocks
 from compressor.method import Manifest, Method
-from compressor.sources import block_shape, row_blocks
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     pass

@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from compressor import merge_rules, mergekit_exact
 from compressor.hookspecs import hookimpl
-from compressor.merging import (
+from compressor.io.sources import block_shape, row_blocks
+from compressor.merge import exact as mergekit_exact
+from compressor.merge import rules as merge_rules
+from compressor.merge.loop import (
     CONSENSUS_CHUNK,
     SCALE_OPTION,
     WEIGHTS_OPTION,
@@ -37,9 +39,8 @@ from compressor.merging import (
     trim_count,
     weighted_sum,
 )
+from compressor.merge.sparsify import TopKThreshold, magnitude_bits
 from compressor.method import Option, fraction, non_negative
-from compressor.selection import TopKThreshold, magnitude_bits
-from compressor.sources import block_shape, row_blocks
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -170,7 +171,7 @@ class Ties(_SparsifyMerge):
 
     def prepare(self, job, views):
         """With ``scope global``: per expert, [threshold bits, tied entries still to keep]."""
-        from compressor.merge_params import TensorParameters
+        from compressor.merge.params import TensorParameters
 
         state = super().prepare(job, views)
         if job.options["scope"] != "global":

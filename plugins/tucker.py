@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from compressor.alignment import CompressionInput
 from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
+from compressor.io.deltas import CompressionInput
+from compressor.io.safetensors import TensorInfo
+from compressor.io.sources import DecodedDelta, TensorSource
 from compressor.method import Manifest, Method, Option, positive
-from compressor.safetensors_format import TensorInfo
-from compressor.sources import DecodedDelta, TensorSource
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

@@ -61,8 +61,8 @@ else:
 
 SELECT = """
 import math, sys, compressor
-from compressor.selection import TopKThreshold
-from compressor.sources import row_blocks
+from compressor.merge.sparsify import TopKThreshold
+from compressor.io.sources import row_blocks
 store = compressor.open_store(sys.argv[1])
 k = float(sys.argv[3])
 with compressor.resolve(store, sys.argv[2]).source as src:
@@ -91,8 +91,8 @@ with compressor.resolve(store, sys.argv[2]).source as src:
 def make_task_vector(store_dir: Path, tensors: int, seed: int = 0) -> int:
     """Commit a synthetic float32 task vector (scales differing per tensor) to a store."""
     import compressor
+    from compressor.io.writer import ArtifactWriter
     from compressor.store import StoredFile
-    from compressor.writer import ArtifactWriter
 
     store = compressor.open_store(store_dir)
     gen = torch.Generator().manual_seed(seed)
@@ -128,7 +128,7 @@ def zstd_bits(tv_dir: Path, density: float, sample_tensors: int = 4) -> float:
     """Bits/param of zstd-19 on the packed global keep-mask (+ a sign bit per kept entry)."""
     import zstandard
 
-    from compressor.sources import open_model_dir
+    from compressor.io.sources import open_model_dir
 
     src = open_model_dir(tv_dir)
     names = src.names()[:sample_tensors]
@@ -174,7 +174,7 @@ def main() -> None:
                 ("compeft compress (ours, streaming: statistics, threshold, encode)", wall, rss, 0),
                 ("compeft decode (ours, all tensors)", dwall, drss, 0),
                 (
-                    "threshold only (ours: compressor.selection, two streaming passes)",
+                    "threshold only (ours: compressor.merge.sparsify, two streaming passes)",
                     *run([sys.executable, "-c", SELECT, str(store), "tv", str(k)], repeat=repeat),
                 ),
             ]

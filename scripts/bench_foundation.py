@@ -40,8 +40,8 @@ def build_model(
     shard: str = "2GB",
 ) -> int:
     """Write a Llama-shaped checkpoint (bf16, 2 GB shards), or a perturbed copy of ``base``."""
-    from compressor.sources import open_model_dir
-    from compressor.writer import ArtifactWriter
+    from compressor.io.sources import open_model_dir
+    from compressor.io.writer import ArtifactWriter
 
     heads, kv_heads = hidden // 64, max(1, hidden // 256)
     config = {

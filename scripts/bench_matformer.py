@@ -42,7 +42,7 @@ def main() -> None:
         src = work / "model"
         print(f"building a {args.layers}-layer model ...", flush=True)
         params = build_model(src, args.layers, args.hidden, args.ffn, args.vocab, seed=0)
-        from compressor.demo_models import save_word_tokenizer, zen_lines
+        from compressor.demo.models import save_word_tokenizer, zen_lines
 
         save_word_tokenizer(src, zen_lines(), args.vocab)  # for the calibration run
         calib = work / "calib.txt"

@@ -45,7 +45,7 @@ def main() -> None:
 
     import compressor
     from compressor.api import evaluate
-    from compressor.demo_models import minilm_dir
+    from compressor.demo.models import minilm_dir
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()

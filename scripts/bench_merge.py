@@ -103,7 +103,7 @@ METHODS = (
 
 def compare(ours: Path, theirs: Path) -> tuple[float, int, int]:
     """(largest |ours − theirs|, entries differing by more than 1e-5, entries), tensor by tensor."""
-    from compressor.sources import open_model_dir
+    from compressor.io.sources import open_model_dir
 
     a, b = open_model_dir(ours), open_model_dir(theirs)
     worst, differ, total = 0.0, 0, 0

@@ -61,7 +61,7 @@ def main() -> None:
     from mergekit.merge_methods.api import merge_state_dicts
 
     from compressor.cli import cli
-    from compressor.demo_models import save_stepped_finetune, save_tiny_llama
+    from compressor.demo.models import save_stepped_finetune, save_tiny_llama
 
     root = Path(tempfile.mkdtemp(prefix="bench-dtype-"))
     base = save_tiny_llama(root / "base", seed=0, dtype=dtype, hidden=args.hidden)

@@ -135,8 +135,8 @@ def pruned_resnet(directory: Path, width: float):
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from compressor.architectures import WidthLayout
-    from compressor.sources import open_model_dir
+    from compressor.io.sources import open_model_dir
+    from compressor.models.architectures import WidthLayout
 
     source = open_model_dir(directory)
     layout = WidthLayout(source)
@@ -169,7 +169,7 @@ def pruned_resnet(directory: Path, width: float):
 def _fine_tune(model, rows, steps: int, seed: int = 0) -> None:
     import torch
 
-    from compressor.training import row_batches
+    from compressor.learning.training import row_batches
 
     x = torch.tensor([r["pixels"] for r in rows]).unsqueeze(1)
     y = torch.tensor([r["label"] for r in rows])

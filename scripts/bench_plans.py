@@ -44,7 +44,7 @@ def _fleet(root: Path, experts: int, shape: str = "minilm") -> Path:
         for i in range(experts):
             build_model(root / "experts" / f"e{i:02d}", 12, 1024, 2816, 32000, i + 1, base=base)
     else:
-        from compressor.demo_models import minilm_dir, save_finetune
+        from compressor.demo.models import minilm_dir, save_finetune
 
         base = minilm_dir()
         if base is None:
@@ -94,7 +94,7 @@ def _plan(plan: Path, *args, label: str | None = None) -> float:
 
 
 def _direct(plan: Path, root: Path) -> tuple[float, int]:
-    from compressor.demo_models import minilm_dir
+    from compressor.demo.models import minilm_dir
 
     base = str(minilm_dir())
     with tempfile.TemporaryDirectory() as store:
@@ -138,8 +138,8 @@ def _s3_figures(plan: Path) -> dict | None:
     except ImportError:
         return None
     from compressor import api
-    from compressor.demo_models import minilm_dir
-    from compressor.refs import resolve
+    from compressor.app.refs import resolve
+    from compressor.demo.models import minilm_dir
     from compressor.store import open_store
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -203,7 +203,7 @@ def _s3_figures(plan: Path) -> dict | None:
 def _split_figures(root: Path) -> dict:
     """A TIES merge of the 8 full fine-tunes run whole on 1 worker, and split in 2 parts
     on 2 workers (fresh store each, wall time including start-up)."""
-    from compressor.demo_models import minilm_dir
+    from compressor.demo.models import minilm_dir
 
     out = {}
     for label, split, jobs in (("whole", 1, "1"), ("split", 2, "2")):

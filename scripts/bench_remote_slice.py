@@ -52,7 +52,7 @@ def main() -> None:
     from click.testing import CliRunner
 
     from compressor.cli import cli
-    from compressor.demo_models import save_tiny_llama
+    from compressor.demo.models import save_tiny_llama
 
     port = _free_port()
     server = subprocess.Popen(

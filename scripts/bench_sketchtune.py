@@ -33,8 +33,8 @@ RTN = """
 import sys
 from pathlib import Path
 from compressor.plugins.sketchtune.quantize import assign_codes, pack_codes, uniform_nearest
-from compressor.sources import open_model_dir
-from compressor.writer import ArtifactWriter
+from compressor.io.sources import open_model_dir
+from compressor.io.writer import ArtifactWriter
 src = open_model_dir(Path(sys.argv[1]))
 out = ArtifactWriter(Path(sys.argv[2]))
 for name in src.names():
@@ -74,7 +74,7 @@ def main() -> None:
         src = work / "model"
         print(f"building a {args.layers}-layer model ...", flush=True)
         params = build_model(src, args.layers, args.hidden, args.ffn, args.vocab, seed=0)
-        from compressor.demo_models import save_word_tokenizer, zen_lines
+        from compressor.demo.models import save_word_tokenizer, zen_lines
 
         save_word_tokenizer(src, zen_lines(), args.vocab)
         calib = work / "calib.txt"

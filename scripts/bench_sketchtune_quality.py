@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE / "suite"))
 import build as suite_build  # noqa: E402
 from bench_foundation import write_docs_section  # noqa: E402
 
+from compressor.io.sources import open_model_dir  # noqa: E402
 from compressor.plugins.sketchtune import (  # noqa: E402
     SketchPlan,
     block_tune_lr,
@@ -51,7 +52,6 @@ from compressor.plugins.sketchtune.quantize import (  # noqa: E402
     inverse_hessian_factor,
     uniform_nearest,
 )
-from compressor.sources import open_model_dir  # noqa: E402
 
 # the plugin's defaults; an arm overrides any of them by key
 SKETCH = {
@@ -254,7 +254,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.write_docs and args.pack:
         ap.error("--pack runs are not written to the docs")
-    from compressor.demo_models import minilm_dir
+    from compressor.demo.models import minilm_dir
 
     suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
     data = suite / "lm" / "data"

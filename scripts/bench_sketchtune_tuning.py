@@ -8,7 +8,7 @@
 Two tasks of the evaluation suite: the text task (MiniLM with an 8-topic head, every
 topic's training rows; accuracy on the test rows) and the LM task (the suite's Llama on
 one topic's lines; perplexity on its held-out lines). Arms, all trained by the same loop
-(``compressor.training.Trainer``, AdamW, clipping 1.0, the same rows in the same order):
+(``compressor.learning.training.Trainer``, AdamW, clipping 1.0, the same rows in the same order):
 
 - LoRA (PEFT) at rank 8·G on every linear of the layer list, on the fp32 base;
 - QLoRA-like: the same LoRA on a base rounded to 4 bits (RTN, groups of 64 columns);
@@ -42,10 +42,10 @@ sys.path.insert(0, str(HERE / "suite"))
 import build as suite_build  # noqa: E402
 from bench_foundation import write_docs_section  # noqa: E402
 
-from compressor.data import read_examples  # noqa: E402
+from compressor.learning.data import read_examples  # noqa: E402
+from compressor.learning.tasks import Task  # noqa: E402
+from compressor.learning.training import Trainer, row_batches  # noqa: E402
 from compressor.plugins.sketchtune.quantize import assign_codes, uniform_nearest  # noqa: E402
-from compressor.tasks import Task  # noqa: E402
-from compressor.training import Trainer, row_batches  # noqa: E402
 
 LRS = {"lora": (3e-4, 1e-3), "qlora-like": (3e-4, 1e-3), "sketch": (3e-4, 1e-3, 3e-3)}
 
@@ -95,9 +95,9 @@ def sketch_arm(base: Path, groups: int, data: Path, store: Path, samples: int = 
     """The sketch's net and tables; the sketch is made once in ``store``, and every fit
     tunes a fresh copy of its tables (training never writes to the store)."""
     from compressor import api
-    from compressor.modeling import source_model
+    from compressor.app.refs import resolve
+    from compressor.models.modeling import source_model
     from compressor.plugins.sketchtune import swap_in_sketches
-    from compressor.refs import resolve
     from compressor.store import open_store
 
     if not store.exists():

@@ -55,8 +55,8 @@ def main() -> None:
     import build as suite_build
 
     import compressor
-    from compressor.refs import resolve
-    from compressor.sources import open_model_dir
+    from compressor.app.refs import resolve
+    from compressor.io.sources import open_model_dir
 
     suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
     work = Path(tempfile.mkdtemp(prefix="tucker-rd-"))

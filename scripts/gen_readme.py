@@ -43,7 +43,7 @@ def plugin_example() -> str:
 
 def methods_reference() -> str:
     """docs/methods.md: each built-in method's summary, paper, example and options."""
-    from compressor.plugin_manager import OWN_DISTRIBUTION, get_registry
+    from compressor.registry import OWN_DISTRIBUTION, get_registry
 
     reg = get_registry()
     own = {n for (n, _), p in reg.method_plugins.items() if ":" not in p}  # external: "dist:x"

@@ -11,15 +11,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 _WHERE = {
-    "ArtifactRecord": "compressor.store.catalog",
+    "ArtifactRecord": "compressor.store.records",
     "Store": "compressor.store.catalog",
     "StoredFile": "compressor.store.catalog",
-    "check_name": "compressor.store.catalog",
+    "check_name": "compressor.store.records",
     "default_store_dir": "compressor.store.catalog",
-    "derive_name": "compressor.store.catalog",
+    "derive_name": "compressor.store.records",
     "open_store": "compressor.store.catalog",
     "opened_store": "compressor.store.catalog",
-    "sha256_file": "compressor.integrity",
+    "sha256_file": "compressor.io.integrity",
 }
 
 __all__ = [
@@ -35,17 +35,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from compressor.integrity import sha256_file
+    from compressor.io.integrity import sha256_file
     from compressor.store.catalog import (
-        ArtifactRecord,
         Store,
         StoredFile,
-        check_name,
         default_store_dir,
-        derive_name,
         open_store,
         opened_store,
     )
+    from compressor.store.records import ArtifactRecord, check_name, derive_name
 
 
 def __getattr__(name: str):

@@ -231,7 +231,7 @@ class FsspecBlobStore:
     def prune_cache(self) -> int:
         """Delete cached copies whose bytes no longer match their name (fetched again when
         next needed); return how many."""
-        from compressor.integrity import sha256_file
+        from compressor.io.integrity import sha256_file
 
         pruned = 0
         for copy in sorted(self.cache.glob("sha256/*/*")):

@@ -13,139 +13,34 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
 
 from compressor.errors import RefError, StoreError
-from compressor.integrity import CHUNK, expected_digest, register_remote_blobs
-from compressor.store.blobs import GC_GRACE_SECONDS, FsspecBlobStore, LocalBlobStore
+from compressor.io.integrity import expected_digest, register_remote_blobs
+from compressor.io.writer import StoredFile
+from compressor.store.blobs import FsspecBlobStore, LocalBlobStore
 from compressor.store.migrations import migrations
-from compressor.store.upkeep import (
-    MANIFEST_FORMAT,
-    drop_stale_tombstones,
-    manifest_blobs,
-    scan_manifests,
-    tombstones,
-    write_tombstone,
+from compressor.store.records import (
+    CONFIG_FILE,
+    HEX_ID,
+    JSON_COLUMNS,
+    MANIFEST_FILE,
+    ArtifactRecord,
+    _dumps,
+    _loads,
+    _now,
+    check_name,
 )
-from compressor.writer import StoredFile
-
-HEX_ID = re.compile(r"^[0-9a-f]{8,}$")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-JSON_COLUMNS = ("params", "metrics", "manifest")
-MANIFEST_FILE = "manifest.json"  # every artifact's self-description, among its files
-CONFIG_FILE = "config.json"  # the store's settings: where its blobs live
-ARTIFACT_COLUMNS = (
-    "id",
-    "name",
-    "version",
-    "kind",
-    "content",
-    "plugin",
-    "method_version",
-    "bytes",
-    "created",
-    "path",
-)
+from compressor.store.upkeep import MANIFEST_FORMAT, Upkeep, write_tombstone
 
 
-@dataclass
-class _ExternalRow:
-    """An external input as a manifest lists it (what ``_upsert_external`` needs)."""
-
-    id: str
-    path: str
-    fingerprint: str
-    content: str
-    bytes: int
-    reader: str | None = None
-
-
-@dataclass
-class ArtifactRecord:
-    """One artifact row with its parents, as the CLI and API show it."""
-
-    id: str
-    name: str | None
-    version: int | None
-    kind: str
-    content: str
-    plugin: str | None
-    method_version: str | None
-    params: dict
-    metrics: dict
-    manifest: dict
-    bytes: int
-    created: str
-    path: str | None = None
-    parents: list[dict] = field(default_factory=list)
-
-    @classmethod
-    def from_manifest(cls, doc: dict) -> ArtifactRecord:
-        """The record a ``manifest.json`` describes (parents without their labels)."""
-        return cls(
-            **{k: doc.get(k) for k in ("id", "name", "version", "kind", "content", "plugin")},
-            method_version=doc.get("method_version"),
-            params=doc.get("params") or {},
-            metrics=doc.get("metrics") or {},
-            manifest=doc.get("manifest") or {},
-            bytes=doc.get("bytes") or 0,
-            created=doc.get("created") or "",
-            parents=[dict(p) for p in doc.get("parents", [])],
-        )
-
-    @property
-    def label(self) -> str:
-        """``name@version`` for stored artifacts, the path for external ones."""
-        if self.name:
-            return f"{self.name}@{self.version}"
-        return self.path or self.id[:12]
-
-    def to_json(self) -> dict:
-        """The object ``--json`` prints."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "version": self.version,
-            "kind": self.kind,
-            "content": self.content,
-            "plugin": self.plugin,
-            "method_version": self.method_version,
-            "bytes": self.bytes,
-            "params": self.params,
-            "metrics": self.metrics,
-            "created": self.created,
-            "path": self.path,
-            "parents": self.parents,
-        }
-
-
-def check_name(name: str) -> str:
-    """Return the name if it is a valid artifact name, else raise StoreError."""
-    if not NAME_RE.fullmatch(name) or HEX_ID.match(name.lower()):
-        raise StoreError(
-            f"invalid name {name!r}: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit, and not only hex digits (those are ids)"
-        )
-    return name
-
-
-def derive_name(text: str, fallback: str = "artifact") -> str:
-    """A valid artifact name made from a file name or label (``_ft`` -> ``ft``)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or fallback
-    return name if not HEX_ID.match(name.lower()) else f"a{name}"
-
-
-class Store:
+class Store(Upkeep):
     """An on-disk artifact store: ``store.db``, ``blobs/`` and ``tmp/``."""
 
     view = False  # a worker's in-memory slice of the catalog (see :meth:`worker_view`)
@@ -664,182 +559,6 @@ class Store:
         # after the rows: a crash in between brings the artifact back at a recover, never loses it
         write_tombstone(self.root, artifact_id, manifest[0] if manifest else None, label)
 
-    def gc(
-        self, force: bool = False, grace: float = GC_GRACE_SECONDS, drop_held: bool = False
-    ) -> dict:
-        """Delete unreferenced blobs and temp directories of dead processes.
-
-        A blob stored less than ``grace`` seconds ago is kept even when no artifact
-        lists it: it may be a plan worker's upload its driver has not committed yet.
-        Blobs ``recover --force`` held (a damaged manifest may have named them) are
-        kept unless ``drop_held``. With an empty catalog and blobs present the store
-        looks damaged, not emptied, and gc refuses unless ``force``.
-        """
-        freed = blobs = tmps = young = 0
-        cutoff = time.time() - grace
-        with self.lock(exclusive=True):
-            known = self.conn.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0]
-            stored = list(self.blobs.list())
-            present = len(stored)
-            if not known and present and not force:
-                raise StoreError(
-                    f"the catalog lists no artifact but {present} blob(s) are stored; if the "
-                    "catalog was lost, run `compress store recover` instead; `store gc --force` "
-                    f"deletes all {present} blob(s)"
-                )
-            for d in sorted(self.tmp_root.iterdir()):
-                if _abandoned(d):
-                    shutil.rmtree(d, ignore_errors=True)
-                    tmps += 1
-            tmps += self.blobs.sweep_uploads(cutoff)
-            used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
-            if drop_held:
-                self.conn.execute("DELETE FROM held_blobs")
-            held = {r[0] for r in self.conn.execute("SELECT blob FROM held_blobs")}
-            used |= held
-            for digest in stored:
-                if digest in used:
-                    continue
-                if grace > 0 and self.blobs.stored_at(digest) > cutoff:
-                    young += 1
-                    continue
-                freed += self.blobs.delete(digest)
-                blobs += 1
-            drop_stale_tombstones(self.root, self.blobs)
-        return {
-            "blobs_removed": blobs,
-            "bytes_freed": freed,
-            "tmp_dirs_removed": tmps,
-            "blobs_kept_young": young,
-            "blobs_held": len(held),
-        }
-
-    def verify(self) -> list[str]:
-        """Re-hash every referenced blob; return a list of problems (empty if sound)."""
-        problems = []
-        check = self.conn.execute("PRAGMA integrity_check").fetchone()[0]
-        if check != "ok":
-            problems.append(f"store.db integrity check: {check}")
-        for row in self.db["artifacts"].rows:
-            for column in JSON_COLUMNS:
-                try:
-                    _loads(row, column)
-                except StoreError as e:
-                    problems.append(str(e).removesuffix(" (run `compress store verify`)"))
-        for r in self.db.query("SELECT DISTINCT blob, bytes FROM files ORDER BY blob"):
-            digest = r["blob"]
-            if not self.blobs.exists(digest):
-                problems.append(f"missing blob {digest}")
-            elif (size := self.blobs.size(digest)) != r["bytes"]:
-                problems.append(f"blob {digest} has {size} bytes, expected {r['bytes']}")
-            elif self._hash_blob(digest) != digest:
-                problems.append(f"blob {digest} does not match its hash")
-        self.blobs.prune_cache()  # a damaged local copy of a remote blob is dropped, not reported
-        unknown = self.unreferenced_blobs()
-        if unknown and not self.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone():
-            problems.append(
-                f"{len(unknown)} blob(s) are stored but the catalog lists none: the catalog "
-                "may have been lost (`compress store recover` rebuilds it)"
-            )
-        return problems
-
-    def recover(self, force: bool = False) -> dict:
-        """Rebuild a lost catalog from the ``manifest.json`` blobs its artifacts left.
-
-        Names, versions, parameters, metrics at creation, files and lineage come back;
-        metrics added later by ``eval`` do not (they lived in the catalog only), and an
-        artifact removed with ``store rm`` stays removed (its tombstone). A damaged blob
-        that may have been a manifest stops the recovery, the store left as it was,
-        unless ``force``: then the other artifacts come back and every blob none of
-        them names is held from gc, since the damaged manifest may have named it.
-        """
-        with self.lock(exclusive=True):
-            if self.conn.execute("SELECT COUNT(*) FROM artifacts").fetchone()[0]:
-                raise StoreError(
-                    "the catalog lists artifacts; recover rebuilds only a lost or empty catalog"
-                )
-            scan = scan_manifests(self.blobs)
-            if scan.damaged and not force:
-                self._forget_created_catalog()
-                shown = ", ".join(d[:12] for d in scan.damaged[:3])
-                more = f" and {len(scan.damaged) - 3} more" if len(scan.damaged) > 3 else ""
-                raise StoreError(
-                    f"{len(scan.damaged)} blob(s) do not match their hash and may be artifact "
-                    f"manifests ({shown}{more}); nothing was recovered. `compress store recover "
-                    "--force` recovers the other artifacts and keeps every blob none of them "
-                    "names from gc"
-                )
-            removed = tombstones(self.root)
-            docs = [d for d in scan.manifests if d.get("id") not in removed]
-            docs.sort(key=lambda d: d.get("created") or "")
-            with self._transaction():
-                missing = sum(map(self._insert_recovered, docs))
-                for doc in scan.manifests:  # a removed version's number is not reused either
-                    self._note_version(doc)
-                named = set().union(*map(manifest_blobs, scan.manifests))
-                held = [d for d in self.blobs.list() if d not in named] if scan.damaged else []
-                self.db["held_blobs"].insert_all(
-                    {"blob": d, "reason": "recover --force: a damaged manifest may name it"}
-                    for d in held
-                )
-            ids = {d["id"] for d in docs}
-            dangling = sum(any(p.get("id") not in ids for p in d.get("parents", [])) for d in docs)
-        return {
-            "artifacts": len(docs),
-            "missing_blobs": missing,
-            "removed": len(scan.manifests) - len(docs),
-            "damaged": len(scan.damaged),
-            "held": len(held),
-            "lost_parents": dangling if scan.damaged else 0,
-        }
-
-    def _insert_recovered(self, doc: dict) -> int:
-        """One manifest's rows; returns how many of its blobs are missing."""
-        for ext in doc.get("externals", []):
-            self._upsert_external(_ExternalRow(**ext), doc.get("created"))
-        row = {k: doc.get(k) for k in ARTIFACT_COLUMNS}
-        row.update({k: _dumps(doc.get(k) or {}) for k in JSON_COLUMNS})
-        self.db["artifacts"].insert(row)
-        files = dict(doc["files"])
-        files[MANIFEST_FILE] = {"blob": doc["_digest"], "bytes": doc["_bytes"]}
-        self.db["files"].insert_all(
-            {"artifact": doc["id"], "path": rel, **f} for rel, f in files.items()
-        )
-        self.db["parents"].insert_all(
-            {"child": doc["id"], "position": i, "parent": p["id"], "role": p["role"]}
-            for i, p in enumerate(doc.get("parents", []))
-        )
-        return sum(not self.blobs.exists(f["blob"]) for f in files.values())
-
-    def _note_version(self, doc: dict) -> None:
-        if doc.get("name"):
-            self.conn.execute(
-                "INSERT INTO name_versions (name, last) VALUES (?, ?) ON CONFLICT(name) "
-                "DO UPDATE SET last = MAX(last, excluded.last)",
-                [doc["name"], doc["version"]],
-            )
-
-    def _forget_created_catalog(self) -> None:
-        """Remove the empty catalog this open created, so a refused recover leaves no trace."""
-        if self.created_catalog:
-            self.conn.close()
-            for suffix in ("", "-wal", "-shm"):
-                (self.root / f"store.db{suffix}").unlink(missing_ok=True)
-            self.conn = sqlite3.connect(":memory:", isolation_level=None)
-
-    def _hash_blob(self, digest: str) -> str:
-        """SHA-256 of a blob's bytes as its storage holds them, read in chunks."""
-        h = hashlib.sha256()
-        with self.blobs.open(digest) as f:
-            while block := f.read(CHUNK):
-                h.update(block)
-        return h.hexdigest()
-
-    def unreferenced_blobs(self) -> list[str]:
-        """Digests of blobs no artifact lists (left by `store rm` until the next gc)."""
-        used = {r[0] for r in self.conn.execute("SELECT DISTINCT blob FROM files")}
-        return [d for d in self.blobs.list() if d not in used]
-
 
 def _blob_backend(root: Path, url: str | None) -> LocalBlobStore | FsspecBlobStore:
     """The blobs of the store at ``root``: its ``blobs/`` directory, or objects at ``url``."""
@@ -884,43 +603,6 @@ def _read_only_connection(db_path: Path) -> sqlite3.Connection:
         return conn
     except sqlite3.OperationalError:
         return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
-
-
-def _abandoned(tmp: Path) -> bool:
-    """True when no live process holds the temp directory's lock."""
-    lock = tmp / ".lock"
-    if not lock.exists():
-        return True
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return True
-
-
-def _loads(row: dict, column: str) -> dict:
-    """A JSON column of an artifacts row; damage is a StoreError naming the row."""
-    try:
-        value = json.loads(row[column] or "{}")
-    except (ValueError, TypeError, RecursionError):
-        value = None
-    if not isinstance(value, dict):
-        label = f"{row['name']}@{row['version']}" if row.get("name") else row["id"][:12]
-        raise StoreError(
-            f"the catalog row of {label} is damaged: its {column} is not a JSON object "
-            "(run `compress store verify`)"
-        )
-    return value
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True)
 
 
 def open_store(

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from compressor.cli import cli
-from compressor.demo_models import minilm_dir, save_finetune, save_tiny_llama, zen_lines
-from compressor.plugin_manager import reset_registry
+from compressor.demo.models import minilm_dir, save_finetune, save_tiny_llama, zen_lines
+from compressor.registry import reset_registry
 
 
 def pytest_sessionstart(session):
@@ -155,7 +155,7 @@ def dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def artifact_tensors(ref: str) -> dict[str, torch.Tensor]:
     """Every tensor of a stored artifact, through the same source the methods read."""
-    from compressor.refs import resolve
+    from compressor.app.refs import resolve
     from compressor.store import open_store
 
     store = open_store()

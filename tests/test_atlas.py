@@ -275,7 +275,7 @@ def test_default_step_is_one_full_batch_gradient(run, text, tmp_path):
 
 
 def test_language_model_objective_on_the_tiny_llama(run, models, tmp_path):
-    from compressor.demo_models import zen_lines
+    from compressor.demo.models import zen_lines
 
     data = tmp_path / "text.txt"
     data.write_text("\n".join(zen_lines()[:16]) + "\n")

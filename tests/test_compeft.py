@@ -242,7 +242,7 @@ def test_adapter_factors(run, lora_suite, tmp_path):
 
 
 def test_adapter_target_delta(run, lora_suite):
-    from compressor.peft_adapter import PeftAdapter
+    from compressor.io.peft import PeftAdapter
 
     base, adapter, _ = lora_suite
     r = run("--quiet", "apply", "-p", "compeft", adapter, "-o", "target", "delta")

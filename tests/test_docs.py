@@ -103,7 +103,7 @@ def test_every_hook_is_documented_and_tested():
 
 
 def test_methods_reference_lists_every_builtin():
-    from compressor.plugin_manager import get_registry
+    from compressor.registry import get_registry
 
     text = (ROOT / "docs" / "methods.md").read_text()
     for (name, _), plugin in get_registry().method_plugins.items():

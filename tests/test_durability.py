@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.demo_models import save_finetune, save_tiny_llama
-from compressor.refs import open_artifact
+from compressor.app.refs import open_artifact
+from compressor.demo.models import save_finetune, save_tiny_llama
 from compressor.store import open_store
 
 
@@ -172,7 +172,7 @@ def _timed(store_dir, *args) -> float:
 def test_sigkill_during_export_force_and_gc(medium, tmp_path):
     """A killed `export --force` leaves OUTDIR whole (or its old export set aside, which the
     next export puts back); a killed gc leaves every listed artifact readable."""
-    from compressor.outdir import clean_stale
+    from compressor.io.outdir import clean_stale
 
     base, ft = medium
     store_dir = tmp_path / "store"

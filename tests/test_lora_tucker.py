@@ -132,7 +132,7 @@ def test_bad_inputs(run, private_store, adapters, models, tmp_path):
         "(e.g. 'model.layers.0.mlp.down_proj.weight'); "
         "joint compression needs the same target modules",
     )
-    from compressor.demo_models import save_tiny_llama
+    from compressor.demo.models import save_tiny_llama
 
     wide = save_tiny_llama(tmp_path / "wide", hidden=32)
     wide_adapter = _adapter(wide, tmp_path / "wide-adapter", seed=4)
@@ -178,7 +178,7 @@ def test_each_adapter_of_a_joint_artifact_is_an_expert(run, adapters, models, tm
         torch.testing.assert_close(t, b[name], rtol=0, atol=1e-6)
     # an evaluation of one adapter is recorded under its own key on the joint artifact
     data = tmp_path / "zen.txt"
-    from compressor.demo_models import zen_lines
+    from compressor.demo.models import zen_lines
 
     data.write_text("\n".join(zen_lines()) + "\n")
     r = run("--quiet", "eval", "joint#2", "--base", base, "-o", "data", data)

@@ -397,9 +397,9 @@ def test_masking_neurons_is_what_extraction_computes(run, suite_text, tmp_path):
     """Nested training masks the neurons past d_ff·g; the cut model at g computes the same."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from compressor.architectures import FfnModel as Model
+    from compressor.io.sources import open_model_dir
+    from compressor.models.architectures import FfnModel as Model
     from compressor.plugins.matformer import _MaskedWidths
-    from compressor.sources import open_model_dir
 
     base = suite_text / "base"
     _extract(run, base, "-o", "ffn_ratio", "0.25", name="q")
@@ -418,7 +418,7 @@ def test_masking_neurons_is_what_extraction_computes(run, suite_text, tmp_path):
 
 def test_nested_training_makes_the_quarter_width_work(run, models, tmp_path):
     """Same budget, same data: trained nested, the quarter-width cut predicts text better."""
-    from compressor.demo_models import zen_lines
+    from compressor.demo.models import zen_lines
 
     data = tmp_path / "zen.txt"
     data.write_text("\n".join(zen_lines()) + "\n")
@@ -477,10 +477,10 @@ def test_train_bad_inputs(run, private_store, suite_text, minilm, tmp_path):
 @pytest.mark.parametrize("kind", ["llama", "minilm"])
 def test_blockwise_calibration_equals_the_whole_model(kind, models, minilm, tmp_path):
     """Layer by layer with one layer in memory gives the whole model's activation scores."""
-    from compressor.architectures import FfnModel
-    from compressor.blockwise import supports
+    from compressor.io.sources import open_model_dir
+    from compressor.models.architectures import FfnModel
+    from compressor.models.blockwise import supports
     from compressor.plugins.matformer import activation_importance
-    from compressor.sources import open_model_dir
 
     path = {"llama": models["base-fp32"], "minilm": minilm["base"]}[kind]
     data = tmp_path / "calib.txt"

@@ -12,14 +12,14 @@ import pytest
 import torch
 from conftest import assert_refused, dir_tensors
 
-from compressor.demo_models import (
+from compressor.app.mergekit import METHODS
+from compressor.demo.models import (
     save_finetune,
     save_stepped_finetune,
     save_tiny_llama,
     save_word_tokenizer,
     zen_lines,
 )
-from compressor.mergekit_config import METHODS
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import artifact_tensors, dir_tensors
 
-from compressor.demo_models import save_finetune
-from compressor.merge_params import layer_positions
+from compressor.demo.models import save_finetune
+from compressor.merge.params import layer_positions
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_nuslerp_in_blocks_matches_mergekit_on_tensors_larger_than_a_block(shape
     mergekit runs in float64 here: its float32 sum of 4M products is itself 2e-4 off."""
     from mergekit.merge_methods.nuslerp import nuslerp as theirs
 
-    from compressor.merge_rules import nuslerp
+    from compressor.merge.rules import nuslerp
 
     gen = torch.Generator().manual_seed(len(shape))
     base = torch.randn(shape, generator=gen)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import artifact_tensors, assert_refused, dir_tensors
 
-from compressor.architectures import WidthLayout, width_at
-from compressor.demo_digits import load_digits_split, save_digits_resnet, write_rows
-from compressor.demo_models import save_tiny_llama, zen_lines
+from compressor.demo.digits import load_digits_split, save_digits_resnet, write_rows
+from compressor.demo.models import save_tiny_llama, zen_lines
+from compressor.io.sources import open_model_dir
+from compressor.models.architectures import WidthLayout, width_at
 from compressor.plugins.neumeta.generator import WidthGenerator, permute, pool, read_factor
-from compressor.sources import open_model_dir
 
 
 class _Quiet:
@@ -206,7 +206,7 @@ def test_train_decodes_to_full_width_and_reads_the_rest_from_its_parent(run, dig
     assert set(stored) == set(source)
     stem = "resnet.embedder.embedder.convolution.weight"  # outside the width part
     assert torch.equal(stored[stem], source[stem])
-    from compressor.refs import resolve
+    from compressor.app.refs import resolve
     from compressor.store import open_store
 
     store = open_store()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import PLAN, assert_refused, plan_blobs, run_plan, store_snapshot
 
-from compressor.demo_models import save_finetune, save_tiny_llama, zen_lines
+from compressor.demo.models import save_finetune, save_tiny_llama, zen_lines
 
 
 def test_plan_equals_the_commands_one_by_one(run, fleet, private_store, tmp_path):
@@ -165,8 +165,8 @@ def test_two_workers_never_hash_one_new_expert_at_once(fleet, private_store, tmp
     """In plan order an expert's two densities come one after the other; on two workers
     the second waits for the first's commit (which records the expert's digest) while
     another expert's step can run, rather than both workers reading and hashing it."""
-    from compressor.executors import LocalExecutor, run_steps
-    from compressor.plans import load_plan
+    from compressor.app.executors import LocalExecutor, run_steps
+    from compressor.app.plans import load_plan
     from compressor.store import open_store
 
     plan = tmp_path / "plan.yaml"
@@ -209,8 +209,8 @@ def test_a_steps_result_reaches_the_driver_without_torch(fleet, private_store, t
     torch to read a result cost it 0.5 s while the workers waited)."""
     import pickle
 
-    from compressor.executors import run_task, task_of
-    from compressor.plans import load_plan
+    from compressor.app.executors import run_task, task_of
+    from compressor.app.plans import load_plan
     from compressor.store import open_store
 
     plan = tmp_path / "plan.yaml"
@@ -239,7 +239,7 @@ def test_threads_per_worker(run, fleet, private_store, tmp_path):
     workers); the steps' results do not depend on it."""
     import os
 
-    from compressor.executors import LocalExecutor
+    from compressor.app.executors import LocalExecutor
 
     assert LocalExecutor(private_store, 2).threads == max(1, (os.cpu_count() or 1) // 2)
     assert LocalExecutor(private_store, 1).threads == os.cpu_count()
@@ -653,7 +653,7 @@ def test_a_ray_worker_dies_with_its_driver_even_while_native_code_holds_the_gil(
             sys.executable,
             "-c",
             "import ctypes, sys\n"
-            "from compressor.executors import _exit_without\n"
+            "from compressor.app.executors import _exit_without\n"
             f"_exit_without({driver.pid})\n"
             "print('watching', flush=True)\n"
             "ctypes.PyDLL(None).sleep(600)  # holds the GIL for ten minutes\n",
@@ -705,8 +705,8 @@ def test_ray_step_wider_than_the_cluster_is_refused(run, fleet, private_store):
 def test_ray_memory_hint_counts_stored_and_path_inputs(run, fleet, private_store):
     """The memory a step's Ray task asks for: twice its largest input, a stored artifact's
     bytes from the catalog rows its task carries, or a path's safetensors files."""
-    from compressor.executors import _memory_hint, task_of
-    from compressor.plans import Step
+    from compressor.app.executors import _memory_hint, task_of
+    from compressor.app.plans import Step
     from compressor.store import open_store
 
     expert = fleet / "experts" / "e1"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compressor.plugin_manager import get_registry, reset_registry
+from compressor.registry import get_registry, reset_registry
 
 EXAMPLES = Path(__file__).parent / "plugin_example"
 

@@ -113,7 +113,7 @@ def test_export_from_s3_loads_in_transformers(run, models, s3, private_store, tm
 
 def _model_on_s3(run, tmp_path, s3) -> None:
     """A 4-layer model of 256 wide (~14 MB), stored on S3 as ``copy``."""
-    from compressor.demo_models import save_tiny_llama
+    from compressor.demo.models import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "big", seed=0, layers=4, hidden=256, vocab=4096)
     args = ["--blobs", s3["url"], "--quiet", "merge", "-p", "linear", model, model]
@@ -123,7 +123,7 @@ def _model_on_s3(run, tmp_path, s3) -> None:
 def test_reading_one_tensor_fetches_only_its_byte_range(run, tmp_path, s3, private_store):
     """A 4-layer model of 256 wide (~14 MB) stored on S3: reading one tensor moves its own
     bytes plus the header and one read-ahead block, never the file, and copies nothing."""
-    from compressor.refs import resolve
+    from compressor.app.refs import resolve
     from compressor.store import open_store
     from compressor.store.blobs import READ_BLOCK
 
@@ -155,7 +155,7 @@ def test_a_damaged_object_read_in_part_is_caught_before_anything_is_committed(
     """A slice of layers 2-3 of a model on S3 whose layer-3 weight has one flipped byte: the
     ranged reads skipped the rest of the blob and stopped hashing, and the merge stored a
     weight off by 7.5e35 with exit 0. The blob is now hashed whole before the commit."""
-    from compressor.refs import resolve
+    from compressor.app.refs import resolve
     from compressor.store import open_store
 
     _model_on_s3(run, tmp_path, s3)
@@ -368,8 +368,8 @@ def test_a_worker_elsewhere_needs_no_catalog(run, fleet, s3, private_store, tmp_
     and the worker's directory never held a catalog."""
     import time
 
-    from compressor.executors import commit_result, run_task, task_of
-    from compressor.plans import load_plan
+    from compressor.app.executors import commit_result, run_task, task_of
+    from compressor.app.plans import load_plan
     from compressor.store import open_store
 
     elsewhere = tmp_path / "worker-machine"

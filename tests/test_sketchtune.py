@@ -27,7 +27,7 @@ OPTS |= {"iters": 30, "act_order": False}
 
 
 def _raw(ref: str) -> dict[str, torch.Tensor]:
-    from compressor.refs import resolve
+    from compressor.app.refs import resolve
     from compressor.store import open_store
 
     store = open_store()
@@ -481,8 +481,8 @@ def test_block_tuning_fits_each_block_to_the_source_on_held_out_rows(run, models
     exported models with transformers, and the start is the untuned sketch."""
     from transformers import AutoModelForCausalLM
 
+    from compressor.io.sources import open_model_dir
     from compressor.plugins.sketchtune import calibration_batches
-    from compressor.sources import open_model_dir
 
     data = tmp_path / "calib.txt"
     data.write_text("\n".join(f"errors should never pass silently {i} {i % 7}" for i in range(32)))
@@ -543,9 +543,9 @@ def test_a_block_run_in_chunks_of_rows_equals_the_block_run_whole(family, models
     """Block tuning runs a batch through a block a few rows at a time (its memory): the
     rows of each argument cut by the batch dimension (masks, positions, rotary tables)
     give the outputs of the whole batch, for a Llama and a BERT block."""
-    from compressor.blockwise import hidden_states, run_blockwise
+    from compressor.io.sources import open_model_dir
+    from compressor.models.blockwise import hidden_states, run_blockwise
     from compressor.plugins.sketchtune import SketchPlan, calibration_batches, row_chunks
-    from compressor.sources import open_model_dir
 
     data = tmp_path / "calib.txt"
     data.write_text("\n".join("beautiful is better than ugly " * (1 + i % 5) for i in range(12)))

@@ -224,7 +224,7 @@ def test_verify_finds_a_damaged_row_and_ls_says_which(run, tv):
 
 
 def test_large_inputs_differing_in_one_byte_are_two_inputs(run, models, tmp_path):
-    from compressor.demo_models import save_tiny_llama
+    from compressor.demo.models import save_tiny_llama
 
     a = save_tiny_llama(tmp_path / "a", hidden=256, layers=4, vocab=4096)  # ~30 MB
     b = tmp_path / "b"
@@ -393,7 +393,7 @@ def test_non_finite_weights_refused_naming_the_tensor(run, models, tv, tmp_path)
     ],
 )
 def test_all_finite_against_an_entry_by_entry_check(values, finite):
-    from compressor.alignment import all_finite
+    from compressor.io.deltas import all_finite
 
     t = torch.tensor(values, dtype=torch.float32)
     assert all_finite(t) is finite
@@ -417,7 +417,7 @@ def test_json_is_strict(run, tv):
 def test_disk_full_is_a_sentence(run, tv, models, monkeypatch):
     import errno
 
-    import compressor.writer as writer
+    import compressor.io.writer as writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", "/x/shard")
@@ -507,7 +507,7 @@ def test_lora_tucker_warns_when_rank_outgrows_the_input(run, lora, private_store
 
 
 def test_artifact_files_decode_without_the_catalog(run, models, tv, tmp_path):
-    from compressor.refs import open_copied_artifact
+    from compressor.app.refs import open_copied_artifact
 
     r = run("--quiet", "apply", "-p", "compeft", "tv", "-o", "density", "0.2", "-n", "small")
     assert r.exit_code == 0, r.output
@@ -630,7 +630,7 @@ def test_a_removal_survives_a_recover_until_gc_drops_its_tombstone(run, models, 
 
 
 def test_unchanged_inputs_are_not_hashed_again_and_changed_ones_are(run, models, tmp_path):
-    from compressor.refs import resolve
+    from compressor.app.refs import resolve
 
     ft = tmp_path / "ft"
     shutil.copytree(models["ft1-fp32"], ft)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.data import read_examples
 from compressor.errors import InputError
-from compressor.tasks import Task, objective_for
+from compressor.learning.data import read_examples
+from compressor.learning.tasks import Task, objective_for
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts" / "suite"))
 import build as suite_build  # noqa: E402

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from compressor.errors import InputError
-from compressor.peft_adapter import PeftAdapter
-from compressor.safetensors_format import read_header
-from compressor.sources import open_model_dir, open_safetensors_file, row_blocks
-from compressor.writer import ArtifactWriter, parse_size
+from compressor.io.peft import PeftAdapter
+from compressor.io.safetensors import read_header
+from compressor.io.sources import open_model_dir, open_safetensors_file, row_blocks
+from compressor.io.writer import ArtifactWriter, parse_size
 
 ALL_DTYPES = [
     torch.float32,
@@ -82,13 +82,13 @@ def test_rows_written_in_blocks_equal_whole(tmp_path):
 
 
 def open_info(t):
-    from compressor.safetensors_format import TensorInfo
+    from compressor.io.safetensors import TensorInfo
 
     return TensorInfo("x", tuple(t.shape), t.dtype, 0, t.numel() * t.element_size())
 
 
 def test_row_blocks_cover_the_tensor():
-    from compressor.safetensors_format import TensorInfo
+    from compressor.io.safetensors import TensorInfo
 
     info = TensorInfo("x", (10, 7), torch.float32, 0, 280)
     blocks = list(row_blocks(info, max_elems=21))
@@ -228,7 +228,7 @@ def test_not_an_adapter(tmp_path):
 @pytest.mark.parametrize("reserve", [256, 1 << 14])
 def test_large_shards_keep_a_padded_header(tmp_path, monkeypatch, reserve):
     """Big shards are written once, header padded in place; an overflowing header falls back."""
-    import compressor.writer as writer_module
+    import compressor.io.writer as writer_module
 
     monkeypatch.setattr(writer_module, "COMPACT_BELOW", 0)
     monkeypatch.setattr(writer_module, "HEADER_RESERVE", reserve)

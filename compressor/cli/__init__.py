@@ -87,7 +87,7 @@ class Group(click.Group):
 
 
 def _warning_category():
-    from compressor.progress import CompressorWarning
+    from compressor.reporting import CompressorWarning
 
     return CompressorWarning
 
@@ -139,7 +139,7 @@ def cli(ctx, store_dir, blobs, quiet):
 
 
 def _add_commands() -> None:
-    from . import demo, evaluation, export, plan, plugins, run, store
+    from compressor.cli import demo, evaluation, export, plan, plugins, run, store
 
     for module in (run, export, evaluation, plan, plugins, store, demo):
         module.register(cli)
@@ -188,7 +188,7 @@ def main() -> None:
     stop_on_interrupt()
     reuse_freed_blocks()
     try:
-        from compressor.plugin_manager import register_plugin_commands
+        from compressor.registry import register_plugin_commands
 
         register_plugin_commands(cli)
     except CompressorError as e:

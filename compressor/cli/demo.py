@@ -20,7 +20,7 @@ DOMAINS = ("upright", "rotated", "inverted")
 
 def _step(store: Path, *args) -> None:
     """Print one command line, then run it in this process (progress bars on stderr)."""
-    from . import cli
+    from compressor.cli import cli
 
     args = [str(a) for a in args]
     click.secho("\n$ compress " + " ".join(shlex.quote(a) for a in args), bold=True)
@@ -104,7 +104,7 @@ def register(cli):
     )
     def demo(workdir):
         """Train a tiny ViT and two experts on digits, then run every method and the store."""
-        from compressor.demo_digits import build
+        from compressor.demo.digits import build
 
         keep = workdir is not None
         work = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="compress-demo-"))

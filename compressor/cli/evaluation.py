@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
+from compressor.app.eval_options import EVAL_OPTIONS
 from compressor.cli.run import option_pairs, strict_json
-from compressor.eval_options import EVAL_OPTIONS
 
 
 def _options_help() -> str:

@@ -76,9 +76,9 @@ def register(cli):
         that read it, not the others. Workers store blobs; this process alone
         writes the catalog.
         """
+        from compressor.app.executors import LocalExecutor, RayExecutor, run_steps
+        from compressor.app.plans import load_plan
         from compressor.errors import CompressorError
-        from compressor.executors import LocalExecutor, RayExecutor, run_steps
-        from compressor.plans import load_plan
 
         steps = load_plan(plan)
         if dry_run:

@@ -24,7 +24,7 @@ def register(cli):
         """List installed methods and input formats."""
         if ctx.invoked_subcommand is not None:
             return
-        from compressor.plugin_manager import get_registry
+        from compressor.registry import get_registry
 
         reg = get_registry()
         if as_json:
@@ -59,7 +59,7 @@ def register(cli):
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def show(name, as_json):
         """Show one method: what it does, its reference and its options."""
-        from compressor.plugin_manager import get_registry
+        from compressor.registry import get_registry
 
         reg = get_registry()
         reg.method(name)  # an unknown name: one clear line naming those there are

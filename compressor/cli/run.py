@@ -154,7 +154,7 @@ def register(cli):
             given.append("EXPERT arguments")
         if given:
             raise click.UsageError(f"--config takes no {', '.join(given)}: the config says them")
-        from compressor.mergekit_config import run_config
+        from compressor.app.mergekit import run_config
 
         state = ctx.obj
         records = run_config(

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
+from compressor.cli.run import format_bytes, print_record, strict_json
 from compressor.errors import RefError, StoreError
 from compressor.store.blobs import GC_GRACE_SECONDS
-
-from .run import format_bytes, print_record, strict_json
 
 
 def _metrics_brief(metrics: dict, limit: int = 3) -> str:

@@ -2,7 +2,7 @@
 (Yang et al., ECCV 2024, "Neural Metamorphosis", arXiv 2410.11878).
 
 ``compress train --plugin neumeta MODEL -o data train.jsonl`` learns an implicit neural
-representation of MODEL's morphable part (``compressor.architectures.WidthLayout``: every
+representation of MODEL's morphable part (``compressor.models.architectures.WidthLayout``: every
 FFN's hidden neurons in the MatFormer families, every stage's channels in a ResNet of
 basic blocks). Each group's neurons are first put in a smoothing order (a short
 Hamiltonian path over their weights, fast-tsp), which leaves the model's function as it

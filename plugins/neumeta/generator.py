@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from compressor.architectures import WidthLayout, WidthTensor
+from compressor.models.architectures import WidthLayout, WidthTensor
 
 COORDINATES = (
     "per generated row: the tensor's layer / (layers - 1), then for each width axis in "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from compressor.errors import InputError
-from compressor.sources import DecodedSource, TensorSource
+from compressor.io.sources import DecodedSource, TensorSource
 
 ENCODING = "neumeta"
 SMOOTHING = ("greedy", "tsp", "none")
@@ -21,7 +21,7 @@ class NeumetaModel:
     """A trained NeuMeta artifact, opened: its parent, layout, generator and permutations."""
 
     def __init__(self, raw: TensorSource):
-        from compressor.architectures import WidthLayout
+        from compressor.models.architectures import WidthLayout
         from compressor.plugins.neumeta.generator import WidthGenerator
 
         if raw.manifest.get("encoding") != ENCODING:

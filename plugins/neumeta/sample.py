@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from compressor.errors import InputError, OptionError
+from compressor.io.sources import TensorSource, copy_tensor
 from compressor.method import Manifest, Method, Option, fraction, positive
 from compressor.plugins.neumeta.model import ENCODING, DecodedNeumeta, NeumetaModel, _batch_norms
-from compressor.sources import TensorSource, copy_tensor
 
 
 class NeumetaSample(Method):
@@ -133,9 +133,9 @@ def recalibrate_norms(config: dict, parent, tensors: dict, opts: dict, job) -> d
     import torch
     import transformers
 
-    from compressor.data import read_examples
-    from compressor.modeling import _auto_class
-    from compressor.tasks import Task
+    from compressor.learning.data import read_examples
+    from compressor.learning.tasks import Task
+    from compressor.models.modeling import _auto_class
 
     rows = read_examples(opts["data"])[: opts["calibration_rows"]]
     if not rows:

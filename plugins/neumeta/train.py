@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from compressor.contents import describe_content
 from compressor.errors import InputError, OptionError
+from compressor.io.contents import describe_content
+from compressor.learning.training import training_options
 from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.plugins.neumeta.model import ENCODING, SMOOTHING, _batch_norms
-from compressor.training import training_options
 
 
 def _width_range(v) -> str | None:
@@ -78,12 +78,12 @@ class NeumetaTrain(Method):
     def run(self, job):
         import torch
 
-        from compressor.architectures import WidthLayout
-        from compressor.data import read_examples
-        from compressor.modeling import source_model
+        from compressor.learning.data import read_examples
+        from compressor.learning.tasks import Task, check_head, objective_for
+        from compressor.learning.training import Trainer, functional_forward, row_batches, show_loss
+        from compressor.models.architectures import WidthLayout
+        from compressor.models.modeling import source_model
         from compressor.plugins.neumeta.generator import COORDINATES, WidthGenerator, permute
-        from compressor.tasks import Task, check_head, objective_for
-        from compressor.training import Trainer, functional_forward, row_batches, show_loss
 
         opts, source = job.options, job.inputs[0]
         if not opts["data"]:
@@ -193,7 +193,7 @@ def _scale(t) -> float:
 def _module_names(net, source, layout) -> dict[str, str]:
     """{checkpoint name: the name functional_call takes} for every width tensor (they
     differ where transformers renames modules on load: ViT)."""
-    from compressor.modeling import checkpoint_names
+    from compressor.models.modeling import checkpoint_names
 
     own = {ckpt: param for param, ckpt in checkpoint_names(net, source).items()}
     buffers = dict(net.named_buffers())

@@ -5,7 +5,7 @@ fine-tune only the tables (Zhang et al. ICML 2025, arXiv 2410.06364).
 the model's layer list (attention and MLP projections; embeddings, norms, biases and the
 head stay dense in the source dtype). Row i of W is split into G contiguous column groups;
 group (i, g) gets a table of 2^b values and each weight a b-bit code, Ŵij = T[i, g(j),
-cij]. With calibration data the model runs block by block (``compressor.blockwise``):
+cij]. With calibration data the model runs block by block (``compressor.models.blockwise``):
 each linear's H = 2XᵀX/N from its real inputs, the tables by weighted k-means (column
 weights (1/[H⁻¹]_jj)^p, the OBS saliency; LeanQuant's U_jj^-4 from the Cholesky factor
 U of H⁻¹ scored worse on every model we measured, see docs/benchmarks.md), codes

@@ -25,8 +25,8 @@ class _Batches(list):
 
 def calibration_batches(source, data: str, samples: int, max_length: int) -> _Batches:
     """The first ``samples`` text rows of ``data``, tokenized in batches for the model."""
-    from compressor.data import batches, read_examples
-    from compressor.modeling import model_inputs, source_tokenizer
+    from compressor.learning.data import batches, read_examples
+    from compressor.models.modeling import model_inputs, source_tokenizer
 
     rows = read_examples(data)[:samples]
     if any(e.text is None for e in rows):
@@ -55,7 +55,7 @@ def calibrate_sequentially(
     ``after_layer(k)``, and feed the next block the outputs of the quantised one
     (``sequential`` False: of the source's block, so every Hessian comes from the source
     model). Also what the benchmarks' GPTQ baseline runs on."""
-    from compressor.blockwise import run_blockwise, supports
+    from compressor.models.blockwise import run_blockwise, supports
 
     layout, source = plan.layout, plan.source
     if not supports(layout):
@@ -137,7 +137,7 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     import torch
     from torch.func import functional_call
 
-    from compressor.blockwise import hidden_states
+    from compressor.models.blockwise import hidden_states
     from compressor.plugins.sketchtune.quantize import decode_tables
 
     dtype = next(block.parameters()).dtype

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from compressor.errors import InputError, OptionError
-from compressor.sources import TensorSource
+from compressor.io.sources import TensorSource
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     pass
@@ -33,7 +33,7 @@ class SketchPlan:
     """Which tensors of a source are sketched (every 2-D weight in the layer list)."""
 
     def __init__(self, source: TensorSource, groups: int):
-        from compressor.architectures import FfnModel
+        from compressor.models.architectures import FfnModel
 
         self.layout = FfnModel(source, "sketchtune")
         self.source = source

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 from compressor.errors import InputError
+from compressor.io.safetensors import TensorInfo
+from compressor.io.sources import DecodedSource, TensorSource
 from compressor.plugins.sketchtune.config import ENCODING, _dtype, module_of
-from compressor.safetensors_format import TensorInfo
-from compressor.sources import DecodedSource, TensorSource
 
 
 class _Tables(TensorSource):
@@ -76,7 +76,7 @@ def swap_in_sketches(net, sketch: DecodedSketch) -> dict:
     Returns the trainable tables by weight name."""
     import torch
 
-    from compressor.modeling import checkpoint_names
+    from compressor.models.modeling import checkpoint_names
 
     cls = _sketched_linear_class()
     for p in net.parameters():

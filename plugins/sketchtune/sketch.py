@@ -8,10 +8,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compressor.contents import describe_content
 from compressor.errors import InputError, OptionError
+from compressor.io.contents import describe_content
+from compressor.io.sources import TensorSource, copy_tensor
 from compressor.method import Manifest, Method, Option, non_negative, positive
-from compressor.sources import TensorSource, copy_tensor
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

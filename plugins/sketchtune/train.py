@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from compressor.errors import InputError, OptionError
+from compressor.learning.training import training_options
 from compressor.method import Manifest, Method, Option
 from compressor.plugins.sketchtune.config import ENCODING, module_of
 from compressor.plugins.sketchtune.decoded import DecodedSketch, swap_in_sketches
-from compressor.training import training_options
 
 
 class SketchTrain(Method):
@@ -34,10 +34,10 @@ class SketchTrain(Method):
     def run(self, job):
         import torch
 
-        from compressor.data import read_examples
-        from compressor.modeling import source_model
-        from compressor.tasks import Task, check_head, objective_for
-        from compressor.training import Trainer, row_batches, show_loss
+        from compressor.learning.data import read_examples
+        from compressor.learning.tasks import Task, check_head, objective_for
+        from compressor.learning.training import Trainer, row_batches, show_loss
+        from compressor.models.modeling import source_model
 
         opts, raw = job.options, job.inputs[0]
         if not opts["data"]:

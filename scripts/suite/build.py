@@ -142,7 +142,7 @@ def topic_splits(v: Variant, seed: int) -> dict[str, dict[str, list[str]]]:
 
 
 def minilm_source() -> Path:
-    from compressor.demo_models import minilm_dir
+    from compressor.demo.models import minilm_dir
 
     path = minilm_dir()
     if path is None:

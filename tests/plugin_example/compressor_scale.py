@@ -5,8 +5,16 @@ from pathlib import Path
 
 import click
 
-from compressor import Manifest, Method, Option, hookimpl
-from compressor.sources import DecodedSource, SourceReader, open_safetensors_file, row_blocks
+from compressor import (
+    DecodedSource,
+    Manifest,
+    Method,
+    Option,
+    SourceReader,
+    hookimpl,
+    open_safetensors_file,
+    row_blocks,
+)
 
 
 class Scale(Method):

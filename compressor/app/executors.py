@@ -4,8 +4,8 @@ the catalog.
 The driver gives each step's worker (a local process, or a Ray task) the catalog rows
 the step reads (:meth:`Store.catalog_slice`: its inputs, their ancestors, what was made
 from them) and where blobs live; the worker never opens ``store.db``. It runs the step
-with :func:`compressor.runs.run_method` (``publish``: blobs stored, no catalog rows) and
-returns a :class:`~compressor.runs.PendingArtifact`; the driver commits it. A worker killed mid-step leaves at most unreferenced blobs
+with :func:`compressor.app.runs.run_method` (``publish``: blobs stored, no catalog rows) and
+returns a :class:`~compressor.app.runs.PendingArtifact`; the driver commits it. A worker killed mid-step leaves at most unreferenced blobs
 (``store gc`` keeps them for its grace period, then removes them) and its step is
 run again. Steps whose inputs failed are not run; the others go on.
 """
@@ -19,8 +19,8 @@ import os
 import time
 from pathlib import Path
 
-from .errors import CompressorError, UsageError
-from .plans import Step
+from compressor.app.plans import Step
+from compressor.errors import CompressorError, UsageError
 
 RETRIES = 3  # new runs of a step whose worker died, before it counts as failed
 
@@ -89,8 +89,8 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
     ``{"error": message}``. The catalog it reads is the slice the task carries; nothing
     here writes one. ``store_root`` is the store (for its local blobs and temp space)
     or, with remote blobs, any scratch directory."""
-    from . import export, runs
-    from .store import Store
+    from compressor.app import export, runs
+    from compressor.store import Store
 
     if threads:
         import torch
@@ -135,10 +135,10 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
 def _eval(st, task: dict) -> dict:
     """Score the step's ref unless it holds scores of the same request: the same data
     (by content), options and base."""
-    from . import evaluate
-    from .eval_options import EVAL_OPTIONS
-    from .method import parse_options
-    from .refs import resolve
+    from compressor.app import evaluate
+    from compressor.app.eval_options import EVAL_OPTIONS
+    from compressor.app.refs import resolve
+    from compressor.method import parse_options
 
     values = parse_options(EVAL_OPTIONS, task["options"], "eval")
     if values["data"] is None or not Path(values["data"]).is_file():
@@ -164,7 +164,7 @@ def _eval(st, task: dict) -> dict:
 def _scored_before(st, resolved, values: dict, base: str | None) -> bool:
     """Whether the resolved ref holds scores of this request (an input path is known by
     its content's id: hashed here, so scoring it need not hash it again)."""
-    from .evaluate import request_digest
+    from compressor.app.evaluate import request_digest
 
     artifact_id = resolved.artifact_id
     if resolved.external is not None:
@@ -178,7 +178,7 @@ def _scored_before(st, resolved, values: dict, base: str | None) -> bool:
 
 def commit_result(store, step: Step, out: dict, started: float, attempts: int) -> StepResult:
     """The driver's half of a step: commit what its worker returned, or record its error."""
-    from .runs import PendingArtifact
+    from compressor.app.runs import PendingArtifact
 
     took = time.monotonic() - started
     res = StepResult(step.name, step.verb, "done", seconds=took, attempts=attempts)
@@ -211,7 +211,7 @@ def commit_result(store, step: Step, out: dict, started: float, attempts: int) -
 def joined(store, outs: list[dict]) -> dict:
     """The worker results of a split merge's parts as one: the first error, else an
     artifact a part reused, else the parts joined into one artifact (index and shards)."""
-    from .runs import PendingArtifact, join_parts
+    from compressor.app.runs import PendingArtifact, join_parts
 
     for out in outs:
         if "error" in out:

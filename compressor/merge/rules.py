@@ -2,7 +2,7 @@
 
 Each follows mergekit 0.1.5's definition (the reference its docstring names); the
 plugins in ``compressor.plugins`` resolve options per tensor and stream the
-weights through :class:`compressor.merging.TensorMerge`.
+weights through :class:`compressor.merge.loop.TensorMerge`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .errors import OptionError
-from .merging import keep_top_k_, row_spans, spans
+from compressor.errors import OptionError
+from compressor.merge.loop import keep_top_k_, row_spans, spans
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

@@ -13,19 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import outdir
-from .contents import describe_content
-from .errors import UsageError
-from .integrity import check_digest
-from .merging import TensorMerge, check_full_models
-from .method import Job, check_count
-from .plugin_manager import get_registry
-from .progress import make_progress, warn
-from .refs import resolve
-from .safetensors_format import dtype_from_name
-from .sources import TensorSource
-from .store import ArtifactRecord, Store, check_name, derive_name, opened_store
-from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter, StoredFile
+from compressor.app.refs import resolve
+from compressor.errors import UsageError
+from compressor.io import outdir
+from compressor.io.contents import describe_content
+from compressor.io.integrity import check_digest
+from compressor.io.safetensors import dtype_from_name
+from compressor.io.sources import TensorSource
+from compressor.io.writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter, StoredFile
+from compressor.merge.loop import TensorMerge, check_full_models
+from compressor.method import Job, check_count
+from compressor.registry import get_registry
+from compressor.reporting import make_progress, warn
+from compressor.store import ArtifactRecord, Store, check_name, derive_name, opened_store
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     pass

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError, StoreError
+from compressor.errors import InputError, StoreError
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

@@ -4,26 +4,30 @@ Supported keys: ``merge_method``, ``base_model``, ``models`` (``model`` and
 ``parameters`` each), ``slices`` (``sources`` with ``model``, ``layer_range`` and
 ``parameters``; a slice's own ``base_model`` and ``parameters``), global
 ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (or a ``tokenizer``
-``source`` and ``pad_to_multiple_of``: :mod:`compressor.vocabulary`) and, in a
+``source`` and ``pad_to_multiple_of``: :mod:`compressor.merge.vocabulary`) and, in a
 multi-document file (mergekit-multi), ``name``: each document is a stage stored
 under its name, which later stages use as a model. ``mergekit_exact`` (ours, default
 true) computes as mergekit does, in the config's dtype with its tie order
-(:mod:`compressor.mergekit_exact`); false computes in float32 and casts once. Any other key is refused,
+(:mod:`compressor.merge.exact`); false computes in float32 and casts once. Any other key is refused,
 naming it; a parameter the method does not take is ignored with a warning, as
 mergekit ignores it. Parameters take mergekit's forms (a value, a gradient list, ``filter``
 and ``value`` conditions) and mergekit's defaults; they become the same per-tensor
-rules ``-o`` builds (:mod:`compressor.merge_params`).
+rules ``-o`` builds (:mod:`compressor.merge.params`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .chat_templates import check_chat_template, resolve_template, with_chat_template
-from .errors import InputError, UsageError
-from .merge_params import POST_SLOT, Rule, is_pre_layers, layer_index, parse_scalar, renamed
-from .progress import warn
-from .sources import RewrittenConfig, TensorSource
+from compressor.app.chat_templates import check_chat_template, resolve_template, with_chat_template
+from compressor.errors import InputError, UsageError
+from compressor.merge.params import (
+    POST_SLOT,
+    Rule,
+    parse_scalar,
+)
+from compressor.merge.slices import stacked
+from compressor.reporting import warn
 
 METHODS = {
     "task_arithmetic": "task-arithmetic",
@@ -201,7 +205,7 @@ def _expand_loras(base, inputs: list, build, where: str):
     run_inputs += [lora for _, lora in loras]
 
     def expanded(base_source, input_sources):
-        from .alignment import ModelFromDelta
+        from compressor.io.deltas import ModelFromDelta
 
         n = len(inputs)
         adapters = dict(zip((i for i, _ in loras), input_sources[n:], strict=True))
@@ -306,9 +310,9 @@ def run_config(
     max_shard_size=None,
 ) -> list:
     """Run every stage of a mergekit config in order; return the stored artifacts."""
-    from .plugin_manager import get_registry
-    from .runs import run_method
-    from .store import check_name
+    from compressor.app.runs import run_method
+    from compressor.registry import get_registry
+    from compressor.store import check_name
 
     stages = load_stages(path)
     plans = [_plan(stage, path, i, len(stages), get_registry()) for i, stage in enumerate(stages)]
@@ -457,7 +461,7 @@ def _module_rules(modules, method, inputs, base, translator, build):
     prefixes = [m[0] for m in modules]
 
     def per_module(base_source, input_sources):
-        from .merge_params import layer_positions
+        from compressor.merge.params import layer_positions
 
         job = build(base_source, input_sources) if build else (base_source, input_sources, None)
         reference = job[0] if job[0] is not None else job[1][0]
@@ -555,103 +559,9 @@ def _slices_plan(stage, method, base, translator, where):
         by_ref = dict(zip(refs, input_sources, strict=True))
         if job_base is not None:
             by_ref[job_base] = base_source
-        return _stacked(layout, by_ref, out_layer, where)
+        return stacked(layout, by_ref, out_layer, where)
 
     return refs, job_base, build
-
-
-def _check_slices(layout, by_ref: dict, where: str) -> None:
-    """Refuse a layer range past a model's layers, and models whose tensors differ in
-    shape (two architectures stack into a model that cannot load)."""
-    shapes: dict[str, tuple] = {}  # a tensor's name at layer 0 -> (shape, the model's label)
-    for base_src, others, _, _ in layout:
-        for ref, start, end, _, ws in [s for s in [base_src, *others] if s is not None]:
-            source = by_ref[ref]
-            indices = [i for i in map(layer_index, source.names()) if i is not None]
-            count = max(indices) + 1 if indices else 0
-            if end > count:
-                raise UsageError(
-                    f"{ws}: layer_range [{start}, {end}] goes past the last layer of "
-                    f"{source.label}, which has {count} layers"
-                )
-            for name in source.names():
-                i = layer_index(name)
-                key = name if i is None else renamed(name, 0)
-                shape = list(source.info(name).shape)
-                seen = shapes.setdefault(key, (shape, source.label))
-                if seen[0] != shape:
-                    raise InputError(
-                        f"{where}: the slices' models differ: {key} is {seen[0]} in {seen[1]} "
-                        f"and {shape} in {source.label}"
-                    )
-
-
-def _stacked(layout, by_ref: dict, layers: int, where: str):
-    """Stacked sources for the slices: the base (or None) and one per expert position,
-    with each output tensor's layer position t within its slice."""
-    _check_slices(layout, by_ref, where)
-    n_experts = len(layout[0][1])
-    first_slice, last_slice = layout[0], layout[-1]
-
-    def stack(pick):
-        mapping = {}
-        for entry in layout:
-            src = pick(entry)
-            source = by_ref[src[0]]
-            start, out_start = src[1], entry[2]
-            for name in source.names():
-                i = layer_index(name)
-                if i is None:
-                    owner = first_slice if is_pre_layers(name) else last_slice
-                    if entry is owner:
-                        mapping[name] = (source, name)
-                elif start <= i < src[2]:
-                    out = renamed(name, out_start + i - start)
-                    mapping[out] = (source, name)
-        first = by_ref[pick(first_slice)[0]]
-        return StackedSource(mapping, first, layers)
-
-    base = stack(lambda e: e[0]) if layout[0][0] is not None else None
-    experts = [stack(lambda e, k=k: e[1][k]) for k in range(n_experts)]
-    positions = {}
-    for _, _, out_start, length in layout:
-        for off in range(length):
-            positions[out_start + off] = off / (length - 1) if length > 1 else 1.0
-    reference = base or experts[0]
-    t = {}
-    for name in reference.names():
-        i = layer_index(name)
-        t[name] = 0.0 if i is None else positions[i]
-    return base, experts, t
-
-
-class StackedSource(TensorSource):
-    """Output tensors read from layers of other sources (a slice config's restacking);
-    ``config.json`` says the new layer count."""
-
-    def __init__(self, mapping: dict, first: TensorSource, layers: int):
-        self.mapping = mapping
-        self.label = first.label
-        self.content = "model"
-        self.manifest = {}
-        self._first = first
-        self.files = dict(first.files)
-        config = first.config()
-        if config is not None and config.get("num_hidden_layers") != layers:
-            config["num_hidden_layers"] = layers
-            for key in ("layer_types",):  # per-layer lists follow the count
-                if isinstance(config.get(key), list):
-                    config[key] = (config[key] * layers)[:layers]
-            self._config = RewrittenConfig(config)
-            self.files["config.json"] = self._config.path
-        self._infos = {out: src.info(name) for out, (src, name) in mapping.items()}
-
-    def infos(self):
-        return self._infos
-
-    def get(self, name, rows=None):
-        source, in_name = self.mapping[name]
-        return source.get(in_name, rows)
 
 
 def _tokenizer_choice(stage: dict, where: str) -> tuple[str | None, int | None]:
@@ -682,9 +592,9 @@ def _with_tokenizer(
     """The job's sources seen through one vocabulary. Without a tokenizer source the
     models' tokenizers must be the same (rows are merged by token id as they are); with
     one, every token-indexed tensor is moved to its vocabulary
-    (:mod:`compressor.vocabulary`). ``refs`` name the base (or None) and the inputs;
+    (:mod:`compressor.merge.vocabulary`). ``refs`` name the base (or None) and the inputs;
     ``template`` is the config's checked chat_template, set on the output's tokenizer."""
-    from .vocabulary import aligned_sources, token_id_rules
+    from compressor.merge.vocabulary import aligned_sources, token_id_rules
 
     if choice not in (None, "base", "union") and choice not in refs:
         raise UsageError(f"{where}: tokenizer_source '{choice}' is not one of the models")

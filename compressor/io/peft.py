@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError
-from .integrity import read_checked
-from .safetensors_format import TensorInfo
-from .sources import SafetensorsShards, TensorSource, carried_files, directory_files
+from compressor.errors import InputError
+from compressor.io.integrity import read_checked
+from compressor.io.safetensors import TensorInfo
+from compressor.io.sources import SafetensorsShards, TensorSource, carried_files, directory_files
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

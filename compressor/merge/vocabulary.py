@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
-from .sources import RewrittenConfig, TensorSource
+from compressor.errors import UsageError
+from compressor.io.sources import RewrittenConfig, TensorSource
 
 # files that make up a saved Hugging Face tokenizer; replaced by the output tokenizer's
 TOKENIZER_FILES = (
@@ -53,7 +53,7 @@ _ID_DECIDING = {
 def token_id_rules(source: TensorSource) -> dict[str, object]:
     """Per tokenizer file a model carries, the part that decides token ids (hash-checked
     when read from the store): two models whose rules are equal number tokens alike."""
-    from .integrity import read_checked
+    from compressor.io.integrity import read_checked
 
     rules = {}
     for rel, keys in _ID_DECIDING.items():
@@ -119,7 +119,7 @@ def build_vocabulary(
 ) -> Vocabulary:
     """The output vocabulary of ``models`` (the base among them, if any) for ``choice``:
     ``base``, ``union`` or the index in ``models`` of the model whose tokenizer to use."""
-    from .modeling import source_tokenizer
+    from compressor.models.modeling import source_tokenizer
 
     first = base if base is not None else models[0]
     tokenizers = {id(m): source_tokenizer(m) for m in models}

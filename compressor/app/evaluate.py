@@ -13,17 +13,17 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .contents import describe_content
-from .data import Example, batches, read_examples
-from .errors import InputError, OptionError
-from .eval_options import EVAL_OPTIONS
-from .method import parse_options
-from .modeling import model_inputs, source_model
-from .objectives import embedding_agreement, mean_pool
-from .progress import make_progress
-from .refs import resolve
-from .store import opened_store
-from .tasks import Task
+from compressor.app.eval_options import EVAL_OPTIONS
+from compressor.app.refs import resolve
+from compressor.errors import InputError, OptionError
+from compressor.io.contents import describe_content
+from compressor.learning.data import Example, batches, read_examples
+from compressor.learning.objectives import embedding_agreement, mean_pool
+from compressor.learning.tasks import Task
+from compressor.method import parse_options
+from compressor.models.modeling import model_inputs, source_model
+from compressor.reporting import make_progress
+from compressor.store import opened_store
 
 
 def check_request(options) -> tuple[dict, list[Example], str]:
@@ -99,8 +99,8 @@ def model_source(store, ref: str, base: str | None = None, resolved=None) -> Ite
     """(TensorSource of the full model, ResolvedInput of REF): REF as it is when it is a
     model, else REF added to BASE tensor by tensor (nothing is written to disk).
     ``resolved``: REF already resolved, so a path is not opened and hashed again."""
-    from .alignment import ModelFromDelta
-    from .progress import warn
+    from compressor.io.deltas import ModelFromDelta
+    from compressor.reporting import warn
 
     resolved = resolved if resolved is not None else resolve(store, ref)
     with contextlib.ExitStack() as stack:
@@ -133,8 +133,8 @@ def evaluate(
     store the scores as its metrics (``NAME:DATA``) and return them. Without ``record``
     nothing is stored: the result's ``metrics_for`` holds (artifact id, metrics,
     externals, requests) for the catalog's writer to store; ``requests`` maps DATA to
-    :func:`~compressor.evaluate.request_digest` (which scores a rerun may reuse).
-    ``resolved``: REF already opened by :func:`~compressor.refs.resolve` (closed here)."""
+    :func:`~compressor.app.evaluate.request_digest` (which scores a rerun may reuse).
+    ``resolved``: REF already opened by :func:`~compressor.app.refs.resolve` (closed here)."""
 
     values, examples, task = check_request(options)
     progress = make_progress(quiet)

@@ -17,7 +17,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import CompressorError
+from compressor.errors import CompressorError
 
 MARKER = "compressor.json"  # written into every directory export; not a config transformers reads
 MARKER_FORMAT = "compressor-export"

@@ -28,8 +28,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import OptionError
-from .method import PARSERS, Option, known_option, option_text
+from compressor.errors import OptionError
+from compressor.method import PARSERS, Option, known_option, option_text
 
 LAYER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks)\.)(\d+)(\.)")
 POST_SLOT = 1 << 30  # the slot of tensors after the layers (final norm, head)

@@ -9,22 +9,22 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import outdir
-from .alignment import ModelFromDelta
-from .contents import content_rules
-from .errors import CompressorError, UsageError
-from .peft_adapter import CONFIG_FILE, PeftAdapter
-from .progress import make_progress, warn
-from .refs import adapter_count, resolve
-from .safetensors_format import dtype_from_name
-from .sources import TensorSource, copy_tensor
-from .store import Store, opened_store
-from .writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
+from compressor.app.refs import adapter_count, resolve
+from compressor.errors import CompressorError, UsageError
+from compressor.io import outdir
+from compressor.io.contents import content_rules
+from compressor.io.deltas import ModelFromDelta
+from compressor.io.peft import CONFIG_FILE, PeftAdapter
+from compressor.io.safetensors import dtype_from_name
+from compressor.io.sources import TensorSource, copy_tensor
+from compressor.io.writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter
+from compressor.reporting import make_progress, warn
+from compressor.store import Store, opened_store
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
 
-from compressor.runs import _carry_files, check_model
+from compressor.app.runs import _carry_files, check_model
 
 
 def export(

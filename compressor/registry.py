@@ -15,9 +15,9 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError, UnknownPluginError
-from .method import KINDS, VERBS, Method
+from compressor import hookspecs
+from compressor.errors import PluginError, UnknownPluginError
+from compressor.method import KINDS, VERBS, Method
 
 GROUP = "compressor.plugins"
 OWN_DISTRIBUTION = "compressor"

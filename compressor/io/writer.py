@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .safetensors_format import TensorInfo, encode_header, tensor_bytes
-from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
+from compressor.io.safetensors import TensorInfo, encode_header, tensor_bytes
+from compressor.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

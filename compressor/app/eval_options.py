@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .method import Option, positive
+from compressor.method import Option, positive
 
 EVAL_OPTIONS = (
     Option(

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import InputError, MismatchError, UsageError
-from .peft_adapter import PeftAdapter
-from .safetensors_format import TensorInfo
-from .sources import TensorSource, block_shape, row_blocks
+from compressor.errors import InputError, MismatchError, UsageError
+from compressor.io.peft import PeftAdapter
+from compressor.io.safetensors import TensorInfo
+from compressor.io.sources import TensorSource, block_shape, row_blocks
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch

@@ -32,7 +32,7 @@ import itertools
 import re
 from pathlib import Path
 
-from .errors import InputError, UsageError
+from compressor.errors import InputError, UsageError
 
 ARTIFACT_VERBS = {
     "apply": "compress",
@@ -137,19 +137,19 @@ def check_step(step: Step, where: str) -> None:
     """What can be checked before any work: the method, its options, its base and input
     count; eval's options and data; export's dtype. A bad step is refused here, with the
     whole plan, not by a worker after the others started."""
-    from .errors import CompressorError
+    from compressor.errors import CompressorError
 
     try:
         if step.kind is not None:
             _check_method_step(step)
         elif step.verb == "eval":
-            from .eval_options import EVAL_OPTIONS
-            from .method import parse_options
+            from compressor.app.eval_options import EVAL_OPTIONS
+            from compressor.method import parse_options
 
             if parse_options(EVAL_OPTIONS, step.options, "eval")["data"] is None:
                 raise UsageError("eval needs -o data PATH")
         elif step.dtype is not None:
-            from .safetensors_format import dtype_from_name
+            from compressor.io.safetensors import dtype_from_name
 
             dtype_from_name(step.dtype)
     except CompressorError as e:
@@ -157,9 +157,9 @@ def check_step(step: Step, where: str) -> None:
 
 
 def _check_method_step(step: Step) -> None:
-    from .merging import TensorMerge
-    from .method import check_count
-    from .plugin_manager import get_registry
+    from compressor.merge.loop import TensorMerge
+    from compressor.method import check_count
+    from compressor.registry import get_registry
 
     method = get_registry().method(step.plugin, step.kind)
 
@@ -178,7 +178,7 @@ def _check_method_step(step: Step) -> None:
 
 
 def _expand(entry, where: str, here: Path) -> list[Step]:
-    from .store import check_name
+    from compressor.store import check_name
 
     if not isinstance(entry, dict):
         raise UsageError(f"{where} must be a mapping")

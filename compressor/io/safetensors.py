@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError
-from .integrity import open_read
+from compressor.errors import InputError
+from compressor.io.integrity import open_read
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -169,7 +169,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def read_tensor(f, info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
     """Read a tensor (or a range of its first dimension) from a
-    :class:`compressor.integrity.HashedFile`, which hashes what it reads."""
+    :class:`compressor.io.integrity.HashedFile`, which hashes what it reads."""
     import torch
 
     shape = list(info.shape)

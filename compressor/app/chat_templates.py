@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .errors import UsageError
+from compressor.errors import UsageError
 
 NAMED = {
     "chatml": (
@@ -84,7 +84,7 @@ def check_chat_template(value, where: str) -> str:
 def carried_template(source) -> str | None:
     """The chat template a model's tokenizer carries (chat_template.jinja, else the
     tokenizer_config.json key), stripped; None without one."""
-    from .integrity import read_checked
+    from compressor.io.integrity import read_checked
 
     files = source.files
     if "chat_template.jinja" in files:
@@ -118,7 +118,7 @@ def with_chat_template(source, template: str, tmp: Path) -> None:
     """Make ``source`` carry ``template``: its tokenizer_config.json rewritten with the
     key, written to ``tmp`` (and a chat_template.jinja it carries replaced, since
     transformers prefers that file)."""
-    from .integrity import read_checked
+    from compressor.io.integrity import read_checked
 
     files = dict(source.files)
     if "tokenizer_config.json" not in files:

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .contents import describe_content
-from .errors import InputError
+from compressor.errors import InputError
+from compressor.io.contents import describe_content
 
 if TYPE_CHECKING:
     import torch

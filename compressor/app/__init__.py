@@ -1,0 +1,2 @@
+"""What a command does: runs, exports, evaluation, references, plans, executors and
+mergekit configs."""

@@ -1,0 +1,1 @@
+"""The demo's data and small models (also the tests' and benchmarks' model builders)."""
