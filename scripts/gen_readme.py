@@ -1,5 +1,6 @@
-"""Regenerate the generated docs: README.md's CLI reference and plugin example, and
-docs/methods.md (every built-in method, from its own declaration).
+"""Regenerate the generated docs: the CLI reference (docs/reference/cli.md), the plugin
+example (docs/developing/writing-a-plugin.md) and docs/reference/methods.md (every built-in
+method, from its own declaration).
 
 python scripts/gen_readme.py          # rewrite them
 python scripts/gen_readme.py --check  # exit 1 if one is stale (the tests do this)
@@ -13,9 +14,10 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+CLI_PAGE = ROOT / "docs" / "reference" / "cli.md"
+PLUGIN_PAGE = ROOT / "docs" / "developing" / "writing-a-plugin.md"
 EXAMPLE = ROOT / "tests" / "plugin_example" / "compressor_scale.py"
-METHODS = ROOT / "docs" / "methods.md"
+METHODS = ROOT / "docs" / "reference" / "methods.md"
 
 
 def _help_sections(cmd: click.Command, ctx: click.Context) -> list[str]:
@@ -76,17 +78,19 @@ def methods_reference() -> str:
     return "\n".join(out) + "\n"
 
 
-def render(text: str) -> str:
-    """README text with every generated section brought up to date."""
-    for mark, body in (("cli-reference", cli_reference()), ("plugin-example", plugin_example())):
-        start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"
-        a, b = text.index(start) + len(start), text.index(end)
-        text = text[:a] + "\n" + body.rstrip() + "\n" + text[b:]
-    return text
+def render(text: str, mark: str, body: str) -> str:
+    """A page's text with its generated section (between the marks) brought up to date."""
+    start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"
+    a, b = text.index(start) + len(start), text.index(end)
+    return text[:a] + "\n" + body.rstrip() + "\n" + text[b:]
 
 
 def main() -> None:
-    targets = [(README, render(README.read_text())), (METHODS, methods_reference())]
+    targets = [
+        (CLI_PAGE, render(CLI_PAGE.read_text(), "cli-reference", cli_reference())),
+        (PLUGIN_PAGE, render(PLUGIN_PAGE.read_text(), "plugin-example", plugin_example())),
+        (METHODS, methods_reference()),
+    ]
     for path, fresh in targets:
         current = path.read_text() if path.exists() else ""
         if "--check" in sys.argv:
