@@ -489,7 +489,7 @@ class MatformerTrain(Method):
             check_names_match(net, source, "matformer-train")
             task = Task(objective, net.config, tokenizer, opts["max_length"])
             split = task.split(rows, opts["data"], opts["batch_size"])
-            masks = _MaskedWidths(net, layout)
+            masks = MaskedWidths(net, layout)
             trainer = Trainer(net.parameters(), lr=opts["lr"], clip=1.0)
             net.train()
             picks = row_batches(len(rows), opts["batch_size"], opts["steps"], opts["seed"])
@@ -525,7 +525,7 @@ class MatformerTrain(Method):
         return Manifest("model", metrics=metrics, extra={"granularities": grans})
 
 
-class _MaskedWidths:
+class MaskedWidths:
     """Forward pre-hooks that zero each FFN's hidden neurons past d_ff·g (= slicing them off)."""
 
     def __init__(self, net, layout: FfnModel):

@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
+from compressor.errors import OptionError
 from compressor.hookspecs import hookimpl
 from compressor.io.sources import block_shape, row_blocks
 from compressor.merge import exact as mergekit_exact
-from compressor.merge import rules as merge_rules
 from compressor.merge.loop import (
     CONSENSUS_CHUNK,
     SCALE_OPTION,
@@ -66,7 +66,7 @@ ELECTION = Option(
 )
 
 
-def _dare_seed(seed: int, expert: int, name: str) -> int:
+def dare_seed(seed: int, expert: int, name: str) -> int:
     """The mask seed of one expert's tensor: independent of block size and tensor order."""
     digest = hashlib.blake2b(f"{seed}:{expert}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -242,10 +242,10 @@ def _tau_blocks(job, read, names: list[str]):
 def _seeded(call, t: int):
     import torch
 
-    return torch.Generator().manual_seed(_dare_seed(call.shared["seed"], t, call.name))
+    return torch.Generator().manual_seed(dare_seed(call.shared["seed"], t, call.name))
 
 
-def _row_chunks(tau, chunk: int = CONSENSUS_CHUNK):
+def row_views(tau, chunk: int = CONSENSUS_CHUNK):
     """A contiguous τ as views of whole rows, about CONSENSUS_CHUNK entries each (one view
     of a vector): writes reach τ, and each chunk's draws in turn are the whole tensor's."""
     if tau.dim() < 2:
@@ -270,7 +270,7 @@ class _Dare(_SparsifyMerge):
         generator = _seeded(call, t)
         for part in flat_chunks(tau):  # the same draws as one torch.rand of τ's shape
             part.mul_(torch.rand(part.shape, generator=generator) < density)
-        return merge_rules.rescale_kept_(tau, how, density, before)
+        return rescale_kept_(tau, how, density, before)
 
 
 SEED = Option("seed", "int", 0, "random seed of the drop masks")
@@ -330,7 +330,7 @@ class Breadcrumbs(_SparsifyMerge):
     options = (WEIGHTS_OPTION, SCALE_OPTION, _density(0.9), GAMMA, _normalize("none"))
 
     def sparsify(self, call, t, tau):
-        return merge_rules.breadcrumbs(tau, call.per["density"][t], call.per["gamma"][t])
+        return breadcrumbs(tau, call.per["density"][t], call.per["gamma"][t])
 
     def sparsify_exact(self, call, t, delta):
         density, gamma = call.per["density"][t], call.per["gamma"][t]
@@ -383,9 +383,9 @@ class Della(_SparsifyMerge):
         shaped = tau.reshape(call.base.shape).contiguous()  # a view of τ when it can be
         how, generator = call.shared["rescale"], _seeded(call, t)
         before = float(shaped.abs().sum()) if how == "l1" else 0.0
-        for rows in _row_chunks(shaped):  # bounded temporaries; the same draws as whole
-            merge_rules.della_(rows, density, call.per["epsilon"][t], generator)
-        return merge_rules.rescale_kept_(shaped, how, density, before).reshape(-1)
+        for rows in row_views(shaped):  # bounded temporaries; the same draws as whole
+            della_(rows, density, call.per["epsilon"][t], generator)
+        return rescale_kept_(shaped, how, density, before).reshape(-1)
 
 
 class DellaLinear(Della):
@@ -421,10 +421,10 @@ class Sce(TensorMerge):
         import torch
 
         taus = [torch.zeros_like(call.base) if d is None else d for d in call.tensors]
-        mask = merge_rules.sce_select(taus, call.shared["select_topk"])
+        mask = sce_select(taus, call.shared["select_topk"])
         if mask is not None:
             taus = [tau.mul_(mask) for tau in taus]
-        weights = merge_rules.sce_weights(taus)
+        weights = sce_weights(taus)
         mixed = sign_consensus(taus, weights, "unweighted", "weights")
         return call.base.add_(mixed, alpha=call.shared["scale"])
 
@@ -434,6 +434,92 @@ class Sce(TensorMerge):
         return mergekit_exact.sce(
             call.base, call.tensors, call.exact, opts["select_topk"], opts["scale"]
         )
+
+
+# -- the rules: what each method computes for one tensor --------------------
+
+
+def rescale_kept_(kept: torch.Tensor, how: str, density: float, before: float) -> torch.Tensor:
+    """Kept entries of τ (masked in place) rescaled in place: to τ's L1 norm ``before`` the
+    drop (``l1``, mergekit), by 1/density (``density``, the DARE paper, PEFT) or not."""
+    if how == "l1":
+        after = float(kept.abs().sum())
+        return kept if before < 1e-7 or after < 1e-7 else kept.mul_(before / after)
+    return kept.div_(density) if how == "density" else kept
+
+
+def breadcrumbs(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` fraction of largest |τ| (outliers) and the
+    smallest, keeping int(density·n) entries (https://arxiv.org/abs/2312.06795).
+
+    mergekit sorts |τ|; the same ranks are found here by threshold, in place and chunk by
+    chunk (entries tied at a cut are taken in flat order, where a sort's order is its own).
+    """
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    keep = int(density * n)
+    outliers = min(int(gamma * n), n - keep)  # fewer dropped when density asks for more
+    return keep_top_k_(tau, outliers + keep, drop=outliers)
+
+
+def della_(
+    tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
+) -> torch.Tensor:
+    """DELLA's MagPrune, in place: keep each entry with a probability rising with its
+    magnitude's rank in its row, from density − ε to density + ε
+    (https://arxiv.org/abs/2406.11617). Rows are independent, so a caller may pass τ's rows
+    in chunks; the draws then come in the same order as for the whole tensor."""
+    import torch
+
+    if density >= 1:
+        return tau
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise OptionError(
+            f"della needs density ± epsilon inside (0, 1); got density {density:g}, "
+            f"epsilon {epsilon:g}"
+        )
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau.view(tau.shape[0], -1)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float().add_(1)
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    spread = ranks.sub_(low).div_(high - low)  # in place: ranks are not needed again
+    probs = spread.clamp_(0, 1).mul_(2 * epsilon).add_(density - epsilon)
+    rows.mul_(torch.rand(probs.shape, generator=generator) < probs)
+    return tau
+
+
+def sce_select(taus: list[torch.Tensor], fraction: float) -> torch.Tensor | None:
+    """SCE's select step: the mask of the ``fraction`` of entries (of those that vary at
+    all) whose task vectors vary most across experts; None keeps everything.
+
+    The variance is accumulated expert by expert (no stack of all τ) and the top entries
+    found by threshold (ties in flat order, where mergekit's topk has its own)."""
+    import torch
+
+    if fraction >= 1:
+        return None
+    mean = torch.zeros_like(taus[0])
+    for tau in taus:
+        mean.add_(tau)
+    mean.div_(len(taus))
+    var = torch.zeros_like(mean)
+    for tau in taus:
+        gap = tau - mean
+        var.addcmul_(gap, gap)
+        del gap
+    del mean
+    var.div_(len(taus))
+    k = int(int(torch.count_nonzero(var)) * fraction)
+    return keep_top_k_(var, k).ne_(0)  # 1.0 where kept, in var's dtype
+
+
+def sce_weights(taus: list[torch.Tensor]) -> list[float]:
+    """SCE's calculate step: each expert's weight ∝ the mean square of its task vector."""
+    energy = [float(t.square().mean()) for t in taus]
+    total = sum(energy)
+    if abs(total) < 1e-6:
+        return [1.0 / len(taus)] * len(taus)
+    return [e / total for e in energy]
 
 
 @hookimpl

@@ -399,7 +399,7 @@ def test_masking_neurons_is_what_extraction_computes(run, suite_text, tmp_path):
 
     from compressor.io.sources import open_model_dir
     from compressor.models.architectures import FfnModel as Model
-    from compressor.plugins.matformer import _MaskedWidths
+    from compressor.plugins.matformer import MaskedWidths
 
     base = suite_text / "base"
     _extract(run, base, "-o", "ffn_ratio", "0.25", name="q")
@@ -408,7 +408,7 @@ def test_masking_neurons_is_what_extraction_computes(run, suite_text, tmp_path):
     tok = AutoTokenizer.from_pretrained(base)
     x = tok(TEXT, padding=True, return_tensors="pt")
     with open_model_dir(base) as source:
-        masks = _MaskedWidths(full, Model(source))
+        masks = MaskedWidths(full, Model(source))
     masks.g = 0.25
     with torch.no_grad():
         assert (full(**x).logits - cut.eval()(**x).logits).abs().max() < 1e-5

@@ -192,7 +192,7 @@ def test_nuslerp_in_blocks_matches_mergekit_on_tensors_larger_than_a_block(shape
     mergekit runs in float64 here: its float32 sum of 4M products is itself 2e-4 off."""
     from mergekit.merge_methods.nuslerp import nuslerp as theirs
 
-    from compressor.merge.rules import nuslerp
+    from compressor.plugins.interpolation import nuslerp
 
     gen = torch.Generator().manual_seed(len(shape))
     base = torch.randn(shape, generator=gen)

@@ -653,8 +653,8 @@ def test_a_ray_worker_dies_with_its_driver_even_while_native_code_holds_the_gil(
             sys.executable,
             "-c",
             "import ctypes, sys\n"
-            "from compressor.app.executors import _exit_without\n"
-            f"_exit_without({driver.pid})\n"
+            "from compressor.app.executors import exit_without\n"
+            f"exit_without({driver.pid})\n"
             "print('watching', flush=True)\n"
             "ctypes.PyDLL(None).sleep(600)  # holds the GIL for ten minutes\n",
         ],
@@ -705,7 +705,7 @@ def test_ray_step_wider_than_the_cluster_is_refused(run, fleet, private_store):
 def test_ray_memory_hint_counts_stored_and_path_inputs(run, fleet, private_store):
     """The memory a step's Ray task asks for: twice its largest input, a stored artifact's
     bytes from the catalog rows its task carries, or a path's safetensors files."""
-    from compressor.app.executors import _memory_hint, task_of
+    from compressor.app.executors import memory_hint, task_of
     from compressor.app.plans import Step
     from compressor.store import open_store
 
@@ -716,11 +716,11 @@ def test_ray_memory_hint_counts_stored_and_path_inputs(run, fleet, private_store
     try:
         small = store.resolve("small")
         step = Step(name="m", verb="merge", plugin="linear", inputs=["small"])
-        assert _memory_hint(task_of(step, {}, store)) == 2 * small.bytes + (256 << 20)
+        assert memory_hint(task_of(step, {}, store)) == 2 * small.bytes + (256 << 20)
         step = Step(name="m", verb="merge", plugin="linear", inputs=["small", str(expert)])
         size = (expert / "model.safetensors").stat().st_size
         assert size > small.bytes
-        assert _memory_hint(task_of(step, {}, store)) == 2 * size + (256 << 20)
+        assert memory_hint(task_of(step, {}, store)) == 2 * size + (256 << 20)
     finally:
         store.close()
 

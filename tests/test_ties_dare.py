@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import artifact_tensors, dir_tensors
 
-from compressor.plugins.ties_dare import _dare_seed
+from compressor.plugins.ties_dare import dare_seed
 
 
 def _merge(run, plugin, base, *experts, options=(), name="m"):
@@ -144,7 +144,7 @@ def test_ties_global_scope_is_the_papers_whole_model_trim(run, models):
 
 
 def _dare_masked(tau: torch.Tensor, seed: int, expert: int, name: str, density: float):
-    gen = torch.Generator().manual_seed(_dare_seed(seed, expert, name))
+    gen = torch.Generator().manual_seed(dare_seed(seed, expert, name))
     keep = (torch.rand(tau.numel(), generator=gen) < density).reshape(tau.shape)
     return tau * keep / density
 
@@ -312,16 +312,16 @@ def test_della_and_dare_in_chunks_draw_what_the_whole_tensor_draws():
     """DELLA's drop runs over a few rows at a time and DARE's over flat chunks (bounded
     temporaries); drawing the chunks in turn from one generator keeps the result of the
     whole tensor at once, so seeded merges stay the same."""
-    from compressor.merge import rules as merge_rules
     from compressor.merge.loop import flat_chunks
-    from compressor.plugins.ties_dare import _row_chunks
+    from compressor.plugins import ties_dare as merge_rules
+    from compressor.plugins.ties_dare import row_views
 
     tau = torch.randn(37, 29, generator=torch.Generator().manual_seed(0))
     whole = merge_rules.della_(tau.clone(), 0.6, 0.2, torch.Generator().manual_seed(5))
     assert 0 < int((whole == 0).sum()) < tau.numel()
     for chunk in (1, 29, 100, 10_000):
         got, generator = tau.clone(), torch.Generator().manual_seed(5)
-        for rows in _row_chunks(got, chunk):
+        for rows in row_views(got, chunk):
             merge_rules.della_(rows, 0.6, 0.2, generator)
         assert torch.equal(got, whole), chunk
 

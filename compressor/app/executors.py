@@ -451,7 +451,7 @@ class RayExecutor:
         return running < self.slots
 
     def submit(self, task: dict):
-        memory = _memory_hint(task)
+        memory = memory_hint(task)
         remote = self._remote.options(memory=memory) if memory else self._remote
         return remote.remote(self.store_root, task, self.threads, self._driver)
 
@@ -474,14 +474,14 @@ def run_ray_task(store_root: str, task: dict, threads: int, driver: int | None) 
     """A Ray task: :func:`run_task`, in a worker that exits when ``driver`` (a process on
     this machine that started the cluster) is gone."""
     if driver is not None:
-        _exit_without(driver)
+        exit_without(driver)
     return run_task(store_root, task, threads)
 
 
 _WATCHED: set[int] = set()  # drivers a Ray worker process watches (it runs many tasks)
 
 
-def _exit_without(driver: int) -> None:
+def exit_without(driver: int) -> None:
     """Kill this worker process as soon as ``driver`` is gone (dead, or a zombie not yet
     reaped). A shell loop over /proc does it where there is one: a thread in this process
     waits for the GIL, which a step's native code can hold for seconds."""
@@ -514,7 +514,7 @@ def _exit_without(driver: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _memory_hint(task: dict) -> int | None:
+def memory_hint(task: dict) -> int | None:
     """Bytes a step may hold: twice its largest input (a path's safetensors files, or a
     stored artifact's bytes from the catalog rows the task carries); None when unknown."""
     stored = {row["id"]: row["bytes"] or 0 for row in task["catalog"]["artifacts"]}

@@ -1,2 +1,3 @@
 """The streaming merge loop, its sparsifiers, the per-expert parameter grammar,
-merge rules, mergekit-exact arithmetic and vocabulary alignment."""
+mergekit-exact arithmetic, restacked slices and vocabulary alignment (each method's own math
+lives beside its declaration in its plugin)."""
