@@ -144,6 +144,7 @@ def test_a_merge_step_without_a_base_is_refused_before_its_inputs_are_hashed(
     one) before saying the adapter needs a base: a plan step (reuse) hashes its inputs up
     front. Refused now after reading headers only (the bytes this process reads)."""
     from compressor import api
+    from compressor.app.runs import PlanStep
     from compressor.errors import UsageError
 
     adapter, _ = lora
@@ -157,7 +158,13 @@ def test_a_merge_step_without_a_base_is_refused_before_its_inputs_are_hashed(
 
     before = read_bytes()
     with pytest.raises(UsageError, match="is not a full model; method 'linear' needs --base"):
-        api.run_method("merge", "linear", [str(big), str(adapter)], store=private_store, reuse=True)
+        api.run_method(
+            "merge",
+            "linear",
+            [str(big), str(adapter)],
+            store=private_store,
+            plan=PlanStep(publish=False),
+        )
     assert read_bytes() - before < size / 4
 
 

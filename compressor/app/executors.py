@@ -108,9 +108,7 @@ def run_task(store_root: str, task: dict, threads: int | None = None) -> dict:
                     options=task["options"],
                     name=task["name"],
                     store=st,
-                    reuse=True,
-                    publish=True,
-                    part=task.get("part"),
+                    plan=runs.PlanStep(part=task.get("part")),
                 )
             elif task["verb"] == "eval":
                 out = _eval(st, task)

@@ -310,7 +310,7 @@ def run_config(
     max_shard_size=None,
 ) -> list:
     """Run every stage of a mergekit config in order; return the stored artifacts."""
-    from compressor.app.runs import run_method
+    from compressor.app.runs import ConfigStage, run_method
     from compressor.registry import get_registry
     from compressor.store import check_name
 
@@ -340,10 +340,12 @@ def run_config(
                 store=store,
                 quiet=quiet,
                 dtype=plan["dtype"],
-                values=plan["values"],
-                build=plan["build"],
-                extra={"mergekit_config": plan["config"], **plan["extra"]},
-                compute_dtype=plan["compute_dtype"],
+                config=ConfigStage(
+                    plan["values"],
+                    plan["build"],
+                    {"mergekit_config": plan["config"], **plan["extra"]},
+                    plan["compute_dtype"],
+                ),
                 **kw,
             )
         )

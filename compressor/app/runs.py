@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,43 +39,78 @@ def _default_name(method_name: str, labels: list[str]) -> str:
     return derive_name(f"{Path(labels[0].split('@')[0]).name}.{method_name}")
 
 
+@dataclasses.dataclass
+class ConfigStage:
+    """What a mergekit config's stage adds to a run: ``values``, options already checked;
+    ``build(base, inputs)``, the resolved sources turned into the job's (base, inputs,
+    layer positions): slices restacked, vocabularies aligned, LoRAs added; ``extra`` for
+    the manifest; ``compute_dtype`` (a dtype name, or "stored") to compute as mergekit."""
+
+    values: dict
+    build: Callable | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    compute_dtype: str | None = None
+
+
+@dataclasses.dataclass
+class PlanStep:
+    """What a plan's worker adds to a run: ``reuse`` an artifact the same method version
+    made from the same inputs with the same options; ``publish`` the blobs without the
+    catalog rows (the driver commits the :class:`PendingArtifact`); run ``part`` (k, n) of
+    a merge split by tensor, whose artifact holds one shard (:func:`join_parts`)."""
+
+    reuse: bool = True
+    publish: bool = True
+    part: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class RunRequest:
+    """One run of a method: what the command line says (``dtype`` casts the written float
+    tensors), and what a config's stage or a plan's step adds."""
+
+    kind: str
+    plugin: str
+    inputs: list[str]
+    base: str | None = None
+    options: Options = None
+    name: str | None = None
+    dtype: str | None = None
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    config: ConfigStage | None = None
+    plan: PlanStep | None = None
+
+
 def run_method(
     kind: str,
     plugin: str,
     inputs: Sequence[str],
     *,
-    base: str | None = None,
-    options: Options = None,
-    name: str | None = None,
     store: Store | str | Path | None = None,
     quiet: bool = True,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    dtype: str | None = None,
-    values: dict | None = None,
-    build=None,
-    extra: dict | None = None,
-    reuse: bool = False,
-    publish: bool = False,
-    part: tuple[int, int] | None = None,
-    compute_dtype: str | None = None,
+    **request,
 ) -> ArtifactRecord | PendingArtifact:
-    """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact.
+    """Run the ``kind`` method ``plugin`` on ``inputs`` and commit its artifact; the other
+    keywords are :class:`RunRequest`'s (``base``, ``options``, ``name``, ``dtype``,
+    ``max_shard_size``, ``config``, ``plan``)."""
+    return run(RunRequest(kind, plugin, list(inputs), **request), store=store, quiet=quiet)
 
-    ``reuse`` returns an artifact the same method version made from the same inputs
-    with the same options instead of running again (plans do this). ``publish``
-    stores the blobs but not the catalog rows, and returns what the one catalog
-    writer (a plan's driver) commits with :meth:`PendingArtifact.commit`.
 
-    ``dtype`` casts the written float tensors. For ``compress merge --config``:
-    ``values`` are options already checked, and ``build(base, inputs)`` turns the
-    resolved inputs into the job's (base, inputs, layer positions), e.g. layers
-    restacked by slices; ``extra`` goes into the artifact's manifest; ``compute_dtype``
-    (a dtype name, or "stored") makes a merge compute as mergekit does in that dtype.
-
-    ``part`` (k, n) runs part k of a merge split by tensor (a plan's ``split``): its
-    artifact holds one shard (named the Hugging Face way) and the carried files, and
-    :func:`join_parts` makes the n parts one artifact.
-    """
+def run(
+    request: RunRequest, *, store: Store | str | Path | None = None, quiet: bool = True
+) -> ArtifactRecord | PendingArtifact:
+    """Run a request and commit its artifact (with :class:`PlanStep` ``publish``: return
+    the :class:`PendingArtifact` the plan's driver commits; with ``reuse``: an artifact
+    made the same way before, if there is one)."""
+    kind, plugin, inputs, base = request.kind, request.plugin, request.inputs, request.base
+    options, name, dtype = request.options, request.name, request.dtype
+    max_shard_size = request.max_shard_size
+    config, plan = request.config, request.plan or PlanStep(reuse=False, publish=False)
+    values = config.values if config else None
+    build = config.build if config else None
+    extra = {**config.extra} if config else None
+    compute_dtype = config.compute_dtype if config else None
+    reuse, publish, part = plan.reuse, plan.publish, plan.part
     method = get_registry().method(plugin, kind)
     if values is None and isinstance(method, TensorMerge):  # options may name experts (@N)
         values = method.parse_options(options or {}, method.input_labels(list(inputs), base))
