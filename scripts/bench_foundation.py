@@ -240,15 +240,20 @@ def main() -> None:
 
 
 def write_docs_section(mark: str, body: str, heading: str | None = None) -> None:
-    """Replace the text between <!-- mark --> and <!-- /mark --> in docs/benchmarks.md,
-    or append the section under ``heading`` when the marks are not there yet."""
-    text = DOCS.read_text()
+    """Replace the text between <!-- mark --> and <!-- /mark --> in the benchmarks page
+    that holds it (docs/benchmarks/*.md), or append the section under ``heading`` to
+    docs/benchmarks/foundation.md when no page holds the marks yet."""
     start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"
-    if start not in text:
-        DOCS.write_text(text + f"\n## {heading or mark}\n\n{start}\n{body}\n{end}\n")
+    pages = sorted((DOCS.parent / "benchmarks").glob("*.md"))
+    page = next((p for p in pages if start in p.read_text()), None)
+    if page is None:
+        page = DOCS.parent / "benchmarks" / "foundation.md"
+        text = page.read_text()
+        page.write_text(text + f"\n## {heading or mark}\n\n{start}\n{body}\n{end}\n")
         return
+    text = page.read_text()
     a, b = text.index(start) + len(start), text.index(end)
-    DOCS.write_text(text[:a] + "\n" + body + "\n" + text[b:])
+    page.write_text(text[:a] + "\n" + body + "\n" + text[b:])
 
 
 if __name__ == "__main__":
