@@ -7,8 +7,8 @@ head stay dense in the source dtype). Row i of W is split into G contiguous colu
 group (i, g) gets a table of 2^b values and each weight a b-bit code, Ŵij = T[i, g(j),
 cij]. With calibration data the model runs block by block (``compressor.models.blockwise``):
 each linear's H = 2XᵀX/N from its real inputs, the tables by weighted k-means (column
-weights (1/[H⁻¹]_jj)^p, the OBS saliency; LeanQuant's U_jj^-4 from the Cholesky factor
-U of H⁻¹ scored worse on every model we measured, see docs/benchmarks.md), codes
+weights (1/[H⁻¹]_jj)^p, the OBS saliency, rather than LeanQuant's U_jj^-4 from the
+Cholesky factor U of H⁻¹: docs/benchmarks/sketchtune.md says why), codes
 assigned column block by column block with GPTQ error feedback, the tables refitted to
 each layer's output, at 2 bits each block's tables tuned to the source model's block
 outputs (:func:`tune_block_tables`), and block k+1 calibrated on the outputs of the
