@@ -39,6 +39,8 @@ def test_builtins_load_through_entry_points():
         ("task-arithmetic", "merge"): "task_arithmetic",
         ("compeft", "compress"): "compeft",
         ("ties", "merge"): "ties_dare",
+        ("tsv-m", "merge"): "subspace",
+        ("iso-c", "merge"): "subspace",
         ("dare-linear", "merge"): "ties_dare",
         ("dare-ties", "merge"): "ties_dare",
         ("breadcrumbs", "merge"): "ties_dare",

@@ -48,6 +48,9 @@ METHODS = {
     "nearswap": "nearswap",
     "arcee_fusion": "arcee-fusion",
     "passthrough": "passthrough",
+    # ours, not mergekit's (2025's data-free merges), under the same names as the plugins
+    "tsv_m": "tsv-m",
+    "iso_c": "iso-c",
 }
 
 _BOOL_TO_NORMALIZE = {True: "weights", False: "none"}
@@ -72,6 +75,8 @@ PARAMETERS = {
     "nearswap": {"t": "t"},
     "arcee-fusion": {},
     "passthrough": {"scale": "scale"},
+    "tsv-m": {**_COMMON},
+    "iso-c": {**_COMMON},
 }
 for _m in ("dare-ties", "dare-linear", "della", "della-linear"):
     PARAMETERS[_m]["rescale"] = ("rescale", {True: "l1", False: "none"})
