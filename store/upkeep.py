@@ -79,14 +79,15 @@ class ManifestScan:
 
     manifests: list[dict] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
+    listed: list[str] = field(default_factory=list)  # every blob's digest
 
 
 def scan_manifests(blobs) -> ManifestScan:
     """Every intact manifest document in blob storage (with ``_digest`` and ``_bytes``),
     and the digests of blobs whose bytes do not match their name and that are not
     plainly safetensors files (so may have been manifests)."""
-    scan = ManifestScan()
-    for digest in blobs.list():
+    scan = ManifestScan(listed=list(blobs.list()))
+    for digest in scan.listed:
         size = blobs.size(digest)
         if size > MAX_MANIFEST_BYTES:
             continue
@@ -249,7 +250,7 @@ class Upkeep:
                 for doc in scan.manifests:  # a removed version's number is not reused either
                     self._note_version(doc)
                 named = set().union(*map(manifest_blobs, scan.manifests))
-                held = [d for d in self.blobs.list() if d not in named] if scan.damaged else []
+                held = [d for d in scan.listed if d not in named] if scan.damaged else []
                 self.db["held_blobs"].insert_all(
                     {"blob": d, "reason": "recover --force: a damaged manifest may name it"}
                     for d in held

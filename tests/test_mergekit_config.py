@@ -14,6 +14,7 @@ from conftest import assert_refused, dir_tensors
 
 from compressor.app.mergekit import METHODS
 from compressor.demo.models import (
+    save_fast_tokenizer,
     save_finetune,
     save_stepped_finetune,
     save_tiny_llama,
@@ -762,7 +763,6 @@ def padded(tmp_path_factory) -> Path:
     """mergekit's padded-tokenizer case: a BPE tokenizer of 100 tokens and 20 added ones
     over a model of 100 embedding rows (tokens 100-119 have no row), and a fine-tune."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("padded")
     base = save_tiny_llama(root / "base", seed=0, layers=2, vocab=100)
@@ -776,13 +776,7 @@ def padded(tmp_path_factory) -> Path:
     assert tok.get_vocab_size() == 120
     for f in base.glob("*token*"):
         f.unlink()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-    ).save_pretrained(base)
+    save_fast_tokenizer(base, tok)
     save_finetune(base, root / "ft", seed=1)
     return root
 

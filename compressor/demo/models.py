@@ -37,7 +37,6 @@ def zen_lines() -> list[str]:
 def save_word_tokenizer(path: Path, lines: list[str], vocab: int) -> None:
     """A lower-cased word-level tokenizer over the words of ``lines``, saved for transformers."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     split = pre_tokenizers.Whitespace()
     words = sorted({w.lower() for line in lines for w, _ in split.pre_tokenize_str(line)})
@@ -46,6 +45,13 @@ def save_word_tokenizer(path: Path, lines: list[str], vocab: int) -> None:
     tok = Tokenizer(models.WordLevel(table, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = split
+    save_fast_tokenizer(path, tok)
+
+
+def save_fast_tokenizer(path: Path, tok) -> None:
+    """Save a ``tokenizers.Tokenizer`` for transformers, with the demo's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="[PAD]",
@@ -83,8 +89,9 @@ def save_tiny_llama(
     return Path(path)
 
 
-def save_finetune(base: Path, out: Path, seed: int, strength: float = 0.01) -> Path:
-    """Copy a model directory with every float tensor perturbed (seeded, per-tensor scales)."""
+def _save_changed(base: Path, out: Path, seed: int, change) -> Path:
+    """Copy a model directory with ``change(float32 tensor, generator)`` added to every float
+    tensor (one seeded generator, tensors in file order), saved in each tensor's dtype."""
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
@@ -94,27 +101,25 @@ def save_finetune(base: Path, out: Path, seed: int, strength: float = 0.01) -> P
         tensors = load_file(shard)
         for name, t in tensors.items():
             if t.is_floating_point():
-                scale = strength * float(torch.rand((), generator=gen) * 2 + 0.1)
-                noise = torch.randn(t.shape, generator=gen) * scale * (t.float().std() + 1e-3)
-                tensors[name] = (t.float() + noise).to(t.dtype)
+                tensors[name] = (t.float() + change(t.float(), gen)).to(t.dtype)
         save_file(tensors, shard, metadata={"format": "pt"})
     return out
+
+
+def save_finetune(base: Path, out: Path, seed: int, strength: float = 0.01) -> Path:
+    """Copy a model directory with every float tensor perturbed (seeded, per-tensor scales)."""
+
+    def noise(t, gen):
+        scale = strength * float(torch.rand((), generator=gen) * 2 + 0.1)
+        return torch.randn(t.shape, generator=gen) * scale * (t.std() + 1e-3)
+
+    return _save_changed(base, out, seed, noise)
 
 
 def save_stepped_finetune(base: Path, out: Path, seed: int, step: float = 1e-3) -> Path:
     """Copy a model directory with every float tensor moved by a whole number (−3..3) of
     ``step``s, as AdamW's first steps move weights: thousands of entries share one
-    magnitude of change, so a merge's tie order shows. Saved in each tensor's dtype."""
-    from safetensors.torch import load_file, save_file
-
-    out = Path(out)
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    for shard in sorted(out.glob("*.safetensors")):
-        tensors = load_file(shard)
-        for name, t in tensors.items():
-            if t.is_floating_point():
-                steps = torch.randint(-3, 4, t.shape, generator=gen).float() * step
-                tensors[name] = (t.float() + steps).to(t.dtype)
-        save_file(tensors, shard, metadata={"format": "pt"})
-    return out
+    magnitude of change, so a merge's tie order shows."""
+    return _save_changed(
+        base, out, seed, lambda t, gen: torch.randint(-3, 4, t.shape, generator=gen).float() * step
+    )

@@ -13,26 +13,35 @@ def check_slices(layout, by_ref: dict, where: str) -> None:
     """Refuse a layer range past a model's layers, and models whose tensors differ in
     shape (two architectures stack into a model that cannot load)."""
     shapes: dict[str, tuple] = {}  # a tensor's name at layer 0 -> (shape, the model's label)
+    counts: dict[str, int] = {}  # a model's layer count, once it is checked
     for base_src, others, _, _ in layout:
         for ref, start, end, _, ws in [s for s in [base_src, *others] if s is not None]:
             source = by_ref[ref]
-            indices = [i for i in map(layer_index, source.names()) if i is not None]
-            count = max(indices) + 1 if indices else 0
-            if end > count:
+            new = ref not in counts
+            if new:
+                indices = [i for i in map(layer_index, source.names()) if i is not None]
+                counts[ref] = max(indices) + 1 if indices else 0
+            if end > counts[ref]:
                 raise UsageError(
                     f"{ws}: layer_range [{start}, {end}] goes past the last layer of "
-                    f"{source.label}, which has {count} layers"
+                    f"{source.label}, which has {counts[ref]} layers"
                 )
-            for name in source.names():
-                i = layer_index(name)
-                key = name if i is None else renamed(name, 0)
-                shape = list(source.info(name).shape)
-                seen = shapes.setdefault(key, (shape, source.label))
-                if seen[0] != shape:
-                    raise InputError(
-                        f"{where}: the slices' models differ: {key} is {seen[0]} in {seen[1]} "
-                        f"and {shape} in {source.label}"
-                    )
+            if new:
+                _check_shapes(source, shapes, where)
+
+
+def _check_shapes(source, shapes: dict, where: str) -> None:
+    """Record the model's tensor shapes by name at layer 0; refuse one that differs."""
+    for name in source.names():
+        i = layer_index(name)
+        key = name if i is None else renamed(name, 0)
+        shape = list(source.info(name).shape)
+        seen = shapes.setdefault(key, (shape, source.label))
+        if seen[0] != shape:
+            raise InputError(
+                f"{where}: the slices' models differ: {key} is {seen[0]} in {seen[1]} "
+                f"and {shape} in {source.label}"
+            )
 
 
 def stacked(layout, by_ref: dict, layers: int, where: str):
