@@ -41,6 +41,8 @@ def test_builtins_load_through_entry_points():
         ("ties", "merge"): "ties_dare",
         ("tsv-m", "merge"): "subspace",
         ("iso-c", "merge"): "subspace",
+        ("iso-cts", "merge"): "subspace",
+        ("wudi", "merge"): "subspace",
         ("dare-linear", "merge"): "ties_dare",
         ("dare-ties", "merge"): "ties_dare",
         ("breadcrumbs", "merge"): "ties_dare",

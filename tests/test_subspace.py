@@ -1,5 +1,5 @@
-"""TSV-M and Iso-C against float64 calculations written here from their definitions
-(issue #32), on a tiny Llama and four experts."""
+"""TSV-M, Iso-C, Iso-CTS and WUDI against float64 calculations written here from their
+definitions (issue #32), on a tiny Llama and four experts."""
 
 from __future__ import annotations
 
@@ -43,6 +43,37 @@ def iso_reference(taus):
     return s.mean() * (u @ vh)
 
 
+def iso_cts_reference(taus, fraction=0.8):
+    """The sum's top directions + each τ's top directions outside them, flat spectrum."""
+    r, n = min(taus[0].shape), len(taus)
+    common = int(r * fraction)
+    common = r - round((r - common) / n) * n  # the rest splits evenly over the tasks
+    per_task = (r - common) // n
+    u, s, vh = _svd(sum(taus))
+    uc = u[:, :common]
+    us, ss, vs = [uc], [s[:common]], [vh[:common].T]
+    for t in taus:
+        ut, st, vht = _svd(t - uc @ uc.T @ t)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vs.append(vht[:per_task].T)
+    flat = torch.cat(ss).mean()
+    return flat * _orthogonal(torch.cat(us, dim=1)) @ _orthogonal(torch.cat(vs, dim=1)).T
+
+
+def wudi_reference(taus, steps=300, lr=1e-5):
+    """Adam (β 0.9, 0.999; ε 1e-8), written out, on Σ_t ‖(Δ − τ_t) τ_tᵀ‖² / ‖τ_t‖² from Στ_t."""
+    delta = sum(taus).clone()
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
+    for k in range(1, steps + 1):
+        g = sum(2 * ((delta - t) @ t.T) @ t / (t**2).sum() for t in taus)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g**2
+        m_hat, v_hat = m / (1 - 0.9**k), v / (1 - 0.999**k)
+        delta = delta - lr * m_hat / (v_hat.sqrt() + 1e-8)
+    return delta
+
+
 def _expected(base, experts, rule, weights, scale):
     b = dir_tensors(base)
     fts = [dir_tensors(e) for e in experts]
@@ -55,7 +86,15 @@ def _expected(base, experts, rule, weights, scale):
     return out
 
 
-@pytest.mark.parametrize("plugin, rule", [("tsv-m", tsv_reference), ("iso-c", iso_reference)])
+RULES = [
+    ("tsv-m", tsv_reference),
+    ("iso-c", iso_reference),
+    ("iso-cts", iso_cts_reference),
+    ("wudi", wudi_reference),
+]
+
+
+@pytest.mark.parametrize("plugin, rule", RULES)
 @pytest.mark.parametrize("weights, scale", [((1, 1, 1, 1), 1.0), ((1, 0.5, 2, 1), 0.7)])
 def test_merge_equals_its_definition_in_float64(run, four, plugin, rule, weights, scale):
     base, experts = four
@@ -65,28 +104,55 @@ def test_merge_equals_its_definition_in_float64(run, four, plugin, rule, weights
     assert r.exit_code == 0, r.output
     got, want = artifact_tensors("m"), _expected(base, experts, rule, weights, scale)
     assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in want:  # WUDI runs Adam in float32, as its authors do
+        atol = 1e-5 if plugin == "wudi" else 1e-6
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=atol, msg=name)
     q = "model.layers.0.self_attn.q_proj.weight"
     ta = dir_tensors(base)[q] + sum(dir_tensors(e)[q] - dir_tensors(base)[q] for e in experts)
     assert (got[q] - ta).abs().max() > 1e-3  # not task arithmetic in disguise
 
 
-def test_a_config_runs_them_under_their_names(run, four, tmp_path):
+@pytest.mark.parametrize(
+    "config_name, plugin, params, options",
+    [
+        ("iso_c", "iso-c", "{lambda: 0.8}", ["scale", "0.8"]),
+        ("iso_cts", "iso-cts", "{common_space_fraction: 0.6}", ["common", "0.6"]),
+        ("wudi", "wudi", "{iter_num: 20, lr: 1.0e-4}", ["steps", "20", "lr", "1e-4"]),
+    ],
+)
+def test_a_config_runs_them_under_their_names(
+    run, four, tmp_path, config_name, plugin, params, options
+):
     base, experts = four
-    config = tmp_path / "iso.yml"
+    config = tmp_path / "c.yml"
     config.write_text(
-        f"merge_method: iso_c\nbase_model: {base}\ndtype: float32\nparameters: {{lambda: 0.8}}\n"
-        "models:\n" + "".join(f"  - model: {e}\n" for e in experts)
+        f"merge_method: {config_name}\nbase_model: {base}\ndtype: float32\n"
+        f"parameters: {params}\nmodels:\n" + "".join(f"  - model: {e}\n" for e in experts)
     )
     assert run("--quiet", "merge", "--config", config, "-n", "cfg").exit_code == 0
-    args = ["--quiet", "merge", "-p", "iso-c", "--base", base, *experts, "-o", "scale", "0.8"]
+    pairs = [x for k, v in zip(options[::2], options[1::2], strict=True) for x in ("-o", k, v)]
+    args = ["--quiet", "merge", "-p", plugin, "--base", base, *experts, *pairs]
     assert run(*args, "-n", "cli").exit_code == 0
     a, b = artifact_tensors("cfg"), artifact_tensors("cli")
     assert all(torch.equal(a[n], b[n]) for n in b)
 
 
-@pytest.mark.parametrize("plugin", ["tsv-m", "iso-c"])
+def test_wudi_with_more_steps_and_iso_cts_with_another_split(run, four):
+    """The options reach the rules: WUDI far from its start, Iso-CTS with half common."""
+    base, experts = four
+    for plugin, opts, rule in (
+        ("wudi", ["steps", "40", "lr", "1e-3"], lambda taus: wudi_reference(taus, 40, 1e-3)),
+        ("iso-cts", ["common", "0.5"], lambda taus: iso_cts_reference(taus, 0.5)),
+    ):
+        pairs = [x for k, v in zip(opts[::2], opts[1::2], strict=True) for x in ("-o", k, v)]
+        r = run("--quiet", "merge", "-p", plugin, "--base", base, *experts, *pairs, "-n", plugin)
+        assert r.exit_code == 0, r.output
+        got, want = artifact_tensors(plugin), _expected(base, experts, rule, (1,) * 4, 1.0)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("plugin", ["tsv-m", "iso-c", "iso-cts", "wudi"])
 def test_one_expert_is_refused(run, four, private_store, plugin):
     base, experts = four
     assert_refused(

@@ -51,6 +51,8 @@ METHODS = {
     # ours, not mergekit's (2025's data-free merges), under the same names as the plugins
     "tsv_m": "tsv-m",
     "iso_c": "iso-c",
+    "iso_cts": "iso-cts",
+    "wudi": "wudi",
 }
 
 _BOOL_TO_NORMALIZE = {True: "weights", False: "none"}
@@ -77,6 +79,8 @@ PARAMETERS = {
     "passthrough": {"scale": "scale"},
     "tsv-m": {**_COMMON},
     "iso-c": {**_COMMON},
+    "iso-cts": {**_COMMON, "common_space_fraction": "common"},
+    "wudi": {**_COMMON, "iter_num": "steps", "lr": "lr"},
 }
 for _m in ("dare-ties", "dare-linear", "della", "della-linear"):
     PARAMETERS[_m]["rescale"] = ("rescale", {True: "l1", False: "none"})
