@@ -39,7 +39,7 @@ _LAZY = {
     "SourceReader": "io.sources",
     "open_safetensors_file": "io.sources",
     "row_blocks": "io.sources",
-    "TensorMerge": "merge.loop",
+    "TensorMerge": "merging.loop",
     "Task": "learning.tasks",
     "Trainer": "learning.training",
     "source_model": "models.modeling",

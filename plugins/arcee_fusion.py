@@ -6,7 +6,7 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from compressor.hookspecs import hookimpl
-from compressor.merge.loop import TensorMerge, row_spans
+from compressor.merging.loop import TensorMerge, row_spans
 from compressor.method import Option
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them

@@ -18,7 +18,7 @@ from compressor.errors import InputError
 from compressor.hookspecs import hookimpl
 from compressor.io.deltas import CompressionInput
 from compressor.io.sources import DecodedDelta, TensorSource
-from compressor.merge.sparsify import HIGH_BUCKETS, TopKThreshold, magnitude_bits
+from compressor.merging.sparsify import HIGH_BUCKETS, TopKThreshold, magnitude_bits
 from compressor.method import Manifest, Method, Option, fraction
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them

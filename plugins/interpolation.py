@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from compressor.errors import OptionError
 from compressor.hookspecs import hookimpl
-from compressor.merge.loop import WEIGHTS_OPTION, TensorMerge, expert_weights, row_spans, spans
+from compressor.merging.loop import WEIGHTS_OPTION, TensorMerge, expert_weights, row_spans, spans
 from compressor.method import Option, positive
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from compressor.hookspecs import hookimpl
-from compressor.merge import exact as mergekit_exact
-from compressor.merge.loop import TensorMerge, row_spans, spans
+from compressor.merging import exact as mergekit_exact
+from compressor.merging.loop import TensorMerge, row_spans, spans
 from compressor.method import Option
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them

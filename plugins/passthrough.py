@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from compressor.errors import UsageError
 from compressor.hookspecs import hookimpl
-from compressor.merge.loop import TensorMerge
+from compressor.merging.loop import TensorMerge
 from compressor.method import Option
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from compressor.hookspecs import hookimpl
-from compressor.merge import exact as mergekit_exact
-from compressor.merge.loop import (
+from compressor.merging import exact as mergekit_exact
+from compressor.merging.loop import (
     SCALE_OPTION,
     WEIGHTS_OPTION,
     TensorMerge,

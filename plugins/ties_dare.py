@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 from compressor.errors import OptionError
 from compressor.hookspecs import hookimpl
 from compressor.io.sources import block_shape, row_blocks
-from compressor.merge import exact as mergekit_exact
-from compressor.merge.loop import (
+from compressor.merging import exact as mergekit_exact
+from compressor.merging.loop import (
     CONSENSUS_CHUNK,
     SCALE_OPTION,
     WEIGHTS_OPTION,
@@ -39,7 +39,7 @@ from compressor.merge.loop import (
     trim_count,
     weighted_sum,
 )
-from compressor.merge.sparsify import TopKThreshold, magnitude_bits
+from compressor.merging.sparsify import TopKThreshold, magnitude_bits
 from compressor.method import Option, fraction, non_negative
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
@@ -171,7 +171,7 @@ class Ties(_SparsifyMerge):
 
     def prepare(self, job, views):
         """With ``scope global``: per expert, [threshold bits, tied entries still to keep]."""
-        from compressor.merge.params import TensorParameters
+        from compressor.merging.params import TensorParameters
 
         state = super().prepare(job, views)
         if job.options["scope"] != "global":

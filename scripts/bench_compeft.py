@@ -61,7 +61,7 @@ else:
 
 SELECT = """
 import math, sys, compressor
-from compressor.merge.sparsify import TopKThreshold
+from compressor.merging.sparsify import TopKThreshold
 from compressor.io.sources import row_blocks
 store = compressor.open_store(sys.argv[1])
 k = float(sys.argv[3])
@@ -174,7 +174,7 @@ def main() -> None:
                 ("compeft compress (ours, streaming: statistics, threshold, encode)", wall, rss, 0),
                 ("compeft decode (ours, all tensors)", dwall, drss, 0),
                 (
-                    "threshold only (ours: compressor.merge.sparsify, two streaming passes)",
+                    "threshold only (ours: compressor.merging.sparsify, two streaming passes)",
                     *run([sys.executable, "-c", SELECT, str(store), "tv", str(k)], repeat=repeat),
                 ),
             ]

@@ -1,23 +1,25 @@
-"""Multi-task merging on the evaluation suite's MiniLM experts (docs/benchmarks.md).
+"""Rank every merge on the multi-task suite: eight tasks, per-task heads (docs/benchmarks/merging.md).
 
-    python scripts/bench_merge_quality.py               # full suite (built if not cached)
-    python scripts/bench_merge_quality.py --smoke       # quick check on the smoke suite
+    python scripts/bench_merge_quality.py                  # text and image, every method
+    python scripts/bench_merge_quality.py --smoke          # the small suite (a quick check)
+    python scripts/bench_merge_quality.py --parts image --methods ties,iso-c
     python scripts/bench_merge_quality.py --write-docs
 
-Four experts share one 8-topic head; each learned two topics. A merged model
-is scored on each task's test split (8-way argmax, so a model blind to a task
-scores near 0) and on all topics at once. Rows: the base, each expert alone,
-task arithmetic, TIES and DARE-TIES with λ chosen on the validation split from
-a grid, and aTLAS with its default options learned from 4, 16 and 64 labelled
-examples per class, and from 512 unlabelled training texts with the entropy
-objective (its best epoch picked by the entropy on those texts: no labels). Every other row picks
-its λ or its best epoch on the same validation split (all topics, 400 rows).
+The protocol of the merging papers: each method merges the eight experts' bodies
+through ``compressor.merge`` (the heads are not merged); each task is scored with the
+merged body under its own expert's head. A method's scale λ is picked from a grid by
+the mean validation accuracy over the eight tasks and scored on test. Absolute
+accuracy is the mean over tasks; normalized accuracy the mean of merged / expert per
+task. Every method is merged once at λ = 1 and the grid applied to its Δ = θ − θ0 in
+memory (the same tensors ``-o scale λ`` writes: the scale multiplies the merged Δ in
+every method that has one). Methods without a scale (linear, model-stock, karcher,
+multislerp) are scored as they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -28,116 +30,238 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "suite"))
 sys.path.insert(0, str(HERE))
 
-LAMBDAS = {
-    "task-arithmetic": (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0),
-    "ties": (0.2, 0.3, 0.5, 0.7, 1.0, 1.5),
-    "dare-ties": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0)
+METHODS = {  # method -> fixed options (the papers' or mergekit's defaults)
+    "linear": {},
+    "task-arithmetic": {},
+    "ties": {"density": 0.2},
+    "dare-ties": {"density": 0.3, "seed": 0},
+    "dare-linear": {"density": 0.3, "seed": 0},
+    "breadcrumbs-ties": {},
+    "della": {"density": 0.3, "seed": 0},
+    "sce": {"select_topk": 0.1},
+    "model-stock": {},
+    "karcher": {},
+    "multislerp": {},
+    "tsv-m": {},
+    "iso-c": {},
+    "iso-cts": {},
+    "wudi": {},
 }
-FIXED = {"ties": {"density": 0.2}, "dare-ties": {"density": 0.5, "seed": 0}}
-SHOTS = (4, 16, 64)
-ENTROPY_TEXTS = 512  # as many as the 64-shot rows, without their labels
+UNSCALED = {"linear", "model-stock", "karcher", "multislerp"}
+NEW = {"tsv-m", "iso-c", "iso-cts", "wudi"}
+
+
+class TaskScorer:
+    """Each task's expert in memory; scores a body (name → tensor) under every task's head."""
+
+    def __init__(self, part_dir: Path, tasks: list[str]):
+        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        from compressor.learning.data import read_examples
+        from compressor.learning.tasks import Task
+
+        self.tasks = tasks
+        self.entries = {}
+        for task in tasks:
+            path = part_dir / "experts" / task
+            tokenizer = None
+            if (path / "tokenizer_config.json").exists():
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForSequenceClassification.from_pretrained(path)
+            else:
+                model = AutoModelForImageClassification.from_pretrained(path)
+            model.eval()
+            objective = Task("ce", model.config, tokenizer, 64)
+            splits = {}
+            for split in ("val", "test"):
+                data = part_dir / "data" / f"{task}-{split}.jsonl"
+                splits[split] = objective.split(read_examples(data), str(data), 64)
+            head = {k: v.clone() for k, v in model.state_dict().items() if "classifier" in k}
+            self.entries[task] = (model, objective, splits, head)
+
+    def scores(self, body: dict | None, split: str) -> dict[str, float]:
+        """Accuracy per task of ``body`` (None: each expert as it is) on a split."""
+        import torch
+
+        out = {}
+        for task, (model, objective, splits, _) in self.entries.items():
+            saved = None
+            if body is not None:
+                saved = {k: v.clone() for k, v in model.state_dict().items() if k in body}
+                model.load_state_dict(body, strict=False)
+            with torch.inference_mode():
+                m = objective.metrics(lambda x, model=model: model(**x).logits, splits[split])
+            out[task] = m["accuracy"]
+            if saved is not None:
+                model.load_state_dict(saved, strict=False)
+        return out
+
+
+def read_tensors(store, ref: str) -> dict:
+    from compressor.app.refs import resolve
+
+    source = resolve(store, ref).source
+    try:
+        return {n: source.get(n).float() for n in source.names()}
+    finally:
+        source.close()
+
+
+def body_copy(expert: Path, out: Path) -> str:
+    """The expert without its head tensors (what is merged): the heads differ in shape,
+    and a merge refuses tensors its base does not have."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(expert / "config.json", out / "config.json")
+    tensors = load_file(expert / "model.safetensors")
+    body = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
+    save_file(body, out / "model.safetensors", metadata={"format": "pt"})
+    return str(out)
+
+
+def evaluate_part(
+    part_dir: Path, tasks: list[str], methods: dict, store, work: Path, log
+) -> list[dict]:
+    import torch
+
+    import compressor
+
+    scorer = TaskScorer(part_dir, tasks)
+    experts = [body_copy(part_dir / "experts" / t, work / part_dir.name / t) for t in tasks]
+    base_path = str(part_dir / "base")
+    base = read_tensors(store, base_path)
+    expert_test = scorer.scores(None, "test")
+    rows = [{"method": "experts (each on its own task)", "test": expert_test, "note": ""}]
+    log(f"experts: {sum(expert_test.values()) / len(tasks):.3f}")
+    for method, fixed in methods.items():
+        t0 = time.monotonic()
+        rec = compressor.merge(method, experts, base=base_path, options=dict(fixed), store=store)
+        seconds = time.monotonic() - t0
+        merged = read_tensors(store, rec.id)
+        missing = set(base) - set(merged)
+        if missing:
+            raise SystemExit(f"{method}: the merge lacks {sorted(missing)[:3]}")
+        delta = {n: merged[n] - base[n] for n in base}
+        grid = (1.0,) if method in UNSCALED else GRID
+        best = None
+        val_curve = []
+        for lam in grid:
+            body = {n: base[n] + lam * delta[n] for n in base}
+            val = scorer.scores(body, "val")
+            mean = sum(val.values()) / len(tasks)
+            val_curve.append((lam, mean))
+            if best is None or mean > best[1]:
+                best = (lam, mean)
+        body = {n: base[n] + best[0] * delta[n] for n in base}
+        test = scorer.scores(body, "test")
+        note = "" if method in UNSCALED else f"λ {best[0]} (val {best[1]:.3f})"
+        if fixed:
+            note += ("; " if note else "") + ", ".join(f"{k} {v}" for k, v in fixed.items())
+        rows.append(
+            {"method": method, "test": test, "note": note, "seconds": seconds, "curve": val_curve}
+        )
+        absolute = sum(test.values()) / len(tasks)
+        normalized = sum(test[t] / max(expert_test[t], 1e-9) for t in tasks) / len(tasks)
+        log(f"{method}: abs {absolute:.3f} norm {normalized:.3f} {note} ({seconds:.0f} s merge)")
+        del merged, delta, body
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def table(part: str, tasks: list[str], rows: list[dict]) -> str:
+    experts = rows[0]["test"]
+    head = ["method", "absolute", "normalized", *tasks, "λ on validation", "merge s"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "| --- |" + " ---: |" * (len(head) - 3) + " --- | ---: |",
+    ]
+    for row in rows:
+        t = row["test"]
+        absolute = sum(t.values()) / len(tasks)
+        normalized = sum(t[k] / max(experts[k], 1e-9) for k in tasks) / len(tasks)
+        name = f"**{row['method']}** (new)" if row["method"] in NEW else row["method"]
+        seconds = f"{row['seconds']:.0f}" if "seconds" in row else ""
+        cells = [f"{absolute:.3f}", f"{normalized:.1%}", *(f"{t[k]:.3f}" for k in tasks)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['note']} | {seconds} |")
+    return f"**{part}**\n\n" + "\n".join(lines)
+
+
+def summary(results: dict) -> str:
+    """The goal's two numbers per part: the best new merge's normalized accuracy and its
+    lead over the best of the merges that were there before."""
+    out = []
+    for part, (tasks, rows) in results.items():
+        experts = rows[0]["test"]
+
+        def norm(row, tasks=tasks, experts=experts):
+            return sum(row["test"][k] / max(experts[k], 1e-9) for k in tasks) / len(tasks)
+
+        ranked = sorted(rows[1:], key=norm, reverse=True)
+        new = [r for r in ranked if r["method"] in NEW]
+        old = [r for r in ranked if r["method"] not in NEW]
+        ta = next((r for r in rows if r["method"] == "task-arithmetic"), None)
+        bits = []
+        if ta:
+            bits.append(f"task arithmetic keeps {norm(ta):.1%}")
+        if new and old:
+            bits.append(
+                f"best new merge {new[0]['method']} {norm(new[0]):.1%} against the best "
+                f"earlier one, {old[0]['method']}, {norm(old[0]):.1%} "
+                f"({100 * (norm(new[0]) - norm(old[0])):+.1f} points)"
+            )
+        out.append(f"{part}: " + "; ".join(bits) + ".")
+    return " ".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--parts", default="text,image")
+    ap.add_argument("--methods", help="comma-separated subset of the methods")
     ap.add_argument("--write-docs", action="store_true")
-    ap.add_argument("--only", help="comma-separated row kinds: fixed, atlas, entropy")
     args = ap.parse_args()
-    only = set(args.only.split(",")) if args.only else {"fixed", "atlas", "entropy"}
 
-    import build as suite_build
+    import multitask
+    import torch
     from transformers.utils import logging
 
     import compressor
-    from compressor.api import evaluate
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
-    text = suite / "text"
-    data = text / "data"
-    base = str(text / "base")
-    tasks = list(suite_build.TEXT_TASKS)
-    experts = [str(text / "experts" / t) for t in tasks]
+    torch.manual_seed(0)
+    suite = multitask.build(multitask.SMOKE if args.smoke else multitask.FULL)
+    methods = METHODS
+    if args.methods:
+        methods = {m: METHODS.get(m, {}) for m in args.methods.split(",")}
     work = Path(tempfile.mkdtemp(prefix="merge-quality-"))
-    store = compressor.open_store(work / "store")
-
-    def acc(ref, split, on_base=None):
-        return evaluate(ref, {"data": str(split)}, base=on_base, store=store)["accuracy"]
-
-    def scores(ref) -> dict:
-        row = {t: acc(ref, data / f"{t}-test.jsonl") for t in tasks}
-        row["average"] = sum(row[t] for t in tasks) / len(tasks)
-        row["all topics"] = acc(ref, data / "all-test.jsonl")
-        return row
-
-    rows = []
+    results = {}
     try:
-        if "fixed" in only:
-            rows.append(("base", "", scores(base)))
-            for t, e in zip(tasks, experts, strict=True):
-                rows.append((f"expert {t} alone", "", scores(e)))
-            for plugin, grid in LAMBDAS.items():
-                best = None
-                for lam in grid:
-                    opts = {**FIXED.get(plugin, {}), "scale": lam}
-                    rec = compressor.merge(plugin, experts, base=base, options=opts, store=store)
-                    v = acc(rec.id, data / "all-val.jsonl")
-                    if best is None or v > best[0]:
-                        best = (v, lam, rec.id)
-                extra = ", ".join(f"{k} {v}" for k, v in FIXED.get(plugin, {}).items())
-                note = f"λ {best[1]} (val {best[0]:.3f})" + (f"; {extra}" if extra else "")
-                rows.append((plugin, note, scores(best[2])))
-        runs = []
-        if "atlas" in only:
-            runs += [(f"atlas, {s} shots/class (ce)", {"shots": s}) for s in SHOTS]
-        if "entropy" in only:
-            unlabelled = work / "train-texts.jsonl"
-            lines = (data / "all-train.jsonl").read_text().splitlines()
-            unlabelled.write_text(
-                "".join(json.dumps({"text": json.loads(x)["text"]}) + "\n" for x in lines)
-            )
-            runs.append(
-                (
-                    f"atlas, entropy on {ENTROPY_TEXTS} unlabelled train texts",
-                    {
-                        "objective": "entropy",
-                        "data": str(unlabelled),
-                        "val": None,
-                        "shots": ENTROPY_TEXTS,
-                    },
+        with contextlib.closing(compressor.open_store(work / "store")) as store:
+            for part in args.parts.split(","):
+                tasks = list(multitask.text_labels() if part == "text" else multitask.IMAGE_TASKS)
+                rows = evaluate_part(
+                    suite / part,
+                    tasks,
+                    methods,
+                    store,
+                    work,
+                    lambda s, p=part: print(f"[{p}] {s}", flush=True),
                 )
-            )
-        for label, extra in runs:
-            opts = {
-                "data": str(data / "all-train.jsonl"),
-                "val": str(data / "all-val.jsonl"),
-                **extra,
-            }
-            opts = {k: v for k, v in opts.items() if v is not None}
-            t0 = time.time()
-            rec = compressor.merge("atlas", experts, base=base, options=opts, store=store)
-            took = time.time() - t0
-            m = rec.metrics
-            note = f"best epoch {m['best_epoch']}, {took:.0f} s"
-            rows.append((label, note, scores(rec.id)))
-            print(label, note, rows[-1][2], flush=True)
+                results[part] = (tasks, rows)
     finally:
-        store.close()
         shutil.rmtree(work, ignore_errors=True)
-
-    head = ["model", *tasks, "average", "all topics", "chosen on validation"]
-    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 2) + " --- |"]
-    for label, note, r in rows:
-        cells = [f"{r[t]:.3f}" for t in tasks] + [f"{r['average']:.3f}", f"{r['all topics']:.3f}"]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {note} |")
-    table = "\n".join(lines)
-    print(table)
+    text = "\n\n".join(table(p, t, r) for p, (t, r) in results.items())
+    text += "\n\n" + summary(results)
+    print(text)
     if args.write_docs:
         from bench_foundation import write_docs_section
 
-        write_docs_section("merge-quality", table)
+        write_docs_section("merge-quality", text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The house's layering: each module imports only its own layer and those below it.
 
-errors/reporting → io → store → the plugin contract → models → learning → merge →
+errors/reporting → io → store → the plugin contract → models → learning → merging →
 plugins → app (and the demo) → api (and the façade, and the one-release shims) → cli.
 Imports inside functions count too: a lazy import is still a dependency.
 """
@@ -18,7 +18,7 @@ LAYERS = [
     ("the plugin contract", {"hookspecs", "method", "registry"}),
     ("models", {"models"}),
     ("learning", {"learning"}),
-    ("merge", {"merge"}),
+    ("merging", {"merging"}),
     ("plugins", {"plugins"}),
     ("app", {"app", "demo"}),
     ("api", {"api", "__init__", "sources", "modeling", "blockwise", "tasks", "training", "refs"}),
@@ -93,3 +93,16 @@ def test_the_root_holds_few_modules_and_no_module_is_long():
         if (n := len(p.read_text().splitlines())) > 700
     }
     assert long == {}
+
+
+def test_no_package_shadows_a_facade_function():
+    """``compressor.merge`` is the API function even after the merge loop is imported: a
+    subpackage of the same name would replace the façade's attribute on first import."""
+    import compressor
+    import compressor.merging.loop  # noqa: F401  (what loading any merge plugin does)
+    from compressor import api
+
+    packages = {p.name for p in (ROOT / "compressor").iterdir() if (p / "__init__.py").is_file()}
+    api_names = {n for n in dir(api) if not n.startswith("_") and callable(getattr(api, n))}
+    assert packages & api_names == set()
+    assert compressor.merge is api.merge

@@ -9,7 +9,7 @@ import torch
 from conftest import artifact_tensors, dir_tensors
 
 from compressor.demo.models import save_finetune
-from compressor.merge.params import layer_positions
+from compressor.merging.params import layer_positions
 
 
 @pytest.fixture(scope="module")

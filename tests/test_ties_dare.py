@@ -76,7 +76,7 @@ def test_ties_matches_mergekit(run, models, density, weights, lam, normalize):
 
 
 def test_trim_keeps_exactly_k_and_breaks_ties_by_position():
-    from compressor.merge.loop import top_k_mask
+    from compressor.merging.loop import top_k_mask
 
     tau = torch.tensor([0.5, -0.2, 0.2, 0.9, -0.2, 0.1, 0.2])
     assert top_k_mask(tau, 3).tolist() == [True, True, False, True, False, False, False]
@@ -231,7 +231,7 @@ def test_readme_worked_example_against_mergekit_and_peft():
     from mergekit.merge_methods.api import merge_tensors
     from peft.utils.merge_utils import ties
 
-    from compressor.merge.loop import sign_consensus
+    from compressor.merging.loop import sign_consensus
 
     t1, t2 = torch.tensor([0.4, -0.2, 0.1, 0.2]), torch.tensor([-0.1, -0.6, 0.3, -0.3])
     zero = torch.zeros(4)
@@ -259,7 +259,7 @@ def test_sign_consensus_in_chunks_equals_it_in_one(election, normalize):
     """Sign election runs over chunks of entries (bounded temporaries) and writes into the
     first τ; any chunk size gives the same entries as one pass over the whole tensor, to
     the bit, zeros and a missing τ included."""
-    from compressor.merge.loop import sign_consensus
+    from compressor.merging.loop import sign_consensus
 
     gen = torch.Generator().manual_seed(5)
     taus = [torch.randn(13, 11, generator=gen) for _ in range(3)]
@@ -281,7 +281,7 @@ def test_top_k_in_chunks_keeps_the_entries_top_k_mask_keeps(k):
     """TIES' trim runs chunk by chunk in place (bounded temporaries); with many tied
     magnitudes (zeros, repeated values) it keeps exactly the entries the whole-tensor mask
     keeps, ties in flat order across chunk boundaries."""
-    from compressor.merge.loop import keep_top_k_, top_k_mask
+    from compressor.merging.loop import keep_top_k_, top_k_mask
 
     gen = torch.Generator().manual_seed(k)
     tau = torch.randint(-3, 4, (8, 8), generator=gen).float() * 0.5  # ties everywhere
@@ -299,7 +299,7 @@ def test_top_k_in_chunks_keeps_the_entries_top_k_mask_keeps(k):
                 got = keep_top_k_(x.clone(), k, drop, chunk).reshape(-1)
                 assert torch.equal(got, x.reshape(-1) * band), (drop, chunk)
 
-    from compressor.merge.loop import keep_above_, keep_mask, topk_threshold_bits
+    from compressor.merging.loop import keep_above_, keep_mask, topk_threshold_bits
 
     threshold = topk_threshold_bits([tau.t()], k)
     mask, used = keep_mask(tau.t(), threshold, 2)
@@ -312,7 +312,7 @@ def test_della_and_dare_in_chunks_draw_what_the_whole_tensor_draws():
     """DELLA's drop runs over a few rows at a time and DARE's over flat chunks (bounded
     temporaries); drawing the chunks in turn from one generator keeps the result of the
     whole tensor at once, so seeded merges stay the same."""
-    from compressor.merge.loop import flat_chunks
+    from compressor.merging.loop import flat_chunks
     from compressor.plugins import ties_dare as merge_rules
     from compressor.plugins.ties_dare import row_views
 

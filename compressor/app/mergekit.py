@@ -4,15 +4,15 @@ Supported keys: ``merge_method``, ``base_model``, ``models`` (``model`` and
 ``parameters`` each), ``slices`` (``sources`` with ``model``, ``layer_range`` and
 ``parameters``; a slice's own ``base_model`` and ``parameters``), global
 ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (or a ``tokenizer``
-``source`` and ``pad_to_multiple_of``: :mod:`compressor.merge.vocabulary`) and, in a
+``source`` and ``pad_to_multiple_of``: :mod:`compressor.merging.vocabulary`) and, in a
 multi-document file (mergekit-multi), ``name``: each document is a stage stored
 under its name, which later stages use as a model. ``mergekit_exact`` (ours, default
 true) computes as mergekit does, in the config's dtype with its tie order
-(:mod:`compressor.merge.exact`); false computes in float32 and casts once. Any other key is refused,
+(:mod:`compressor.merging.exact`); false computes in float32 and casts once. Any other key is refused,
 naming it; a parameter the method does not take is ignored with a warning, as
 mergekit ignores it. Parameters take mergekit's forms (a value, a gradient list, ``filter``
 and ``value`` conditions) and mergekit's defaults; they become the same per-tensor
-rules ``-o`` builds (:mod:`compressor.merge.params`).
+rules ``-o`` builds (:mod:`compressor.merging.params`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 
 from compressor.app.chat_templates import check_chat_template, resolve_template, with_chat_template
 from compressor.errors import InputError, UsageError
-from compressor.merge.params import (
+from compressor.merging.params import (
     POST_SLOT,
     Rule,
     parse_scalar,
 )
-from compressor.merge.slices import stacked
+from compressor.merging.slices import stacked
 from compressor.reporting import warn
 
 METHODS = {
@@ -472,7 +472,7 @@ def _module_rules(modules, method, inputs, base, translator, build):
     prefixes = [m[0] for m in modules]
 
     def per_module(base_source, input_sources):
-        from compressor.merge.params import layer_positions
+        from compressor.merging.params import layer_positions
 
         job = build(base_source, input_sources) if build else (base_source, input_sources, None)
         reference = job[0] if job[0] is not None else job[1][0]
@@ -603,9 +603,9 @@ def _with_tokenizer(
     """The job's sources seen through one vocabulary. Without a tokenizer source the
     models' tokenizers must be the same (rows are merged by token id as they are); with
     one, every token-indexed tensor is moved to its vocabulary
-    (:mod:`compressor.merge.vocabulary`). ``refs`` name the base (or None) and the inputs;
+    (:mod:`compressor.merging.vocabulary`). ``refs`` name the base (or None) and the inputs;
     ``template`` is the config's checked chat_template, set on the output's tokenizer."""
-    from compressor.merge.vocabulary import aligned_sources, token_id_rules
+    from compressor.merging.vocabulary import aligned_sources, token_id_rules
 
     if choice not in (None, "base", "union") and choice not in refs:
         raise UsageError(f"{where}: tokenizer_source '{choice}' is not one of the models")

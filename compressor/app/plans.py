@@ -157,7 +157,7 @@ def check_step(step: Step, where: str) -> None:
 
 
 def _check_method_step(step: Step) -> None:
-    from compressor.merge.loop import TensorMerge
+    from compressor.merging.loop import TensorMerge
     from compressor.method import check_count
     from compressor.registry import get_registry
 

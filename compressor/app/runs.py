@@ -21,7 +21,7 @@ from compressor.io.integrity import check_digest
 from compressor.io.safetensors import dtype_from_name
 from compressor.io.sources import TensorSource
 from compressor.io.writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter, StoredFile
-from compressor.merge.loop import TensorMerge, check_full_models
+from compressor.merging.loop import TensorMerge, check_full_models
 from compressor.method import Job, check_count
 from compressor.registry import get_registry
 from compressor.reporting import make_progress, warn

@@ -24,8 +24,8 @@ WUDI 1.0); pick one on validation data (``-o scale auto``).
 from __future__ import annotations
 
 from compressor.hookspecs import hookimpl
-from compressor.merge.loop import SCALE_OPTION, WEIGHTS_OPTION, TensorMerge, expert_weights
-from compressor.merge.params import is_pre_layers
+from compressor.merging.loop import SCALE_OPTION, WEIGHTS_OPTION, TensorMerge, expert_weights
+from compressor.merging.params import is_pre_layers
 from compressor.method import Option, positive
 from compressor.plugins.subspace.rules import iso_cts_merge, iso_merge, tsv_merge
 from compressor.plugins.subspace.wudi import LR, STEPS, wudi_merge

@@ -3,7 +3,7 @@
 Trimming keeps exactly k entries like mergekit's and PEFT's sort-based code
 (entries tied at the threshold are taken in flat order, so the result does not
 depend on a sort's tie order), found with the histogram threshold of
-:mod:`compressor.merge.sparsify` instead of a sort.
+:mod:`compressor.merging.sparsify` instead of a sort.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from compressor.errors import UsageError
 from compressor.io.sources import row_blocks
-from compressor.merge.sparsify import magnitude_bits, topk_threshold_bits
+from compressor.merging.sparsify import magnitude_bits, topk_threshold_bits
 from compressor.method import Manifest, Method, Option
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
@@ -218,7 +218,7 @@ class TensorMerge(Method):
     non-float tensors are carried; float ones are read from every input (whole, or
     in row blocks for ``elementwise`` rules), merged by ``merge`` and written in
     the reference's dtype. Options are resolved per tensor and per expert
-    (:mod:`compressor.merge.params`), so every option takes per-expert values,
+    (:mod:`compressor.merging.params`), so every option takes per-expert values,
     layer gradients and name filters.
 
     ``base_is_input``: the base, when given, is one more input after the experts
@@ -235,7 +235,7 @@ class TensorMerge(Method):
 
     def parse_options(self, pairs, labels=None):
         """Check ``-o`` pairs; keys may name an expert (``@N``) and a filter (``:TEXT``)."""
-        from compressor.merge.params import parse_merge_options
+        from compressor.merging.params import parse_merge_options
 
         labels = list(labels) if labels is not None else []
         return parse_merge_options(
@@ -277,7 +277,7 @@ class TensorMerge(Method):
 
     def run(self, job):
         from compressor.io.safetensors import dtype_from_name
-        from compressor.merge.params import TensorParameters, layer_positions
+        from compressor.merging.params import TensorParameters, layer_positions
 
         base, inputs = job.base, list(job.inputs)
         if self.base_is_input and base is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from compressor.errors import InputError, UsageError
 from compressor.io.sources import RewrittenConfig, TensorSource
-from compressor.merge.params import is_pre_layers, layer_index, renamed
+from compressor.merging.params import is_pre_layers, layer_index, renamed
 
 
 def check_slices(layout, by_ref: dict, where: str) -> None:
