@@ -30,11 +30,13 @@ def _orthogonal(m):
 
 
 def tsv_reference(taus):
+    """Each τ's top ⌊r/T⌋ triplets (those of nonzero σ: numerical rank, float32 data)."""
     k = min(taus[0].shape) // len(taus)
     parts = [_svd(t) for t in taus]
-    u = torch.cat([p[0][:, :k] for p in parts], dim=1)
-    s = torch.cat([p[1][:k] for p in parts])
-    v = torch.cat([p[2][:k].T for p in parts], dim=1)  # right singular vectors as columns
+    ks = [min(k, int(torch.linalg.matrix_rank(t.float()))) for t in taus]
+    u = torch.cat([p[0][:, :n] for p, n in zip(parts, ks, strict=True)], dim=1)
+    s = torch.cat([p[1][:n] for p, n in zip(parts, ks, strict=True)])
+    v = torch.cat([p[2][:n].T for p, n in zip(parts, ks, strict=True)], dim=1)
     return _orthogonal(u) @ torch.diag(s) @ _orthogonal(v).T
 
 

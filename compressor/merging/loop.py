@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from compressor.errors import UsageError
+from compressor.errors import OptionError, UsageError
 from compressor.io.sources import row_blocks
 from compressor.merging.sparsify import magnitude_bits, topk_threshold_bits
-from compressor.method import Manifest, Method, Option
+from compressor.method import Manifest, Method, Option, positive
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
@@ -27,6 +27,21 @@ WEIGHTS_OPTION = Option(
     "expert as weights@N (default: 1 each)",
 )
 SCALE_OPTION = Option("scale", "float", 1.0, "λ, the factor on the merged task vector")
+SPACE_OPTION = Option(
+    "space",
+    "choice",
+    "full",
+    "full: merge every ΔW (any expert); core: PEFT LoRA experts merged in their core "
+    "space, written as a LoRA adapter",
+    choices=("full", "core"),
+)
+RANK_OPTION = Option(
+    "rank",
+    "int",
+    None,
+    "with space core: the merged adapter's rank (default: the experts' ranks summed)",
+    check=positive,
+)
 
 
 CONSENSUS_CHUNK = 1 << 22  # entries per pass of sign election (16 MB a float32 temporary)
@@ -233,6 +248,14 @@ class TensorMerge(Method):
     base_is_input = False
     per_expert: frozenset[str] = frozenset({"weights"})
 
+    def __init_subclass__(cls, **kwargs):
+        """Every task-vector merge that runs this loop also merges LoRA experts in their
+        core space (``-o space core``, :mod:`compressor.merging.core`)."""
+        super().__init_subclass__(**kwargs)
+        names = {o.name for o in cls.options}
+        if cls.space == "delta" and cls.run is TensorMerge.run and "space" not in names:
+            cls.options = (*cls.options, SPACE_OPTION, RANK_OPTION)
+
     def parse_options(self, pairs, labels=None):
         """Check ``-o`` pairs; keys may name an expert (``@N``) and a filter (``:TEXT``)."""
         from compressor.merging.params import parse_merge_options
@@ -279,6 +302,12 @@ class TensorMerge(Method):
         from compressor.io.safetensors import dtype_from_name
         from compressor.merging.params import TensorParameters, layer_positions
 
+        if job.options.get("space") == "core":
+            from compressor.merging.core import run_core_space
+
+            return run_core_space(self, job)
+        if job.options.get("rank") is not None:
+            raise OptionError("option 'rank' applies to -o space core only")
         base, inputs = job.base, list(job.inputs)
         if self.base_is_input and base is not None:
             inputs, base = [*inputs, base], None

@@ -20,18 +20,31 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def numerical_rank(s: torch.Tensor, shape) -> int:
+    """How many singular values are above float32's rounding of the data (the input
+    weights are float32 or narrower): σ > σ_max · max(shape) · ε₃₂, matrix_rank's rule."""
+    if s.numel() == 0:
+        return 0
+    return int((s > s[0] * max(shape) * 1.1920929e-07).sum())
+
+
 def tsv_merge(taus: list[torch.Tensor]) -> torch.Tensor:
     """TSV-M: each τ_t's top ⌊r/T⌋ triplets; the stacked bases replaced by their polar
-    factors; Δ = U⊥ · diag(the kept σ's) · V⊥ᵀ."""
+    factors; Δ = U⊥ · diag(the kept σ's) · V⊥ᵀ. A τ of lower rank than ⌊r/T⌋ (a LoRA's,
+    a core's) gives only its nonzero triplets: the singular vectors of a zero σ are
+    arbitrary and would still move every other column through the polar factor."""
     import torch
 
     keep = max(1, min(taus[0].shape) // len(taus))
     us, ss, vhs = [], [], []
     for tau in taus:
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        us.append(u[:, :keep])
-        ss.append(s[:keep])
-        vhs.append(vh[:keep])
+        k = min(keep, numerical_rank(s, tau.shape))
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    if not sum(s.numel() for s in ss):
+        return torch.zeros_like(taus[0])
     return polar(torch.cat(us, dim=1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vhs, dim=0))
 
 
