@@ -45,6 +45,10 @@ def _int(text: str) -> int:
     return int(text)
 
 
+def _scale(text: str) -> float | str:
+    return "auto" if text.strip().lower() == "auto" else _float(text)
+
+
 def _bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
@@ -62,6 +66,7 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "floats": (_float_list, "comma-separated finite numbers"),
     "ints": (_int_list, "comma-separated integers"),
     "choice": (str, "one of the choices"),
+    "float|auto": (_scale, "a finite number or auto"),
 }
 
 
@@ -170,6 +175,9 @@ class Job:
     # merges from a mergekit config in mergekit-exact mode: compute in this dtype (a name,
     # or "stored": each tensor's own), as mergekit does; None: float32
     compute_dtype: str | None = None
+    # merges with -o scale auto: scores a candidate model (a TensorSource) on the
+    # validation data, returning (metric name, value, higher is better)
+    score: Callable | None = None
 
 
 class Method:

@@ -153,12 +153,13 @@ USAGE_CASES = {
     "unknown option": (
         [*MERGE, "-o", "lambda", "2"],
         2,
-        "unknown option 'lambda' for method 'task-arithmetic' (options: normalize, scale, weights)",
+        "unknown option 'lambda' for method 'task-arithmetic' "
+        "(options: grid, normalize, rank, scale, space, val, weights)",
     ),
     "ill-typed option": (
         [*MERGE, "-o", "scale", "big"],
         2,
-        "option 'scale' expects a finite number; got 'big'",
+        "option 'scale' expects a finite number or auto; got 'big'",
     ),
     "missing base": (
         ["apply", "-p", "task-vector", FT],

@@ -254,9 +254,9 @@ def _refuses(run, store, tmp_path, config: str, message: str, code: int = 2):
         (
             "merge_method: ram\nbase_model: B\nmodels: [{model: E1}]\n",
             "{path}: merge_method 'ram' is not supported (supported: arcee_fusion, breadcrumbs, "
-            "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, iso_c, karcher, "
-            "linear, model_stock, multislerp, nearswap, nuslerp, passthrough, sce, slerp, "
-            "task_arithmetic, ties, tsv_m)",
+            "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, iso_c, iso_cts, "
+            "karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough, sce, "
+            "slerp, task_arithmetic, ties, tsv_m, wudi)",
         ),
         (
             "merge_method: slerp\nbase_model: B\nmodels: [{model: E1, parameters: {t: 0.5}}]\n",

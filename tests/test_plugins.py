@@ -80,13 +80,13 @@ def test_register_methods(run):
     assert ta["kind"] == "merge" and ta["reference"].startswith("https://arxiv.org/")
     assert ta["options"][0] == {
         "name": "scale",
-        "type": "float",
+        "type": "float|auto",
         "default": 1.0,
-        "help": "λ, the factor on the merged task vector",
+        "help": "λ, the factor on the merged task vector; auto: the best of -o grid on -o val data",
     }
     shown = run("plugins", "show", "task-arithmetic").output
     assert "Reference: https://arxiv.org/abs/2212.04089" in shown
-    assert "-o scale float  (default 1.0)" in shown
+    assert "-o scale float|auto  (default 1.0)" in shown
     assert json.loads(run("plugins", "show", "task-vector", "--json").stdout)["needs_base"]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compressor.app.refs import resolve
+from compressor.app.scale_auto import check_val_options, val_scorer
 from compressor.errors import UsageError
 from compressor.io import outdir
 from compressor.io.contents import describe_content
@@ -117,6 +118,10 @@ def run(
     elif values is None:
         values = method.parse_options(options or {})
     out_dtype = dtype_from_name(dtype) if dtype is not None else None
+    scorer = None
+    if isinstance(method, TensorMerge):
+        check_val_options(values)
+        scorer = val_scorer(values)  # the val file read and checked before any work
     if method.needs_base and base is None:
         raise UsageError(f"method '{plugin}' needs --base BASE")
     if build is None:
@@ -139,7 +144,7 @@ def run(
             check_model(resolved_base, "a base")
         if isinstance(method, TensorMerge) and build is None:  # before any input is hashed
             check_full_models(method, resolved_base, [r.source for r in resolved])
-        if reuse and dtype is None and extra is None:  # hashes external inputs up front
+        if reuse and dtype is None and extra is None and scorer is None:  # hashes inputs up front
             parents = _parents(kind, resolved_base, resolved)
             same = st.find_same(method.kind, method.name, method.version, values, parents)
             if same is not None:
@@ -166,6 +171,7 @@ def run(
                 positions=positions,
                 part=part,
                 compute_dtype=compute_dtype,
+                score=scorer,
             )
             manifest = method.run(job)
             carry_from = job.base if kind == "merge" and job.base else job.inputs[0]

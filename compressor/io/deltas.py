@@ -287,3 +287,28 @@ def _is_float8(info) -> bool:
     """Whether a tensor is stored in an 8-bit float (a quantized checkpoint's scale-less
     values: as far from its base's float32 as int8 would be)."""
     return info.dtype.is_floating_point and info.dtype.itemsize == 1
+
+
+class ScaledDelta(TensorSource):
+    """A base plus λ times a task vector held in memory (float32 tensors by name): the
+    candidate models of ``-o scale auto``. Missing names read as the base's."""
+
+    content = "model"
+
+    def __init__(self, base: TensorSource, deltas: dict, scale: float):
+        self.base, self.deltas, self.scale = base, deltas, scale
+        self.label = base.label if not deltas else f"the merge at scale {scale:g}"
+        self.files = base.files
+        self.manifest = {}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self.base.infos()
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        info = self.base.info(name)
+        t = self.base.get(name, rows)
+        delta = self.deltas.get(name)
+        if delta is None or not info.is_float:
+            return t
+        d = delta if rows is None else delta[rows]
+        return (t.float() + self.scale * d).to(info.dtype)

@@ -26,7 +26,21 @@ WEIGHTS_OPTION = Option(
     "per-expert weights w_t: comma-separated in the order the experts are given, or per "
     "expert as weights@N (default: 1 each)",
 )
-SCALE_OPTION = Option("scale", "float", 1.0, "λ, the factor on the merged task vector")
+SCALE_OPTION = Option(
+    "scale",
+    "float|auto",
+    1.0,
+    "λ, the factor on the merged task vector; auto: the best of -o grid on -o val data",
+)
+SCALE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0)
+VAL_OPTION = Option(
+    "val",
+    "str",
+    None,
+    "with scale auto: the data file each scale is scored on (labelled rows: accuracy; "
+    "text lines: perplexity), in the formats eval reads",
+)
+GRID_OPTION = Option("grid", "floats", SCALE_GRID, "with scale auto: the scales tried")
 SPACE_OPTION = Option(
     "space",
     "choice",
@@ -253,8 +267,12 @@ class TensorMerge(Method):
         core space (``-o space core``, :mod:`compressor.merging.core`)."""
         super().__init_subclass__(**kwargs)
         names = {o.name for o in cls.options}
-        if cls.space == "delta" and cls.run is TensorMerge.run and "space" not in names:
+        if cls.run is not TensorMerge.run:
+            return
+        if cls.space == "delta" and "space" not in names:
             cls.options = (*cls.options, SPACE_OPTION, RANK_OPTION)
+        if SCALE_OPTION in cls.options and "val" not in names:
+            cls.options = (*cls.options, VAL_OPTION, GRID_OPTION)
 
     def parse_options(self, pairs, labels=None):
         """Check ``-o`` pairs; keys may name an expert (``@N``) and a filter (``:TEXT``)."""
@@ -298,16 +316,11 @@ class TensorMerge(Method):
         """The artifact's metrics (the loop adds the expert count)."""
         return {}
 
-    def run(self, job):
-        from compressor.io.safetensors import dtype_from_name
+    def prepared(self, job):
+        """What a pass over the tensors needs: (base, reference, views, params, positions,
+        state); the base is None where it is one more input (``base_is_input``)."""
         from compressor.merging.params import TensorParameters, layer_positions
 
-        if job.options.get("space") == "core":
-            from compressor.merging.core import run_core_space
-
-            return run_core_space(self, job)
-        if job.options.get("rank") is not None:
-            raise OptionError("option 'rank' applies to -o space core only")
         base, inputs = job.base, list(job.inputs)
         if self.base_is_input and base is not None:
             inputs, base = [*inputs, base], None
@@ -317,9 +330,23 @@ class TensorMerge(Method):
         reference = base if base is not None else inputs[0]
         views = _input_views(self, reference_base, base, inputs, job)
         params = TensorParameters(job.options, self.per_expert, len(inputs))
-        names = reference.names()
-        positions = job.positions or layer_positions(names)
-        state = self.prepare(job, views)
+        positions = job.positions or layer_positions(reference.names())
+        return base, reference, views, params, positions, self.prepare(job, views)
+
+    def run(self, job):
+        from compressor.io.safetensors import dtype_from_name
+
+        if job.options.get("space") == "core":
+            from compressor.merging.core import run_core_space
+
+            return run_core_space(self, job)
+        if job.options.get("rank") is not None:
+            raise OptionError("option 'rank' applies to -o space core only")
+        if job.options.get("scale") == "auto":
+            from compressor.merging.autoscale import run_scale_auto
+
+            return run_scale_auto(self, job)
+        base, reference, views, params, positions, state = self.prepared(job)
         fixed = job.compute_dtype not in (None, "stored")
         exact_dtype = dtype_from_name(job.compute_dtype) if fixed else None
         for name in job.progress(part_names(reference, job.part), desc=self.name):
