@@ -164,3 +164,33 @@ def test_one_expert_is_refused(run, four, private_store, plugin):
         f"method '{plugin}' needs at least 2 experts; got 1",
         code=2,
     )
+
+
+def test_iso_c_by_newton_schulz_matches_the_svd(run, four):
+    """The matrix-product route to U·Vᵀ lands within 1e-5 of the SVD's."""
+    base, experts = four
+    args = ["--quiet", "merge", "-p", "iso-c", "--base", base, *experts]
+    assert run(*args, "-n", "svd").exit_code == 0
+    assert run(*args, "-o", "polar", "newton-schulz", "-n", "ns").exit_code == 0
+    a, b, t0 = artifact_tensors("svd"), artifact_tensors("ns"), dir_tensors(base)
+    for name in a:
+        da, db = a[name].double() - t0[name].double(), b[name].double() - t0[name].double()
+        if da.norm() > 0:
+            assert float((da - db).norm() / da.norm()) < 1e-5, name
+
+
+def test_low_rank_task_vectors_keep_only_their_nonzero_directions():
+    """A rank-2 sum: Iso-C is mean(σ₁, σ₂)·U₂V₂ᵀ, not the null space's arbitrary vectors."""
+    from compressor.plugins.subspace.rules import iso_cts_merge, iso_merge
+
+    g = torch.Generator().manual_seed(0)
+    taus = [
+        torch.randn(12, 1, generator=g, dtype=torch.float64)
+        @ torch.randn(1, 9, generator=g, dtype=torch.float64)
+        for _ in range(2)
+    ]
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    want = s[:2].mean() * u[:, :2] @ vh[:2]
+    torch.testing.assert_close(iso_merge(taus), want)
+    torch.testing.assert_close(iso_merge(taus, "newton-schulz"), want, rtol=1e-5, atol=1e-6)
+    assert torch.linalg.matrix_rank(iso_cts_merge(taus)) == 2

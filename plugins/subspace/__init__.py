@@ -85,9 +85,20 @@ class IsoMerge(_SubspaceMerge):
     name = "iso-c"
     summary = "Iso-C: the task-arithmetic sum with every singular value set to their mean"
     reference = "https://arxiv.org/abs/2502.04959"
+    options = (
+        *_SubspaceMerge.options,
+        Option(
+            "polar",
+            "choice",
+            "svd",
+            "how U·Vᵀ is found: svd (float64, exact) or newton-schulz (float32 matrix "
+            "products, within 1e-5 of the SVD; faster on GPUs)",
+            choices=("svd", "newton-schulz"),
+        ),
+    )
 
     def rule(self, taus, shared):
-        return iso_merge(taus)
+        return iso_merge(taus, shared["polar"])
 
 
 def _fraction(value: float) -> str | None:

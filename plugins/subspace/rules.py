@@ -2,6 +2,11 @@
 
 Every function takes the τ_t (already times their weights) in float64 and returns Δ in
 float64; the SVDs are full and thin (``torch.linalg.svd(full_matrices=False)``).
+
+Singular directions of a zero σ are arbitrary (any basis of the null space will do), so
+every rule keeps only the directions above float32's rounding (:func:`numerical_rank`):
+for the full-rank task vectors of full fine-tunes this is the papers' rule; for low-rank
+ones (LoRA experts, core-space cores) it is what makes the result well defined.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def numerical_rank(s: torch.Tensor, shape) -> int:
+def numerical_rank(s: torch.Tensor, shape, top: float | None = None) -> int:
     """How many singular values are above float32's rounding of the data (the input
-    weights are float32 or narrower): σ > σ_max · max(shape) · ε₃₂, matrix_rank's rule."""
+    weights are float32 or narrower): σ > σ_max · max(shape) · ε₃₂, matrix_rank's rule;
+    ``top`` replaces σ_max where s belongs to a remainder of a larger matrix."""
     if s.numel() == 0:
         return 0
-    return int((s > s[0] * max(shape) * 1.1920929e-07).sum())
+    return int((s > (float(s[0]) if top is None else top) * max(shape) * 1.1920929e-07).sum())
 
 
 def tsv_merge(taus: list[torch.Tensor]) -> torch.Tensor:
@@ -48,12 +54,46 @@ def tsv_merge(taus: list[torch.Tensor]) -> torch.Tensor:
     return polar(torch.cat(us, dim=1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vhs, dim=0))
 
 
-def iso_merge(taus: list[torch.Tensor]) -> torch.Tensor:
-    """Iso-C: the sum Στ_t with every singular value set to their mean."""
+def newton_schulz_polar(matrix: torch.Tensor, steps: int = 30, tol: float = 1e-6):
+    """The polar factor by the cubic Newton–Schulz iteration X ← 1.5·X − 0.5·X·Xᵀ·X in
+    float32 (matrix products only: the route for accelerators), from X₀ = M/‖M‖_F; None
+    where it has not settled (‖X − X·Xᵀ·X‖ ≤ 2·tol·‖X‖) within ``steps``.
+
+    The cap matters: a direction of σ ≥ 1.5⁻²⁵·‖M‖_F reaches 1 within 30 steps, while
+    float32's rounding noise (~1e-7) in a rank-deficient M's null space grows by 1.5 a
+    step and is still far from 0 or 1 at step 30, so such an M does not settle and the
+    caller takes the SVD, which drops those directions."""
+
+    x = (matrix / matrix.norm()).float()
+    wide = x.shape[0] <= x.shape[1]
+    for _ in range(steps):
+        gram = x @ x.T if wide else x.T @ x
+        step = gram @ x if wide else x @ gram
+        nxt = 1.5 * x - 0.5 * step
+        if float((nxt - x).norm()) <= tol * float(nxt.norm()):
+            return nxt.double()
+        x = nxt
+    return None
+
+
+def iso_merge(taus: list[torch.Tensor], polar_by: str = "svd") -> torch.Tensor:
+    """Iso-C: the sum Στ_t with every (nonzero) singular value set to their mean.
+
+    ``polar_by`` ``newton-schulz``: U·Vᵀ by :func:`newton_schulz_polar` and Σσ as
+    trace((U·Vᵀ)ᵀ·M), the rank as ‖U·Vᵀ‖²_F; the SVD where the iteration does not settle."""
     import torch
 
-    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(dim=0), full_matrices=False)
-    return s.mean() * (u @ vh)
+    total = torch.stack(taus).sum(dim=0)
+    if polar_by == "newton-schulz" and float(total.norm()) > 0:
+        factor = newton_schulz_polar(total)
+        if factor is not None:
+            rank = max(1, round(float(factor.square().sum())))
+            return float((factor * total).sum()) / rank * factor
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    k = numerical_rank(s, total.shape)
+    if k == 0:
+        return torch.zeros_like(total)
+    return s[:k].mean() * (u[:, :k] @ vh[:k])
 
 
 def common_size(rank: int, experts: int, fraction: float) -> tuple[int, int]:
@@ -75,14 +115,18 @@ def iso_cts_merge(taus: list[torch.Tensor], fraction: float = 0.8) -> torch.Tens
     total = torch.stack(taus).sum(dim=0)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     common, per_task = common_size(min(total.shape), len(taus), fraction)
-    us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
+    kept = min(common, numerical_rank(s, total.shape))
+    us, ss, vhs = [u[:, :kept]], [s[:kept]], [vh[:kept]]
     if per_task:
-        shared = u[:, :common]
+        shared = u[:, :kept]
         for tau in taus:
             own = tau - shared @ (shared.T @ tau)
             ut, st, vht = torch.linalg.svd(own, full_matrices=False)
-            us.append(ut[:, :per_task])
-            ss.append(st[:per_task])
-            vhs.append(vht[:per_task])
+            k = min(per_task, numerical_rank(st, own.shape, top=float(s[0])))
+            us.append(ut[:, :k])
+            ss.append(st[:k])
+            vhs.append(vht[:k])
+    if not sum(x.numel() for x in ss):
+        return torch.zeros_like(total)
     flat = torch.cat(ss).mean()
     return flat * (polar(torch.cat(us, dim=1)) @ polar(torch.cat(vhs, dim=0)))
