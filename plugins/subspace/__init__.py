@@ -50,18 +50,22 @@ class _SubspaceMerge(TensorMerge):
     def merge(self, call):
         import torch
 
-        dtype = getattr(torch, self.precision)
         weights = expert_weights(call.per["weights"])
+        if not in_subspace(call.name, call.base.shape):  # the mean, accumulated in float32
+            for d, w in zip(call.tensors, weights, strict=True):
+                if d is not None:
+                    call.base.add_(
+                        d.reshape(call.base.shape), alpha=w * call.shared["scale"] / len(weights)
+                    )
+            return call.base
+        dtype = getattr(torch, self.precision)
         taus = [
             torch.zeros(call.base.shape, dtype=dtype)
             if d is None
             else d.reshape(call.base.shape).to(dtype) * w
             for d, w in zip(call.tensors, weights, strict=True)
         ]
-        if in_subspace(call.name, call.base.shape):
-            delta = self.rule(taus, call.shared)
-        else:
-            delta = torch.stack(taus).mean(dim=0)
+        delta = self.rule(taus, call.shared)
         return call.base.add_(delta.float(), alpha=call.shared["scale"])
 
     def rule(self, taus, shared):
