@@ -58,8 +58,10 @@ class TaskScorer:
     def __init__(self, part_dir: Path, tasks: list[str]):
         from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+        from compressor.io.sources import open_model_dir
         from compressor.learning.data import read_examples
         from compressor.learning.tasks import Task
+        from compressor.models.modeling import checkpoint_names
 
         self.tasks = tasks
         self.entries = {}
@@ -81,17 +83,26 @@ class TaskScorer:
                 splits[split] = objective.split(read_examples(data), str(data), 64)
             head = {k: v.clone() for k, v in model.state_dict().items() if "classifier" in k}
             self.entries[task] = (model, objective, splits, head)
+            # checkpoint name → the model's parameter (transformers 5 renames ViT's modules)
+            with open_model_dir(path) as source:
+                self.param_of = {c: p for p, c in checkpoint_names(model, source).items()}
 
     def scores(self, body: dict | None, split: str) -> dict[str, float]:
         """Accuracy per task of ``body`` (None: each expert as it is) on a split."""
         import torch
 
         out = {}
+        if body is not None:
+            unknown = [n for n in body if n not in self.param_of]
+            if unknown:
+                raise SystemExit(f"the merged body has tensors no task model takes: {unknown[:3]}")
+            body = {self.param_of[n]: t for n, t in body.items()}
         for task, (model, objective, splits, _) in self.entries.items():
             saved = None
             if body is not None:
                 saved = {k: v.clone() for k, v in model.state_dict().items() if k in body}
-                model.load_state_dict(body, strict=False)
+                result = model.load_state_dict(body, strict=False)
+                assert not result.unexpected_keys, result.unexpected_keys
             with torch.inference_mode():
                 m = objective.metrics(lambda x, model=model: model(**x).logits, splits[split])
             out[task] = m["accuracy"]

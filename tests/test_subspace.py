@@ -194,3 +194,49 @@ def test_low_rank_task_vectors_keep_only_their_nonzero_directions():
     torch.testing.assert_close(iso_merge(taus), want)
     torch.testing.assert_close(iso_merge(taus, "newton-schulz"), want, rtol=1e-5, atol=1e-6)
     assert torch.linalg.matrix_rank(iso_cts_merge(taus)) == 2
+
+
+def svc_reference(factors, taus, alpha):
+    """SVC from its definition, one singular direction of Δ = U·diag(s)·Vᵀ at a time."""
+    u, s, vh = factors
+    delta = (u * s) @ vh
+    out = torch.zeros_like(delta)
+    for r in range(s.numel()):
+        m = u[:, r] @ delta
+        ratios = []
+        for t in taus:
+            a = u[:, r] @ t
+            ratios.append(float(m @ a / (a @ a)))
+        eta = sum(max(x, alpha) for x in ratios) / len(ratios)
+        out += (s[r] / eta) * torch.outer(u[:, r], vh[r])
+    return out
+
+
+def tsv_factors_reference(taus):
+    k = min(taus[0].shape) // len(taus)
+    parts = [_svd(t) for t in taus]
+    u = _orthogonal(torch.cat([p[0][:, :k] for p in parts], dim=1))
+    vh = _orthogonal(torch.cat([p[2][:k] for p in parts], dim=0))
+    return u, torch.cat([p[1][:k] for p in parts]), vh
+
+
+def iso_factors_reference(taus):
+    u, s, vh = _svd(sum(taus))  # Iso-C's Δ has one σ: its basis is the sum's
+    return u, s.mean().expand(s.numel()), vh
+
+
+@pytest.mark.parametrize(
+    "plugin, factors, alpha",
+    [("iso-c", iso_factors_reference, 0.25), ("tsv-m", tsv_factors_reference, 1.0)],
+)
+def test_singular_value_calibration_follows_its_definition(run, four, plugin, factors, alpha):
+    """-o calibrate svc, with the authors' α: 1 for TSV-M, 1/T for the others."""
+    base, experts = four
+    args = ["--quiet", "merge", "-p", plugin, "--base", base, *experts, "-o", "calibrate", "svc"]
+    assert run(*args, "-n", "svc").exit_code == 0
+    got = artifact_tensors("svc")
+    want = _expected(
+        base, experts, lambda taus: svc_reference(factors(taus), taus, alpha), (1,) * 4, 1.0
+    )
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)

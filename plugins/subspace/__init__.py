@@ -27,7 +27,15 @@ from compressor.hookspecs import hookimpl
 from compressor.merging.loop import SCALE_OPTION, WEIGHTS_OPTION, TensorMerge, expert_weights
 from compressor.merging.params import is_pre_layers
 from compressor.method import Option, positive
-from compressor.plugins.subspace.rules import iso_cts_merge, iso_merge, tsv_merge
+from compressor.plugins.subspace.rules import (
+    iso_cts_factors,
+    iso_cts_merge,
+    iso_factors,
+    iso_merge,
+    svc_calibrate,
+    tsv_factors,
+    tsv_merge,
+)
 from compressor.plugins.subspace.wudi import LR, STEPS, wudi_merge
 
 
@@ -44,8 +52,28 @@ class _SubspaceMerge(TensorMerge):
     min_inputs = 2
     max_inputs = None
     per_expert = frozenset({"weights"})
-    options = (WEIGHTS_OPTION, SCALE_OPTION)
+    options = (
+        WEIGHTS_OPTION,
+        SCALE_OPTION,
+        Option(
+            "calibrate",
+            "choice",
+            "none",
+            "svc: Singular Value Calibration of each merged weight (arXiv 2602.05536), "
+            "shrinking the directions several experts share",
+            choices=("none", "svc"),
+        ),
+        Option(
+            "svc_alpha",
+            "float",
+            None,
+            "SVC's floor α on each expert's ratio (default: the authors' 1 for tsv-m, 1/T "
+            "for the others)",
+            check=positive,
+        ),
+    )
     precision = "float64"
+    svc_alpha: float | None = None  # None: 1/T
 
     def merge(self, call):
         import torch
@@ -65,8 +93,24 @@ class _SubspaceMerge(TensorMerge):
             else d.reshape(call.base.shape).to(dtype) * w
             for d, w in zip(call.tensors, weights, strict=True)
         ]
-        delta = self.rule(taus, call.shared)
+        if call.shared["calibrate"] == "svc":
+            alpha = self.svc_alpha if call.shared["svc_alpha"] is None else call.shared["svc_alpha"]
+            taus = [t.double() for t in taus]
+            factors = self.factors(taus, call.shared)
+            if factors is None:
+                delta = torch.zeros_like(taus[0])
+            else:
+                delta = svc_calibrate(taus, alpha or 1 / len(taus), factors=factors)
+        else:
+            delta = self.rule(taus, call.shared)
         return call.base.add_(delta.float(), alpha=call.shared["scale"])
+
+    def factors(self, taus, shared):
+        """Δ as (U, σ's, Vᵀ) for SVC: the rule's own factors where it builds Δ from them
+        (None: Δ is zero), else an SVD of Δ."""
+        import torch
+
+        return torch.linalg.svd(self.rule(taus, shared).double(), full_matrices=False)
 
     def rule(self, taus, shared):
         raise NotImplementedError
@@ -78,9 +122,13 @@ class TsvMerge(_SubspaceMerge):
     name = "tsv-m"
     summary = "TSV-M: each τ's top r/T singular triplets, their bases made orthogonal"
     reference = "https://arxiv.org/abs/2412.00081"
+    svc_alpha = 1.0
 
     def rule(self, taus, shared):
         return tsv_merge(taus)
+
+    def factors(self, taus, shared):
+        return tsv_factors(taus)
 
 
 class IsoMerge(_SubspaceMerge):
@@ -103,6 +151,11 @@ class IsoMerge(_SubspaceMerge):
 
     def rule(self, taus, shared):
         return iso_merge(taus, shared["polar"])
+
+    def factors(self, taus, shared):
+        import torch
+
+        return iso_factors(torch.stack(taus).sum(dim=0))
 
 
 def _fraction(value: float) -> str | None:
@@ -128,6 +181,9 @@ class IsoCtsMerge(_SubspaceMerge):
 
     def rule(self, taus, shared):
         return iso_cts_merge(taus, shared["common"])
+
+    def factors(self, taus, shared):
+        return iso_cts_factors(taus, shared["common"])
 
 
 class WudiMerge(_SubspaceMerge):

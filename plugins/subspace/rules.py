@@ -34,11 +34,26 @@ def numerical_rank(s: torch.Tensor, shape, top: float | None = None) -> int:
     return int((s > (float(s[0]) if top is None else top) * max(shape) * 1.1920929e-07).sum())
 
 
+def compose(factors) -> torch.Tensor:
+    """U·diag(s)·Vᵀ from (U, s, Vᵀ)."""
+    u, s, vh = factors
+    return (u * s) @ vh
+
+
 def tsv_merge(taus: list[torch.Tensor]) -> torch.Tensor:
+    """TSV-M's Δ (see :func:`tsv_factors`)."""
+    import torch
+
+    factors = tsv_factors(taus)
+    return torch.zeros_like(taus[0]) if factors is None else compose(factors)
+
+
+def tsv_factors(taus: list[torch.Tensor]):
     """TSV-M: each τ_t's top ⌊r/T⌋ triplets; the stacked bases replaced by their polar
-    factors; Δ = U⊥ · diag(the kept σ's) · V⊥ᵀ. A τ of lower rank than ⌊r/T⌋ (a LoRA's,
-    a core's) gives only its nonzero triplets: the singular vectors of a zero σ are
-    arbitrary and would still move every other column through the polar factor."""
+    factors; Δ = U⊥ · diag(the kept σ's) · V⊥ᵀ, returned as (U⊥, σ's, V⊥ᵀ) (None where
+    every τ is zero). A τ of lower rank than ⌊r/T⌋ (a LoRA's, a core's) gives only its
+    nonzero triplets: the singular vectors of a zero σ are arbitrary and would still
+    move every other column through the polar factor."""
     import torch
 
     keep = max(1, min(taus[0].shape) // len(taus))
@@ -50,8 +65,8 @@ def tsv_merge(taus: list[torch.Tensor]) -> torch.Tensor:
         ss.append(s[:k])
         vhs.append(vh[:k])
     if not sum(s.numel() for s in ss):
-        return torch.zeros_like(taus[0])
-    return polar(torch.cat(us, dim=1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vhs, dim=0))
+        return None
+    return polar(torch.cat(us, dim=1)), torch.cat(ss), polar(torch.cat(vhs, dim=0))
 
 
 def newton_schulz_polar(matrix: torch.Tensor, steps: int = 30, tol: float = 1e-6):
@@ -89,11 +104,20 @@ def iso_merge(taus: list[torch.Tensor], polar_by: str = "svd") -> torch.Tensor:
         if factor is not None:
             rank = max(1, round(float(factor.square().sum())))
             return float((factor * total).sum()) / rank * factor
+    factors = iso_factors(total)
+    return torch.zeros_like(total) if factors is None else compose(factors)
+
+
+def iso_factors(total: torch.Tensor):
+    """Iso-C's Δ as (U, flat σ's, Vᵀ): the sum's own singular vectors of nonzero σ, each
+    with their mean (None where the sum is zero)."""
+    import torch
+
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     k = numerical_rank(s, total.shape)
     if k == 0:
-        return torch.zeros_like(total)
-    return s[:k].mean() * (u[:, :k] @ vh[:k])
+        return None
+    return u[:, :k], s[:k].mean().expand(k), vh[:k]
 
 
 def common_size(rank: int, experts: int, fraction: float) -> tuple[int, int]:
@@ -107,9 +131,17 @@ def common_size(rank: int, experts: int, fraction: float) -> tuple[int, int]:
 
 
 def iso_cts_merge(taus: list[torch.Tensor], fraction: float = 0.8) -> torch.Tensor:
+    """Iso-CTS's Δ (see :func:`iso_cts_factors`)."""
+    import torch
+
+    factors = iso_cts_factors(taus, fraction)
+    return torch.zeros_like(taus[0]) if factors is None else compose(factors)
+
+
+def iso_cts_factors(taus: list[torch.Tensor], fraction: float = 0.8):
     """Iso-CTS: the sum's top directions (the common subspace) and each τ_t's own top
     directions outside it, the two bases made orthogonal by their polar factors, with
-    a flat spectrum: every kept σ replaced by their mean."""
+    a flat spectrum: every kept σ replaced by their mean. (U⊥, σ's, V⊥ᵀ), or None."""
     import torch
 
     total = torch.stack(taus).sum(dim=0)
@@ -127,6 +159,31 @@ def iso_cts_merge(taus: list[torch.Tensor], fraction: float = 0.8) -> torch.Tens
             ss.append(st[:k])
             vhs.append(vht[:k])
     if not sum(x.numel() for x in ss):
-        return torch.zeros_like(total)
+        return None
     flat = torch.cat(ss).mean()
-    return flat * (polar(torch.cat(us, dim=1)) @ polar(torch.cat(vhs, dim=0)))
+    u_all, vh_all = polar(torch.cat(us, dim=1)), polar(torch.cat(vhs, dim=0))
+    return u_all, flat.expand(u_all.shape[1]), vh_all
+
+
+def svc_calibrate(taus: list[torch.Tensor], alpha: float, delta=None, factors=None):
+    """Singular Value Calibration (Li et al., ICML 2026, arXiv 2602.05536): Δ = U·Σ·Vᵀ;
+    along each left singular vector u_r, task t's response is a = u_rᵀτ_t and the merge's
+    m = u_rᵀΔ; s_rt = ⟨m, a⟩/‖a‖² says how many times over the merge carries task t's
+    response there; σ_r is divided by mean_t max(s_rt, α). Directions several tasks
+    share (inflated by the sum) shrink; the rest keep their σ where α ≤ 1.
+
+    ``factors``: the merge's own (U, σ's, Vᵀ) of Δ, used as its SVD. Iso-C's and
+    Iso-CTS's Δ have one repeated σ, so an SVD of Δ may return any basis of it and the
+    calibration would depend on the library's choice; their construction's is exact."""
+    import torch
+
+    if factors is None:
+        factors = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = factors
+    merged = s[:, None] * vh  # [r, n]: each row u_rᵀΔ
+    ratios = []
+    for tau in taus:
+        a = u.T @ tau  # [r, n]
+        ratios.append((merged * a).sum(dim=1) / a.square().sum(dim=1).clamp_min(1e-30))
+    eta = torch.stack(ratios, dim=1).clamp_min(alpha).mean(dim=1)
+    return (u * (s / eta)) @ vh
