@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import sys
 import tempfile
@@ -29,27 +30,37 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "suite"))
 sys.path.insert(0, str(HERE))
+ROOT = HERE.parent
 
-GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0)
-METHODS = {  # method -> fixed options (the papers' or mergekit's defaults)
-    "linear": {},
-    "task-arithmetic": {},
-    "ties": {"density": 0.2},
-    "dare-ties": {"density": 0.3, "seed": 0},
-    "dare-linear": {"density": 0.3, "seed": 0},
-    "breadcrumbs-ties": {},
-    "della": {"density": 0.3, "seed": 0},
-    "sce": {"select_topk": 0.1},
-    "model-stock": {},
-    "karcher": {},
-    "multislerp": {},
-    "tsv-m": {},
-    "iso-c": {},
-    "iso-cts": {},
-    "wudi": {},
+GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
+METHODS = {  # row label -> (plugin, fixed options: the papers' or mergekit's defaults)
+    "linear": ("linear", {}),
+    "task-arithmetic": ("task-arithmetic", {}),
+    "ties": ("ties", {"density": 0.2}),
+    "dare-ties": ("dare-ties", {"density": 0.3, "seed": 0}),
+    "dare-linear": ("dare-linear", {"density": 0.3, "seed": 0}),
+    "breadcrumbs-ties": ("breadcrumbs-ties", {}),
+    "della": ("della", {"density": 0.3, "seed": 0}),
+    "sce": ("sce", {}),
+    "model-stock": ("model-stock", {}),
+    "karcher": ("karcher", {}),
+    "multislerp": ("multislerp", {}),
+    "tsv-m": ("tsv-m", {}),
+    "iso-c": ("iso-c", {}),
+    "iso-cts": ("iso-cts", {}),
+    "wudi": ("wudi", {}),
+    "tsv-m + svc": ("tsv-m", {"calibrate": "svc"}),
+    "iso-c + svc": ("iso-c", {"calibrate": "svc"}),
+    "iso-cts + svc": ("iso-cts", {"calibrate": "svc"}),
+    "wudi + svc": ("wudi", {"calibrate": "svc"}),
 }
 UNSCALED = {"linear", "model-stock", "karcher", "multislerp"}
-NEW = {"tsv-m", "iso-c", "iso-cts", "wudi"}
+NEW = {
+    label
+    for label, (plugin, _) in METHODS.items()
+    if plugin in ("tsv-m", "iso-c", "iso-cts", "wudi")
+}
+CACHE = ROOT / "bench-data" / "merge-quality"
 
 
 class TaskScorer:
@@ -135,8 +146,10 @@ def body_copy(expert: Path, out: Path) -> str:
 
 
 def evaluate_part(
-    part_dir: Path, tasks: list[str], methods: dict, store, work: Path, log
+    part_dir: Path, tasks: list[str], methods: dict, store, work: Path, log, cache: dict
 ) -> list[dict]:
+    """Rows for the methods (the experts' first); rows found in ``cache`` (label → row,
+    from an earlier run on the same suite) are reused, new ones added to it."""
     import torch
 
     import compressor
@@ -148,9 +161,12 @@ def evaluate_part(
     expert_test = scorer.scores(None, "test")
     rows = [{"method": "experts (each on its own task)", "test": expert_test, "note": ""}]
     log(f"experts: {sum(expert_test.values()) / len(tasks):.3f}")
-    for method, fixed in methods.items():
+    for method, (plugin, fixed) in methods.items():
+        if method in cache:
+            rows.append(cache[method])
+            continue
         t0 = time.monotonic()
-        rec = compressor.merge(method, experts, base=base_path, options=dict(fixed), store=store)
+        rec = compressor.merge(plugin, experts, base=base_path, options=dict(fixed), store=store)
         seconds = time.monotonic() - t0
         merged = read_tensors(store, rec.id)
         missing = set(base) - set(merged)
@@ -175,6 +191,7 @@ def evaluate_part(
         rows.append(
             {"method": method, "test": test, "note": note, "seconds": seconds, "curve": val_curve}
         )
+        cache[method] = rows[-1]
         absolute = sum(test.values()) / len(tasks)
         normalized = sum(test[t] / max(expert_test[t], 1e-9) for t in tasks) / len(tasks)
         log(f"{method}: abs {absolute:.3f} norm {normalized:.3f} {note} ({seconds:.0f} s merge)")
@@ -232,7 +249,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--parts", default="text,image")
-    ap.add_argument("--methods", help="comma-separated subset of the methods")
+    ap.add_argument("--methods", help="comma-separated subset of the rows (their labels)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute every row (else rows of an earlier run "
+        "on the same suite, kept in bench-data/merge-quality/, are reused)",
+    )
+    ap.add_argument("--cache-dir", type=Path, default=CACHE, help="where rows are kept")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
 
@@ -248,7 +272,9 @@ def main() -> None:
     suite = multitask.build(multitask.SMOKE if args.smoke else multitask.FULL)
     methods = METHODS
     if args.methods:
-        methods = {m: METHODS.get(m, {}) for m in args.methods.split(",")}
+        methods = {m: METHODS.get(m, (m, {})) for m in args.methods.split(",")}
+    cache_file = args.cache_dir / f"{suite.name}.json"
+    cache = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
     work = Path(tempfile.mkdtemp(prefix="merge-quality-"))
     results = {}
     try:
@@ -262,8 +288,11 @@ def main() -> None:
                     store,
                     work,
                     lambda s, p=part: print(f"[{p}] {s}", flush=True),
+                    cache.setdefault(part, {}),
                 )
                 results[part] = (tasks, rows)
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                cache_file.write_text(json.dumps(cache, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = "\n\n".join(table(p, t, r) for p, (t, r) in results.items())

@@ -155,7 +155,7 @@ def checkpoint_names(net, source) -> dict[str, str]:
     )
     found = {}
     for pname, p in twin.named_parameters():
-        k = float(p.reshape(-1)[0]) - offset
+        k = float(p.detach().reshape(-1)[0]) - offset
         if k.is_integer() and 0 <= k < len(names) and bool((p == p.reshape(-1)[0]).all()):
             found[pname] = names[int(k)]
     del twin
