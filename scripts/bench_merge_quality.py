@@ -146,10 +146,10 @@ def body_copy(expert: Path, out: Path) -> str:
 
 
 def evaluate_part(
-    part_dir: Path, tasks: list[str], methods: dict, store, work: Path, log, cache: dict
+    part_dir: Path, tasks: list[str], methods: dict, store, work: Path, log, cache: dict, save
 ) -> list[dict]:
     """Rows for the methods (the experts' first); rows found in ``cache`` (label → row,
-    from an earlier run on the same suite) are reused, new ones added to it."""
+    from an earlier run on the same suite) are reused, new ones added to it and saved."""
     import torch
 
     import compressor
@@ -192,6 +192,7 @@ def evaluate_part(
             {"method": method, "test": test, "note": note, "seconds": seconds, "curve": val_curve}
         )
         cache[method] = rows[-1]
+        save()
         absolute = sum(test.values()) / len(tasks)
         normalized = sum(test[t] / max(expert_test[t], 1e-9) for t in tasks) / len(tasks)
         log(f"{method}: abs {absolute:.3f} norm {normalized:.3f} {note} ({seconds:.0f} s merge)")
@@ -275,6 +276,11 @@ def main() -> None:
         methods = {m: METHODS.get(m, (m, {})) for m in args.methods.split(",")}
     cache_file = args.cache_dir / f"{suite.name}.json"
     cache = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
+
+    def save():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache, indent=1))
+
     work = Path(tempfile.mkdtemp(prefix="merge-quality-"))
     results = {}
     try:
@@ -289,10 +295,9 @@ def main() -> None:
                     work,
                     lambda s, p=part: print(f"[{p}] {s}", flush=True),
                     cache.setdefault(part, {}),
+                    save,
                 )
                 results[part] = (tasks, rows)
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                cache_file.write_text(json.dumps(cache, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = "\n\n".join(table(p, t, r) for p, (t, r) in results.items())

@@ -95,11 +95,12 @@ class _SubspaceMerge(TensorMerge):
         ]
         if call.shared["calibrate"] == "svc":
             alpha = self.svc_alpha if call.shared["svc_alpha"] is None else call.shared["svc_alpha"]
-            taus = [t.double() for t in taus]
             factors = self.factors(taus, call.shared)
+            taus = [t.double() for t in taus]
             if factors is None:
                 delta = torch.zeros_like(taus[0])
             else:
+                factors = tuple(f.double() for f in factors)
                 delta = svc_calibrate(taus, alpha or 1 / len(taus), factors=factors)
         else:
             delta = self.rule(taus, call.shared)
