@@ -110,27 +110,19 @@ def part_speed(work: Path) -> str:
     return "\n".join(lines)
 
 
-def save_lora(base: Path, out: Path, seed: int, r: int = 16) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(base)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "key", "value", "dense"])
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.02)
-    peft_model.save_pretrained(out)
-    return out
-
-
 def part_core(work: Path) -> str:
-    from compressor.demo.models import minilm_dir
+    from compressor.demo.models import minilm_dir, save_random_lora
 
     base = minilm_dir()
-    adapters = [str(save_lora(base, work / f"lora{i}", seed=i)) for i in range(8)]
+    targets = ("query", "key", "value", "dense")
+    adapters = [
+        str(
+            save_random_lora(
+                base, work / f"lora{i}", i, targets, 16, std=0.02, auto_class="AutoModel"
+            )
+        )
+        for i in range(8)
+    ]
     compress = [sys.executable, "-m", "compressor", "--quiet", "--store", str(work / "store")]
     lines = [
         "| merge | full space: wall (s) | peak RSS (GB) | core space: wall (s) | peak RSS (GB) "

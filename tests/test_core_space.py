@@ -10,25 +10,14 @@ import torch
 from conftest import artifact_tensors, assert_refused, dir_tensors
 from test_subspace import iso_reference, tsv_reference
 
+from compressor.demo.models import save_random_lora
+
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
 def save_adapter(base, out, r, alpha, seed, targets=TARGETS):
     """A real PEFT LoRA adapter on ``base`` with random (non-zero) A and B."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets))
-    )
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
-    peft_model.save_pretrained(out)
-    return out
+    return save_random_lora(base, out, seed, targets, r, alpha)
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,11 @@ import pytest
 import torch
 from conftest import assert_refused
 
+from compressor.demo.models import save_random_lora
+
 
 def _adapter(base: Path, out: Path, seed: int, targets=("q_proj", "v_proj", "down_proj"), r=4):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets))
-    )
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.normal_(std=0.1)
-    peft_model.save_pretrained(out)
-    return out
+    return save_random_lora(base, out, seed, targets, r, std=0.1, factors="lora_")
 
 
 def _deltas(adapter: Path) -> dict[str, torch.Tensor]:

@@ -123,3 +123,35 @@ def save_stepped_finetune(base: Path, out: Path, seed: int, step: float = 1e-3) 
     return _save_changed(
         base, out, seed, lambda t, gen: torch.randint(-3, 4, t.shape, generator=gen).float() * step
     )
+
+
+def save_random_lora(
+    base: Path,
+    out: Path,
+    seed: int,
+    targets=("q_proj", "v_proj", "down_proj"),
+    r: int = 4,
+    alpha: float | None = None,
+    std: float = 0.05,
+    factors: str = "lora_B",
+    auto_class: str = "AutoModelForCausalLM",
+) -> Path:
+    """A real PEFT LoRA adapter on ``base`` whose ``factors`` (``lora_B``: PEFT starts it
+    at zero; ``lora_``: both) are drawn from N(0, std²) with the seed: an expert with a
+    change to merge, for tests and benchmarks."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = getattr(transformers, auto_class).from_pretrained(base)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha if alpha is not None else 2 * r, target_modules=list(targets)
+    )
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if factors in n:
+                p.normal_(std=std)
+    peft_model.save_pretrained(out)
+    return Path(out)
