@@ -145,7 +145,7 @@ class IsoMerge(_SubspaceMerge):
             "choice",
             "svd",
             "how U·Vᵀ is found: svd (float64, exact) or newton-schulz (float32 matrix "
-            "products, within 1e-5 of the SVD; faster on GPUs)",
+            "products, within 1e-5 of the SVD: the route for accelerators; no faster on CPUs)",
             choices=("svd", "newton-schulz"),
         ),
     )
