@@ -11,7 +11,8 @@ of the 1.5B shape (hidden 2048, FFN 5632, vocab 32000, bf16), TIES beside them. 
 whole-model time of the 1.5B shape (30 layers) and of a Llama-2-7B shape (32 layers,
 hidden 4096, FFN 11008) is extrapolated from the measured layer by each method's flop
 count per layer (an SVD of m × n costs ∝ m·n·min(m, n); a WUDI step ∝ its product).
-WUDI runs 10 of its 300 Adam steps; its time is scaled to 300 (each step costs the same).
+WUDI runs 10 of its 300 Adam steps; its time is scaled to 300 (each step costs the same):
+t₃₀₀ = t_io + 30·(t₁₀ − t_io), with t_io the TIES row's time (reading, writing, start-up).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def part_speed(work: Path) -> str:
             cmd += [str(root / "ft1"), str(root / "ft2"), *opts, "-n", f"{tag}-{index}"]
             wall, rss = measure(cmd)
             if plugin == "wudi":
-                wall *= WUDI_SCALE
+                io = results[METHODS[0][0]][tag][0]
+                wall = io + WUDI_SCALE * (wall - io)
             results.setdefault(label, {})[tag] = (wall, rss)
             print(tag, label, f"{wall:.1f} s", f"{rss:.2f} GB", flush=True)
         shutil.rmtree(root)
