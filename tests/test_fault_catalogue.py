@@ -462,37 +462,38 @@ CASES = [
     (
         "unknown option",
         TA + ["-o", "nope", "1"],
-        "unknown option 'nope' for method 'task-arithmetic' (options: normalize, scale, weights)",
+        "unknown option 'nope' for method 'task-arithmetic' "
+        "(options: grid, normalize, rank, scale, space, val, weights)",
         2,
     ),
     (
         "option a word",
         TA + ["-o", "scale", "big"],
-        "option 'scale' expects a finite number; got 'big'",
+        "option 'scale' expects a finite number or auto; got 'big'",
         2,
     ),
     (
         "option nan",
         TA + ["-o", "scale", "nan"],
-        "option 'scale' expects a finite number; got 'nan'",
+        "option 'scale' expects a finite number or auto; got 'nan'",
         2,
     ),
     (
         "option inf",
         TA + ["-o", "scale", "inf"],
-        "option 'scale' expects a finite number; got 'inf'",
+        "option 'scale' expects a finite number or auto; got 'inf'",
         2,
     ),
     (
         "option -inf",
         TA + ["-o", "scale", "-inf"],
-        "option 'scale' expects a finite number; got '-inf'",
+        "option 'scale' expects a finite number or auto; got '-inf'",
         2,
     ),
     (
         "option overflow",
         TA + ["-o", "scale", "1e999"],
-        "option 'scale' expects a finite number; got '1e999'",
+        "option 'scale' expects a finite number or auto; got '1e999'",
         2,
     ),
     (

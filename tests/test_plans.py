@@ -114,7 +114,7 @@ def test_a_bad_step_is_refused_before_any_work(run, fleet, private_store, tmp_pa
         ("{name: m, merge: {plugin: nope, inputs: [x]}}", "unknown plugin 'nope' (available: "),
         (
             "{name: m, merge: {plugin: ties, inputs: [x], options: {scale: big}}}",
-            "option 'scale' expects a finite number; got 'big'",
+            "option 'scale' expects a finite number or auto; got 'big'",
         ),
         ("{name: m, merge: {plugin: ties, inputs: [x]}}", "method 'ties' needs --base BASE"),
         (

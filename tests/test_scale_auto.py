@@ -72,6 +72,13 @@ def test_bad_requests_are_refused_with_the_store_unchanged(
         "option 'val' applies to -o scale auto only",
         code=2,
     )
+    assert_refused(
+        run,
+        private_store,
+        [*merge, "-o", "grid", "0.5,1"],
+        "option 'grid' applies to -o scale auto only",
+        code=2,
+    )
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text('{"text": "a line", "label": 1}\n{"text": "another", "label": 0}\n')
     assert_refused(  # a causal LM has no classification head to score labelled rows

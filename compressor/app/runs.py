@@ -120,7 +120,7 @@ def run(
     out_dtype = dtype_from_name(dtype) if dtype is not None else None
     scorer = None
     if isinstance(method, TensorMerge):
-        check_val_options(values)
+        check_val_options(method, values)
         scorer = val_scorer(values)  # the val file read and checked before any work
     if method.needs_base and base is None:
         raise UsageError(f"method '{plugin}' needs --base BASE")

@@ -12,20 +12,19 @@ from collections.abc import Callable
 from compressor.errors import OptionError
 
 
-def check_val_options(values: dict) -> None:
-    """``val`` and ``grid`` go with ``scale auto`` only; ``scale auto`` needs ``val``."""
-    if "val" not in values:
-        if values.get("scale") == "auto":
-            raise OptionError("this method's scale cannot be picked on data (-o scale auto)")
-        return
-    auto = values.get("scale") == "auto"
-    if isinstance(values.get("scale"), list) and "auto" in str(values["scale"]):
+def check_val_options(method, values: dict) -> None:
+    """``scale auto`` needs ``val``, a method that runs the loop, one scale, full space
+    (``val`` and ``grid`` without ``scale auto`` are refused when options are parsed)."""
+    scale = values.get("scale")
+    if isinstance(scale, list) and "auto" in str(scale):
         raise OptionError("-o scale auto picks one scale for the whole merge")
-    if auto and not values.get("val"):
+    if scale != "auto":
+        return
+    if not any(o.name == "val" for o in method.options):
+        raise OptionError(f"method '{method.name}' cannot pick its scale on data (-o scale auto)")
+    if not values.get("val"):
         raise OptionError("-o scale auto needs -o val FILE: the data each scale is scored on")
-    if not auto and values.get("val"):
-        raise OptionError("option 'val' applies to -o scale auto only")
-    if values.get("space") == "core" and auto:
+    if values.get("space") == "core":
         raise OptionError("-o scale auto scores full models; with -o space core give a scale")
 
 

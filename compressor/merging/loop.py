@@ -279,9 +279,10 @@ class TensorMerge(Method):
         from compressor.merging.params import parse_merge_options
 
         labels = list(labels) if labels is not None else []
-        return parse_merge_options(
+        values = parse_merge_options(
             self.options, self.per_expert, pairs, labels, f"method '{self.name}'"
         )
+        return drop_unused_defaults(values)
 
     def input_labels(self, inputs: list[str], base: str | None) -> list[str]:
         """The labels ``@EXPERT`` selectors refer to, in input order."""
@@ -340,8 +341,6 @@ class TensorMerge(Method):
             from compressor.merging.core import run_core_space
 
             return run_core_space(self, job)
-        if job.options.get("rank") is not None:
-            raise OptionError("option 'rank' applies to -o space core only")
         if job.options.get("scale") == "auto":
             from compressor.merging.autoscale import run_scale_auto
 
@@ -372,6 +371,25 @@ class TensorMerge(Method):
                 del b, tensors, call
             job.writer.end()
         return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
+
+
+def drop_unused_defaults(values: dict) -> dict:
+    """The core-space and scale-auto options left out of a merge's parameters where they
+    are at their defaults (an artifact's parameters name what shaped it); given where
+    they do nothing, they are refused."""
+    if values.get("space") != "core" and values.get("rank") is not None:
+        raise OptionError("option 'rank' applies to -o space core only")
+    auto = values.get("scale") == "auto"
+    if not auto and "grid" in values and tuple(values["grid"]) != SCALE_GRID:
+        raise OptionError("option 'grid' applies to -o scale auto only")
+    if not auto and values.get("val"):
+        raise OptionError("option 'val' applies to -o scale auto only")
+    for key, default in (("space", "full"), ("rank", None), ("val", None)):
+        if key in values and values[key] == default:
+            del values[key]
+    if not auto:
+        values.pop("grid", None)
+    return values
 
 
 def part_names(source, part: tuple[int, int] | None, before: bool = False) -> list[str]:
