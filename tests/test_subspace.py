@@ -120,6 +120,12 @@ def test_merge_equals_its_definition_in_float64(run, four, plugin, rule, weights
         ("iso_c", "iso-c", "{lambda: 0.8}", ["scale", "0.8"]),
         ("iso_cts", "iso-cts", "{common_space_fraction: 0.6}", ["common", "0.6"]),
         ("wudi", "wudi", "{iter_num: 20, lr: 1.0e-4}", ["steps", "20", "lr", "1e-4"]),
+        (
+            "tsv_m",
+            "tsv-m",
+            "{calibrate: svc, svc_alpha: 0.5}",
+            ["calibrate", "svc", "svc_alpha", "0.5"],
+        ),
     ],
 )
 def test_a_config_runs_them_under_their_names(

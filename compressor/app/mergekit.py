@@ -61,6 +61,7 @@ _TIES_FAMILY |= {"della", "della-linear"}
 
 # mergekit parameter → our option, per method family (a converter where the value differs)
 _COMMON = {"weight": "weights", "lambda": "scale"}
+_SUBSPACE = {**_COMMON, "calibrate": "calibrate", "svc_alpha": "svc_alpha"}  # ours
 PARAMETERS = {
     "task-arithmetic": {**_COMMON, "normalize": "normalize"},
     **{
@@ -77,10 +78,10 @@ PARAMETERS = {
     "nearswap": {"t": "t"},
     "arcee-fusion": {},
     "passthrough": {"scale": "scale"},
-    "tsv-m": {**_COMMON},
-    "iso-c": {**_COMMON},
-    "iso-cts": {**_COMMON, "common_space_fraction": "common"},
-    "wudi": {**_COMMON, "iter_num": "steps", "lr": "lr"},
+    "tsv-m": {**_SUBSPACE},
+    "iso-c": {**_SUBSPACE},
+    "iso-cts": {**_SUBSPACE, "common_space_fraction": "common"},
+    "wudi": {**_SUBSPACE, "iter_num": "steps", "lr": "lr"},
 }
 for _m in ("dare-ties", "dare-linear", "della", "della-linear"):
     PARAMETERS[_m]["rescale"] = ("rescale", {True: "l1", False: "none"})
