@@ -52,6 +52,8 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
         "apply --plugin task-vector",
         "merge --plugin task-arithmetic",
         "merge --plugin ties",
+        "merge --plugin tsv-m",
+        "merge --plugin iso-c",
         "apply --plugin compeft expert-a",
         "apply --plugin tucker expert-a",
         "extract --plugin matformer merged",
@@ -72,6 +74,7 @@ def test_demo_runs_and_its_table_shows_accuracy_moving(run, tmp_path):
         if len(cells) == 6 and cells[2].replace(".", "").isdigit():
             rows[cells[0]] = [float(c) for c in cells[2:5]]
     assert {"base", "expert-a", "merged", "expert-a-compeft", "merged-half"} <= set(rows)
+    assert {"merged-tsv", "merged-iso"} <= set(rows)
     assert rows["sketch-tune-a"][1] > rows["base"][1] + 0.3  # tables alone learn rotated digits
     assert rows["base-width-0.5"][0] > 0.5  # a sampled half-width ViT still reads digits
     moved = [

@@ -180,6 +180,36 @@ def register(cli):
                 "--name",
                 "merged-dare",
             )
+            _step(
+                store,
+                "merge",
+                "--plugin",
+                "tsv-m",
+                "--base",
+                base,
+                "expert-a",
+                "expert-b",
+                "--name",
+                "merged-tsv",
+            )
+            _step(  # the scale picked on data: each of the grid's scales scored, the best kept
+                store,
+                "merge",
+                "--plugin",
+                "iso-c",
+                "--base",
+                base,
+                "expert-a",
+                "expert-b",
+                "-o",
+                "scale",
+                "auto",
+                "-o",
+                "val",
+                data["train-rotated"],
+                "--name",
+                "merged-iso",
+            )
             stock = work / "model-stock.yml"  # a mergekit config, run as it is
             stock.write_text(
                 f"merge_method: model_stock\nbase_model: {base}\n"
@@ -322,6 +352,8 @@ def register(cli):
                     "merged",
                     "merged-ties",
                     "merged-dare",
+                    "merged-tsv",
+                    "merged-iso",
                     "merged-stock",
                     "expert-a-compeft",
                     "expert-a-tucker",
