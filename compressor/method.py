@@ -178,6 +178,9 @@ class Job:
     # merges with -o scale auto: scores a candidate model (a TensorSource) on the
     # validation data, returning (metric name, value, higher is better)
     score: Callable | None = None
+    # the torch device the method's tensor math runs on (compressor.io.devices); reading
+    # and writing stay on the CPU
+    device: str = "cpu"
 
 
 class Method:

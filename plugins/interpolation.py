@@ -261,7 +261,7 @@ def nuslerp(
             write(block, a, b, c0, c1)
         return out.reshape(shape)
     n, dims = (1, (0, 1)) if per == "all" else (width, (0,))
-    dot, sq0, sq1 = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    dot, sq0, sq1 = (torch.zeros(n, device=out.device) for _ in range(3))
     for block in blocks:  # sum the statistics over the blocks, then write
         a, b = offsets(block)
         dot += (a * b).sum(dims)

@@ -63,8 +63,8 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
         rows, cols = slice(a, b), [slice(None)]
         if not filter_wise:  # one row: chunk its columns, sum the statistics
             cols = [slice(s, e) for s, e in spans(w0.shape[1])]
-        squares = torch.zeros(n, b - a)
-        dots = torch.zeros(len(pairs), b - a)
+        squares = torch.zeros(n, b - a, device=w0.device)
+        dots = torch.zeros(len(pairs), b - a, device=w0.device)
         for c in cols:
             offsets = [w[rows, c] - w0[rows, c] for w in ws]
             for i, o in enumerate(offsets):

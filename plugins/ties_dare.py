@@ -269,7 +269,7 @@ class _Dare(_SparsifyMerge):
         before = float(tau.abs().sum()) if how == "l1" else 0.0  # τ's norm, before the drop
         generator = _seeded(call, t)
         for part in flat_chunks(tau):  # the same draws as one torch.rand of τ's shape
-            part.mul_(torch.rand(part.shape, generator=generator) < density)
+            part.mul_((torch.rand(part.shape, generator=generator) < density).to(part.device))
         return rescale_kept_(tau, how, density, before)
 
 
@@ -484,7 +484,7 @@ def della_(
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     spread = ranks.sub_(low).div_(high - low)  # in place: ranks are not needed again
     probs = spread.clamp_(0, 1).mul_(2 * epsilon).add_(density - epsilon)
-    rows.mul_(torch.rand(probs.shape, generator=generator) < probs)
+    rows.mul_(torch.rand(probs.shape, generator=generator).to(probs.device) < probs)
     return tau
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from compressor.app.refs import resolve
 from compressor.app.scale_auto import check_val_options, val_scorer
 from compressor.errors import UsageError
-from compressor.io import outdir
+from compressor.io import devices, outdir
 from compressor.io.contents import describe_content
 from compressor.io.integrity import check_digest
 from compressor.io.safetensors import dtype_from_name
@@ -118,6 +118,7 @@ def run(
     elif values is None:
         values = method.parse_options(options or {})
     out_dtype = dtype_from_name(dtype) if dtype is not None else None
+    device = devices.resolve()  # a device that is not there: refused before any input opens
     scorer = None
     if isinstance(method, TensorMerge):
         check_val_options(method, values)
@@ -172,6 +173,7 @@ def run(
                 part=part,
                 compute_dtype=compute_dtype,
                 score=scorer,
+                device=device,
             )
             manifest = method.run(job)
             carry_from = job.base if kind == "merge" and job.base else job.inputs[0]
@@ -192,7 +194,12 @@ def run(
                 method_version=method.version,
                 params=values,
                 metrics=manifest.metrics,
-                manifest={**manifest.extra, **space_extra, **(extra or {})},
+                manifest={
+                    **manifest.extra,
+                    **space_extra,
+                    **(extra or {}),
+                    **({"compute": devices.describe(device)} if device != "cpu" else {}),
+                },
                 parents=parents,
                 externals=[r.external for r in [resolved_base, *resolved] if r and r.external],
             )

@@ -124,8 +124,15 @@ def _one_line(e: Exception) -> tuple[str, int]:
     "a shared directory); recorded in the store, its local blobs/ by default.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option(
+    "--device",
+    envvar="COMPRESSOR_DEVICE",
+    metavar="auto|cpu|cuda|cuda:N|mps",
+    help="Where tensor math runs (default: auto, CUDA when present, else the CPU); merges "
+    "run their rules there, one tensor at a time.",
+)
 @click.pass_context
-def cli(ctx, store_dir, blobs, quiet):
+def cli(ctx, store_dir, blobs, quiet, device):
     """Compress, merge and reshape neural-network weights.
 
     Every result is a versioned artifact in a store, with its parents,
@@ -133,6 +140,9 @@ def cli(ctx, store_dir, blobs, quiet):
     """
     if store_dir is not None and not store_dir.strip():
         raise click.BadParameter("the store directory must not be empty", param_hint="--store")
+    from compressor.io import devices
+
+    devices.request(device)
     state = State(Path(store_dir) if store_dir is not None else None, quiet, blobs or None)
     ctx.obj = state
     ctx.call_on_close(state.close)

@@ -359,13 +359,16 @@ class TensorMerge(Method):
             for rows in blocks:
                 b = base.get(name, rows).float() if base is not None else None
                 tensors = [read(name, rows, b) for read in views]
+                if job.device != "cpu":  # the rule runs on the device; one tensor's inputs
+                    b = None if b is None else b.to(job.device)
+                    tensors = [None if t is None else t.to(job.device) for t in tensors]
                 call = TensorCall(name, b, tensors, shared, per, state)
                 if job.compute_dtype is not None:
                     call.exact = exact_dtype or info.dtype
                     merged = self.merge_exact(call)
                 else:
                     merged = self.merge(call)
-                job.writer.write_rows(merged.to(info.dtype))
+                job.writer.write_rows(merged.to(device="cpu", dtype=info.dtype))
                 # drop this block's inputs before the next block's are read: held over,
                 # the previous tensor's base and τs would sit beside the next ones
                 del b, tensors, call

@@ -55,7 +55,7 @@ class TopKThreshold:
 
         bits = magnitude_bits(block).reshape(-1)
         counts = torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
-        self.high += counts
+        self.high += counts.cpu()  # the histogram lives on the CPU, whatever the block's device
         used = counts.nonzero()
         return (int(used[0]), int(used[-1])) if used.numel() else (-1, -1)
 
@@ -78,7 +78,7 @@ class TopKThreshold:
         import numpy as np
         import torch
 
-        bits = magnitude_bits(block).reshape(-1).numpy()  # numpy's masking is 2x faster here
+        bits = magnitude_bits(block).reshape(-1).cpu().numpy()  # numpy masking: 2x faster
         lo = self.bucket << 16
         inside = bits[(bits >= lo) & (bits < lo + LOW_BUCKETS)]
         if inside.size:

@@ -88,7 +88,7 @@ class _SubspaceMerge(TensorMerge):
             return call.base
         dtype = getattr(torch, self.precision)
         taus = [
-            torch.zeros(call.base.shape, dtype=dtype)
+            torch.zeros(call.base.shape, dtype=dtype, device=call.base.device)
             if d is None
             else d.reshape(call.base.shape).to(dtype) * w
             for d, w in zip(call.tensors, weights, strict=True)

@@ -33,8 +33,8 @@ def wudi_merge(taus: list[torch.Tensor], steps: int = STEPS, lr: float = LR) -> 
     if not kept:
         return delta
     if in_dim <= 2 * len(kept) * out_dim:
-        hessian = torch.zeros(in_dim, in_dim)
-        target = torch.zeros(out_dim, in_dim)
+        hessian = torch.zeros(in_dim, in_dim, device=delta.device)
+        target = torch.zeros(out_dim, in_dim, device=delta.device)
         for tau, norm in kept:
             gram = tau.T @ tau / norm
             hessian += gram
