@@ -79,3 +79,38 @@ def test_a_merge_on_the_gpu_matches_the_cpu(run, models, plugin, opts):
         if plugin == "dare-ties":  # the same entries kept: the masks come from the CPU
             assert torch.equal(a[name] == t0[name], b[name] == t0[name]), name
     assert run("store", "show", "gpu", "--json").output.count('"cuda"') >= 1
+
+
+def test_core_space_and_scale_auto_on_cpu_give_the_default_bytes(run, models, tmp_path):
+    from compressor.demo.models import save_random_lora, zen_lines
+
+    base = models["base-fp32"]
+    adapters = [str(save_random_lora(base, tmp_path / f"a{i}", seed=i)) for i in range(2)]
+    val = tmp_path / "val.txt"
+    val.write_text("\n".join(zen_lines()) + "\n")
+    for args in (
+        ["merge", "-p", "ties", "--base", base, *adapters, "-o", "space", "core"],
+        ["merge", "-p", "iso-c", "--base", base, models["ft1-fp32"], models["ft2-fp32"]]
+        + ["-o", "scale", "auto", "-o", "val", val, "-o", "grid", "0.5,1"],
+    ):
+        assert run("--quiet", *args, "-n", "default").exit_code == 0
+        assert run("--quiet", "--device", "cpu", *args, "-n", "cpu").exit_code == 0
+        a, b = artifact_tensors("default"), artifact_tensors("cpu")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_core_space_on_the_gpu_matches_the_cpu(run, models, tmp_path):
+    from compressor.demo.models import save_random_lora
+
+    base = models["base-fp32"]
+    adapters = [str(save_random_lora(base, tmp_path / f"a{i}", seed=i)) for i in range(3)]
+    args = ["merge", "-p", "tsv-m", "--base", base, *adapters, "-o", "space", "core"]
+    assert run("--quiet", "--device", "cpu", *args, "-n", "cpu").exit_code == 0
+    assert run("--quiet", "--device", "cuda", *args, "-n", "gpu").exit_code == 0
+    a, b = artifact_tensors("cpu"), artifact_tensors("gpu")
+    for name in a:  # factors agree up to the sign of each singular pair: compare B·A
+        if ".lora_A." in name:
+            other = name.replace("lora_A", "lora_B")
+            torch.testing.assert_close(b[other] @ b[name], a[other] @ a[name], rtol=1e-5, atol=1e-6)

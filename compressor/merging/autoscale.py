@@ -49,8 +49,11 @@ def run_scale_auto(method, job) -> Manifest:
         shared = {**shared, "scale": 1.0}
         b = base.get(name).float()
         tensors = [read(name, None, b) for read in views]
+        if job.device != "cpu":  # the rule on the device; the Δ kept on the CPU
+            b = b.to(job.device)
+            tensors = [None if t is None else t.to(job.device) for t in tensors]
         merged = method.merge(TensorCall(name, b.clone(), tensors, shared, per, state))
-        deltas[name] = merged.sub_(b)
+        deltas[name] = merged.sub_(b).cpu()
         del b, tensors
     scores = []
     for scale in job.progress(grid, desc="scale auto"):

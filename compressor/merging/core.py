@@ -128,8 +128,9 @@ def run_core_space(method, job) -> Manifest:
     dtype = adapters[0].info(adapters[0].modules[names[0]].a).dtype if names else torch.float32
     for name in job.progress(names, desc=f"{method.name} (core space)"):
         mods = [a.modules[name] for a in adapters]
-        as_ = [a.get(m.a).double() for a, m in zip(adapters, mods, strict=True)]
-        bs = [a.get(m.b).double() * m.scaling for a, m in zip(adapters, mods, strict=True)]
+        dev = job.device  # the factors, bases and cores on the device
+        as_ = [a.get(m.a).to(dev).double() for a, m in zip(adapters, mods, strict=True)]
+        bs = [a.get(m.b).to(dev).double() * m.scaling for a, m in zip(adapters, mods, strict=True)]
         u_b, v_a = reference_bases(bs, as_)
         cores = [((u_b.T @ b) @ (a @ v_a)).float() for a, b in zip(as_, bs, strict=True)]  # R × R
         total_rank = cores[0].shape[0]
@@ -139,8 +140,8 @@ def run_core_space(method, job) -> Manifest:
         b, a = factors_of(merged, u_b, v_a, rank or total_rank)
         module = name.removesuffix(".weight")
         out_rank[module] = b.shape[1]
-        job.writer.write(f"{PREFIX}{module}.lora_A.weight", a.contiguous().to(dtype))
-        job.writer.write(f"{PREFIX}{module}.lora_B.weight", b.contiguous().to(dtype))
+        job.writer.write(f"{PREFIX}{module}.lora_A.weight", a.contiguous().to("cpu", dtype))
+        job.writer.write(f"{PREFIX}{module}.lora_B.weight", b.contiguous().to("cpu", dtype))
     r = max(out_rank.values(), default=rank or 1)
     pattern = {m: k for m, k in out_rank.items() if k != r}
     config = dict(adapters[0].config_data)
