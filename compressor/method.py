@@ -197,6 +197,7 @@ class Method:
     max_inputs: int | None = 1
 
     reads_raw: tuple[str, ...] = ()  # encodings this method takes as stored, not decoded
+    uses_device: bool = False  # whether run() puts its tensor math on job.device
     example_options: dict[str, str] = {}  # what `plugins show` puts in its example command
 
     def run(self, job: Job) -> Manifest:

@@ -94,9 +94,10 @@ class TaskScorer:
                 splits[split] = objective.split(read_examples(data), str(data), 64)
             head = {k: v.clone() for k, v in model.state_dict().items() if "classifier" in k}
             self.entries[task] = (model, objective, splits, head)
-            # checkpoint name → the model's parameter (transformers 5 renames ViT's modules)
-            with open_model_dir(path) as source:
-                self.param_of = {c: p for p, c in checkpoint_names(model, source).items()}
+            if not hasattr(self, "param_of"):  # one architecture: the same map for every task
+                # checkpoint name → the model's parameter (transformers 5 renames ViT's)
+                with open_model_dir(path) as source:
+                    self.param_of = {c: p for p, c in checkpoint_names(model, source).items()}
 
     def scores(self, body: dict | None, split: str) -> dict[str, float]:
         """Accuracy per task of ``body`` (None: each expert as it is) on a split."""
@@ -150,7 +151,6 @@ def evaluate_part(
 ) -> list[dict]:
     """Rows for the methods (the experts' first); rows found in ``cache`` (label → row,
     from an earlier run on the same suite) are reused, new ones added to it and saved."""
-    import torch
 
     import compressor
 
@@ -197,7 +197,6 @@ def evaluate_part(
         normalized = sum(test[t] / max(expert_test[t], 1e-9) for t in tasks) / len(tasks)
         log(f"{method}: abs {absolute:.3f} norm {normalized:.3f} {note} ({seconds:.0f} s merge)")
         del merged, delta, body
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
 
 

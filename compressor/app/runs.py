@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compressor.app.refs import resolve
-from compressor.app.scale_auto import check_val_options, val_scorer
+from compressor.app.scale_auto import val_scorer
 from compressor.errors import UsageError
 from compressor.io import devices, outdir
 from compressor.io.contents import describe_content
@@ -22,7 +22,7 @@ from compressor.io.integrity import check_digest
 from compressor.io.safetensors import dtype_from_name
 from compressor.io.sources import TensorSource
 from compressor.io.writer import DEFAULT_MAX_SHARD_SIZE, ArtifactWriter, StoredFile
-from compressor.merging.loop import TensorMerge, check_full_models
+from compressor.merging.loop import TensorMerge, check_full_models, settle_merge_options
 from compressor.method import Job, check_count
 from compressor.registry import get_registry
 from compressor.reporting import make_progress, warn
@@ -119,9 +119,11 @@ def run(
         values = method.parse_options(options or {})
     out_dtype = dtype_from_name(dtype) if dtype is not None else None
     device = devices.resolve()  # a device that is not there: refused before any input opens
+    if not method.uses_device:
+        device = "cpu"  # this method computes on the CPU, and is recorded so
     scorer = None
     if isinstance(method, TensorMerge):
-        check_val_options(method, values)
+        settle_merge_options(method, values)  # a config's values too
         scorer = val_scorer(values)  # the val file read and checked before any work
     if method.needs_base and base is None:
         raise UsageError(f"method '{plugin}' needs --base BASE")

@@ -2,7 +2,8 @@
 
 Labelled rows are scored by accuracy (higher is better), text lines by perplexity
 (lower is better), exactly as ``compress eval`` scores them; the file is read and
-checked before anything is merged.
+checked before anything is merged. Which options go together is settled with the
+merge's other options (:func:`compressor.merging.loop.settle_merge_options`).
 """
 
 from __future__ import annotations
@@ -12,27 +13,12 @@ from collections.abc import Callable
 from compressor.errors import OptionError
 
 
-def check_val_options(method, values: dict) -> None:
-    """``scale auto`` needs ``val``, a method that runs the loop, one scale, full space
-    (``val`` and ``grid`` without ``scale auto`` are refused when options are parsed)."""
-    scale = values.get("scale")
-    if isinstance(scale, list) and "auto" in str(scale):
-        raise OptionError("-o scale auto picks one scale for the whole merge")
-    if scale != "auto":
-        return
-    if not any(o.name == "val" for o in method.options):
-        raise OptionError(f"method '{method.name}' cannot pick its scale on data (-o scale auto)")
-    if not values.get("val"):
-        raise OptionError("-o scale auto needs -o val FILE: the data each scale is scored on")
-    if values.get("space") == "core":
-        raise OptionError("-o scale auto scores full models; with -o space core give a scale")
-
-
-def val_scorer(values: dict, quiet: bool = True) -> Callable | None:
+def val_scorer(values: dict) -> Callable | None:
     """(source → (metric, value, higher is better)) for the merge's ``val`` file, or None."""
     if values.get("scale") != "auto":
         return None
     from compressor.app.evaluate import check_request, score
+    from compressor.reporting import make_progress
 
     eval_values, examples, task = check_request({"data": values["val"]})
     if task not in ("classify", "lm"):
@@ -40,7 +26,7 @@ def val_scorer(values: dict, quiet: bool = True) -> Callable | None:
     metric = "accuracy" if task == "classify" else "perplexity"
 
     def scorer(source):
-        metrics = score(source, task, examples, eval_values, lambda x, **_: x)
+        metrics = score(source, task, examples, eval_values, make_progress(quiet=True))
         return metric, metrics[metric], metric == "accuracy"
 
     return scorer

@@ -132,84 +132,28 @@ def register(cli):
                     f"expert-{tag}",
                 )
             _step(store, "eval", "expert-a", "--base", base, "-o", "data", data["test-rotated"])
-            _step(
-                store,
-                "merge",
-                "--plugin",
-                "task-arithmetic",
-                "--base",
-                base,
-                "expert-a",
-                "expert-b",
-                "-o",
-                "scale",
-                "0.8",
-                "--name",
-                "merged",
+            merges = (  # the two experts merged five ways
+                ("merged", "task-arithmetic", "-o", "scale", "0.8"),
+                ("merged-ties", "ties", "-o", "density", "0.3"),
+                ("merged-dare", "dare-ties", "-o", "density", "0.5", "-o", "seed", "1"),
+                ("merged-tsv", "tsv-m"),
+                # the scale picked on data: each of the grid's scales scored, the best kept
+                ("merged-iso", "iso-c", "-o", "scale", "auto", "-o", "val", data["train-rotated"]),
             )
-            _step(
-                store,
-                "merge",
-                "--plugin",
-                "ties",
-                "--base",
-                base,
-                "expert-a",
-                "expert-b",
-                "-o",
-                "density",
-                "0.3",
-                "--name",
-                "merged-ties",
-            )
-            _step(
-                store,
-                "merge",
-                "--plugin",
-                "dare-ties",
-                "--base",
-                base,
-                "expert-a",
-                "expert-b",
-                "-o",
-                "density",
-                "0.5",
-                "-o",
-                "seed",
-                "1",
-                "--name",
-                "merged-dare",
-            )
-            _step(
-                store,
-                "merge",
-                "--plugin",
-                "tsv-m",
-                "--base",
-                base,
-                "expert-a",
-                "expert-b",
-                "--name",
-                "merged-tsv",
-            )
-            _step(  # the scale picked on data: each of the grid's scales scored, the best kept
-                store,
-                "merge",
-                "--plugin",
-                "iso-c",
-                "--base",
-                base,
-                "expert-a",
-                "expert-b",
-                "-o",
-                "scale",
-                "auto",
-                "-o",
-                "val",
-                data["train-rotated"],
-                "--name",
-                "merged-iso",
-            )
+            for name, plugin, *options in merges:
+                _step(
+                    store,
+                    "merge",
+                    "--plugin",
+                    plugin,
+                    "--base",
+                    base,
+                    "expert-a",
+                    "expert-b",
+                    *options,
+                    "--name",
+                    name,
+                )
             stock = work / "model-stock.yml"  # a mergekit config, run as it is
             stock.write_text(
                 f"merge_method: model_stock\nbase_model: {base}\n"

@@ -19,8 +19,6 @@ from compressor.method import Manifest
 
 def check_scale_auto(method, job) -> list[float]:
     """The grid, after refusing what scale auto cannot do; one line each."""
-    if job.score is None:
-        raise OptionError("-o scale auto needs -o val FILE: the data each scale is scored on")
     if job.base is None or method.base_is_input or method.space != "delta":
         raise UsageError(f"method '{method.name}' has no task-vector scale to pick")
     if job.part is not None or job.compute_dtype is not None:

@@ -255,6 +255,7 @@ class TensorMerge(Method):
     """
 
     kind = "merge"
+    uses_device = True
     needs_base = True
     max_inputs = None
     space = "delta"  # or "weights"
@@ -282,7 +283,7 @@ class TensorMerge(Method):
         values = parse_merge_options(
             self.options, self.per_expert, pairs, labels, f"method '{self.name}'"
         )
-        return drop_unused_defaults(values)
+        return settle_merge_options(self, values)
 
     def input_labels(self, inputs: list[str], base: str | None) -> list[str]:
         """The labels ``@EXPERT`` selectors refer to, in input order."""
@@ -376,17 +377,26 @@ class TensorMerge(Method):
         return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
 
 
-def drop_unused_defaults(values: dict) -> dict:
-    """The core-space and scale-auto options left out of a merge's parameters where they
-    are at their defaults (an artifact's parameters name what shaped it); given where
-    they do nothing, they are refused."""
+def settle_merge_options(method, values: dict) -> dict:
+    """Refuse options that do nothing together, then leave the core-space and scale-auto
+    options out where they are at their defaults (an artifact's parameters name what
+    shaped it). Run on parsed ``-o`` options and on a config's values alike."""
+    scale = values.get("scale")
+    auto = scale == "auto"
+    if isinstance(scale, list) and "auto" in str(scale):
+        raise OptionError("-o scale auto picks one scale for the whole merge")
     if values.get("space") != "core" and values.get("rank") is not None:
         raise OptionError("option 'rank' applies to -o space core only")
-    auto = values.get("scale") == "auto"
     if not auto and "grid" in values and tuple(values["grid"]) != SCALE_GRID:
         raise OptionError("option 'grid' applies to -o scale auto only")
     if not auto and values.get("val"):
         raise OptionError("option 'val' applies to -o scale auto only")
+    if auto and not any(o.name == "val" for o in method.options):
+        raise OptionError(f"method '{method.name}' cannot pick its scale on data (-o scale auto)")
+    if auto and not values.get("val"):
+        raise OptionError("-o scale auto needs -o val FILE: the data each scale is scored on")
+    if auto and values.get("space") == "core":
+        raise OptionError("-o scale auto scores full models; with -o space core give a scale")
     for key, default in (("space", "full"), ("rank", None), ("val", None)):
         if key in values and values[key] == default:
             del values[key]
