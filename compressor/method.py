@@ -198,6 +198,7 @@ class Method:
 
     reads_raw: tuple[str, ...] = ()  # encodings this method takes as stored, not decoded
     uses_device: bool = False  # whether run() puts its tensor math on job.device
+    needs_float64: bool = False  # computes in float64 there (MPS has none: refused on it)
     example_options: dict[str, str] = {}  # what `plugins show` puts in its example command
 
     def run(self, job: Job) -> Manifest:

@@ -69,6 +69,7 @@ class Atlas(Method):
     version = "1"
     needs_base = True
     max_inputs = None
+    uses_device = True  # the model, Λ, θ0 and the τ of the learned blocks live on the device
     example_options = {"data": "train.jsonl"}
     options = (
         Option(
@@ -140,15 +141,19 @@ class Atlas(Method):
             raise InputError(f"{opts['data']}: objective 'lm' needs text rows")
         views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
         head = "lm" if objective == "lm" else "classify"
-        with source_model(job.base, head) as (model, tokenizer):
-            task = Task(objective, model.config, tokenizer, opts["max_length"])
+        with source_model(job.base, head, job.device) as (model, tokenizer):
+            task = Task(objective, model.config, tokenizer, opts["max_length"], job.device)
             train_set = _training_split(task, train, opts)
             val_rows, val_data = (val, opts["val"]) if val else (train, opts["data"])
             # labelled validation rows are scored by accuracy, whatever the objective learns
             labelled = objective != "lm" and val_rows[0].label is not None
-            scorer = Task("ce", model.config, tokenizer, opts["max_length"]) if labelled else task
+            scorer = (
+                Task("ce", model.config, tokenizer, opts["max_length"], job.device)
+                if labelled
+                else task
+            )
             val_set = scorer.split(val_rows, val_data, _chunking(opts["batch_size"])[0])
-            coefs = _Coefficients(model, job.base, views, opts)
+            coefs = _Coefficients(model, job.base, views, opts, job.device)
             best, history = _learn(task, scorer, _Run(model, coefs, train_set, val_set), opts, job)
             self._write(job, coefs, best)
         return self._manifest(job, coefs, best, history, len(train_set.rows), scorer)
@@ -162,8 +167,8 @@ class Atlas(Method):
         for name in job.progress(job.base.names(), desc="atlas: write"):
             info = job.base.info(name)
             t = merged.pop(name, None)
-            job.writer.write(name, t.to(info.dtype) if t is not None else job.base.get(name))
-        tensors = {name: best[:, b].contiguous() for b, name in enumerate(coefs.blocks)}
+            job.writer.write(name, t.to("cpu", info.dtype) if t is not None else job.base.get(name))
+        tensors = {name: best[:, b].cpu().contiguous() for b, name in enumerate(coefs.blocks)}
         meta = {"experts": json.dumps([e.label for e in job.inputs]), "groups": str(coefs.k)}
         job.writer.add_file(COEFFICIENTS_FILE, save(tensors, metadata=meta))
 
@@ -235,13 +240,14 @@ def _take_shots(rows, by_label: bool, shots: int, seed: int):
 class _Coefficients:
     """The learned blocks: base weights, the experts' τ, group ids; composes parameters."""
 
-    def __init__(self, model, base, views, opts: dict):
+    def __init__(self, model, base, views, opts: dict, device: str = "cpu"):
         import torch
 
         pattern = re.compile(opts["blocks"]) if opts["blocks"] else None
         infos = base.infos()
         self.k = opts["groups"]
         self.experts = len(views)
+        self.device = device
         self.blocks: list[str] = []
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -256,14 +262,15 @@ class _Coefficients:
             for t, view in enumerate(views):
                 d = view.delta(name)
                 if d is not None and bool(d.any()):
-                    taus.append((t, d))
+                    taus.append((t, d.to(device)))
             if not taus:
                 continue
             self.blocks.append(name)
             self.base[name] = param.detach()
             self.taus[name] = taus
             if self.k > 1:
-                self.groups[name] = torch.randint(self.k, param.shape, generator=gen)
+                groups = torch.randint(self.k, param.shape, generator=gen)  # CPU draws
+                self.groups[name] = groups.to(device)
         if not self.blocks:
             what = f"matching '{opts['blocks']}' " if pattern else ""
             raise InputError(f"no parameter tensor {what}differs between the base and the experts")
@@ -271,7 +278,7 @@ class _Coefficients:
     def zeros(self) -> torch.Tensor:
         import torch
 
-        return torch.zeros(self.experts, len(self.blocks), self.k)
+        return torch.zeros(self.experts, len(self.blocks), self.k, device=self.device)
 
     def compose(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ0 + Σ_t Λ_t·τ_t for every learned block (differentiable in Λ)."""

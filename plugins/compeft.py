@@ -118,6 +118,7 @@ class ComPEFT(Method):
 
     name = "compeft"
     kind = "compress"
+    uses_device = True  # statistics, threshold histograms and masks; coding on the CPU
     summary = "Sparse ternary task vectors: top-k entries as ±α·σ, entropy-coded positions"
     reference = "https://arxiv.org/abs/2311.13171"
     version = "1"
@@ -209,6 +210,7 @@ class ComPEFT(Method):
         for name in _each(job, group, "statistics"):
             top[name], low[name] = -1, HIGH_BUCKETS
             for block in tv.blocks(name):
+                block = block.to(job.device)  # statistics and histograms on the device
                 lo, hi = finder.add_high(block)
                 if hi >= 0:
                     top[name], low[name] = max(top[name], hi), min(low[name], lo)
@@ -251,14 +253,14 @@ class ComPEFT(Method):
             # a tensor whose largest entry is under the threshold keeps nothing: not read again
             reached = stats["top"][name] >= t >> 16
             for block in tv.blocks(name) if reached else ():
-                flat = block.reshape(-1)
-                mask = magnitude_bits(flat) >= t
-                idx = np.flatnonzero(mask.numpy())  # numpy's is 2x faster than torch's nonzero
-                vals = flat[torch.from_numpy(idx)]
+                flat = block.to(job.device).reshape(-1)
+                mask = magnitude_bits(flat) >= t  # the mask on the device, positions on the CPU
+                idx = np.flatnonzero(mask.cpu().numpy())  # numpy's: 2x faster than nonzero
+                vals = flat[torch.from_numpy(idx).to(flat.device)]
                 positions.append(idx + offset)
-                signs.append((vals < 0).numpy())
+                signs.append((vals < 0).cpu().numpy())
                 if alpha == "none":
-                    values.append(vals)
+                    values.append(vals.cpu())
                 kept_abs_sum += float(vals.abs().sum())
                 kept_sq_sum += _sum_squares(vals)
                 kept_count += vals.numel()

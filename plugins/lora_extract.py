@@ -34,6 +34,7 @@ class LoraExtract(Method):
 
     name = "lora-extract"
     kind = "compress"
+    uses_device = True  # each linear's truncated SVD
     summary = "A PEFT LoRA adapter approximating a fine-tune: truncated SVD of each linear's Δ"
     reference = "https://github.com/arcee-ai/mergekit/blob/main/mergekit/scripts/extract_lora.py"
     version = "2"
@@ -89,7 +90,7 @@ class LoraExtract(Method):
                 full.add(module)
             elif module in linears and name.endswith(".weight"):
                 if _changed(d) or module in biased:
-                    self._factor(job, module, d, info, transposed, rank, split, out)
+                    self._factor(job, module, d, info, transposed, rank, split, out)  # on device
                 if module in biased:
                     bias = f"{module}.bias"
                     delta_bias = view.delta(bias)
@@ -154,7 +155,7 @@ class LoraExtract(Method):
 
         if d is None:
             d = torch.zeros(info.shape)
-        delta = d.t() if transposed else d
+        delta = (d.t() if transposed else d).to(job.device)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, s.numel())
         if r != rank:
@@ -166,8 +167,8 @@ class LoraExtract(Method):
             a, b = s[:r, None] * vh[:r], u[:, :r].clone()
         tail = float(s[r:].square().sum().sqrt())
         out.errors.append(tail / max(float(s.square().sum().sqrt()), 1e-30))
-        job.writer.write(f"{PREFIX}{module}.lora_A.weight", a.contiguous().to(info.dtype))
-        job.writer.write(f"{PREFIX}{module}.lora_B.weight", b.contiguous().to(info.dtype))
+        job.writer.write(f"{PREFIX}{module}.lora_A.weight", a.contiguous().to("cpu", info.dtype))
+        job.writer.write(f"{PREFIX}{module}.lora_B.weight", b.contiguous().to("cpu", info.dtype))
         out.targets.append(module)
         out.lora_params += a.numel() + b.numel()
 

@@ -34,6 +34,8 @@ class LoraTucker(Method):
 
     name = "lora-tucker"
     kind = "compress"
+    uses_device = True  # the shared factors and cores (float64)
+    needs_float64 = True
     summary = "LoRA adapters compressed jointly: shared Tucker-2 factors, a small core per update"
     reference = "https://arxiv.org/abs/2405.14739"
     version = "1"
@@ -79,13 +81,13 @@ class LoraTucker(Method):
         meta_groups, err2, norm2, worst = {}, 0.0, 0.0, (0.0, None)
         stored = 0
         for g, (key, members) in enumerate(job.progress(list(groups.items()), desc="lora-tucker")):
-            factors = [_factors(adapters[i], m) for i, m in members]
+            factors = [_factors(adapters[i], m, job.device) for i, m in members]
             u, v, cores = _tucker2(factors, rank, job.options["iterations"])
-            job.writer.write(f"g{g}.U", u.contiguous())
-            job.writer.write(f"g{g}.V", v.contiguous())
+            job.writer.write(f"g{g}.U", u.contiguous().cpu())
+            job.writer.write(f"g{g}.V", v.contiguous().cpu())
             stored += 4 * (u.numel() + v.numel())
             for (i, m), core, (b, a) in zip(members, cores, factors, strict=True):
-                job.writer.write(f"a{i}.{m}.C", core.float().contiguous())
+                job.writer.write(f"a{i}.{m}.C", core.float().contiguous().cpu())
                 stored += 4 * core.numel()
                 n2 = _norm2(b, a)
                 e2 = max(n2 - float(core.square().sum()), 0.0)
@@ -189,10 +191,13 @@ def _check_alike(adapters: list[PeftAdapter]) -> list[str]:
     return names
 
 
-def _factors(adapter: PeftAdapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s·B, A) in float64, ΔW = (s·B)·A in PEFT's (out × in) orientation."""
+def _factors(
+    adapter: PeftAdapter, module: str, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s·B, A) in float64 on ``device``, ΔW = (s·B)·A in PEFT's (out × in) orientation."""
     m = adapter.modules[module]
-    return adapter.get(m.b).double() * m.scaling, adapter.get(m.a).double()
+    b, a = adapter.get(m.b).to(device), adapter.get(m.a).to(device)
+    return b.double() * m.scaling, a.double()
 
 
 def _norm2(b: torch.Tensor, a: torch.Tensor) -> float:

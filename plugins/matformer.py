@@ -44,6 +44,7 @@ class MatformerExtract(Method):
 
     name = "matformer"
     kind = "extract"
+    uses_device = True  # the activation statistics (the calibration forward passes)
     summary = "MatFormer: cut a submodel with narrower FFNs (Mix'n'Match widths, skipped layers)"
     reference = "https://arxiv.org/abs/2310.07707"
     version = "1"
@@ -81,7 +82,7 @@ class MatformerExtract(Method):
             raise OptionError("order activation needs -o data PATH (calibration rows)")
         perms = {}  # order weight: filled layer by layer while writing, from the tensors read
         if opts["order"] == "activation":
-            scores = activation_importance(model, opts, job)
+            scores = activation_importance(model, opts, job, device=job.device)
             perms = {i: _order(scores[i]) for i in kept}
         params_in = _float_params(job.inputs[0])
         _write(job, model, kept, widths, perms, by_weight=opts["order"] == "weight")
@@ -291,12 +292,13 @@ def weight_importance(model: FfnModel, layer: int, tensors: dict) -> torch.Tenso
 
 
 def activation_importance(
-    model: FfnModel, opts: dict, job, blockwise: bool | None = None
+    model: FfnModel, opts: dict, job, blockwise: bool | None = None, device: str = "cpu"
 ) -> dict[int, torch.Tensor]:
     """E|h_j| over the calibration tokens · ‖W_out[:, j]‖, per layer.
 
     Runs block by block (one layer's tensors in memory) where the architecture allows
-    (``blockwise`` None), else, or with ``blockwise`` False, through the whole model."""
+    (``blockwise`` None), else, or with ``blockwise`` False, through the whole model; on
+    ``device``."""
     import torch
 
     from compressor.learning.data import batches, read_examples
@@ -304,7 +306,7 @@ def activation_importance(
     from compressor.models.modeling import model_inputs, source_model, source_tokenizer
 
     rows = read_examples(opts["data"])
-    sums = {i: torch.zeros(d) for i, d in enumerate(model.d_ff)}
+    sums = {i: torch.zeros(d, device=device) for i, d in enumerate(model.d_ff)}
     counts = dict.fromkeys(sums, 0)
     chunks = list(batches(rows, opts["batch_size"]))
 
@@ -318,7 +320,9 @@ def activation_importance(
     out_names = model.out_tensors()
     if blockwise if blockwise is not None else supports(model):
         tokenizer = source_tokenizer(model.source)
-        inputs = [model_inputs(c, tokenizer, opts["data"], opts["max_length"]) for c in chunks]
+        inputs = [
+            model_inputs(c, tokenizer, opts["data"], opts["max_length"], device) for c in chunks
+        ]
         masks = [x.get("attention_mask") for x in inputs]
         suffix = {i: m.rest.removesuffix(".weight") for i, (_, m) in out_names.items()}
         run_blockwise(
@@ -327,9 +331,10 @@ def activation_importance(
             lambda layer, _s, b, x: add(layer, x, masks[b]),
             suffixes=tuple(sorted(set(suffix.values()))),
             progress=job.progress,
+            device=device,
         )
     else:
-        with source_model(model.source, "saved") as (net, tokenizer):
+        with source_model(model.source, "saved", device) as (net, tokenizer):
             state = {}
             handles = [
                 module.register_forward_pre_hook(
@@ -340,7 +345,7 @@ def activation_importance(
             try:
                 with torch.no_grad():
                     for chunk in job.progress(chunks, desc="matformer: calibrate", unit="batch"):
-                        x = model_inputs(chunk, tokenizer, opts["data"], opts["max_length"])
+                        x = model_inputs(chunk, tokenizer, opts["data"], opts["max_length"], device)
                         state["mask"] = x.get("attention_mask")
                         net(**x)
             finally:
@@ -349,7 +354,7 @@ def activation_importance(
     scores = {}
     for i, (name, member) in out_names.items():
         col = _neuron_sq(model.source.get(name), member, model.d_ff[i]).sqrt()
-        scores[i] = sums[i] / max(counts[i], 1) * col
+        scores[i] = sums[i].cpu() / max(counts[i], 1) * col
     return scores
 
 
@@ -440,6 +445,7 @@ class MatformerTrain(Method):
 
     name = "matformer-train"
     kind = "train"
+    uses_device = True  # the model, its gradients and the optimizer state
     summary = "MatFormer nested training: sum the loss at every FFN granularity, so prefixes work"
     reference = "https://arxiv.org/abs/2310.07707"
     version = "1"
@@ -484,10 +490,10 @@ class MatformerTrain(Method):
         torch.manual_seed(opts["seed"])
         grans = sorted(set(opts["granularities"]))
         history = {g: [] for g in grans}
-        with source_model(source, "saved") as (net, tokenizer):
+        with source_model(source, "saved", job.device) as (net, tokenizer):
             check_head(net, objective, source.label)
             check_names_match(net, source, "matformer-train")
-            task = Task(objective, net.config, tokenizer, opts["max_length"])
+            task = Task(objective, net.config, tokenizer, opts["max_length"], job.device)
             split = task.split(rows, opts["data"], opts["batch_size"])
             masks = MaskedWidths(net, layout)
             trainer = Trainer(net.parameters(), lr=opts["lr"], clip=1.0)
@@ -515,7 +521,7 @@ class MatformerTrain(Method):
                 info = source.info(name)
                 t = state.get(name)
                 job.writer.write(
-                    name, t.detach().to(info.dtype) if t is not None else source.get(name)
+                    name, t.detach().to("cpu", info.dtype) if t is not None else source.get(name)
                 )
         window = max(1, opts["steps"] // 10)
         metrics = {"steps": opts["steps"]}
@@ -542,7 +548,7 @@ class MaskedWidths:
             m = width_at(d_ff, self.g)
             if m >= d_ff:
                 return None
-            mask = torch.zeros(d_ff, dtype=args[0].dtype)
+            mask = torch.zeros(d_ff, dtype=args[0].dtype, device=args[0].device)
             mask[:m] = 1
             return (args[0] * mask, *args[1:])
 

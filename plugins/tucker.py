@@ -37,6 +37,7 @@ class Tucker(Method):
 
     name = "tucker"
     kind = "compress"
+    uses_device = True  # each tensor's HOSVD/HOOI (tensorly on torch)
     summary = "Tucker cores: each τ tensor as a small core times one factor per mode (FLoRA)"
     reference = "https://arxiv.org/abs/2405.14739"
     version = "1"
@@ -93,12 +94,13 @@ class Tucker(Method):
         worst = (0.0, None)
         for name in job.progress(tv.names, desc="tucker"):
             t = torch.cat([b.reshape(-1) for b in tv.blocks(name)]).reshape(tv.infos[name].shape)
+            t = t.to(job.device)  # one tensor on the device: HOSVD/HOOI there
             n2 = float(t.square().sum())
             norm2 += n2
             dense_bytes += 4 * t.numel()
             ranks = _ranks(t, opts) if name in names else None
             if ranks is None or _tucker_size(t.shape, ranks) >= t.numel():
-                job.writer.write(name, t)
+                job.writer.write(name, t.cpu())
                 tensors[name] = {"shape": list(t.shape)}
                 stored += 4 * t.numel()
                 continue
@@ -111,9 +113,9 @@ class Tucker(Method):
             rel = math.sqrt(e2 / n2) if n2 else 0.0
             if rel >= worst[0]:
                 worst = (rel, name)
-            job.writer.write(f"{name}.core", core.contiguous())
+            job.writer.write(f"{name}.core", core.contiguous().cpu())
             for k, f in enumerate(factors):
-                job.writer.write(f"{name}.factor{k}", f.contiguous())
+                job.writer.write(f"{name}.factor{k}", f.contiguous().cpu())
             tensors[name] = {"shape": list(t.shape), "ranks": list(ranks), "rel_error": rel}
             stored += 4 * _tucker_size(t.shape, ranks)
         if norm2 == 0:
@@ -238,7 +240,7 @@ def _wanted_ranks(t: torch.Tensor, opts: dict) -> list[int] | None:
     ranks = []
     for mode, u in enumerate(useful):
         unfolded = t.movedim(mode, 0).reshape(shape[mode], -1)
-        sv2 = torch.linalg.svdvals(unfolded).double().square()
+        sv2 = torch.linalg.svdvals(unfolded).cpu().double().square()
         tail = sv2.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{i ≥ r} σ_i²
         r = int((tail > share).sum())  # smallest r with tail[r] ≤ share
         ranks.append(max(1, min(r, u)))

@@ -16,6 +16,7 @@ from pathlib import Path
 from compressor.app.eval_options import EVAL_OPTIONS
 from compressor.app.refs import resolve
 from compressor.errors import InputError, OptionError
+from compressor.io import devices
 from compressor.io.contents import describe_content
 from compressor.learning.data import Example, batches, read_examples
 from compressor.learning.objectives import embedding_agreement, mean_pool
@@ -60,23 +61,30 @@ def request_digest(values: dict, base: str | None = None) -> str:
     return h.hexdigest()
 
 
-def score(source, task: str, examples, values: dict, progress, reference=None) -> dict:
-    """The metrics of the model a TensorSource holds, on the examples, for the task.
+def score(
+    source, task: str, examples, values: dict, progress, reference=None, device: str = "cpu"
+) -> dict:
+    """The metrics of the model a TensorSource holds, on the examples, for the task, with
+    the model on ``device``.
 
     ``reference`` is the TensorSource of the model whose embeddings ``embed`` compares to.
     """
-    with source_model(source, task) as (model, tokenizer):
+    with source_model(source, task, device) as (model, tokenizer):
         if task in ("classify", "lm"):
             objective = Task(
-                "ce" if task == "classify" else "lm", model.config, tokenizer, values["max_length"]
+                "ce" if task == "classify" else "lm",
+                model.config,
+                tokenizer,
+                values["max_length"],
+                device,
             )
             split = objective.split(examples, values["data"], values["batch_size"])
             return objective.metrics(lambda x: model(**x).logits, split, progress)
-        with source_model(reference, task) as other:
-            return _agreement([(model, tokenizer), other], examples, values, progress)
+        with source_model(reference, task, device) as other:
+            return _agreement([(model, tokenizer), other], examples, values, progress, device)
 
 
-def _agreement(models, examples, values, progress) -> dict:
+def _agreement(models, examples, values, progress, device: str) -> dict:
     import torch
 
     total = 0.0
@@ -85,7 +93,7 @@ def _agreement(models, examples, values, progress) -> dict:
         for batch in progress(chunks, desc="eval", unit="batch"):
             embs = []
             for model, tokenizer in models:
-                enc = model_inputs(batch, tokenizer, values["data"], values["max_length"])
+                enc = model_inputs(batch, tokenizer, values["data"], values["max_length"], device)
                 out = model(**enc).last_hidden_state
                 embs.append(mean_pool(out, enc["attention_mask"]))
             s, _ = embedding_agreement(*embs)
@@ -137,6 +145,7 @@ def evaluate(
     ``resolved``: REF already opened by :func:`~compressor.app.refs.resolve` (closed here)."""
 
     values, examples, task = check_request(options)
+    device = devices.resolve()  # a device that is not there: refused before the store opens
     progress = make_progress(quiet)
     with opened_store(store) as st:
         with contextlib.ExitStack() as stack:
@@ -144,7 +153,7 @@ def evaluate(
             reference = None
             if task == "embed":
                 reference, _ = stack.enter_context(model_source(st, values["reference"]))
-            metrics = score(source, task, examples, values, progress, reference)
+            metrics = score(source, task, examples, values, progress, reference, device)
             source.verify()  # scores from damaged blobs are not stored
         stem = Path(values["data"]).stem
         if resolved.select is not None:  # one adapter of a joint artifact: say which

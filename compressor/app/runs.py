@@ -121,10 +121,14 @@ def run(
     device = devices.resolve()  # a device that is not there: refused before any input opens
     if not method.uses_device:
         device = "cpu"  # this method computes on the CPU, and is recorded so
+    if device == "mps" and (method.needs_float64 or (values or {}).get("space") == "core"):
+        raise UsageError(
+            f"method '{plugin}' computes in float64, which MPS does not have; use --device cpu"
+        )
     scorer = None
     if isinstance(method, TensorMerge):
         settle_merge_options(method, values)  # a config's values too
-        scorer = val_scorer(values)  # the val file read and checked before any work
+        scorer = val_scorer(values, device)  # the val file read and checked before any work
     if method.needs_base and base is None:
         raise UsageError(f"method '{plugin}' needs --base BASE")
     if build is None:

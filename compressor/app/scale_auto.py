@@ -13,8 +13,9 @@ from collections.abc import Callable
 from compressor.errors import OptionError
 
 
-def val_scorer(values: dict) -> Callable | None:
-    """(source → (metric, value, higher is better)) for the merge's ``val`` file, or None."""
+def val_scorer(values: dict, device: str = "cpu") -> Callable | None:
+    """(source → (metric, value, higher is better)) for the merge's ``val`` file, or None;
+    each candidate model runs on ``device``."""
     if values.get("scale") != "auto":
         return None
     from compressor.app.evaluate import check_request, score
@@ -26,7 +27,9 @@ def val_scorer(values: dict) -> Callable | None:
     metric = "accuracy" if task == "classify" else "perplexity"
 
     def scorer(source):
-        metrics = score(source, task, examples, eval_values, make_progress(quiet=True))
+        metrics = score(
+            source, task, examples, eval_values, make_progress(quiet=True), device=device
+        )
         return metric, metrics[metric], metric == "accuracy"
 
     return scorer

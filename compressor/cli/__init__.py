@@ -128,8 +128,8 @@ def _one_line(e: Exception) -> tuple[str, int]:
     "--device",
     envvar="COMPRESSOR_DEVICE",
     metavar="auto|cpu|cuda|cuda:N|mps",
-    help="Where tensor math runs (default: auto, CUDA when present, else the CPU); merges "
-    "run their rules there, one tensor at a time.",
+    help="Where tensor math runs (default: auto, CUDA when present, else the CPU): every "
+    "method's math and every model the tool runs; reading and writing stream on the CPU.",
 )
 @click.pass_context
 def cli(ctx, store_dir, blobs, quiet, device):

@@ -5,8 +5,9 @@ The request is kept as text and resolved on first use, so commands that compute 
 else the CPU. A device that is not there is a :class:`~compressor.errors.UsageError`
 (one line, exit 2), raised before a run opens its inputs. Reading and writing stay on
 the CPU and stream; methods move the tensors they work on (one tensor of every expert,
-for a merge) to the device and the result back. Random draws (DARE, DELLA) come from
-CPU generators, so a seed gives the same artifact on every device.
+for a merge; one layer, for calibration) or the model they run to the device and the
+results back. Random draws (DARE, DELLA, aTLAS's groups, NeuMeta's coordinate noise and
+initialisation) come from CPU generators, so a seed gives the same draws on every device.
 """
 
 from __future__ import annotations

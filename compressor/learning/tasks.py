@@ -62,6 +62,7 @@ class Split:
     labels: torch.Tensor | None
     data: str
     batch_size: int
+    device: str = "cpu"  # where batches go (the model's device)
 
     def batches(self, tokenizer, max_length: int) -> Iterator[tuple[dict, torch.Tensor | None]]:
         """(model inputs, class ids or None) per batch, tokenized as they are needed."""
@@ -72,8 +73,9 @@ class Split:
     def batch(self, indices, tokenizer, max_length: int) -> tuple[dict, torch.Tensor | None]:
         """(model inputs, class ids or None) of the rows at ``indices``."""
         indices = list(indices)
-        x = model_inputs([self.rows[i] for i in indices], tokenizer, self.data, max_length)
-        return x, (self.labels[indices] if self.labels is not None else None)
+        rows = [self.rows[i] for i in indices]
+        x = model_inputs(rows, tokenizer, self.data, max_length, self.device)
+        return x, (self.labels[indices].to(self.device) if self.labels is not None else None)
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
@@ -82,13 +84,16 @@ class Split:
 class Task:
     """An objective on a model's outputs: the loss of a batch and the metrics of a split."""
 
-    def __init__(self, objective: str, config, tokenizer, max_length: int = 128):
+    def __init__(
+        self, objective: str, config, tokenizer, max_length: int = 128, device: str = "cpu"
+    ):
         if objective not in OBJECTIVES:
             raise InputError(f"unknown objective '{objective}' (one of {', '.join(OBJECTIVES)})")
         self.objective = objective
         self.config = config
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.device = device  # the model's: batches are moved there
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
@@ -110,7 +115,7 @@ class Task:
             raise InputError(f"{data}: objective 'lm' needs text rows")
         if not image and any(e.text is None for e in rows):
             raise InputError(f"{data}: a text model needs 'text' rows")
-        return Split(rows, labels, data, batch_size)
+        return Split(rows, labels, data, batch_size, self.device)
 
     def batches(self, split: Split):
         """The split's batches tokenized for this task's model."""

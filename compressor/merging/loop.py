@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from compressor.errors import OptionError, UsageError
+from compressor.io.prefetch import prefetched
 from compressor.io.sources import row_blocks
 from compressor.merging.sparsify import magnitude_bits, topk_threshold_bits
 from compressor.method import Manifest, Method, Option, positive
@@ -349,31 +350,50 @@ class TensorMerge(Method):
         base, reference, views, params, positions, state = self.prepared(job)
         fixed = job.compute_dtype not in (None, "stored")
         exact_dtype = dtype_from_name(job.compute_dtype) if fixed else None
-        for name in job.progress(part_names(reference, job.part), desc=self.name):
+        names = job.progress(part_names(reference, job.part), desc=self.name)
+
+        def work():  # (name, rows or None, first block, last block); non-float: rows "copy"
+            for name in names:
+                info = reference.info(name)
+                if not info.is_float:
+                    yield name, "copy", True, True
+                    continue
+                blocks = list(row_blocks(info)) if self.elementwise else [None]
+                for k, rows in enumerate(blocks):
+                    yield name, rows, k == 0, k == len(blocks) - 1
+
+        def load(item):  # on the CPU, streamed; a step ahead while the device merges
+            name, rows, _, _ = item
+            if rows == "copy":
+                return reference.get(name), None
+            b = base.get(name, rows).float() if base is not None else None
+            return b, [read(name, rows, b) for read in views]
+
+        for (name, rows, first, last), (b, tensors) in prefetched(
+            work(), load, ahead=job.device != "cpu"
+        ):
             info = reference.info(name)
-            if not info.is_float:
-                job.writer.write(name, reference.get(name))
+            if rows == "copy":
+                job.writer.write(name, b)
                 continue
-            shared, per = params.at(name, positions.get(name, 0.0))
-            blocks = row_blocks(info) if self.elementwise else [None]
-            job.writer.begin(name, info.shape, info.dtype)
-            for rows in blocks:
-                b = base.get(name, rows).float() if base is not None else None
-                tensors = [read(name, rows, b) for read in views]
-                if job.device != "cpu":  # the rule runs on the device; one tensor's inputs
-                    b = None if b is None else b.to(job.device)
-                    tensors = [None if t is None else t.to(job.device) for t in tensors]
-                call = TensorCall(name, b, tensors, shared, per, state)
-                if job.compute_dtype is not None:
-                    call.exact = exact_dtype or info.dtype
-                    merged = self.merge_exact(call)
-                else:
-                    merged = self.merge(call)
-                job.writer.write_rows(merged.to(device="cpu", dtype=info.dtype))
-                # drop this block's inputs before the next block's are read: held over,
-                # the previous tensor's base and τs would sit beside the next ones
-                del b, tensors, call
-            job.writer.end()
+            if first:
+                job.writer.begin(name, info.shape, info.dtype)
+                shared, per = params.at(name, positions.get(name, 0.0))
+            if job.device != "cpu":  # the rule runs on the device; one tensor's inputs
+                b = None if b is None else b.to(job.device)
+                tensors = [None if t is None else t.to(job.device) for t in tensors]
+            call = TensorCall(name, b, tensors, shared, per, state)
+            if job.compute_dtype is not None:
+                call.exact = exact_dtype or info.dtype
+                merged = self.merge_exact(call)
+            else:
+                merged = self.merge(call)
+            job.writer.write_rows(merged.to(device="cpu", dtype=info.dtype))
+            # drop this block's inputs before the next block's are read: held over,
+            # the previous tensor's base and τs would sit beside the next ones
+            del b, tensors, call
+            if last:
+                job.writer.end()
         return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
 
 

@@ -64,9 +64,9 @@ def supports(layout: FfnModel) -> bool:
 
 
 @contextlib.contextmanager
-def _one_layer_model(layout: FfnModel, head: str) -> Iterator:
+def _one_layer_model(layout: FfnModel, head: str, device: str = "cpu") -> Iterator:
     """A transformers model of the source's architecture with a single layer, real weights
-    outside the layers, in the checkpoint's dtype."""
+    outside the layers, in the checkpoint's dtype, on ``device``."""
     import torch
     import transformers
 
@@ -93,7 +93,7 @@ def _one_layer_model(layout: FfnModel, head: str) -> Iterator:
                 continue
             if name in names:
                 tensor.copy_(layout.source.get(name))
-    yield net
+    yield net.to(device)
 
 
 def _layer_module(net, layout: FfnModel):
@@ -110,6 +110,7 @@ def run_blockwise(
     transform: Callable[[int, torch.nn.Module, Calibration], None] | None = None,
     progress=None,
     source_targets: bool = False,
+    device: str = "cpu",
 ) -> None:
     """Run ``batches`` (model keyword arguments) through the model layer by layer.
 
@@ -120,12 +121,15 @@ def run_blockwise(
     ``source_targets`` the source model's own hidden states are carried beside the changed
     ones (one more forward of each layer), so a transform can fit layer k to what the
     source model computes there, making up for what the changed layers before it lost.
+
+    The layer runs on ``device`` (``batches`` must be there too); each layer's weights are
+    read on the CPU and copied in, so the device holds one layer and the captured states.
     """
     import torch
 
     progress = progress or (lambda it, **kw: it)
     source = layout.source
-    with _one_layer_model(layout, head) as net:
+    with _one_layer_model(layout, head, device) as net:
         block = _layer_module(net, layout)
         captured: list[tuple[tuple, dict]] = []
 

@@ -80,8 +80,9 @@ def source_tokenizer(source):
 
 
 @contextlib.contextmanager
-def source_model(source, head: str) -> Iterator[tuple]:
-    """(model, tokenizer or None) built from a TensorSource's config with its own weights.
+def source_model(source, head: str, device: str = "cpu") -> Iterator[tuple]:
+    """(model, tokenizer or None) built from a TensorSource's config with its own weights,
+    on ``device`` (the model is built on the CPU, then moved whole).
 
     The config and tokenizer files are linked into a temporary directory; the
     weights (read from the source, so hash-checked and decoded like any input) go
@@ -122,7 +123,7 @@ def source_model(source, head: str) -> Iterator[tuple]:
                 f"{' ...' if len(missing) > 3 else ''} (a '{head}' model needs them)"
             )
         tokenizer = None if is_image_config(config) else load_tokenizer(Path(tmp), source.label)
-        yield model.eval(), tokenizer
+        yield model.to(device).eval(), tokenizer
 
 
 def checkpoint_names(net, source) -> dict[str, str]:
@@ -200,15 +201,16 @@ def label_ids(examples, config, data: str) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def model_inputs(batch, tokenizer, data: str, max_length: int) -> dict:
-    """Keyword arguments of a forward pass: pixel_values for an image model, else tokens."""
+def model_inputs(batch, tokenizer, data: str, max_length: int, device: str = "cpu") -> dict:
+    """Keyword arguments of a forward pass: pixel_values for an image model, else tokens;
+    built on the CPU, then moved to ``device``."""
     import torch
 
     if tokenizer is None:
         if any(e.pixels is None for e in batch):
             raise InputError(f"{data}: an image model needs 'pixels' rows")
         x = torch.tensor([e.pixels for e in batch], dtype=torch.float32)
-        return {"pixel_values": x.unsqueeze(1) if x.dim() == 3 else x}
+        return {"pixel_values": (x.unsqueeze(1) if x.dim() == 3 else x).to(device)}
     if any(e.text is None for e in batch):
         raise InputError(f"{data}: a text model needs 'text' rows")
     enc = tokenizer(
@@ -218,7 +220,7 @@ def model_inputs(batch, tokenizer, data: str, max_length: int) -> dict:
         max_length=max_length,
         return_tensors="pt",
     )
-    return dict(enc)
+    return {k: v.to(device) for k, v in enc.items()}
 
 
 def load_tokenizer(path: Path, label: str | None = None):

@@ -117,7 +117,7 @@ def read_factor(spec: WidthTensor, widths: dict[str, int], full: dict[str, int])
 
 def fourier(x: torch.Tensor, frequencies: int) -> torch.Tensor:
     """[x, sin(2^k·pi·x), cos(2^k·pi·x) for k < frequencies] along the last dimension."""
-    scales = (2.0 ** torch.arange(frequencies, dtype=x.dtype)) * math.pi
+    scales = (2.0 ** torch.arange(frequencies, dtype=x.dtype, device=x.device)) * math.pi
     angles = x[..., None] * scales
     parts = [x, torch.sin(angles).flatten(-2), torch.cos(angles).flatten(-2)]
     return torch.cat(parts, dim=-1)
@@ -209,6 +209,7 @@ class WidthGenerator(torch.nn.Module):
         """The INR's output for a tensor at ``widths``, in the tensor's shape there."""
         layout = self.layout
         raw = coordinates(spec, widths, layout.groups, layout.num_layers, noise, gen)
+        raw = raw.to(self.inrs[0].inp.weight.device)  # drawn on the CPU: a seed, one result
         rows = self.inrs[self.index[spec.family]](fourier(raw, self.fourier_k))
         shape = layout.shape(spec.name, widths)
         width_dims = sorted(a.dim for a in spec.axes)
@@ -228,7 +229,7 @@ class WidthGenerator(torch.nn.Module):
     ) -> torch.Tensor:
         """The generated tensor: factor · (pool(source) + scale · correction); a running
         statistic is the pooled source alone. ``source`` is already permuted."""
-        base = pool(source.float(), spec, widths)
+        base = pool(source.to(self.inrs[0].inp.weight.device).float(), spec, widths)
         if spec.statistic:
             return base
         factor = read_factor(spec, widths, self.layout.groups)

@@ -20,7 +20,7 @@ def _batch_norms(net) -> dict:
 class NeumetaModel:
     """A trained NeuMeta artifact, opened: its parent, layout, generator and permutations."""
 
-    def __init__(self, raw: TensorSource):
+    def __init__(self, raw: TensorSource, device: str = "cpu"):
         from compressor.models.architectures import WidthLayout
         from compressor.plugins.neumeta.generator import WidthGenerator
 
@@ -36,14 +36,15 @@ class NeumetaModel:
         self.generator = WidthGenerator(self.layout, m["hidden"], m["depth"], m["fourier"])
         state = {k.removeprefix("inr."): raw.get(k) for k in raw.names() if k.startswith("inr.")}
         self.generator.load_state_dict(state)
-        self.generator.requires_grad_(False)
+        self.generator.requires_grad_(False).to(device)
         self.perms = {g: raw.get(f"perm.{g}").long() for g in self.layout.groups}
         self.scales = m["scales"]
         self.noise = float(m["noise"])
 
     def generate(self, name: str, widths: dict, samples: int = 1, gen=None):
-        """A width tensor at ``widths``: clean coordinates, or the mean of ``samples``
-        generations with the training's coordinate noise."""
+        """A width tensor at ``widths`` (on the CPU; generated on the generator's device):
+        clean coordinates, or the mean of ``samples`` generations with the training's
+        coordinate noise (drawn from ``gen``, a CPU generator)."""
         import torch
 
         from compressor.plugins.neumeta.generator import permute
@@ -52,12 +53,12 @@ class NeumetaModel:
         src = permute(self.parent.get(name).float(), spec, self.perms)
         with torch.no_grad():
             if samples <= 1:
-                return self.generator.tensor(spec, src, self.scales[name], widths)
+                return self.generator.tensor(spec, src, self.scales[name], widths).cpu()
             draws = [
                 self.generator.tensor(spec, src, self.scales[name], widths, self.noise, gen)
                 for _ in range(samples)
             ]
-            return torch.stack(draws).mean(0)
+            return torch.stack(draws).mean(0).cpu()
 
     def close(self) -> None:
         self.parent.close()

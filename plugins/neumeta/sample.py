@@ -22,6 +22,7 @@ class NeumetaSample(Method):
 
     name = "neumeta"
     kind = "sample"
+    uses_device = True  # the generator (and BatchNorm re-estimation) on the device
     summary = "NeuMeta: write the model at a width from a trained generator"
     reference = "https://arxiv.org/abs/2410.11878"
     version = "1"
@@ -47,7 +48,7 @@ class NeumetaSample(Method):
         import torch
 
         opts, raw = job.options, job.inputs[0]
-        model = NeumetaModel(raw)
+        model = NeumetaModel(raw, job.device)
         try:
             layout = model.layout
             widths = self._widths(layout, opts)
@@ -147,12 +148,13 @@ def recalibrate_norms(config: dict, parent, tensors: dict, opts: dict, job) -> d
         net = _auto_class(cfg, "saved")(cfg)
     state = {n: tensors[n] if n in tensors else parent.get(n) for n in parent.names()}
     net.load_state_dict(state, assign=True, strict=True)
-    task = Task("entropy", cfg, None, opts["max_length"])
+    net.to(job.device)
+    task = Task("entropy", cfg, None, opts["max_length"], job.device)
     split = task.split(rows, opts["data"], opts["batch_size"])
     batches = job.progress(task.batches(split), desc="neumeta: BatchNorm statistics")
     reestimate_batch_norms(net, (x for x, _ in batches))
     return {
-        f"{n}.{stat}": getattr(m, stat).detach().clone()
+        f"{n}.{stat}": getattr(m, stat).detach().cpu().clone()
         for n, m in _batch_norms(net).items()
         for stat in ("running_mean", "running_var")
     }

@@ -32,6 +32,7 @@ class NeumetaTrain(Method):
 
     name = "neumeta"
     kind = "train"
+    uses_device = True  # the model and the generator on the device; smoothing on the CPU
     summary = "NeuMeta: learn a generator of the model's weights at any FFN or channel width"
     reference = "https://arxiv.org/abs/2410.11878"
     version = "1"
@@ -97,17 +98,19 @@ class NeumetaTrain(Method):
         objective = objective_for(rows, opts["objective"])
         lo, hi = opts["widths"]
         started = time.perf_counter()
-        with source_model(source, "saved") as (net, tokenizer):
+        with source_model(source, "saved", job.device) as (net, tokenizer):
             check_head(net, objective, source.label)
-            task = Task(objective, net.config, tokenizer, opts["max_length"])
+            task = Task(objective, net.config, tokenizer, opts["max_length"], job.device)
             split = task.split(rows, opts["data"], opts["batch_size"])
             module_name = _module_names(net, source, layout)
             src = {n: source.get(n).float() for n in layout.tensors}
             perms = smoothing_orders(layout, src, opts["smoothing"], opts["tsp_seconds"], job)
             src = {n: permute(t, layout.tensors[n], perms) for n, t in src.items()}
             scales = {n: _scale(t) for n, t in src.items()}
-            torch.manual_seed(opts["seed"])
+            src = {n: t.to(job.device) for n, t in src.items()}
+            torch.manual_seed(opts["seed"])  # initialised on the CPU: a seed, one generator
             gen = WidthGenerator(layout, opts["hidden"], opts["depth"], opts["fourier"])
+            gen.to(job.device)
             for p in net.parameters():
                 p.requires_grad_(False)
             norms = _batch_norms(net)
@@ -139,7 +142,7 @@ class NeumetaTrain(Method):
                 show_loss(bar, loss=history["task"][-1])
         seconds = time.perf_counter() - started
         for key, value in gen.state_dict().items():
-            job.writer.write(f"inr.{key}", value.detach().float())
+            job.writer.write(f"inr.{key}", value.detach().float().cpu())
         for group, perm in perms.items():
             job.writer.write(f"perm.{group}", perm)
         inr_params = sum(p.numel() for p in gen.parameters())

@@ -23,8 +23,11 @@ class _Batches(list):
         return sum(int(x["attention_mask"].sum()) for x in self)
 
 
-def calibration_batches(source, data: str, samples: int, max_length: int) -> _Batches:
-    """The first ``samples`` text rows of ``data``, tokenized in batches for the model."""
+def calibration_batches(
+    source, data: str, samples: int, max_length: int, device: str = "cpu"
+) -> _Batches:
+    """The first ``samples`` text rows of ``data``, tokenized in batches for the model, on
+    ``device``."""
     from compressor.learning.data import batches, read_examples
     from compressor.models.modeling import model_inputs, source_tokenizer
 
@@ -34,7 +37,7 @@ def calibration_batches(source, data: str, samples: int, max_length: int) -> _Ba
     tokenizer = source_tokenizer(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    out = _Batches(model_inputs(b, tokenizer, data, max_length) for b in batches(rows, 8))
+    out = _Batches(model_inputs(b, tokenizer, data, max_length, device) for b in batches(rows, 8))
     out.rows = len(rows)
     return out
 
@@ -47,6 +50,7 @@ def calibrate_sequentially(
     progress=None,
     sequential: bool = True,
     tune=None,
+    device: str = "cpu",
 ) -> None:
     """Run ``inputs`` through the model block by block; in each block, hand every linear
     weight with its Hessian H = 2XᵀX/N (over unpadded tokens) to ``quantize(name, weight,
@@ -54,7 +58,8 @@ def calibrate_sequentially(
     if given (it may change the block's weights again; ``hessian(suffix)`` gives H), then
     ``after_layer(k)``, and feed the next block the outputs of the quantised one
     (``sequential`` False: of the source's block, so every Hessian comes from the source
-    model). Also what the benchmarks' GPTQ baseline runs on."""
+    model). The block runs on ``device``, where ``inputs`` must be. Also what the
+    benchmarks' GPTQ baseline runs on."""
     from compressor.models.blockwise import run_blockwise, supports
 
     layout, source = plan.layout, plan.source
@@ -87,6 +92,7 @@ def calibrate_sequentially(
         transform=transform,
         progress=progress,
         source_targets=tune is not None and sequential,
+        device=device,
     )
 
 
@@ -140,8 +146,8 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     from compressor.models.blockwise import hidden_states
     from compressor.plugins.sketchtune.quantize import decode_tables
 
-    dtype = next(block.parameters()).dtype
-    codes = {s: c for s, (_, c) in sketches.items()}
+    dtype, device = next(block.parameters()).dtype, next(block.parameters()).device
+    codes = {s: c.to(device) for s, (_, c) in sketches.items()}
     n = len(calibration.inputs)
     held = min(max(round(n / 4), 1), n - 1) if n > 1 else 0
     train, judge = list(range(n - held)), list(range(n - held, n))
@@ -179,9 +185,9 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
             parts = [error(tables, b) for b in judge]
         return sum(e for e, _ in parts) / max(sum(p for _, p in parts), 1e-30)
 
-    kept = {s: t.half() for s, (t, _) in sketches.items()}
+    kept = {s: t.to(device).half() for s, (t, _) in sketches.items()}
     if not judge or passes == 0:
-        return kept, None, None
+        return {s: t.cpu() for s, t in kept.items()}, None, None
     tables = {s: t.float().requires_grad_(True) for s, t in kept.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
@@ -201,7 +207,7 @@ def tune_block_tables(block, sketches: dict, calibration, masks, passes: int, lr
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return kept, start, best
+    return {s: t.cpu() for s, t in kept.items()}, start, best
 
 
 def row_chunks(args: tuple, kwargs: dict, tokens: int = 1024):

@@ -72,8 +72,8 @@ def _sketched_linear_class():
 
 
 def swap_in_sketches(net, sketch: DecodedSketch) -> dict:
-    """Replace each sketched linear of ``net`` by a table-gather module; freeze the rest.
-    Returns the trainable tables by weight name."""
+    """Replace each sketched linear of ``net`` by a table-gather module, on the device of
+    the module it replaces; freeze the rest. Returns the trainable tables by weight name."""
     import torch
 
     from compressor.models.modeling import checkpoint_names
@@ -90,11 +90,13 @@ def swap_in_sketches(net, sketch: DecodedSketch) -> dict:
         if old is None:
             raise InputError(f"{sketch.label}: the model has no module '{path}'")
         parent_path, _, attr = path.rpartition(".")
-        table = torch.nn.Parameter(sketch.tables(name))
+        device = old.weight.device
+        table = torch.nn.Parameter(sketch.tables(name).to(device))
         bias = getattr(old, "bias", None)
         if bias is not None:
             bias.requires_grad_(False)
-        new = cls(table, sketch.codes(name), bias, type(old).__name__ == "Conv1D")
+        codes = sketch.codes(name).to(device)
+        new = cls(table, codes, bias, type(old).__name__ == "Conv1D")
         setattr(modules[parent_path] if parent_path else net, attr, new)
         tables[name] = table
     return tables

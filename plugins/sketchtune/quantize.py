@@ -102,12 +102,13 @@ def weighted_kmeans(
     weights = weights.expand(rows, n).contiguous()
     ordered = points.sort(dim=1).values
     at = ((torch.arange(k, dtype=torch.float64) + 0.5) / k * n).long().clamp(max=n - 1)
+    at = at.to(points.device)
     centroids = ordered[:, at].contiguous()
     for _ in range(iters):
         mids = ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
         cluster = torch.searchsorted(mids, points.contiguous())
-        num = torch.zeros(rows, k).scatter_add_(1, cluster, points * weights)
-        den = torch.zeros(rows, k).scatter_add_(1, cluster, weights)
+        num = torch.zeros(rows, k, device=points.device).scatter_add_(1, cluster, points * weights)
+        den = torch.zeros(rows, k, device=points.device).scatter_add_(1, cluster, weights)
         moved = torch.where(den > 0, num / den.clamp(min=1e-30), centroids)
         moved = moved.sort(dim=1).values
         if torch.equal(moved, centroids):
@@ -139,13 +140,13 @@ def assign_codes(
     import torch
 
     out, cols = weight.shape
-    at = torch.arange(cols) if order is None else order
+    at = torch.arange(cols, device=weight.device) if order is None else order
     if order is not None:
         w = weight[:, order]  # a copy already
     else:
         w = weight if u is None else weight.clone()  # error feedback writes into w
-    codes = torch.empty(out, cols, dtype=torch.uint8)
-    values = torch.empty(out, cols)
+    codes = torch.empty(out, cols, dtype=torch.uint8, device=weight.device)
+    values = torch.empty(out, cols, device=weight.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         if u is None:
@@ -189,11 +190,12 @@ def refit_tables(
     out, groups, k = tables.shape
     cols = weight.shape[1]
     entries = groups * k
-    index = (torch.arange(cols) // (cols // groups))[None, :] * k + codes.long()  # out × in
+    device = tables.device
+    index = (torch.arange(cols, device=device) // (cols // groups))[None, :] * k + codes.long()
     h = hessian.float()
 
     def gather(x):  # out × E: Sᵀ x per row, x out × in
-        return torch.zeros(out, entries).scatter_add_(1, index, x)
+        return torch.zeros(out, entries, device=device).scatter_add_(1, index, x)
 
     lam = 1e-4 * float(torch.diagonal(h).mean())
     diag = gather(torch.diagonal(h).expand(out, cols)) + lam  # the diagonal of the system
@@ -254,7 +256,7 @@ def decode_tables(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
     out, groups, k = tables.shape
     cols = codes.shape[1]
-    row = torch.arange(out)[:, None] * groups
-    group = (torch.arange(cols) // (cols // groups))[None, :]
+    row = torch.arange(out, device=tables.device)[:, None] * groups
+    group = (torch.arange(cols, device=tables.device) // (cols // groups))[None, :]
     index = (row + group) * k + codes.long()
     return tables.reshape(-1)[index]

@@ -33,9 +33,10 @@ from compressor.plugins.sketchtune.config import (
 from compressor.plugins.sketchtune.decoded import DecodedSketch, _Tables
 
 
-def sketch_weight(weight, hessian, opts: dict):
+def sketch_weight(weight, hessian, opts: dict, device: str | None = None):
     """(tables fp16 out × G × 2^b, codes uint8 out × in, Ŵ float32, relative output error
-    or None) of one weight.
+    or None) of one weight, computed on ``device`` (default: the weight's); tables and
+    codes come back on the CPU, Ŵ on the device.
 
     ``hessian`` None is H = I (no calibration): weights unweighted, no error feedback.
     """
@@ -51,13 +52,15 @@ def sketch_weight(weight, hessian, opts: dict):
         weighted_kmeans,
     )
 
-    w = weight.float().clone()
+    device = device or weight.device
+    w = weight.to(device).float().clone()
+    hessian = None if hessian is None else hessian.to(device)
     out, cols = w.shape
     groups, k = opts["groups_per_row"], 2 ** opts["bits"]
     n = cols // groups
     order = None  # the order error feedback visits the columns in; None: their own
     if hessian is None:
-        u, col_weights = None, torch.ones(cols)
+        u, col_weights = None, torch.ones(cols, device=device)
     else:
         if opts["act_order"]:
             order = activation_order(hessian)
@@ -89,13 +92,14 @@ def sketch_weight(weight, hessian, opts: dict):
             fitted_error = output_error(w, approx, hessian)
             if fitted_error < error:  # it cannot grow but by the fp16 rounding
                 tables, values, error = fitted, approx, fitted_error
-    return tables.half(), codes, values, error
+    return tables.half().cpu(), codes.cpu(), values, error
 
 
 def output_error(weight, approx, hessian) -> float:
-    """Relative output error ‖(W − Ŵ)X‖ / ‖WX‖ on the calibration inputs, from H."""
-    w = weight.float()
-    d = w - approx
+    """Relative output error ‖(W − Ŵ)X‖ / ‖WX‖ on the calibration inputs, from H (on
+    H's device)."""
+    w = weight.to(hessian.device).float()
+    d = w - approx.to(hessian.device)
     num = ((d @ hessian) * d).sum()
     den = ((w @ hessian) * w).sum()
     return math.sqrt(max(float(num), 0.0) / max(float(den), 1e-30))
@@ -114,6 +118,7 @@ class Sketch(Method):
 
     name = "sketchtune"
     kind = "compress"
+    uses_device = True  # k-means, Hessians, error feedback, refit and block tuning
     summary = "SketchTune: linear weights as b-bit codes into per-row-group lookup tables"
     reference = "https://arxiv.org/abs/2410.06364"
     version = "4"
@@ -199,7 +204,7 @@ class Sketch(Method):
         if opts["import"] and opts["data"]:
             raise OptionError("give -o import FILE or -o data CALIB, not both")
         plan = SketchPlan(source, opts["groups_per_row"])
-        state = _Written(plan, opts)
+        state = _Written(plan, opts, job.device)
         for name in source.names():
             if name not in plan.layer_of:
                 copy_tensor(job.writer, source, name)
@@ -246,8 +251,8 @@ class Sketch(Method):
 class _Written:
     """What has been written so far, and the numbers the manifest reports."""
 
-    def __init__(self, plan: SketchPlan, opts: dict):
-        self.plan, self.opts = plan, opts
+    def __init__(self, plan: SketchPlan, opts: dict, device: str = "cpu"):
+        self.plan, self.opts, self.device = plan, opts, device
         self.layers: dict[str, dict] = {}
         self.errors: dict[str, float] = {}
         self.block_errors: dict[int, list[float]] = {}
@@ -256,7 +261,7 @@ class _Written:
 
     def sketch(self, name: str, weight, hessian) -> torch.Tensor:
         """Sketch one weight (written by :meth:`flush`); return Ŵ in the source dtype."""
-        tables, codes, values, error = sketch_weight(weight, hessian, self.opts)
+        tables, codes, values, error = sketch_weight(weight, hessian, self.opts, self.device)
         if error is not None:
             self.errors[name] = error
         self.pending[name] = (tables, codes)
@@ -366,7 +371,9 @@ class _Written:
 def _calibrate(job, plan: SketchPlan, state: _Written) -> dict:
     """Sketch every linear on its calibration Hessian, block by block (true-sequential)."""
     opts = job.options
-    inputs = calibration_batches(plan.source, opts["data"], opts["samples"], opts["max_length"])
+    inputs = calibration_batches(
+        plan.source, opts["data"], opts["samples"], opts["max_length"], job.device
+    )
 
     tune = state.tune if block_tune_passes(opts) else None
     if tune is not None and len(inputs) < 2:
@@ -376,7 +383,13 @@ def _calibrate(job, plan: SketchPlan, state: _Written) -> dict:
         )
         tune = None
     calibrate_sequentially(
-        plan, inputs, state.sketch, lambda k: state.flush(job.writer, k), job.progress, tune=tune
+        plan,
+        inputs,
+        state.sketch,
+        lambda k: state.flush(job.writer, k),
+        job.progress,
+        tune=tune,
+        device=job.device,
     )
     digest = hashlib.sha256(Path(opts["data"]).read_bytes()).hexdigest()
     return {

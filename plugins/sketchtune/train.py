@@ -21,6 +21,7 @@ class SketchTrain(Method):
 
     name = "sketchtune"
     kind = "train"
+    uses_device = True  # the model and its tables (and their optimizer state)
     summary = "SketchTune: fine-tune only a sketch's lookup tables (codes frozen)"
     reference = "https://arxiv.org/abs/2410.06364"
     version = "1"
@@ -51,9 +52,9 @@ class SketchTrain(Method):
         objective = objective_for(rows, opts["objective"])
         torch.manual_seed(opts["seed"])
         losses: list[float] = []
-        with source_model(sketch, "saved") as (net, tokenizer):
+        with source_model(sketch, "saved", job.device) as (net, tokenizer):
             check_head(net, objective, raw.label)
-            task = Task(objective, net.config, tokenizer, opts["max_length"])
+            task = Task(objective, net.config, tokenizer, opts["max_length"], job.device)
             split = task.split(rows, opts["data"], opts["batch_size"])
             tables = swap_in_sketches(net, sketch)
             trainer = Trainer(list(tables.values()), lr=opts["lr"], weight_decay=0.0, clip=1.0)
@@ -71,7 +72,7 @@ class SketchTrain(Method):
                 losses.append(loss)
                 show_loss(bar, loss=loss)
         for name, table in tables.items():
-            job.writer.write(f"{module_of(name)}.sketch", table.detach().float())
+            job.writer.write(f"{module_of(name)}.sketch", table.detach().float().cpu())
         window = max(1, len(losses) // 10)
         trainable = sum(t.numel() for t in tables.values())
         return Manifest(

@@ -73,6 +73,7 @@ class _SubspaceMerge(TensorMerge):
         ),
     )
     precision = "float64"
+    needs_float64 = True
     svc_alpha: float | None = None  # None: 1/T
 
     def merge(self, call):
