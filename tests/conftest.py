@@ -18,8 +18,8 @@ from compressor.registry import reset_registry
 
 def pytest_sessionstart(session):
     """Build the evaluation suite's models once, before the workers start, saying so."""
-    if hasattr(session.config, "workerinput"):
-        return
+    if hasattr(session.config, "workerinput") or session.config.option.markexpr == "gpu":
+        return  # workers, and the GPU check (scripts/gpu_check.sh), which needs no suite
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "scripts" / "suite"))
