@@ -5,6 +5,13 @@ every weight stays frozen: the real model, built with transformers from the
 base's config, runs through ``torch.func.functional_call`` on the composed
 parameters, so gradients reach only Λ. ``groups K`` splits each tensor's
 entries into K fixed random groups with a coefficient each (aTLAS×K).
+
+Data is one file for every expert, or one file per expert (``-o data a.jsonl,b.jsonl``):
+then expert t's rows run through the merged body under expert t's own classification
+head when the experts carry heads the base lacks (the multi-task setting of the paper,
+each task keeping its head), and ``agree`` distils expert t on its own rows. Parameters
+are matched to checkpoint tensors through :func:`compressor.models.modeling.checkpoint_names`,
+so architectures transformers renames on load (ViT) work.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from compressor.learning.data import read_examples
 from compressor.learning.tasks import Split, Task
 from compressor.learning.training import BestOnValidation, Trainer, functional_forward, show_loss
 from compressor.method import Manifest, Method, Option, non_negative, positive
-from compressor.models.modeling import check_names_match, source_model
+from compressor.models.modeling import checkpoint_names, source_model
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
 
 COEFFICIENTS_FILE = "atlas_coefficients.safetensors"
 CHUNK = 32  # most examples through the model at once; a step sums the gradients of its chunks
+HEADS = ("classifier.", "score.")  # transformers' classification heads: an expert's own, if any
 
 
 def _chunking(batch_size: int) -> tuple[int, int]:
@@ -50,10 +58,14 @@ class Atlas(Method):
     """Learn Λ (experts × parameter blocks) on a few examples; write θ0 + Σ Λ·τ.
 
     Objectives: ``ce`` (cross-entropy on labelled rows), ``entropy`` (prediction
-    entropy on unlabelled rows: test-time adaptation), ``lm`` (next-token loss
-    on text, causal LMs). Λ starts at 0 (the base); AdamW with weight decay 0.1
-    and gradient clipping at 1.0; the Λ with the best validation score is kept
-    (accuracy on labelled ``val`` rows, else minus the objective on ``val``, or
+    entropy on unlabelled rows: test-time adaptation, as AdaMerging), ``lm``
+    (next-token loss on text, causal LMs), ``agree`` (the merged model's pooled last
+    hidden states matched by cosine to each expert's on its rows: distillation, for
+    models without a head or rows without labels). ``auto`` picks ce on labelled rows,
+    else lm for a causal LM, entropy for a classifier and agree for a model without a
+    head. Λ starts at 0 (the base); AdamW with weight decay 0.1 and gradient clipping
+    at 1.0; the Λ with the best validation score is kept (the mean over the data files
+    of accuracy on labelled ``val`` rows, else of the objective's score on ``val``, or
     on the training data when no ``val`` is given).
 
     Memory: every expert's task vector of the learned blocks stays in memory in
@@ -66,7 +78,7 @@ class Atlas(Method):
     kind = "merge"
     summary = "aTLAS: learn per-block coefficients of each task vector from a few examples"
     reference = "https://arxiv.org/abs/2407.02880"
-    version = "1"
+    version = "2"
     needs_base = True
     max_inputs = None
     uses_device = True  # the model, Λ, θ0 and the τ of the learned blocks live on the device
@@ -76,21 +88,30 @@ class Atlas(Method):
             "data",
             "str",
             None,
-            "training data: JSONL rows with text (or pixels) and label, or text lines (lm)",
+            "training data: JSONL rows with text (or pixels) and label, or text lines; one "
+            "file for all experts, or one per expert, comma-separated",
         ),
         Option(
             "objective",
             "choice",
-            "ce",
-            "cross-entropy on labels, prediction entropy (no labels needed), or LM loss",
-            choices=("ce", "entropy", "lm"),
+            "auto",
+            "ce on labels, entropy of the predictions, lm loss, or agree (match each "
+            "expert's pooled hidden states); auto: ce on labelled rows, else lm for a "
+            "causal LM, entropy for a classifier, agree for a model without a head",
+            choices=("auto", "ce", "entropy", "lm", "agree"),
         ),
-        Option("val", "str", None, "validation data that picks the best Λ (default: data)"),
+        Option(
+            "val",
+            "str",
+            None,
+            "validation data that picks the best Λ (default: data); as many files as data",
+        ),
         Option(
             "shots",
             "int",
             0,
-            "examples per class taken from data (labelled rows) or in all (otherwise); 0: all",
+            "examples per class taken from each data file (labelled rows) or in all "
+            "(otherwise); 0: all",
             check=non_negative,
         ),
         Option("epochs", "int", 20, "passes over the training examples", check=positive),
@@ -132,31 +153,44 @@ class Atlas(Method):
         opts = job.options
         if not opts["data"]:
             raise OptionError("atlas needs -o data PATH")
-        objective = opts["objective"]
-        train = read_examples(opts["data"])
-        val = read_examples(opts["val"]) if opts["val"] else None
-        if objective == "ce" and train[0].label is None:
-            raise InputError(f"{opts['data']}: objective 'ce' needs a 'label' on every row")
-        if objective == "lm" and any(e.text is None for e in train):
-            raise InputError(f"{opts['data']}: objective 'lm' needs text rows")
-        views = [TaskVectorView(job.base, e, job.warn) for e in job.inputs]
-        head = "lm" if objective == "lm" else "classify"
-        with source_model(job.base, head, job.device) as (model, tokenizer):
-            task = Task(objective, model.config, tokenizer, opts["max_length"], job.device)
-            train_set = _training_split(task, train, opts)
-            val_rows, val_data = (val, opts["val"]) if val else (train, opts["data"])
-            # labelled validation rows are scored by accuracy, whatever the objective learns
-            labelled = objective != "lm" and val_rows[0].label is not None
-            scorer = (
-                Task("ce", model.config, tokenizer, opts["max_length"], job.device)
-                if labelled
-                else task
+        experts = list(job.inputs)
+        files = _files(opts["data"], "data", len(experts))
+        val_files = _files(opts["val"], "val", len(experts)) if opts["val"] else None
+        if val_files is not None and len(val_files) != len(files):
+            raise OptionError(
+                f"option 'val' names {len(val_files)} file(s) and 'data' {len(files)}: give as many"
             )
-            val_set = scorer.split(val_rows, val_data, _chunking(opts["batch_size"])[0])
-            coefs = _Coefficients(model, job.base, views, opts, job.device)
-            best, history = _learn(task, scorer, _Run(model, coefs, train_set, val_set), opts, job)
+        train = [read_examples(f) for f in files]
+        val = [read_examples(f) for f in val_files] if val_files else None
+        heads = _own_heads(job.base, experts)
+        if heads and len(files) == 1 and len(experts) > 1 and opts["objective"] != "agree":
+            raise OptionError(
+                "the experts carry their own heads (" + ", ".join(sorted(heads)[:2]) + "): "
+                "give one data file per expert (-o data a.jsonl,b.jsonl,...), each scored "
+                "under its expert's head, or -o objective agree"
+            )
+        views = [TaskVectorView(job.base, e, job.warn, frozenset(heads)) for e in experts]
+        built_from = experts[0] if heads else job.base
+        with source_model(built_from, "saved", job.device) as (model, tokenizer):
+            objective = _objective(opts["objective"], train[0], model, heads)
+            _check_rows(objective, train, files)
+            if objective in ("ce", "entropy") and not (heads or _has_head(model)):
+                raise InputError(
+                    f"{job.base.label} is a {type(model).__name__}, with no classification "
+                    f"head for objective '{objective}': give labelled rows to a classifier, "
+                    "or use -o objective agree"
+                )
+            names = checkpoint_names(model, built_from)
+            coefs = _Coefficients(model, names, job.base, views, opts, job.device, bool(heads))
+            streams = _streams(
+                model, names, tokenizer, objective, coefs, experts, heads, opts, len(files)
+            )
+            splits = _splits(streams, train, files, val, val_files, opts, coefs)
+            best, history = _learn(streams, splits, coefs, model, opts, job)
             self._write(job, coefs, best)
-        return self._manifest(job, coefs, best, history, len(train_set.rows), scorer)
+        score_name = streams[0].scorer.score_name
+        count = sum(len(s.rows) for s, _ in splits)
+        return self._manifest(job, coefs, best, history, count, score_name, objective)
 
     def _write(self, job, coefs: _Coefficients, best: torch.Tensor) -> None:
         import torch
@@ -164,22 +198,28 @@ class Atlas(Method):
 
         with torch.no_grad():
             merged = coefs.compose(best)
+        by_checkpoint = {coefs.checkpoint[p]: t for p, t in merged.items()}
         for name in job.progress(job.base.names(), desc="atlas: write"):
             info = job.base.info(name)
-            t = merged.pop(name, None)
+            t = by_checkpoint.pop(name, None)
             job.writer.write(name, t.to("cpu", info.dtype) if t is not None else job.base.get(name))
-        tensors = {name: best[:, b].cpu().contiguous() for b, name in enumerate(coefs.blocks)}
+        tensors = {
+            coefs.checkpoint[name]: best[:, b].cpu().contiguous()
+            for b, name in enumerate(coefs.blocks)
+        }
         meta = {"experts": json.dumps([e.label for e in job.inputs]), "groups": str(coefs.k)}
         job.writer.add_file(COEFFICIENTS_FILE, save(tensors, metadata=meta))
 
-    def _manifest(self, job, coefs, best, history, examples: int, scorer) -> Manifest:
+    def _manifest(self, job, coefs, best, history, examples, score_name, objective) -> Manifest:
         labels = [e.label for e in job.inputs]
         per_block = best.mean(dim=2)  # T × B
         summary = []
         for t, label in enumerate(labels):
             row = per_block[t]
             order = row.abs().argsort(descending=True)[:3].tolist()
-            largest = ", ".join(f"{coefs.blocks[b]} {float(row[b]):+.3f}" for b in order)
+            largest = ", ".join(
+                f"{coefs.checkpoint[coefs.blocks[b]]} {float(row[b]):+.3f}" for b in order
+            )
             summary.append(
                 f"Λ {label}: mean {float(best[t].mean()):+.3f}, min {float(best[t].min()):+.3f}, "
                 f"max {float(best[t].max()):+.3f}; largest: {largest}"
@@ -191,32 +231,146 @@ class Atlas(Method):
                 "experts": len(labels),
                 "blocks": len(coefs.blocks),
                 "coefficients": best.numel(),
-                f"val_{scorer.score_name}": top["score"],
-                f"base_val_{scorer.score_name}": first["score"],
+                f"val_{score_name}": top["score"],
+                f"base_val_{score_name}": first["score"],
                 "best_epoch": top["epoch"],
                 "train_examples": examples,
             },
-            extra={"summary": summary, "history": history, "coefficients": COEFFICIENTS_FILE},
+            extra={
+                "summary": summary,
+                "objective": objective,
+                "history": history,
+                "coefficients": COEFFICIENTS_FILE,
+            },
         )
 
 
-def _training_split(task: Task, rows, opts) -> Split:
-    """The training rows (``shots`` of them per class, or in all) as a split of chunks."""
-    if opts["shots"]:
-        rows = _take_shots(rows, task.objective != "lm", opts["shots"], opts["seed"])
-    return task.split(rows, opts["data"], _chunking(opts["batch_size"])[0])
+def _files(value: str, option: str, experts: int) -> list[str]:
+    """The data files an option names: one, or one per expert."""
+    files = [f.strip() for f in str(value).split(",") if f.strip()]
+    if len(files) not in (1, experts):
+        raise OptionError(
+            f"option '{option}' names {len(files)} files for {experts} experts: give one "
+            "file, or one per expert"
+        )
+    return files
 
 
-class _Run:
-    """What one aTLAS run learns over: the model, the coefficients and the two splits."""
+def _own_heads(base, experts) -> set[str]:
+    """Classification-head tensors every expert holds and the base does not (each expert's
+    own head, as in the multi-task setting); empty when the base has its head."""
+    infos = base.infos()
+    heads = None
+    for e in experts:
+        if e.content != "model":
+            return set()
+        own = {
+            n for n, i in e.infos().items() if i.is_float and n not in infos and n.startswith(HEADS)
+        }
+        heads = own if heads is None else heads & own
+    return heads or set()
 
-    def __init__(self, model, coefs, train: Split, val: Split):
-        self.model, self.coefs, self.train, self.val = model, coefs, train, val
 
-    def forward(self, lam):
-        """Inputs → logits of the model under θ0 + Σ Λ·τ (differentiable in Λ)."""
-        params = self.coefs.compose(lam)
-        return lambda x: functional_forward(self.model, params, x).logits
+def _has_head(model) -> bool:
+    return type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
+
+
+def _objective(asked: str, rows, model, heads) -> str:
+    """The objective ``auto`` stands for, given the rows and the model."""
+    if asked != "auto":
+        return asked
+    if rows[0].label is not None:
+        return "ce"
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return "lm"
+    return "entropy" if heads or _has_head(model) else "agree"
+
+
+def _check_rows(objective: str, train: list, files: list[str]) -> None:
+    for rows, data in zip(train, files, strict=True):
+        if not rows:
+            raise InputError(f"{data} has no rows")
+        if objective == "ce" and rows[0].label is None:
+            raise InputError(f"{data}: objective 'ce' needs a 'label' on every row")
+        if objective == "lm" and any(e.text is None for e in rows):
+            raise InputError(f"{data}: objective 'lm' needs text rows")
+
+
+class _Stream:
+    """One data file's share of the loss: its expert's head (or none: the base's), the
+    teacher it agrees with (agree), the task it learns and the one it is scored by."""
+
+    def __init__(self, task: Task, scorer: Task, head: dict, teacher: int | None):
+        self.task, self.scorer, self.head, self.teacher = task, scorer, head, teacher
+
+    def forward(self, model, coefs, lam, task: Task | None = None):
+        """Inputs → the task's prediction under θ0 + Σ Λ·τ (differentiable in Λ)."""
+        params = {**coefs.compose(lam), **self.head}
+        task = task or self.task
+        return lambda x: task.predict(lambda kw: functional_forward(model, params, kw), x)
+
+
+def _streams(
+    model, names, tokenizer, objective, coefs, experts, heads, opts, files: int
+) -> list[_Stream]:
+    """A stream per expert (its own file, its own head, or its teacher under agree), else
+    one."""
+    import torch
+    import transformers
+
+    per_expert = heads or objective == "agree" or files > 1
+    out = []
+    for t, expert in enumerate(experts if per_expert else experts[:1]):
+        config = model.config
+        head = {}
+        if heads:
+            cfg = expert.config() or {}
+            config = transformers.AutoConfig.for_model(
+                cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"}
+            )
+            head = {
+                p: expert.get(c).to(coefs.device, torch.float32)
+                for p, c in names.items()
+                if c in heads
+            }
+        task = Task(objective, config, tokenizer, opts["max_length"], coefs.device)
+        scorer = task
+        if objective in ("ce", "entropy"):  # labelled validation rows: accuracy
+            scorer = Task("ce", config, tokenizer, opts["max_length"], coefs.device)
+        out.append(_Stream(task, scorer, head, t if objective == "agree" else None))
+    return out
+
+
+def _splits(streams, train, files, val, val_files, opts, coefs) -> list[tuple[Split, Split]]:
+    """(training split, validation split) per stream; agree's splits carry the teacher's
+    embeddings of their rows as targets."""
+    chunk = _chunking(opts["batch_size"])[0]
+    out = []
+    for k, stream in enumerate(streams):
+        i = k if len(train) > 1 else 0
+        rows, data = train[i], files[i]
+        if opts["shots"]:
+            by_label = stream.task.objective != "lm"
+            rows = _take_shots(rows, by_label, opts["shots"], opts["seed"])
+        tr = stream.task.split(rows, data, chunk)
+        va_rows, va_data = (val[i], val_files[i]) if val else (train[i], files[i])
+        labelled = stream.task.objective != "lm" and va_rows[0].label is not None
+        if not labelled and stream.scorer is not stream.task:
+            stream.scorer = stream.task  # unlabelled validation rows: the objective's score
+        va = stream.scorer.split(va_rows, va_data, chunk)
+        out.append((tr, va))
+    return out
+
+
+def _teach(stream: _Stream, split: Split, model, coefs) -> None:
+    """Set the split's targets to its expert's embeddings of its rows (θ0 + τ_t)."""
+    import torch
+
+    lam = coefs.zeros()
+    lam[stream.teacher] = 1.0
+    forward = stream.forward(model, coefs, lam)
+    with torch.no_grad():
+        split.labels = torch.cat([forward(x) for x, _ in stream.task.batches(split)]).detach()
 
 
 def _take_shots(rows, by_label: bool, shots: int, seed: int):
@@ -238,9 +392,21 @@ def _take_shots(rows, by_label: bool, shots: int, seed: int):
 
 
 class _Coefficients:
-    """The learned blocks: base weights, the experts' τ, group ids; composes parameters."""
+    """The learned blocks: base weights, the experts' τ, group ids; composes parameters.
+    Blocks are the model's parameter names; ``checkpoint`` maps them to the tensors."""
 
-    def __init__(self, model, base, views, opts: dict, device: str = "cpu"):
+    def __init__(
+        self,
+        model,
+        names: dict,
+        base,
+        views,
+        opts: dict,
+        device: str = "cpu",
+        reset_body: bool = False,
+    ):
+        """``reset_body``: the model was built from an expert (for its head); its body is
+        set to the base's tensors first."""
         import torch
 
         pattern = re.compile(opts["blocks"]) if opts["blocks"] else None
@@ -248,15 +414,21 @@ class _Coefficients:
         self.k = opts["groups"]
         self.experts = len(views)
         self.device = device
+        self.checkpoint: dict[str, str] = {}
         self.blocks: list[str] = []
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.groups: dict[str, torch.Tensor] = {}
         gen = torch.Generator().manual_seed(opts["seed"])
-        check_names_match(model, base, "aTLAS")
-        for name, param in model.named_parameters():
-            info = infos.get(name)
-            if info is None or not info.is_float or (pattern and not pattern.search(name)):
+        for param, tensor in model.named_parameters():
+            name = names.get(param)
+            info = infos.get(name) if name else None
+            if info is None or not info.is_float:
+                continue
+            if reset_body:
+                with torch.no_grad():
+                    tensor.copy_(base.get(name))
+            if pattern and not pattern.search(name):
                 continue
             taus = []
             for t, view in enumerate(views):
@@ -265,12 +437,13 @@ class _Coefficients:
                     taus.append((t, d.to(device)))
             if not taus:
                 continue
-            self.blocks.append(name)
-            self.base[name] = param.detach()
-            self.taus[name] = taus
+            self.blocks.append(param)
+            self.checkpoint[param] = name
+            self.base[param] = tensor.detach()
+            self.taus[param] = taus
             if self.k > 1:
-                groups = torch.randint(self.k, param.shape, generator=gen)  # CPU draws
-                self.groups[name] = groups.to(device)
+                groups = torch.randint(self.k, tensor.shape, generator=gen)  # CPU draws
+                self.groups[param] = groups.to(device)
         if not self.blocks:
             what = f"matching '{opts['blocks']}' " if pattern else ""
             raise InputError(f"no parameter tensor {what}differs between the base and the experts")
@@ -293,27 +466,41 @@ class _Coefficients:
         return params
 
 
-def _learn(task: Task, scorer: Task, run: _Run, opts, job):
-    """AdamW on Λ; returns the best Λ by validation score and the per-epoch history."""
+def _learn(streams, splits, coefs, model, opts, job):
+    """AdamW on Λ; returns the best Λ by the mean validation score over the streams and
+    the per-epoch history."""
     import torch
 
+    for stream, (tr, va) in zip(streams, splits, strict=True):
+        if stream.teacher is not None:
+            _teach(stream, tr, model, coefs)
+            _teach(stream, va, model, coefs)
+
     def validate(lam) -> float:
-        return scorer.score(scorer.metrics(run.forward(lam.detach()), run.val))
+        scores = []
+        for stream, (_, va) in zip(streams, splits, strict=True):
+            forward = stream.forward(model, coefs, lam.detach(), stream.scorer)
+            scores.append(stream.scorer.score(stream.scorer.metrics(forward, va)))
+        return sum(scores) / len(scores)
 
     gen = torch.Generator().manual_seed(opts["seed"])
-    lam = run.coefs.zeros().requires_grad_(True)
+    lam = coefs.zeros().requires_grad_(True)
     trainer = Trainer([lam], lr=opts["lr"], weight_decay=0.1, clip=1.0)
     best = BestOnValidation(lam.detach().clone(), validate(lam))
     best.history.append({"epoch": 0, "score": best.score, "loss": None})
-    chunks = list(task.batches(run.train))  # tokenized once, reused every epoch
+    chunks = [  # tokenized once, reused every epoch
+        (stream, x, y)
+        for stream, (tr, _) in zip(streams, splits, strict=True)
+        for x, y in stream.task.batches(tr)
+    ]
     per_step = _chunking(opts["batch_size"])[1] or len(chunks)
     steps = opts["epochs"] * -(-len(chunks) // per_step)
     bar = job.progress(range(steps), desc="atlas", unit="step", total=steps)
     ticks = iter(bar)
 
     def piece(i):
-        x, y = chunks[i]
-        return lambda: task.loss(run.forward(lam)(x), x, y)  # summed; divided by the count
+        stream, x, y = chunks[i]
+        return lambda: stream.task.loss(stream.forward(model, coefs, lam)(x), x, y)
 
     for epoch in range(1, opts["epochs"] + 1):
         loss_sum, count = 0.0, 0

@@ -474,7 +474,7 @@ class MatformerTrain(Method):
         from compressor.learning.data import read_examples
         from compressor.learning.tasks import Task, check_head, objective_for
         from compressor.learning.training import Trainer, row_batches
-        from compressor.models.modeling import check_names_match, source_model
+        from compressor.models.modeling import checkpoint_names, source_model
 
         opts = job.options
         if not opts["data"]:
@@ -492,7 +492,7 @@ class MatformerTrain(Method):
         history = {g: [] for g in grans}
         with source_model(source, "saved", job.device) as (net, tokenizer):
             check_head(net, objective, source.label)
-            check_names_match(net, source, "matformer-train")
+            param_of = {c: p for p, c in checkpoint_names(net, source).items()}
             task = Task(objective, net.config, tokenizer, opts["max_length"], job.device)
             split = task.split(rows, opts["data"], opts["batch_size"])
             masks = MaskedWidths(net, layout)
@@ -519,7 +519,7 @@ class MatformerTrain(Method):
             state = net.state_dict()
             for name in job.progress(source.names(), desc="matformer-train: write"):
                 info = source.info(name)
-                t = state.get(name)
+                t = state.get(param_of.get(name, name))
                 job.writer.write(
                     name, t.detach().to("cpu", info.dtype) if t is not None else source.get(name)
                 )

@@ -12,6 +12,8 @@ from conftest import artifact_tensors, assert_refused, dir_tensors
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts" / "suite"))
+import multitask as _multitask  # noqa: E402, F401
+
 import build as suite_build  # noqa: E402
 
 QUICK = ("-o", "epochs", "2", "-o", "max_length", "32", "-o", "batch_size", "16")
@@ -331,7 +333,7 @@ def test_other_bad_inputs(run, text, models, private_store, tmp_path):
     assert_refused(
         run,
         private_store,
-        [*merge, *experts, "-o", "data", unlabelled],
+        [*merge, *experts, "-o", "data", unlabelled, "-o", "objective", "ce"],
         f"{unlabelled}: objective 'ce' needs a 'label' on every row",
     )
     assert_refused(
@@ -353,4 +355,137 @@ def test_other_bad_inputs(run, text, models, private_store, tmp_path):
         private_store,
         [*merge, models["ft1-fp32"], "-o", "data", train],
         f"base and expert differ: lm_head.weight is in {models['ft1-fp32']} but not in {base}",
+    )
+
+
+# -- issue #34: agree, each expert's own head, ViT ------------------------------------
+
+
+def _pooled(model, tok, texts, max_length=32):
+    """Mean-pooled last hidden states, computed directly with transformers."""
+    x = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**x, output_hidden_states=True).hidden_states[-1]
+    mask = x["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def test_agree_on_a_headless_encoder_with_unlabelled_text(run, minilm, tmp_path):
+    """The real MiniLM (a BertModel, no head) and two fine-tunes, plain text lines: agree
+    is the default; the stored score is the mean over experts of the cosine between the
+    written model's pooled embeddings and each expert's, computed here independently."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from compressor.demo.models import save_finetune, zen_lines
+
+    experts = [minilm["ft"], save_finetune(minilm["base"], tmp_path / "ft2", seed=9, strength=0.02)]
+    lines = zen_lines()[:12]
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(lines) + "\n")
+    rec = _atlas(run, minilm["base"], experts, "-o", "data", data, "-o", "lr", "0.5", *QUICK)
+    assert rec["metrics"]["val_cosine"] >= rec["metrics"]["base_val_cosine"]
+    r = run("store", "show", "at", "--json")
+    assert json.loads(r.stdout)["manifest"]["objective"] == "agree"
+
+    out = tmp_path / "merged"
+    assert run("export", "at", out).exit_code == 0
+    tok = AutoTokenizer.from_pretrained(minilm["base"])
+
+    def mean_cosine(candidate):
+        got = _pooled(AutoModel.from_pretrained(candidate).eval(), tok, lines)
+        cos = []
+        for e in experts:
+            want = _pooled(AutoModel.from_pretrained(e).eval(), tok, lines)
+            cos.append(torch.nn.functional.cosine_similarity(got, want, dim=-1).mean())
+        return float(sum(cos) / len(cos))
+
+    assert rec["metrics"]["val_cosine"] == pytest.approx(mean_cosine(out), abs=2e-5)
+    assert rec["metrics"]["base_val_cosine"] == pytest.approx(mean_cosine(minilm["base"]), abs=2e-5)
+
+
+@pytest.fixture(scope="module")
+def multitask():
+    import multitask as suite
+
+    return suite.build(suite.SMOKE, quiet=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["text", "image"])
+def test_each_expert_learns_under_its_own_head(run, multitask, part, tmp_path):
+    """The multi-task suite's setting (a base without heads, experts with heads of their
+    own sizes), ViT included: one data file per expert, each scored under its expert's
+    head; the stored score is the mean of each task's accuracy of the written body under
+    that task's head, computed here with transformers."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    tasks = sorted(p.name for p in (multitask / part / "experts").iterdir())[:3]
+    experts = [multitask / part / "experts" / t for t in tasks]
+    data = multitask / part / "data"
+    train = ",".join(str(data / f"{t}-train.jsonl") for t in tasks)
+    val = ",".join(str(data / f"{t}-val.jsonl") for t in tasks)
+    rec = _atlas(
+        run, multitask / part / "base", experts,
+        "-o", "data", train, "-o", "val", val, "-o", "shots", "2", "-o", "lr", "0.2", *QUICK,
+    )  # fmt: skip
+    assert rec["metrics"]["val_accuracy"] >= rec["metrics"]["base_val_accuracy"]
+    body = artifact_tensors("at")
+    assert not any(n.startswith("classifier.") for n in body)  # each task keeps its head
+    auto = AutoModelForSequenceClassification if part == "text" else AutoModelForImageClassification
+    accuracies = []
+    for task, expert in zip(tasks, experts, strict=True):
+        model = auto.from_pretrained(expert).eval()
+        own = dir_tensors(expert)
+        merged = {n: body.get(n, t) for n, t in own.items()}
+        model = type(model).from_pretrained(None, config=model.config, state_dict=merged).eval()
+        rows = [json.loads(x) for x in (data / f"{task}-val.jsonl").read_text().splitlines()]
+        if part == "text":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(expert)
+            x = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=32,
+                    return_tensors="pt")  # fmt: skip
+        else:
+            pixels = torch.tensor([r["pixels"] for r in rows], dtype=torch.float32)
+            x = {"pixel_values": pixels.unsqueeze(1) if pixels.dim() == 3 else pixels}
+        labels = [model.config.label2id.get(str(r["label"]), r["label"]) for r in rows]
+        with torch.no_grad():
+            pred = model(**x).logits.argmax(-1)
+        accuracies.append(float((pred == torch.tensor(labels)).float().mean()))
+    assert rec["metrics"]["val_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies))
+
+
+def test_own_heads_need_a_file_per_expert(run, multitask, private_store):
+    experts = [multitask / "text" / "experts" / t for t in ("tech", "arts")]
+    args = ["merge", "-p", "atlas", "--base", multitask / "text" / "base", *experts]
+    args += ["-o", "data", multitask / "text" / "data" / "tech-train.jsonl"]
+    assert_refused(
+        run,
+        private_store,
+        args,
+        "the experts carry their own heads (classifier.bias, classifier.weight): give one "
+        "data file per expert (-o data a.jsonl,b.jsonl,...), each scored under its expert's "
+        "head, or -o objective agree",
+        code=2,
+    )
+    three = ",".join([str(multitask / "text" / "data" / "tech-train.jsonl")] * 3)
+    assert_refused(
+        run,
+        private_store,
+        [*args[:-1], three],
+        "option 'data' names 3 files for 2 experts: give one file, or one per expert",
+        code=2,
+    )
+
+
+def test_a_headless_model_refuses_labels_for_ce_with_one_line(run, minilm, private_store, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n')
+    args = ["merge", "-p", "atlas", "--base", minilm["base"], minilm["ft"], "-o", "data", data]
+    assert_refused(
+        run,
+        private_store,
+        args,
+        f"{minilm['base']} is a BertModel, with no classification head for objective 'ce': "
+        "give labelled rows to a classifier, or use -o objective agree",
     )

@@ -391,3 +391,41 @@ def test_bad_inputs(run, private_store, digits, llama, tmp_path):
         "option 'widths': stage.1 takes 1 to 64; got 65",
         code=2,
     )
+
+
+def test_agree_trains_a_headless_encoder_on_plain_text(run, tmp_path):
+    """The real MiniLM (a BertModel, no head) and unlabelled text: agree is the default.
+    At width 1/2 and a learning rate too small to move the generator, the first step's
+    loss is 1 − the mean cosine between the source's pooled embeddings and those of the
+    model sampled at 1/2, computed here with transformers."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from compressor.demo.models import minilm_dir, zen_lines
+
+    source = minilm_dir()
+    lines = zen_lines()[:8]
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(lines) + "\n")
+    args = ["-o", "widths", "0.5,0.5", "-o", "steps", "1", "-o", "lr", "1e-12"]
+    args += ["-o", "batch_size", "8", "-o", "max_length", "32", "-o", "hidden", "8"]
+    r = run("--quiet", "train", "-p", "neumeta", source, "-o", "data", data, *args, "-n", "gen")
+    assert r.exit_code == 0, r.output
+    shown = json.loads(run("store", "show", "gen", "--json").stdout)
+    assert shown["manifest"]["objective"] == "agree"
+    r = run("--quiet", "sample", "-p", "neumeta", "gen", "-o", "width", "0.5", "-n", "half")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "half"
+    assert run("export", "half", out).exit_code == 0
+
+    tok = AutoTokenizer.from_pretrained(source)
+    x = tok(lines, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    mask = x["attention_mask"].unsqueeze(-1).float()
+
+    def pooled(path):
+        with torch.no_grad():
+            h = AutoModel.from_pretrained(path).eval()(**x, output_hidden_states=True)
+        return (h.hidden_states[-1] * mask).sum(1) / mask.sum(1)
+
+    cos = torch.nn.functional.cosine_similarity(pooled(out), pooled(source), dim=-1)
+    assert 0 < float(1 - cos.mean()) < 0.5
+    assert shown["metrics"]["task_loss_first"] == pytest.approx(float(1 - cos.mean()), abs=1e-5)

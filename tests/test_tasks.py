@@ -74,5 +74,7 @@ def test_refusals_name_the_file(classifier, tmp_path):
     rows = read_examples(text)
     with pytest.raises(InputError, match=r"^lines: objective 'ce' needs a 'label' on every row$"):
         Task("ce", model.config, tok).split(rows, "lines", 4)
-    with pytest.raises(InputError, match=r"^unknown objective 'mse' \(one of ce, lm, entropy\)$"):
+    with pytest.raises(
+        InputError, match=r"^unknown objective 'mse' \(one of ce, lm, entropy, agree\)$"
+    ):
         Task("mse", model.config, tok)

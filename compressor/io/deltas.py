@@ -27,12 +27,22 @@ def _shape(info: TensorInfo) -> str:
 
 
 class TaskVectorView:
-    """The task vector of ``expert`` relative to ``base``; ``delta(name)`` is float32."""
+    """The task vector of ``expert`` relative to ``base``; ``delta(name)`` is float32.
 
-    def __init__(self, base: TensorSource, expert: TensorSource, warn: Callable[[str], None]):
+    ``own``: float tensors the expert may hold that the base does not (its own
+    classification head, which aTLAS takes as it is); any other is a mismatch."""
+
+    def __init__(
+        self,
+        base: TensorSource,
+        expert: TensorSource,
+        warn: Callable[[str], None],
+        own: frozenset[str] = frozenset(),
+    ):
         self.base = base
         self.expert = expert
         self.warn = warn
+        self.own = own
         if isinstance(expert, PeftAdapter):
             self._check_adapter()
         else:
@@ -44,6 +54,8 @@ class TaskVectorView:
         notes = []  # warnings, given only when nothing is wrong
         for name, e in expert.items():
             b = base.get(name)
+            if b is None and name in self.own:
+                continue
             if b is None:
                 if e.is_float:
                     raise MismatchError(

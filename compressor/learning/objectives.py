@@ -53,3 +53,20 @@ def embedding_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
     import torch.nn.functional as F
 
     return F.cosine_similarity(a.float(), b.float(), dim=-1).sum(), a.shape[0]
+
+
+def disagreement(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed 1 − cosine similarity of two batches of embeddings (``agree``'s loss: 0 when
+    every embedding points where its teacher's does, whatever their lengths)."""
+    agreement, n = embedding_agreement(a, b)
+    return n - agreement, n
+
+
+def pooled_hidden(out, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """A sentence (or image) embedding from a model's output run with
+    ``output_hidden_states``: its last hidden states averaged over the tokens under the
+    attention mask (over every patch and token where there is none), in float32."""
+    hidden = out.hidden_states[-1].float()
+    if attention_mask is None:
+        return hidden.mean(1)
+    return mean_pool(hidden, attention_mask)

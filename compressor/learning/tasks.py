@@ -9,6 +9,9 @@ the model (MatFormer's nested training, SketchTune's table tuning). Objectives:
 - ``lm``: next-token loss on text lines; metrics ``perplexity``, ``loss``, ``tokens``.
 - ``entropy``: the entropy of the predictions on unlabelled rows (test-time
   adaptation); metrics ``entropy``, ``examples``.
+- ``agree``: the model's pooled last hidden states matched to a teacher's embeddings of
+  the same rows (the split's targets), loss 1 − cosine; needs no head and no labels;
+  metrics ``cosine``, ``loss``, ``examples``.
 
 A ``Split`` holds one data file's rows and labels and yields batches of model
 inputs; losses are sums with a count, so any batching averages exactly.
@@ -23,20 +26,33 @@ from typing import TYPE_CHECKING
 
 from compressor.errors import InputError
 from compressor.learning.data import Example
-from compressor.learning.objectives import cross_entropy, language_model_nll, prediction_entropy
+from compressor.learning.objectives import (
+    cross_entropy,
+    disagreement,
+    language_model_nll,
+    pooled_hidden,
+    prediction_entropy,
+)
 from compressor.models.modeling import is_image_config, label_ids, model_inputs
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions that use them
     import torch
 
-OBJECTIVES = ("ce", "lm", "entropy")
+OBJECTIVES = ("ce", "lm", "entropy", "agree")
 
 
-def objective_for(rows: list[Example], objective: str = "auto") -> str:
-    """The objective a data file asks for (``auto``: ce on labelled rows, else lm)."""
+def objective_for(rows: list[Example], objective: str = "auto", model=None) -> str:
+    """The objective a data file asks for (``auto``: ce on labelled rows, else lm; agree
+    instead of lm when ``model`` is given and has no causal LM head)."""
     if objective == "auto":
         objective = "ce" if rows[0].label is not None else "lm"
+        if objective == "lm" and model is not None and not is_causal_lm(model):
+            objective = "agree"
     return objective
+
+
+def is_causal_lm(model) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def check_head(model, objective: str, label: str) -> None:
@@ -47,7 +63,7 @@ def check_head(model, objective: str, label: str) -> None:
         ("ForSequenceClassification", "ForImageClassification")
     ):
         raise InputError(f"{label} is a {kind}; labelled rows need a classification head")
-    if objective == "lm" and not kind.endswith(("ForCausalLM", "LMHeadModel")):
+    if objective == "lm" and not is_causal_lm(model):
         raise InputError(
             f"{label} is a {kind}; unlabelled text trains a causal LM (give labelled rows "
             "to train a classifier)"
@@ -100,10 +116,29 @@ class Task:
     @property
     def score_name(self) -> str:
         """The name of the number ``score`` returns (higher is better)."""
-        return {"ce": "accuracy", "lm": "neg_loss", "entropy": "neg_entropy"}[self.objective]
+        return {"ce": "accuracy", "lm": "neg_loss", "entropy": "neg_entropy", "agree": "cosine"}[
+            self.objective
+        ]
+
+    @property
+    def model_kwargs(self) -> dict:
+        """What a forward pass needs beyond the inputs: hidden states, for agree."""
+        return {"output_hidden_states": True} if self.objective == "agree" else {}
+
+    def prediction(self, out, x: dict) -> torch.Tensor:
+        """What the objective reads of a model's output: pooled hidden states for agree
+        (the pass ran with :attr:`model_kwargs`), else the logits."""
+        if self.objective == "agree":
+            return pooled_hidden(out, x.get("attention_mask"))
+        return out.logits
+
+    def predict(self, call: Callable[[dict], object], x: dict) -> torch.Tensor:
+        """``call`` (model inputs → model output) run on ``x``; its :meth:`prediction`."""
+        return self.prediction(call({**x, **self.model_kwargs}), x)
 
     def split(self, rows: list[Example], data: str, batch_size: int) -> Split:
-        """Check the rows fit the objective and the model; an error names the file and line."""
+        """Check the rows fit the objective and the model; an error names the file and line.
+        For agree, the caller sets the split's ``labels`` to the teacher's embeddings."""
         if self.objective == "ce":
             if rows[0].label is None:
                 raise InputError(f"{data}: objective 'ce' needs a 'label' on every row")
@@ -131,6 +166,8 @@ class Task:
             return language_model_nll(logits, x["input_ids"], x["attention_mask"])
         if self.objective == "ce":
             return cross_entropy(logits, y)
+        if self.objective == "agree":
+            return disagreement(logits, y)
         return prediction_entropy(logits)
 
     def metrics(self, forward: Callable[[dict], torch.Tensor], split: Split, progress=None) -> dict:
@@ -146,7 +183,7 @@ class Task:
                 logits = forward(x)
                 s, n = self.loss(logits, x, y)
                 total, count = total + float(s), count + n
-                if y is not None:
+                if self.objective == "ce":
                     correct += int((logits.argmax(-1) == y).sum())
         if self.objective == "lm":
             if count == 0:
@@ -154,10 +191,14 @@ class Task:
             return {"perplexity": math.exp(total / count), "loss": total / count, "tokens": count}
         if self.objective == "ce":
             return {"accuracy": correct / count, "loss": total / count, "examples": count}
+        if self.objective == "agree":
+            return {"cosine": 1 - total / count, "loss": total / count, "examples": count}
         return {"entropy": total / count, "examples": count}
 
     def score(self, metrics: dict) -> float:
         """Higher is better: accuracy for ce, else minus the mean loss (or entropy)."""
         if self.objective == "ce":
             return metrics["accuracy"]
+        if self.objective == "agree":
+            return metrics["cosine"]
         return -metrics["loss" if self.objective == "lm" else "entropy"]

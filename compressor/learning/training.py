@@ -17,20 +17,34 @@ if TYPE_CHECKING:
 LossPiece = Callable[[], "tuple[torch.Tensor, int]"]
 
 
-def training_options(steps: int, lr: float, trained: str) -> tuple:
+def training_options(steps: int, lr: float, trained: str, agree: bool = False) -> tuple:
     """The options of a method that learns from ``-o data``: data, objective, steps, lr,
-    batch_size and max_length (``trained`` says what the learning rate moves)."""
+    batch_size and max_length (``trained`` says what the learning rate moves; ``agree``:
+    the method can also match the source model's pooled hidden states)."""
     from compressor.method import Option, positive
 
-    return (
-        Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
+    objective = (
         Option(
+            "objective",
+            "choice",
+            "auto",
+            "ce on labelled rows, lm on text, agree: match the source model's pooled hidden "
+            "states (auto: ce when rows have labels, else lm for a causal LM, agree for a "
+            "model without a head)",
+            choices=("auto", "ce", "lm", "agree"),
+        )
+        if agree
+        else Option(
             "objective",
             "choice",
             "auto",
             "ce on labelled rows, lm on text (auto: ce when rows have labels)",
             choices=("auto", "ce", "lm"),
-        ),
+        )
+    )
+    return (
+        Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
+        objective,
         Option("steps", "int", steps, "optimizer steps", check=positive),
         Option("lr", "float", lr, f"AdamW learning rate of {trained}", check=positive),
         Option("batch_size", "int", 16, "rows per step", check=positive),

@@ -157,11 +157,16 @@ class FfnModel:
         }
 
     def out_modules(self, net) -> dict[int, torch.nn.Module]:
-        """Per layer, the module of ``net`` whose input is the FFN's hidden activations."""
+        """Per layer, the module of ``net`` whose input is the FFN's hidden activations
+        (found through the checkpoint names, which transformers renames for some
+        architectures: ViT)."""
+        from compressor.models.modeling import checkpoint_names
+
         modules = dict(net.named_modules())
+        param_of = {c: p for p, c in checkpoint_names(net, self.source).items()}
         found = {}
         for i, (name, _) in self.out_tensors().items():
-            found[i] = modules.get(name.removesuffix(".weight"))
+            found[i] = modules.get(param_of.get(name, name).removesuffix(".weight"))
             if found[i] is None:
                 raise InputError(f"{self.source.label}: no module for {name}")
         return found

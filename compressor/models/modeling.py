@@ -163,19 +163,6 @@ def checkpoint_names(net, source) -> dict[str, str]:
     return found
 
 
-def check_names_match(net, source, method: str) -> None:
-    """Refuse a model whose parameter names differ from its checkpoint's (transformers 5
-    renames some architectures' modules, ViT's among them): a method that maps the weights
-    it learns back to the checkpoint by name would silently write untrained ones."""
-    renamed = [n for n, _ in net.named_parameters() if n not in source.infos()]
-    if renamed:
-        raise InputError(
-            f"{source.label}: transformers names {len(renamed)} of this model's parameters "
-            f"differently from the checkpoint (e.g. '{renamed[0]}'); {method} cannot map them "
-            "back to its tensors yet"
-        )
-
-
 def label_ids(examples, config, data: str) -> torch.Tensor:
     """The examples' labels as class ids of the model; an error names the first bad line."""
     import torch

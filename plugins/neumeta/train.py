@@ -38,7 +38,7 @@ class NeumetaTrain(Method):
     version = "1"
     example_options = {"data": "train.jsonl"}
     options = (
-        *training_options(steps=200, lr=1e-3, trained="the generator"),
+        *training_options(steps=200, lr=1e-3, trained="the generator", agree=True),
         Option(
             "widths",
             "floats",
@@ -95,10 +95,10 @@ class NeumetaTrain(Method):
             )
         layout = WidthLayout(source)
         rows = read_examples(opts["data"])
-        objective = objective_for(rows, opts["objective"])
         lo, hi = opts["widths"]
         started = time.perf_counter()
         with source_model(source, "saved", job.device) as (net, tokenizer):
+            objective = objective_for(rows, opts["objective"], net)
             check_head(net, objective, source.label)
             task = Task(objective, net.config, tokenizer, opts["max_length"], job.device)
             split = task.split(rows, opts["data"], opts["batch_size"])
@@ -125,13 +125,17 @@ class NeumetaTrain(Method):
                 f = lo + (hi - lo) * float(torch.rand((), generator=rng))
                 widths = layout.widths_at(f)
                 x, y = task.batch(split, pick)
+                if objective == "agree":  # the teacher: the source model, at full width
+                    with torch.no_grad():
+                        y = task.predict(lambda kw: net(**kw), x)
 
                 def piece(x=x, y=y, widths=widths):
                     params = {
                         module_name[n]: gen.tensor(s, src[n], scales[n], widths, opts["noise"], rng)
                         for n, s in layout.tensors.items()
                     }
-                    total, n = task.loss(functional_forward(net, params, x).logits, x, y)
+                    out = task.predict(lambda kw: functional_forward(net, params, kw), x)
+                    total, n = task.loss(out, x, y)
                     task_loss = total / max(n, 1)
                     recon = gen.reconstruction()
                     history["task"].append(float(task_loss.detach()))
