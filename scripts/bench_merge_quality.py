@@ -14,6 +14,14 @@ task. Every method is merged once at λ = 1 and the grid applied to its Δ = θ 
 memory (the same tensors ``-o scale λ`` writes: the scale multiplies the merged Δ in
 every method that has one). Methods without a scale (linear, model-stock, karcher,
 multislerp) are scored as they are.
+
+aTLAS rows learn their coefficients instead of a λ (no grid): from the full experts
+(each with its head) and one data file per task, each task's rows run under its own
+head. ``atlas 16-shot``: 16 labelled training rows per class of each task, Λ picked on
+each task's labelled validation split (the paper's few-shot setting). ``atlas
+unlabelled (entropy)`` and ``(agree)``: 64 training rows of each task with their labels
+removed, for training and for picking Λ (test-time adaptation as AdaMerging, and
+distillation of each expert on its rows); no label is read.
 """
 
 from __future__ import annotations
@@ -55,6 +63,12 @@ METHODS = {  # row label -> (plugin, fixed options: the papers' or mergekit's de
     "wudi + svc": ("wudi", {"calibrate": "svc"}),
 }
 UNSCALED = {"linear", "model-stock", "karcher", "multislerp"}
+ATLAS = {  # row label -> (objective, labelled: shots per class; else unlabelled rows per task)
+    "atlas 16-shot (ce)": ("ce", 16),
+    "atlas unlabelled (entropy)": ("entropy", 64),
+    "atlas unlabelled (agree)": ("agree", 64),
+}
+METHODS.update({label: ("atlas", {}) for label in ATLAS})
 NEW = {
     label
     for label, (plugin, _) in METHODS.items()
@@ -166,14 +180,19 @@ def evaluate_part(
             rows.append(cache[method])
             continue
         t0 = time.monotonic()
-        rec = compressor.merge(plugin, experts, base=base_path, options=dict(fixed), store=store)
+        if method in ATLAS:
+            rec = atlas_merge(part_dir, tasks, ATLAS[method], store, work, log)
+        else:
+            rec = compressor.merge(
+                plugin, experts, base=base_path, options=dict(fixed), store=store
+            )
         seconds = time.monotonic() - t0
         merged = read_tensors(store, rec.id)
         missing = set(base) - set(merged)
         if missing:
             raise SystemExit(f"{method}: the merge lacks {sorted(missing)[:3]}")
         delta = {n: merged[n] - base[n] for n in base}
-        grid = (1.0,) if method in UNSCALED else GRID
+        grid = (1.0,) if method in UNSCALED or method in ATLAS else GRID
         best = None
         val_curve = []
         for lam in grid:
@@ -186,6 +205,10 @@ def evaluate_part(
         body = {n: base[n] + best[0] * delta[n] for n in base}
         test = scorer.scores(body, "test")
         note = "" if method in UNSCALED else f"λ {best[0]} (val {best[1]:.3f})"
+        if method in ATLAS:
+            note = f"learned Λ (val {best[1]:.3f}); " + ", ".join(
+                f"{k} {v}" for k, v in rec.params.items() if k in ("objective", "shots", "epochs")
+            )
         if fixed:
             note += ("; " if note else "") + ", ".join(f"{k} {v}" for k, v in fixed.items())
         rows.append(
@@ -198,6 +221,35 @@ def evaluate_part(
         log(f"{method}: abs {absolute:.3f} norm {normalized:.3f} {note} ({seconds:.0f} s merge)")
         del merged, delta, body
     return rows
+
+
+def atlas_merge(part_dir: Path, tasks: list[str], how: tuple, store, work: Path, log):
+    """aTLAS over the full experts, one data file per task (see the module's docstring)."""
+    import compressor
+
+    objective, count = how
+    data = part_dir / "data"
+    experts = [str(part_dir / "experts" / t) for t in tasks]
+    options = {"objective": objective, "max_length": 64}
+    if objective == "ce":
+        train = [str(data / f"{t}-train.jsonl") for t in tasks]
+        val = [str(data / f"{t}-val.jsonl") for t in tasks]
+        options["shots"] = count
+    else:  # labels removed: nothing the model is scored on is read
+        train = []
+        for t in tasks:
+            rows = [json.loads(x) for x in (data / f"{t}-train.jsonl").read_text().splitlines()]
+            out = work / part_dir.name / "unlabelled" / f"{t}.jsonl"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            keep = [{k: v for k, v in r.items() if k != "label"} for r in rows[:count]]
+            out.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            train.append(str(out))
+        val = train
+    options.update(data=",".join(train), val=",".join(val))
+    log(f"atlas ({objective}): learning on {len(tasks)} files")
+    return compressor.merge(
+        "atlas", experts, base=str(part_dir / "base"), options=options, store=store
+    )
 
 
 def table(part: str, tasks: list[str], rows: list[dict]) -> str:
@@ -230,7 +282,7 @@ def summary(results: dict) -> str:
 
         ranked = sorted(rows[1:], key=norm, reverse=True)
         new = [r for r in ranked if r["method"] in NEW]
-        old = [r for r in ranked if r["method"] not in NEW]
+        old = [r for r in ranked if r["method"] not in NEW and r["method"] not in ATLAS]
         ta = next((r for r in rows if r["method"] == "task-arithmetic"), None)
         bits = []
         if ta:
@@ -240,6 +292,14 @@ def summary(results: dict) -> str:
                 f"best new merge {new[0]['method']} {norm(new[0]):.1%} against the best "
                 f"earlier one, {old[0]['method']}, {norm(old[0]):.1%} "
                 f"({100 * (norm(new[0]) - norm(old[0])):+.1f} points)"
+            )
+        learned = [r for r in ranked if r["method"] in ATLAS]
+        fixed = [r for r in ranked if r["method"] not in ATLAS]
+        if learned and fixed:
+            bits.append(
+                f"best aTLAS row {learned[0]['method']} {norm(learned[0]):.1%} against the best "
+                f"data-free merge, {fixed[0]['method']}, {norm(fixed[0]):.1%} "
+                f"({100 * (norm(learned[0]) - norm(fixed[0])):+.1f} points)"
             )
         out.append(f"{part}: " + "; ".join(bits) + ".")
     return " ".join(out)
