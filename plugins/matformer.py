@@ -292,20 +292,25 @@ def weight_importance(model: FfnModel, layer: int, tensors: dict) -> torch.Tenso
 
 
 def activation_importance(
-    model: FfnModel, opts: dict, job, blockwise: bool | None = None, device: str = "cpu"
+    model: FfnModel,
+    opts: dict,
+    job,
+    blockwise: bool | None = None,
+    device: str = "cpu",
+    rows: list | None = None,
 ) -> dict[int, torch.Tensor]:
     """E|h_j| over the calibration tokens · ‖W_out[:, j]‖, per layer.
 
     Runs block by block (one layer's tensors in memory) where the architecture allows
     (``blockwise`` None), else, or with ``blockwise`` False, through the whole model; on
-    ``device``."""
+    ``device``; over ``rows`` (examples) when given, else every row of ``opts['data']``."""
     import torch
 
     from compressor.learning.data import batches, read_examples
     from compressor.models.blockwise import run_blockwise, supports
     from compressor.models.modeling import model_inputs, source_model, source_tokenizer
 
-    rows = read_examples(opts["data"])
+    rows = rows if rows is not None else read_examples(opts["data"])
     sums = {i: torch.zeros(d, device=device) for i, d in enumerate(model.d_ff)}
     counts = dict.fromkeys(sums, 0)
     chunks = list(batches(rows, opts["batch_size"]))

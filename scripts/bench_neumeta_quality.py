@@ -1,21 +1,23 @@
-"""NeuMeta on the evaluation suite: accuracy against width, beside the baselines, and cost.
+"""NeuMeta against width, beside the cuts it competes with, at equal training budget.
 
-    python scripts/bench_neumeta_quality.py               # full suite (built if not cached)
-    python scripts/bench_neumeta_quality.py --smoke       # quick check on the smoke suite
+    python scripts/bench_neumeta_quality.py                 # both tasks, every variant
+    python scripts/bench_neumeta_quality.py --only image    # or text
+    python scripts/bench_neumeta_quality.py --variants truncate,truncate+sandwich
+    python scripts/bench_neumeta_quality.py --smoke         # a quick check of the script
     python scripts/bench_neumeta_quality.py --write-docs
-    python scripts/bench_neumeta_quality.py --only image  # or text
 
-Text: the suite's "tech" expert (MiniLM fully fine-tuned on two fortunes topics), FFN
-widths, scored on its 100 test rows. At each width (1/8 ... 1): NeuMeta trained on the
-expert's training rows at widths 1/4-1 and sampled there; MatFormer extraction of the
-source by activation order (256 training texts); the source after nested
-`matformer-train` (granularities 1/8, 1/4, 1/2, 1; the same steps), cut in stored order;
-and the activation-order cut fine-tuned at that width for the same number of steps.
-Image: the suite's digits ResNet, stage channel widths. NeuMeta the same way (BatchNorm
-statistics re-estimated on 256 training rows at every width); MatFormer does not cut
-ResNets, so the extraction baseline is L1 channel pruning (the channels whose filters
-have the largest L1 norm, per stage, BatchNorm re-estimated the same way), and the
-fine-tuned baseline that pruned model trained at its width for the same steps.
+Image: the demo's digits ResNet (basic blocks, stages of 32 and 64 channels) trained on
+1,297 digits, scored on the 500 held out. Text: the multi-task suite's "tech" expert
+(MiniLM fine-tuned on three fortunes topics: computers, science, linux), scored on every
+text of those topics outside its training and validation rows (1,080). NeuMeta variants
+are trained once each on the training rows at the widths 1/4, 1/2, 3/4 and 1 only
+(``-o grid 4``), then sampled at every width of the table: 1/8 lies below the trained
+range, 3/8 and 5/8 between trained widths, so those three are widths it never saw.
+Beside them: the untrained cut at each width (MatFormer extraction by activation order
+for the text, L1 channel pruning for the ResNet, BatchNorm re-estimated like NeuMeta's
+samples), that cut fine-tuned at its width for the same number of steps (one model per
+width), and for the text MatFormer's nested training (granularities 1/8-1, the same
+steps) then cut.
 """
 
 from __future__ import annotations
@@ -32,45 +34,85 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "suite"))
 sys.path.insert(0, str(HERE))
 
-WIDTHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
-TRAINED = "0.25,1"
-TEXT_EXPERT = "tech"  # the suite's MiniLM fine-tuned on two topics (computers, science)
+WIDTHS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
+UNTRAINED = {0.125, 0.375, 0.625}  # below, or between, the trained grid 1/4, 1/2, 3/4, 1
+TEXT_EXPERT = "tech"
 CALIBRATION_ROWS = 256
+VARIANTS = {  # label -> NeuMeta options beyond data, steps, widths 0.25,1 and grid 4
+    "pool": {"resample": "pool"},
+    "truncate": {"resample": "truncate"},
+    "truncate+sandwich": {"resample": "truncate", "sandwich": True},
+}
+FINE_TUNED = (0.125, 0.25, 0.5, 0.75)  # widths the one-model-per-width baseline trains at
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def _train_generator(store, model: str, options: dict):
-    """Train NeuMeta on ``model``; the artifact and its cost (time, sizes)."""
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def neumeta_rows(store, model: str, common: dict, variants: list[str], score, sample_opts):
+    """Train each variant once and score its samples at every width."""
     import compressor
 
-    t0 = time.time()
-    gen = compressor.train("neumeta", model, options=options, store=store)
-    cost = {
-        "train_s": time.time() - t0,
-        "inr": gen.metrics["inr_parameters"],
-        "width_params": gen.metrics["width_parameters"],
-    }
-    return gen, cost
+    scores, notes = {}, []
+    for label in variants:
+        opts = {**common, "widths": "0.25,1", "grid": 4, **VARIANTS[label]}
+        t0 = time.time()
+        gen = compressor.train("neumeta", model, options=opts, store=store)
+        seconds = time.time() - t0
+        notes.append(
+            f"NeuMeta {label}: {gen.metrics['inr_parameters']:,} generator parameters, "
+            f"{seconds:.0f} s"
+        )
+        for w in WIDTHS:
+            ref = compressor.sample("neumeta", gen.id, options={"width": w, **sample_opts},
+                                    store=store).id  # fmt: skip
+            scores[f"neumeta {label}", w] = score(ref)
+        print(label, {w: scores[f"neumeta {label}", w] for w in WIDTHS}, flush=True)
+    return scores, notes
 
 
-def text_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[str], dict]:
+def text_task(work: Path, store, steps: int, variants: list[str], smoke: bool, baselines: bool):
+    import multitask
+
     import compressor
     from compressor.api import evaluate
 
-    data = suite / "text" / "data"
-    base = str(suite / "text" / "experts" / TEXT_EXPERT)  # a trained classifier: the source
+    suite = multitask.build(multitask.SMOKE if smoke else multitask.FULL) / "text"
+    data = suite / "data"
+    base = str(suite / "experts" / TEXT_EXPERT)
     train = str(data / f"{TEXT_EXPERT}-train.jsonl")
-    test = {"data": str(data / f"{TEXT_EXPERT}-test.jsonl"), "max_length": 64}
+    seen = {
+        r["text"]
+        for split in ("train", "val")
+        for r in _rows(data / f"{TEXT_EXPERT}-{split}.jsonl")
+    }
+    held = [
+        {"text": t, "label": label}
+        for label, f in enumerate(multitask.TOPIC_TASKS[TEXT_EXPERT])
+        for t in multitask.read_fortunes(f)
+        if t not in seen
+    ]
+    test = {"data": _write(work / "text-test.jsonl", held), "max_length": 64}
     calib = work / "calibration.txt"
     calib.write_text(
         "".join(r["text"].replace("\n", " ") + "\n" for r in _rows(Path(train))[:CALIBRATION_ROWS])
     )
-    common = {"data": train, "steps": steps, "max_length": 64}
-    scores, notes = {}, []
-    scores["source", 1.0] = evaluate(base, test, store=store)["accuracy"]
+
+    def score(ref):
+        return evaluate(ref, test, store=store)["accuracy"]
+
+    common = {"data": train, "steps": steps, "max_length": 64, "lr": 1e-4}
+    scores = {("source", 1.0): score(base)}
+    notes = [f"{len(held)} test rows, {steps} steps of 16 rows"]
+    found, more = neumeta_rows(store, base, common, variants, score, {})
+    scores.update(found)
+    notes += more
 
     def cut(model: str, width: float, order: str) -> str:
         opts = {"ffn_ratio": width, "order": order}
@@ -78,36 +120,24 @@ def text_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[st
             opts.update(data=str(calib), max_length=64)
         return compressor.extract("matformer", model, options=opts, store=store).id
 
-    gen, cost = _train_generator(store, base, {**common, "widths": TRAINED})
-    notes.append(f"NeuMeta {steps} steps of 16 rows at widths {TRAINED}: {cost['train_s']:.0f} s")
-    t0 = time.time()
-    nested = compressor.train(
-        "matformer-train",
-        base,
-        options={**common, "granularities": "0.125,0.25,0.5,1", "lr": 1e-4},
-        store=store,
-    ).id
-    notes.append(f"nested matformer-train {steps} steps: {time.time() - t0:.0f} s")
-    print(notes, flush=True)
-    sample_s = []
     for w in WIDTHS:
+        scores["extract", w] = score(cut(base, w, "activation"))
+    if baselines:
         t0 = time.time()
-        ref = compressor.sample("neumeta", gen.id, options={"width": w}, store=store).id
-        sample_s.append(time.time() - t0)
-        scores["neumeta", w] = evaluate(ref, test, store=store)["accuracy"]
-        cut_ref = cut(base, w, "activation")
-        scores["extract", w] = evaluate(cut_ref, test, store=store)["accuracy"]
-        scores["nested", w] = evaluate(cut(nested, w, "none"), test, store=store)["accuracy"]
-        tuned = compressor.train(
-            "matformer-train",
-            cut_ref,
-            options={**common, "granularities": "1", "lr": 1e-4},
-            store=store,
-        ).id
-        scores["fine-tuned", w] = evaluate(tuned, test, store=store)["accuracy"]
-        print(w, {k: v for k, v in scores.items() if k[1] == w}, flush=True)
-    cost["sample_s"] = sum(sample_s) / len(sample_s)
-    return scores, notes, cost
+        nested = compressor.train(
+            "matformer-train", base,
+            options={**common, "granularities": "0.125,0.25,0.5,1"}, store=store,
+        ).id  # fmt: skip
+        notes.append(f"nested matformer-train {time.time() - t0:.0f} s")
+        for w in WIDTHS:
+            scores["nested", w] = score(cut(nested, w, "none"))
+        for w in FINE_TUNED:
+            tuned = compressor.train(
+                "matformer-train", cut(base, w, "activation"),
+                options={**common, "granularities": "1"}, store=store,
+            ).id  # fmt: skip
+            scores["fine-tuned", w] = score(tuned)
+    return scores, notes
 
 
 def _accuracy(model, rows) -> float:
@@ -166,14 +196,14 @@ def pruned_resnet(directory: Path, width: float):
     return model
 
 
-def _fine_tune(model, rows, steps: int, seed: int = 0) -> None:
+def _fine_tune(model, rows, steps: int, lr: float, seed: int = 0) -> None:
     import torch
 
     from compressor.learning.training import row_batches
 
     x = torch.tensor([r["pixels"] for r in rows]).unsqueeze(1)
     y = torch.tensor([r["label"] for r in rows])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     for pick in row_batches(len(rows), 16, steps, seed):
         loss = model(pixel_values=x[pick], labels=y[pick]).loss
@@ -183,79 +213,72 @@ def _fine_tune(model, rows, steps: int, seed: int = 0) -> None:
     model.eval()
 
 
-def image_task(suite: Path, work: Path, store, steps: int) -> tuple[dict, list[str], dict]:
+def image_task(work: Path, store, steps: int, variants: list[str], smoke: bool, baselines: bool):
     from transformers import ResNetForImageClassification
 
     import compressor
+    from compressor.demo.digits import load_digits_split, save_digits_resnet, write_rows
 
-    data = suite / "image" / "data"
-    base = suite / "image" / "base"
-    train_rows, test_rows = _rows(data / "clean-train.jsonl"), _rows(data / "clean-test.jsonl")
-    scores, notes = {}, []
-    scores["source", 1.0] = _accuracy(ResNetForImageClassification.from_pretrained(base), test_rows)
-    opts = {"data": str(data / "clean-train.jsonl"), "steps": steps, "lr": 3e-3, "widths": TRAINED}
-    gen, cost = _train_generator(store, str(base), opts)
-    notes.append(f"NeuMeta {steps} steps of 16 rows at widths {TRAINED}: {cost['train_s']:.0f} s")
-    sample_s = []
-    for w in WIDTHS:
-        t0 = time.time()
-        ref = compressor.sample(
-            "neumeta",
-            gen.id,
-            options={"width": w, "data": str(data / "clean-train.jsonl")},
-            store=store,
-        ).id
-        sample_s.append(time.time() - t0)
-        out = work / f"image-{w}"
+    xtr, ytr, xte, yte = load_digits_split()
+    base = save_digits_resnet(work / "resnet", epochs=2 if smoke else 8)
+    train_path = write_rows(work / "digits-train.jsonl", xtr, ytr)
+    train_rows, test_rows = _rows(train_path), _rows(write_rows(work / "t.jsonl", xte, yte))
+
+    def score(ref):
+        out = work / f"image-{ref}"
         compressor.export(ref, out, store=store)
-        scores["neumeta", w] = _accuracy(
-            ResNetForImageClassification.from_pretrained(out), test_rows
-        )
+        return _accuracy(ResNetForImageClassification.from_pretrained(out), test_rows)
+
+    lr = 3e-3
+    scores = {
+        ("source", 1.0): _accuracy(ResNetForImageClassification.from_pretrained(base), test_rows)
+    }
+    notes = [f"{len(test_rows)} test rows, {steps} steps of 16 rows"]
+    common = {"data": str(train_path), "steps": steps, "lr": lr}
+    found, more = neumeta_rows(store, str(base), common, variants, score, {"data": str(train_path)})
+    scores.update(found)
+    notes += more
+    for w in WIDTHS:
         pruned = pruned_resnet(base, w)
         _recalibrate(pruned, train_rows)
         scores["extract", w] = _accuracy(pruned, test_rows)
-        _fine_tune(pruned, train_rows, steps)
-        _recalibrate(pruned, train_rows)
-        scores["fine-tuned", w] = _accuracy(pruned, test_rows)
-        print(w, {k: v for k, v in scores.items() if k[1] == w}, flush=True)
-    cost["sample_s"] = sum(sample_s) / len(sample_s)
-    return scores, notes, cost
+        if baselines and w in FINE_TUNED:
+            _fine_tune(pruned, train_rows, steps, lr)
+            _recalibrate(pruned, train_rows)
+            scores["fine-tuned", w] = _accuracy(pruned, test_rows)
+    return scores, notes
 
 
-ROWS = {
+BASELINES = {
     "text": [
-        ("neumeta", "NeuMeta, sampled"),
         ("extract", "MatFormer extraction of the source (activation order)"),
         ("nested", "nested matformer-train, then cut"),
         ("fine-tuned", "activation cut, fine-tuned at the width"),
     ],
     "image": [
-        ("neumeta", "NeuMeta, sampled (BatchNorm re-estimated)"),
         ("extract", "L1 channel pruning of the source (BatchNorm re-estimated)"),
         ("fine-tuned", "L1 pruning, fine-tuned at the width"),
     ],
 }
 
 
-def table(task: str, scores: dict, notes: list[str], cost: dict) -> list[str]:
-    cols = " | ".join(f"{w:g}" for w in WIDTHS)
+def table(task: str, scores: dict, notes: list[str], variants: list[str]) -> list[str]:
+    cols = " | ".join(f"{w:g}" + ("*" if w in UNTRAINED else "") for w in WIDTHS)
     lines = [
-        f"{task}: accuracy at each width fraction (source at full width: "
-        f"{scores['source', 1.0]:.3f}; " + "; ".join(notes) + "):",
+        f"{task}: accuracy at each width fraction (source at full width "
+        f"{scores['source', 1.0]:.3f}; " + "; ".join(notes) + "; * a width NeuMeta never "
+        "trained at):",
         "",
         f"| model | {cols} |",
         "| --- |" + " ---: |" * len(WIDTHS),
     ]
-    for key, label in ROWS[task]:
-        lines.append(f"| {label} | " + " | ".join(f"{scores[key, w]:.3f}" for w in WIDTHS) + " |")
-    lines += [
-        "",
-        f"Cost: generator {cost['inr']:,} parameters for {cost['width_params']:,} width "
-        f"parameters ({cost['inr'] / cost['width_params']:.1%}); training {cost['train_s']:.0f} "
-        f"s on this machine; sampling {cost['sample_s']:.1f} s per width (in-process, with "
-        "the commit).",
-        "",
-    ]
+    rows = [(f"neumeta {v}", f"NeuMeta, {v}") for v in variants] + BASELINES[task]
+    for key, label in rows:
+        if not any((key, w) in scores for w in WIDTHS):
+            continue
+        cells = [f"{scores[key, w]:.3f}" if (key, w) in scores else "" for w in WIDTHS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
     return lines
 
 
@@ -264,29 +287,33 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--only", choices=("text", "image"))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-baselines", action="store_true", help="skip the trained baselines")
     ap.add_argument("--text-steps", type=int, default=60)
     ap.add_argument("--image-steps", type=int, default=600)
     args = ap.parse_args()
 
-    import build as suite_build
     from transformers.utils import logging
 
     import compressor
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    suite = suite_build.build(suite_build.SMOKE if args.smoke else suite_build.FULL)
+    variants = args.variants.split(",")
     work = Path(tempfile.mkdtemp(prefix="neumeta-quality-"))
     store = compressor.open_store(work / "store")
     lines = []
+    baselines = not args.no_baselines
     try:
         if args.only in (None, "image"):
             steps = 20 if args.smoke else args.image_steps
-            lines += table("image", *image_task(suite, work, store, steps))
+            found = image_task(work, store, steps, variants, args.smoke, baselines)
+            lines += table("image", *found, variants)
             print("\n".join(lines), flush=True)
         if args.only in (None, "text"):
-            steps = 10 if args.smoke else args.text_steps
-            lines += table("text", *text_task(suite, work, store, steps))
+            steps = 4 if args.smoke else args.text_steps
+            found = text_task(work, store, steps, variants, args.smoke, baselines)
+            lines += table("text", *found, variants)
     finally:
         store.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -429,3 +429,58 @@ def test_agree_trains_a_headless_encoder_on_plain_text(run, tmp_path):
     cos = torch.nn.functional.cosine_similarity(pooled(out), pooled(source), dim=-1)
     assert 0 < float(1 - cos.mean()) < 0.5
     assert shown["metrics"]["task_loss_first"] == pytest.approx(float(1 - cos.mean()), abs=1e-5)
+
+
+def test_truncate_starts_at_matformers_activation_cut(run, llama, tmp_path):
+    """resample truncate orders each FFN's neurons by MatFormer's activation importance
+    on the training rows and keeps the first w: untrained, the sample at 1/2 is MatFormer's
+    extraction by activation order on the same rows."""
+    model, text = llama["model"], llama["text"]
+    args = ["-o", "resample", "truncate", "-o", "steps", "1", "-o", "lr", "1e-12"]
+    args += ["-o", "objective", "lm", "-o", "hidden", "8", "-o", "max_length", "32"]
+    r = run("--quiet", "train", "-p", "neumeta", model, "-o", "data", text, *args, "-n", "tg")
+    assert r.exit_code == 0, r.output
+    r = run("--quiet", "sample", "-p", "neumeta", "tg", "-o", "width", "0.5", "-n", "t-half")
+    assert r.exit_code == 0, r.output
+    cut = ["extract", "-p", "matformer", model, "-o", "ffn_ratio", "0.5", "-o", "order"]
+    cut += ["activation", "-o", "data", text, "-o", "max_length", "32", "-o", "batch_size", "16"]
+    r = run("--quiet", *cut, "-n", "m-half")
+    assert r.exit_code == 0, r.output
+    ours, theirs = artifact_tensors("t-half"), artifact_tensors("m-half")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    shown = json.loads(run("store", "show", "tg", "--json").stdout)["manifest"]
+    assert shown["resample"] == "truncate" and shown["smoothing"] is None
+
+
+def test_importance_order_is_l1_of_the_filters_that_write_each_channel(digits):
+    from compressor.plugins.neumeta.generator import importance_order
+
+    with open_model_dir(digits["resnet"]) as source:
+        layout = WidthLayout(source)
+        tensors = {n: source.get(n) for n in layout.tensors}
+        for group, full in layout.groups.items():
+            score = torch.zeros(full)
+            for name, spec in layout.tensors.items():
+                t = tensors[name]
+                for axis in spec.axes:
+                    if axis.group == group and axis.pool == "mean" and t.dim() >= 2:
+                        score += t.abs().movedim(axis.dim, 0).reshape(full, -1).sum(1)
+            order = importance_order(layout, tensors, group)
+            assert torch.equal(score[order], score.sort(descending=True).values)
+            assert sorted(order.tolist()) == list(range(full))
+
+
+def test_grid_and_sandwich_train_and_are_recorded(run, digits, private_store):
+    _train(run, digits["resnet"], digits["train"], steps="2", hidden="8", grid="4", sandwich="true")
+    shown = json.loads(run("store", "show", "gen", "--json").stdout)["manifest"]
+    assert (shown["grid"], shown["sandwich"], shown["resample"]) == (4, True, "pool")
+    assert_refused(
+        run,
+        private_store,
+        ["train", "-p", "neumeta", digits["resnet"], "-o", "data", digits["train"]]
+        + ["-o", "grid", "1"],
+        "option 'grid' must be 0 or at least 2; got '1'",
+        code=2,
+    )

@@ -3,12 +3,16 @@ coordinate-to-weight generator NeuMeta learns (Yang et al., ECCV 2024, arXiv 241
 
 A generated tensor at group widths ``w`` (full widths ``W``) is
 
-    factor · (pool(P·source) + scale · INR(coordinates))
+    factor · (resample(P·source) + scale · INR(coordinates))
 
-``P`` orders each group's neurons along a short Hamiltonian path over their weights (so
-neighbours are alike), ``pool`` averages runs of neighbours down to the target width
-(identity at full width), ``factor`` is Π W/w over the axes a tensor *reads* (merged
-neurons add up their contributions), ``scale`` the source tensor's standard deviation, and
+With ``resample pool`` (the paper's), ``P`` orders each group's neurons along a short
+Hamiltonian path over their weights (so neighbours are alike), ``resample`` averages runs
+of neighbours down to the target width (identity at full width) and ``factor`` is Π W/w
+over the axes a tensor *reads* (merged neurons add up their contributions). With
+``resample truncate``, ``P`` orders the neurons by importance (most important first) and
+``resample`` keeps the first w (MatFormer's cut: no factor), so every width starts at the
+importance cut and the INR learns to correct it. ``scale`` is the source tensor's
+standard deviation, and
 the INR (one small residual MLP per tensor family, last layer zero-initialised) maps the
 Fourier features of (layer, position along each width axis, w/W per axis) to the values of
 the tensor's fixed dimensions. At full width it starts exactly at the source. Imports torch.
@@ -89,6 +93,33 @@ def permute(t: torch.Tensor, spec: WidthTensor, perms: dict[str, torch.Tensor]) 
 
 
 # -- resampling ----------------------------------------------------------------------------
+
+
+def importance_order(layout: WidthLayout, tensors: dict[str, torch.Tensor], group: str):
+    """A group's neurons, most important first, by the L1 norm of the weights that write
+    them (a ResNet's convolution filters, an FFN's input projections): L1 channel pruning's
+    criterion. Ties keep the source order."""
+    score = torch.zeros(layout.groups[group])
+    for name, spec in layout.tensors.items():
+        if spec.statistic or len(layout.source.info(name).shape) < 2:
+            continue
+        for axis in spec.axes:
+            if axis.group == group and axis.pool == "mean":
+                t = tensors[name].float().abs()
+                score += t.movedim(axis.dim, 0).reshape(t.shape[axis.dim], -1).sum(1)
+    return torch.sort(score, descending=True, stable=True).indices
+
+
+def resample(
+    t: torch.Tensor, spec: WidthTensor, widths: dict[str, int], how: str = "pool"
+) -> torch.Tensor:
+    """``t`` at ``widths`` along each width axis: neighbours averaged (pool) or the first
+    neurons kept (truncate)."""
+    if how == "pool":
+        return pool(t, spec, widths)
+    for axis in spec.axes:
+        t = t.narrow(axis.dim, 0, widths[axis.group])
+    return t
 
 
 def pool(t: torch.Tensor, spec: WidthTensor, widths: dict[str, int]) -> torch.Tensor:
@@ -193,10 +224,13 @@ def family_dims(layout: WidthLayout, fourier_k: int) -> dict[str, tuple[int, int
 class WidthGenerator(torch.nn.Module):
     """One FamilyINR per tensor family; generates a layout's tensors at any widths."""
 
-    def __init__(self, layout: WidthLayout, hidden: int, depth: int, fourier_k: int):
+    def __init__(
+        self, layout: WidthLayout, hidden: int, depth: int, fourier_k: int, how: str = "pool"
+    ):
         super().__init__()
         self.layout = layout
         self.fourier_k = fourier_k
+        self.resample = how  # pool (average neighbours) or truncate (keep the first)
         self.families = sorted(family_dims(layout, fourier_k).items())
         self.index = {name: k for k, (name, _) in enumerate(self.families)}
         self.inrs = torch.nn.ModuleList(
@@ -227,12 +261,13 @@ class WidthGenerator(torch.nn.Module):
         noise: float = 0.0,
         gen=None,
     ) -> torch.Tensor:
-        """The generated tensor: factor · (pool(source) + scale · correction); a running
-        statistic is the pooled source alone. ``source`` is already permuted."""
-        base = pool(source.to(self.inrs[0].inp.weight.device).float(), spec, widths)
+        """The generated tensor: factor · (resample(source) + scale · correction); a
+        running statistic is the resampled source alone. ``source`` is already permuted."""
+        source = source.to(self.inrs[0].inp.weight.device).float()
+        base = resample(source, spec, widths, self.resample)
         if spec.statistic:
             return base
-        factor = read_factor(spec, widths, self.layout.groups)
+        factor = read_factor(spec, widths, self.layout.groups) if self.resample == "pool" else 1.0
         return factor * (base + scale * self.correction(spec, widths, noise, gen))
 
     def reconstruction(self) -> torch.Tensor:

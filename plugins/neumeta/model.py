@@ -33,7 +33,9 @@ class NeumetaModel:
         self.raw = raw
         self.parent = raw.open_parent("input")
         self.layout = WidthLayout(self.parent)
-        self.generator = WidthGenerator(self.layout, m["hidden"], m["depth"], m["fourier"])
+        self.generator = WidthGenerator(
+            self.layout, m["hidden"], m["depth"], m["fourier"], m.get("resample", "pool")
+        )
         state = {k.removeprefix("inr."): raw.get(k) for k in raw.names() if k.startswith("inr.")}
         self.generator.load_state_dict(state)
         self.generator.requires_grad_(False).to(device)

@@ -11,6 +11,8 @@ from compressor.learning.training import training_options
 from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.plugins.neumeta.model import ENCODING, SMOOTHING, _batch_norms
 
+CALIBRATION_ROWS = 256  # rows the activation order of resample truncate is measured on
+
 
 def _width_range(v) -> str | None:
     if len(v) != 2 or not all(0 < x <= 1 for x in v) or v[0] > v[1]:
@@ -45,6 +47,29 @@ class NeumetaTrain(Method):
             [0.25, 1.0],
             "the width fractions trained on: LOW,HIGH",
             check=_width_range,
+        ),
+        Option(
+            "grid",
+            "int",
+            0,
+            "0: each step draws a width uniformly in LOW,HIGH; N >= 2: only the N evenly "
+            "spaced widths from LOW to HIGH (the rest are never trained on)",
+            check=lambda v: None if v == 0 or v >= 2 else "must be 0 or at least 2",
+        ),
+        Option(
+            "sandwich",
+            "bool",
+            False,
+            "each step also trains at the lowest and the highest width (the sandwich rule)",
+        ),
+        Option(
+            "resample",
+            "choice",
+            "pool",
+            "a width's starting point: pool (average neighbours along the smoothing "
+            "order: the paper's) or truncate (the most important neurons: activation "
+            "order for FFNs, filter L1 for channels; the generator corrects the cut)",
+            choices=("pool", "truncate"),
         ),
         Option("weight_decay", "float", 1e-4, "AdamW weight decay", check=non_negative),
         Option("hidden", "int", 64, "the generator MLPs' hidden size", check=positive),
@@ -104,12 +129,17 @@ class NeumetaTrain(Method):
             split = task.split(rows, opts["data"], opts["batch_size"])
             module_name = _module_names(net, source, layout)
             src = {n: source.get(n).float() for n in layout.tensors}
-            perms = smoothing_orders(layout, src, opts["smoothing"], opts["tsp_seconds"], job)
+            if opts["resample"] == "truncate":
+                perms = importance_orders(layout, src, rows, opts, job)
+            else:
+                perms = smoothing_orders(layout, src, opts["smoothing"], opts["tsp_seconds"], job)
             src = {n: permute(t, layout.tensors[n], perms) for n, t in src.items()}
             scales = {n: _scale(t) for n, t in src.items()}
             src = {n: t.to(job.device) for n, t in src.items()}
             torch.manual_seed(opts["seed"])  # initialised on the CPU: a seed, one generator
-            gen = WidthGenerator(layout, opts["hidden"], opts["depth"], opts["fourier"])
+            gen = WidthGenerator(
+                layout, opts["hidden"], opts["depth"], opts["fourier"], opts["resample"]
+            )
             gen.to(job.device)
             for p in net.parameters():
                 p.requires_grad_(False)
@@ -121,15 +151,18 @@ class NeumetaTrain(Method):
             history: dict[str, list[float]] = {"task": [], "recon": []}
             picks = row_batches(len(rows), opts["batch_size"], opts["steps"], opts["seed"])
             bar = job.progress(picks, desc="neumeta", unit="step", total=opts["steps"])
+            grid = opts["grid"]
             for pick in bar:
-                f = lo + (hi - lo) * float(torch.rand((), generator=rng))
-                widths = layout.widths_at(f)
+                u = float(torch.rand((), generator=rng))
+                f = lo + (hi - lo) * (u if not grid else min(int(u * grid), grid - 1) / (grid - 1))
+                fractions = [lo, hi, f] if opts["sandwich"] else [f]
                 x, y = task.batch(split, pick)
                 if objective == "agree":  # the teacher: the source model, at full width
                     with torch.no_grad():
                         y = task.predict(lambda kw: net(**kw), x)
 
-                def piece(x=x, y=y, widths=widths):
+                def piece(x=x, y=y, fraction=1.0, first=True):
+                    widths = layout.widths_at(fraction)
                     params = {
                         module_name[n]: gen.tensor(s, src[n], scales[n], widths, opts["noise"], rng)
                         for n, s in layout.tensors.items()
@@ -137,12 +170,19 @@ class NeumetaTrain(Method):
                     out = task.predict(lambda kw: functional_forward(net, params, kw), x)
                     total, n = task.loss(out, x, y)
                     task_loss = total / max(n, 1)
-                    recon = gen.reconstruction()
                     history["task"].append(float(task_loss.detach()))
+                    if not first:
+                        return task_loss, 1
+                    recon = gen.reconstruction()
                     history["recon"].append(float(recon.detach()))
                     return task_loss + opts["recon"] * recon, 1
 
-                trainer.step([piece])
+                trainer.step(
+                    [
+                        lambda k=k, fr=fr: piece(fraction=fr, first=k == 0)
+                        for k, fr in enumerate(fractions)
+                    ]
+                )
                 show_loss(bar, loss=history["task"][-1])
         seconds = time.perf_counter() - started
         for key, value in gen.state_dict().items():
@@ -153,7 +193,7 @@ class NeumetaTrain(Method):
         width_params = sum(
             source.info(n).numel for n, s in layout.tensors.items() if not s.statistic
         )
-        window = max(1, opts["steps"] // 10)
+        window = max(1, len(history["task"]) // 10)
         return Manifest(
             "model",
             metrics={
@@ -177,7 +217,10 @@ class NeumetaTrain(Method):
                 "coordinates": COORDINATES,
                 "widths_trained": [lo, hi],
                 "noise": opts["noise"],
-                "smoothing": opts["smoothing"],
+                "smoothing": opts["smoothing"] if opts["resample"] == "pool" else None,
+                "resample": opts["resample"],
+                "grid": opts["grid"],
+                "sandwich": opts["sandwich"],
                 "batch_norm": bool(norms),
                 "scales": scales,
                 "summary": [
@@ -210,6 +253,26 @@ def _module_names(net, source, layout) -> dict[str, str]:
         if found[name] is None:
             raise InputError(f"{source.label}: no parameter of the loaded model reads {name}")
     return found
+
+
+def importance_orders(layout, tensors: dict, rows, opts: dict, job) -> dict:
+    """Each group's neurons, most important first: for FFNs MatFormer's activation order
+    (E|h|·‖W_out column‖ over the first 256 training rows), for channels the L1 norm of
+    the filters that write them."""
+    import torch
+
+    from compressor.plugins.matformer import activation_importance
+    from compressor.plugins.neumeta.generator import importance_order
+
+    if layout.ffn is None:
+        return {g: importance_order(layout, tensors, g) for g in layout.groups}
+    scores = activation_importance(
+        layout.ffn, opts, job, device=job.device, rows=rows[:CALIBRATION_ROWS]
+    )
+    return {
+        f"ffn.{layer}": torch.sort(s, descending=True, stable=True).indices
+        for layer, s in scores.items()
+    }
 
 
 def smoothing_orders(layout, tensors: dict, how: str, seconds: float, job) -> dict:
