@@ -42,6 +42,8 @@ VARIANTS = {  # label -> NeuMeta options beyond data, steps, widths 0.25,1 and g
     "pool": {"resample": "pool"},
     "truncate": {"resample": "truncate"},
     "truncate+sandwich": {"resample": "truncate", "sandwich": True},
+    "truncate lr/10": {"resample": "truncate", "lr_scale": 0.1},
+    "truncate+sandwich lr/10": {"resample": "truncate", "sandwich": True, "lr_scale": 0.1},
 }
 FINE_TUNED = (0.125, 0.25, 0.5, 0.75)  # widths the one-model-per-width baseline trains at
 
@@ -62,6 +64,7 @@ def neumeta_rows(store, model: str, common: dict, variants: list[str], score, sa
     scores, notes = {}, []
     for label in variants:
         opts = {**common, "widths": "0.25,1", "grid": 4, **VARIANTS[label]}
+        opts["lr"] = opts["lr"] * opts.pop("lr_scale", 1.0)
         t0 = time.time()
         gen = compressor.train("neumeta", model, options=opts, store=store)
         seconds = time.time() - t0

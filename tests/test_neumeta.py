@@ -200,7 +200,7 @@ def test_no_collapse_after_short_training(run, digits, tmp_path):
 
 
 def test_train_decodes_to_full_width_and_reads_the_rest_from_its_parent(run, digits, tmp_path):
-    _train(run, digits["resnet"], digits["train"], steps="4", hidden="16")
+    _train(run, digits["resnet"], digits["train"], steps="4", hidden="16", resample="pool")
     stored = artifact_tensors("gen")  # decoded: the full-width model
     source = dir_tensors(digits["resnet"])
     assert set(stored) == set(source)
@@ -475,7 +475,8 @@ def test_importance_order_is_l1_of_the_filters_that_write_each_channel(digits):
 def test_grid_and_sandwich_train_and_are_recorded(run, digits, private_store):
     _train(run, digits["resnet"], digits["train"], steps="2", hidden="8", grid="4", sandwich="true")
     shown = json.loads(run("store", "show", "gen", "--json").stdout)["manifest"]
-    assert (shown["grid"], shown["sandwich"], shown["resample"]) == (4, True, "pool")
+    assert (shown["grid"], shown["sandwich"], shown["resample"]) == (4, True, "truncate")
+    assert shown["lr"] == 3e-3  # the default for channels
     assert_refused(
         run,
         private_store,

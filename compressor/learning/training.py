@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 LossPiece = Callable[[], "tuple[torch.Tensor, int]"]
 
 
-def training_options(steps: int, lr: float, trained: str, agree: bool = False) -> tuple:
+def training_options(
+    steps: int, lr: float | None, trained: str, agree: bool = False, lr_note: str = ""
+) -> tuple:
     """The options of a method that learns from ``-o data``: data, objective, steps, lr,
     batch_size and max_length (``trained`` says what the learning rate moves; ``agree``:
     the method can also match the source model's pooled hidden states)."""
@@ -46,7 +48,7 @@ def training_options(steps: int, lr: float, trained: str, agree: bool = False) -
         Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
         objective,
         Option("steps", "int", steps, "optimizer steps", check=positive),
-        Option("lr", "float", lr, f"AdamW learning rate of {trained}", check=positive),
+        Option("lr", "float", lr, f"AdamW learning rate of {trained}{lr_note}", check=positive),
         Option("batch_size", "int", 16, "rows per step", check=positive),
         Option("max_length", "int", 128, "tokens per text", check=positive),
     )

@@ -12,6 +12,10 @@ from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.plugins.neumeta.model import ENCODING, SMOOTHING, _batch_norms
 
 CALIBRATION_ROWS = 256  # rows the activation order of resample truncate is measured on
+# the default learning rates, by what morphs (docs/benchmarks/neumeta.md): a ResNet's
+# channels learn at 3e-3; on MiniLM's FFNs 1e-4 already pulls every width below the cut
+# it starts from, 1e-5 keeps full width at the source and the small widths above the cut
+LR = {"channels": 3e-3, "ffn": 1e-5}
 
 
 def _width_range(v) -> str | None:
@@ -23,10 +27,13 @@ def _width_range(v) -> str | None:
 class NeumetaTrain(Method):
     """Learn a generator of MODEL's width tensors from coordinates, on data.
 
-    Per step: a width fraction drawn uniformly from ``widths`` (LOW,HIGH), the width
-    tensors generated there with coordinate noise (``noise``, in neuron cells), the task
-    loss of a batch through the model at that width (everything outside the width part
-    stays the source's), plus ``recon`` × the mean squared correction at full width.
+    Per step: a width fraction drawn uniformly from ``widths`` (LOW,HIGH), or from
+    ``grid`` evenly spaced ones, plus the lowest and the highest with ``sandwich`` (the
+    default); the width tensors generated there with coordinate noise (``noise``, in
+    neuron cells), the task loss of a batch through the model at each width (everything
+    outside the width part stays the source's), plus ``recon`` × the mean squared
+    correction at full width. Defaults chosen on the benchmarks' ResNet and MiniLM:
+    ``resample truncate``, ``sandwich``, and the learning rate by what morphs.
     AdamW with ``weight_decay`` (the paper's small weight penalty), clipping 1.0. No
     dropout; BatchNorm normalises with each batch's statistics, since running statistics
     pooled from the source do not fit a narrower model (sampling re-estimates them).
@@ -40,7 +47,14 @@ class NeumetaTrain(Method):
     version = "1"
     example_options = {"data": "train.jsonl"}
     options = (
-        *training_options(steps=200, lr=1e-3, trained="the generator", agree=True),
+        *training_options(
+            steps=200,
+            lr=None,
+            trained="the generator",
+            agree=True,
+            lr_note=f" (default: {LR['channels']:g} for a ResNet's channels, {LR['ffn']:g} "
+            "for transformers' FFNs: the benchmarks' choices)",
+        ),
         Option(
             "widths",
             "floats",
@@ -59,13 +73,13 @@ class NeumetaTrain(Method):
         Option(
             "sandwich",
             "bool",
-            False,
+            True,
             "each step also trains at the lowest and the highest width (the sandwich rule)",
         ),
         Option(
             "resample",
             "choice",
-            "pool",
+            "truncate",
             "a width's starting point: pool (average neighbours along the smoothing "
             "order: the paper's) or truncate (the most important neurons: activation "
             "order for FFNs, filter L1 for channels; the generator corrects the cut)",
@@ -93,7 +107,7 @@ class NeumetaTrain(Method):
             "smoothing",
             "choice",
             "greedy",
-            "neuron order first: fast-tsp nearest-neighbour path (deterministic), its "
+            "resample pool's neuron order: fast-tsp nearest-neighbour path (deterministic), its "
             "local search for tsp_seconds, or none",
             choices=SMOOTHING,
         ),
@@ -146,7 +160,8 @@ class NeumetaTrain(Method):
             norms = _batch_norms(net)
             for m in norms.values():
                 m.train()  # batch statistics; the running ones are regenerated every step
-            trainer = Trainer(gen.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"])
+            lr = opts["lr"] or LR["channels" if layout.ffn is None else "ffn"]
+            trainer = Trainer(gen.parameters(), lr=lr, weight_decay=opts["weight_decay"])
             rng = torch.Generator().manual_seed(opts["seed"])
             history: dict[str, list[float]] = {"task": [], "recon": []}
             picks = row_batches(len(rows), opts["batch_size"], opts["steps"], opts["seed"])
@@ -219,6 +234,7 @@ class NeumetaTrain(Method):
                 "noise": opts["noise"],
                 "smoothing": opts["smoothing"] if opts["resample"] == "pool" else None,
                 "resample": opts["resample"],
+                "lr": lr,
                 "grid": opts["grid"],
                 "sandwich": opts["sandwich"],
                 "batch_norm": bool(norms),
