@@ -211,6 +211,13 @@ def test_sigkill_during_export_force_and_gc(medium, tmp_path):
             store.close()
 
 
+def _sigint_as_a_shell_leaves_it() -> None:
+    """In the child, before exec: SIGINT at its default. A child inherits an ignored
+    SIGINT (a test worker that ran Ray in-process ignores it), and Python then installs
+    no handler of its own, so Ctrl-C would do nothing at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_long_native_call_within_the_grace():
     """Ctrl-C during `merge -p atlas` did not stop it for 2.5 minutes on a loaded machine:
     KeyboardInterrupt waits for the native call under way to return. Here the call is a
@@ -227,7 +234,11 @@ def test_ctrl_c_stops_a_long_native_call_within_the_grace():
         "print('finished', flush=True)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_a_shell_leaves_it,
     )
     assert proc.stdout.readline() == "ready\n"
     time.sleep(0.5)  # inside the first matmul
@@ -273,6 +284,7 @@ def test_ctrl_c_during_atlas_leaves_the_store_as_it_was(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_a_shell_leaves_it,
     )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:  # until it works in the store
