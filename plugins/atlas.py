@@ -25,7 +25,7 @@ from compressor.errors import InputError, OptionError
 from compressor.hookspecs import hookimpl
 from compressor.io.deltas import TaskVectorView
 from compressor.learning.data import read_examples
-from compressor.learning.tasks import Split, Task
+from compressor.learning.tasks import Split, Task, has_classifier, is_causal_lm
 from compressor.learning.training import BestOnValidation, Trainer, functional_forward, show_loss
 from compressor.method import Manifest, Method, Option, non_negative, positive
 from compressor.models.modeling import checkpoint_names, source_model
@@ -174,7 +174,7 @@ class Atlas(Method):
         with source_model(built_from, "saved", job.device) as (model, tokenizer):
             objective = _objective(opts["objective"], train[0], model, heads)
             _check_rows(objective, train, files)
-            if objective in ("ce", "entropy") and not (heads or _has_head(model)):
+            if objective in ("ce", "entropy") and not (heads or has_classifier(model)):
                 raise InputError(
                     f"{job.base.label} is a {type(model).__name__}, with no classification "
                     f"head for objective '{objective}': give labelled rows to a classifier, "
@@ -271,19 +271,15 @@ def _own_heads(base, experts) -> set[str]:
     return heads or set()
 
 
-def _has_head(model) -> bool:
-    return type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
-
-
 def _objective(asked: str, rows, model, heads) -> str:
     """The objective ``auto`` stands for, given the rows and the model."""
     if asked != "auto":
         return asked
     if rows[0].label is not None:
         return "ce"
-    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+    if is_causal_lm(model):
         return "lm"
-    return "entropy" if heads or _has_head(model) else "agree"
+    return "entropy" if heads or has_classifier(model) else "agree"
 
 
 def _check_rows(objective: str, train: list, files: list[str]) -> None:

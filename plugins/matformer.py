@@ -83,7 +83,7 @@ class MatformerExtract(Method):
         perms = {}  # order weight: filled layer by layer while writing, from the tensors read
         if opts["order"] == "activation":
             scores = activation_importance(model, opts, job, device=job.device)
-            perms = {i: _order(scores[i]) for i in kept}
+            perms = {i: most_important_first(scores[i]) for i in kept}
         params_in = _float_params(job.inputs[0])
         _write(job, model, kept, widths, perms, by_weight=opts["order"] == "weight")
         config = _config(model, kept, widths)
@@ -260,7 +260,7 @@ def _per_layer_dim(name: str) -> int | None:
     return None
 
 
-def _order(scores: torch.Tensor) -> torch.Tensor:
+def most_important_first(scores: torch.Tensor) -> torch.Tensor:
     """Neurons from most to least important (stable, so ties keep their order)."""
     import torch
 
@@ -385,7 +385,7 @@ def _write(job, model: FfnModel, kept, widths, perms: dict, by_weight: bool) -> 
             layer, member = members[name]
             if by_weight and layer not in perms:
                 held = {n: source.get(n) for n in model.ffn[layer]}
-                perms[layer] = _order(weight_importance(model, layer, held))
+                perms[layer] = most_important_first(weight_importance(model, layer, held))
             t = held.pop(name) if name in held else source.get(name)
             d, w = model.d_ff[layer], width_of[layer]
             keep = perms[layer][:w] if layer in perms else torch.arange(w)
@@ -500,7 +500,7 @@ class MatformerTrain(Method):
             param_of = {c: p for p, c in checkpoint_names(net, source).items()}
             task = Task(objective, net.config, tokenizer, opts["max_length"], job.device)
             split = task.split(rows, opts["data"], opts["batch_size"])
-            masks = MaskedWidths(net, layout)
+            masks = MaskedWidths(net, layout, param_of)
             trainer = Trainer(net.parameters(), lr=opts["lr"], clip=1.0)
             net.train()
             picks = row_batches(len(rows), opts["batch_size"], opts["steps"], opts["seed"])
@@ -539,11 +539,11 @@ class MatformerTrain(Method):
 class MaskedWidths:
     """Forward pre-hooks that zero each FFN's hidden neurons past d_ff·g (= slicing them off)."""
 
-    def __init__(self, net, layout: FfnModel):
+    def __init__(self, net, layout: FfnModel, param_of: dict | None = None):
         self.g = 1.0  # the granularity the next forward pass runs at
         self.handles = [
             module.register_forward_pre_hook(self._hook(layout.d_ff[layer]))
-            for layer, module in layout.out_modules(net).items()
+            for layer, module in layout.out_modules(net, param_of).items()
         ]
 
     def _hook(self, d_ff: int):

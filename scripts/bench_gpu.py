@@ -79,21 +79,6 @@ def build_minilm(path: Path, small: bool) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def perturbed(src: Path, out: Path, seed: int) -> Path:
-    """A fine-tune of ``src``: every float tensor plus 1% noise."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, out)
-    gen = torch.Generator().manual_seed(seed)
-    t = load_file(src / "model.safetensors")
-    for k, v in t.items():
-        if v.is_floating_point():
-            t[k] = v + 0.01 * v.float().std() * torch.randn(v.shape, generator=gen).to(v.dtype)
-    save_file(t, out / "model.safetensors")
-    return out
-
-
 def text_rows(path: Path, n: int = 256) -> Path:
     words = "the quick brown fox jumps over a lazy dog while it rains".split()
     with path.open("w") as f:
@@ -199,6 +184,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from compressor.demo.models import save_finetune
+
     cuda = torch.cuda.is_available()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -265,7 +252,7 @@ def main() -> None:
     )  # fmt: skip
 
     rows = text_rows(work / "rows.jsonl")
-    expert = perturbed(minilm, work / "minilm-ft", 1)
+    expert = save_finetune(minilm, work / "minilm-ft", seed=1)
     steps = 2 if args.small else 10
     bench.learner_row(
         "aTLAS epochs (16 shots x 2 classes: one step and its validation), MiniLM shape",

@@ -55,13 +55,15 @@ def is_causal_lm(model) -> bool:
     return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
+def has_classifier(model) -> bool:
+    return type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
+
+
 def check_head(model, objective: str, label: str) -> None:
     """Refuse a model whose head cannot learn the objective (a trained model keeps the head
     the checkpoint was saved with: ce needs a classifier, lm a causal LM head)."""
     kind = type(model).__name__
-    if objective == "ce" and not kind.endswith(
-        ("ForSequenceClassification", "ForImageClassification")
-    ):
+    if objective == "ce" and not has_classifier(model):
         raise InputError(f"{label} is a {kind}; labelled rows need a classification head")
     if objective == "lm" and not is_causal_lm(model):
         raise InputError(
@@ -120,21 +122,13 @@ class Task:
             self.objective
         ]
 
-    @property
-    def model_kwargs(self) -> dict:
-        """What a forward pass needs beyond the inputs: hidden states, for agree."""
-        return {"output_hidden_states": True} if self.objective == "agree" else {}
-
-    def prediction(self, out, x: dict) -> torch.Tensor:
-        """What the objective reads of a model's output: pooled hidden states for agree
-        (the pass ran with :attr:`model_kwargs`), else the logits."""
-        if self.objective == "agree":
-            return pooled_hidden(out, x.get("attention_mask"))
-        return out.logits
-
     def predict(self, call: Callable[[dict], object], x: dict) -> torch.Tensor:
-        """``call`` (model inputs → model output) run on ``x``; its :meth:`prediction`."""
-        return self.prediction(call({**x, **self.model_kwargs}), x)
+        """What the objective reads of ``call`` (model inputs → model output) run on ``x``:
+        the pooled last hidden states for agree, else the logits."""
+        if self.objective == "agree":
+            out = call({**x, "output_hidden_states": True})
+            return pooled_hidden(out, x.get("attention_mask"))
+        return call(x).logits
 
     def split(self, rows: list[Example], data: str, batch_size: int) -> Split:
         """Check the rows fit the objective and the model; an error names the file and line.

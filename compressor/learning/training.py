@@ -25,28 +25,17 @@ def training_options(
     the method can also match the source model's pooled hidden states)."""
     from compressor.method import Option, positive
 
-    objective = (
-        Option(
-            "objective",
-            "choice",
-            "auto",
-            "ce on labelled rows, lm on text, agree: match the source model's pooled hidden "
-            "states (auto: ce when rows have labels, else lm for a causal LM, agree for a "
-            "model without a head)",
-            choices=("auto", "ce", "lm", "agree"),
-        )
+    explained = (
+        "ce on labelled rows, lm on text, agree: match the source model's pooled hidden "
+        "states (auto: ce when rows have labels, else lm for a causal LM, agree for a "
+        "model without a head)"
         if agree
-        else Option(
-            "objective",
-            "choice",
-            "auto",
-            "ce on labelled rows, lm on text (auto: ce when rows have labels)",
-            choices=("auto", "ce", "lm"),
-        )
+        else "ce on labelled rows, lm on text (auto: ce when rows have labels)"
     )
+    choices = ("auto", "ce", "lm", "agree") if agree else ("auto", "ce", "lm")
     return (
         Option("data", "str", None, "training rows: JSONL text/pixels with labels, or text (lm)"),
-        objective,
+        Option("objective", "choice", "auto", explained, choices=choices),
         Option("steps", "int", steps, "optimizer steps", check=positive),
         Option("lr", "float", lr, f"AdamW learning rate of {trained}{lr_note}", check=positive),
         Option("batch_size", "int", 16, "rows per step", check=positive),

@@ -31,7 +31,7 @@ def check_scale_auto(method, job) -> list[float]:
 
 def run_scale_auto(method, job) -> Manifest:
     from compressor.io.deltas import ScaledDelta
-    from compressor.merging.loop import TensorCall
+    from compressor.merging.loop import TensorCall, on_device
 
     grid = check_scale_auto(method, job)
     base, reference, views, params, positions, state = method.prepared(job)
@@ -47,9 +47,7 @@ def run_scale_auto(method, job) -> Manifest:
         shared = {**shared, "scale": 1.0}
         b = base.get(name).float()
         tensors = [read(name, None, b) for read in views]
-        if job.device != "cpu":  # the rule on the device; the Δ kept on the CPU
-            b = b.to(job.device)
-            tensors = [None if t is None else t.to(job.device) for t in tensors]
+        b, tensors = on_device(b, tensors, job.device)  # the Δ kept on the CPU
         merged = method.merge(TensorCall(name, b.clone(), tensors, shared, per, state))
         deltas[name] = merged.sub_(b).cpu()
         del b, tensors

@@ -379,9 +379,7 @@ class TensorMerge(Method):
             if first:
                 job.writer.begin(name, info.shape, info.dtype)
                 shared, per = params.at(name, positions.get(name, 0.0))
-            if job.device != "cpu":  # the rule runs on the device; one tensor's inputs
-                b = None if b is None else b.to(job.device)
-                tensors = [None if t is None else t.to(job.device) for t in tensors]
+            b, tensors = on_device(b, tensors, job.device)
             call = TensorCall(name, b, tensors, shared, per, state)
             if job.compute_dtype is not None:
                 call.exact = exact_dtype or info.dtype
@@ -395,6 +393,15 @@ class TensorMerge(Method):
             if last:
                 job.writer.end()
         return Manifest("model", metrics={"experts": len(job.inputs), **self.metrics(job, state)})
+
+
+def on_device(base, tensors: list, device: str) -> tuple:
+    """One tensor's base and expert inputs moved to the device its rule runs on (the
+    same tensors on the CPU); None stays None."""
+    if device == "cpu":
+        return base, tensors
+    base = None if base is None else base.to(device)
+    return base, [None if t is None else t.to(device) for t in tensors]
 
 
 def settle_merge_options(method, values: dict) -> dict:

@@ -156,14 +156,16 @@ class FfnModel:
             for i, members in self.ffn.items()
         }
 
-    def out_modules(self, net) -> dict[int, torch.nn.Module]:
+    def out_modules(self, net, param_of: dict | None = None) -> dict[int, torch.nn.Module]:
         """Per layer, the module of ``net`` whose input is the FFN's hidden activations
         (found through the checkpoint names, which transformers renames for some
-        architectures: ViT)."""
+        architectures: ViT; ``param_of`` maps them to ``net``'s parameters when the caller
+        has the map already)."""
         from compressor.models.modeling import checkpoint_names
 
         modules = dict(net.named_modules())
-        param_of = {c: p for p, c in checkpoint_names(net, self.source).items()}
+        if param_of is None:
+            param_of = {c: p for p, c in checkpoint_names(net, self.source).items()}
         found = {}
         for i, (name, _) in self.out_tensors().items():
             found[i] = modules.get(param_of.get(name, name).removesuffix(".weight"))

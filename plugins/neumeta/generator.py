@@ -99,6 +99,8 @@ def importance_order(layout: WidthLayout, tensors: dict[str, torch.Tensor], grou
     """A group's neurons, most important first, by the L1 norm of the weights that write
     them (a ResNet's convolution filters, an FFN's input projections): L1 channel pruning's
     criterion. Ties keep the source order."""
+    from compressor.plugins.matformer import most_important_first
+
     score = torch.zeros(layout.groups[group])
     for name, spec in layout.tensors.items():
         if spec.statistic or len(layout.source.info(name).shape) < 2:
@@ -107,7 +109,7 @@ def importance_order(layout: WidthLayout, tensors: dict[str, torch.Tensor], grou
             if axis.group == group and axis.pool == "mean":
                 t = tensors[name].float().abs()
                 score += t.movedim(axis.dim, 0).reshape(t.shape[axis.dim], -1).sum(1)
-    return torch.sort(score, descending=True, stable=True).indices
+    return most_important_first(score)
 
 
 def resample(

@@ -275,9 +275,7 @@ def importance_orders(layout, tensors: dict, rows, opts: dict, job) -> dict:
     """Each group's neurons, most important first: for FFNs MatFormer's activation order
     (E|h|·‖W_out column‖ over the first 256 training rows), for channels the L1 norm of
     the filters that write them."""
-    import torch
-
-    from compressor.plugins.matformer import activation_importance
+    from compressor.plugins.matformer import activation_importance, most_important_first
     from compressor.plugins.neumeta.generator import importance_order
 
     if layout.ffn is None:
@@ -285,10 +283,7 @@ def importance_orders(layout, tensors: dict, rows, opts: dict, job) -> dict:
     scores = activation_importance(
         layout.ffn, opts, job, device=job.device, rows=rows[:CALIBRATION_ROWS]
     )
-    return {
-        f"ffn.{layer}": torch.sort(s, descending=True, stable=True).indices
-        for layer, s in scores.items()
-    }
+    return {f"ffn.{layer}": most_important_first(s) for layer, s in scores.items()}
 
 
 def smoothing_orders(layout, tensors: dict, how: str, seconds: float, job) -> dict:
