@@ -284,8 +284,6 @@ def _objective(asked: str, rows, model, heads) -> str:
 
 def _check_rows(objective: str, train: list, files: list[str]) -> None:
     for rows, data in zip(train, files, strict=True):
-        if not rows:
-            raise InputError(f"{data} has no rows")
         if objective == "ce" and rows[0].label is None:
             raise InputError(f"{data}: objective 'ce' needs a 'label' on every row")
         if objective == "lm" and any(e.text is None for e in rows):

@@ -489,3 +489,27 @@ def test_a_headless_model_refuses_labels_for_ce_with_one_line(run, minilm, priva
         f"{minilm['base']} is a BertModel, with no classification head for objective 'ce': "
         "give labelled rows to a classifier, or use -o objective agree",
     )
+
+
+def test_val_files_must_match_data_files_and_rows_must_exist(run, models, private_store, tmp_path):
+    from compressor.demo.models import zen_lines
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(zen_lines()[:4]) + "\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    merge = ["merge", "-p", "atlas", "--base", models["base-fp32"]]
+    experts = [models["ft1-fp32"], models["ft2-fp32"]]
+    assert_refused(
+        run,
+        private_store,
+        [*merge, *experts, "-o", "data", f"{text},{text}", "-o", "val", text],
+        "option 'val' names 1 file(s) and 'data' 2: give as many",
+        code=2,
+    )
+    assert_refused(
+        run,
+        private_store,
+        [*merge, *experts, "-o", "data", f"{text},{empty}", "-o", "objective", "lm"],
+        f"{empty} holds no examples",
+    )
